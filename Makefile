@@ -1,0 +1,26 @@
+# virtlease — the two set-up commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint safety safety-long bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/virtlease demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src backends tests bench
+	$(BIN)/pytest -m "not safety" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src backends tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info backends/*.egg-info .pytest_cache

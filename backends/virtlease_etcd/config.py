@@ -1,0 +1,205 @@
+"""Configuration of the etcd driver: a dict, a TOML file, environment overrides.
+
+Precedence, lowest first: defaults, ``config_file`` (TOML; keys at top level
+or under ``[etcd]``), the dict passed to ``load_driver``, then environment
+variables ``VIRTLEASE_ETCD_<KEY>`` (e.g. ``VIRTLEASE_ETCD_ENDPOINTS``,
+``VIRTLEASE_ETCD_TTL``).  ``VIRTLEASE_CONFIG`` names a TOML file when no
+``config_file`` is given.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from virtlease.abi import FailureAction
+from virtlease.errors import ConfigError
+
+ENV_PREFIX = "VIRTLEASE_ETCD_"
+MIN_TTL = 2
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Every setting of the etcd driver, validated."""
+
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    """``host:port`` of each etcd member; requests fail over between them."""
+    prefix: str = "/virtlease"
+    """Key prefix; every key virtlease writes lives under it."""
+    host_id: str = field(default_factory=socket.gethostname)
+    """This host's name in the cluster; must be unique per host."""
+    ttl: int = 10
+    """Session lease TTL in seconds (>= 2): the failover time after a crash."""
+    fence_margin: float | None = None
+    """Seconds before the lease could expire at which the host fences
+    itself; default max(0.5, ttl/5)."""
+    request_timeout: float = 2.0
+    """Deadline of one etcd request, seconds."""
+    acquire_timeout: float | None = None
+    """Overall deadline of acquire/release with retries; default ttl."""
+    max_txn_ops: int = 128
+    """The cluster's --max-txn-ops (etcd's default is 128)."""
+    ca_cert: str | None = None
+    cert_cert: str | None = None
+    cert_key: str | None = None
+    user: str | None = None
+    password: str | None = None
+    default_action: FailureAction = FailureAction.POWEROFF
+    """What FailureAction.DEFAULT means: poweroff, pause or ignore."""
+    on_lease_lost: Callable[[str], None] | None = None
+    """Called (with a reason) once when the session is lost."""
+    restart_callback: Callable[[Any], None] | None = None
+    """Needed for FailureAction.RESTART: called with the ObjectSpec."""
+
+    @property
+    def margin(self) -> float:
+        if self.fence_margin is not None:
+            return self.fence_margin
+        return max(0.5, self.ttl / 5)
+
+    @property
+    def deadline(self) -> float:
+        return self.acquire_timeout if self.acquire_timeout is not None else float(self.ttl)
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_cert is not None
+
+
+_FLOATS = {"fence_margin", "request_timeout", "acquire_timeout"}
+_INTS = {"ttl", "max_txn_ops"}
+_STRS = {"prefix", "host_id", "ca_cert", "cert_cert", "cert_key", "user", "password"}
+_CALLABLES = {"on_lease_lost", "restart_callback"}
+KNOWN_KEYS = {f.name for f in fields(EtcdConfig)} | {"config_file"}
+
+
+def _parse_action(value: Any) -> FailureAction:
+    if isinstance(value, FailureAction):
+        action = value
+    elif isinstance(value, str) and value.upper() in FailureAction.__members__:
+        action = FailureAction[value.upper()]
+    else:
+        raise ConfigError(f"default_action: {value!r} is not one of poweroff, pause, ignore")
+    if action in (FailureAction.DEFAULT, FailureAction.RESTART):
+        raise ConfigError(f"default_action: {action.name.lower()} cannot be the default; "
+                          "use poweroff, pause or ignore")
+    return action
+
+
+def _parse_endpoints(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    out: list[str] = []
+    for raw in items:
+        ep = str(raw).strip()
+        for scheme in ("http://", "https://"):
+            if ep.startswith(scheme):
+                ep = ep[len(scheme):]
+        if not ep:
+            continue
+        host, sep, port = ep.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"endpoints: {raw!r} is not host:port")
+        out.append(ep)
+    if not out:
+        raise ConfigError("endpoints: at least one host:port is required")
+    return tuple(out)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        if key == "endpoints":
+            return _parse_endpoints(value)
+        if key == "default_action":
+            return _parse_action(value)
+        if key in _INTS:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if key in _FLOATS:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if key in _STRS:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if key in _CALLABLES:
+            if not callable(value):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: invalid value {value!r}") from None
+    return value
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config_file: {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config_file: {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config_file: cannot read {path}: {exc.strerror}") from None
+    section = data.get("etcd", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config_file: {path}: [etcd] must be a table")
+    return {k: v for k, v in section.items() if not isinstance(v, dict)}
+
+
+def load_config(raw: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None) -> EtcdConfig:
+    """Merge defaults, TOML file, ``raw`` and environment into an EtcdConfig."""
+    env = os.environ if environ is None else environ
+    given = dict(raw or {})
+    merged: dict[str, Any] = {}
+    path = given.pop("config_file", None) or env.get("VIRTLEASE_CONFIG")
+    if path:
+        merged.update(_read_toml(str(path)))
+    merged.update(given)
+    for key in KNOWN_KEYS - {"config_file"} - _CALLABLES:
+        value = env.get(ENV_PREFIX + key.upper())
+        if value is not None and value != "":
+            merged[key] = value
+    unknown = set(merged) - KNOWN_KEYS
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")
+    values = {k: _coerce(k, v) for k, v in merged.items() if v is not None}
+    cfg = EtcdConfig(**values)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: EtcdConfig) -> None:
+    if cfg.ttl < MIN_TTL:
+        raise ConfigError(f"ttl: {cfg.ttl}s is below the minimum of {MIN_TTL}s "
+                          "(etcd cannot keep shorter leases reliably)")
+    if not cfg.prefix.startswith("/") or cfg.prefix.endswith("/") or "\x00" in cfg.prefix:
+        raise ConfigError(f"prefix: {cfg.prefix!r} must start with '/' and not end with '/'")
+    if not cfg.host_id or any(c in cfg.host_id for c in "/ \t\r\n\x00"):
+        raise ConfigError(f"host_id: {cfg.host_id!r} must be non-empty without '/' or whitespace")
+    if not 0 < cfg.margin < cfg.ttl / 2:
+        raise ConfigError(f"fence_margin: {cfg.margin}s must be > 0 and below ttl/2 ({cfg.ttl / 2}s)")
+    if cfg.request_timeout <= 0:
+        raise ConfigError("request_timeout: must be > 0")
+    if cfg.deadline <= 0:
+        raise ConfigError("acquire_timeout: must be > 0")
+    if cfg.max_txn_ops < 4:
+        raise ConfigError("max_txn_ops: must be >= 4")
+    if (cfg.user is None) != (cfg.password is None):
+        raise ConfigError("user/password: give both or neither")
+    if (cfg.cert_cert is None) != (cfg.cert_key is None):
+        raise ConfigError("cert_cert/cert_key: give both or neither")
+    if cfg.cert_cert is not None and cfg.ca_cert is None:
+        raise ConfigError("cert_cert: client certificates need ca_cert (TLS)")
+    for key in ("ca_cert", "cert_cert", "cert_key"):
+        path = getattr(cfg, key)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{key}: {path} does not exist")

@@ -1,0 +1,146 @@
+"""Where virtlease keeps things in etcd, and how values are encoded.
+
+Layout under the configured prefix ``P`` (format version 1)::
+
+    P/v1/hosts/<host_id>             host record            on the host's lease
+    P/v1/res/<rid>/x                 exclusive holder       on the holder's lease
+    P/v1/res/<rid>/s/<domain uuid>   one shared holder      on the holder's lease
+    P/v1/gen/<rid>/x                 last exclusive grant   no lease (persists)
+    P/v1/gen/<rid>/s                 last shared grant      no lease (persists)
+    P/v1/handoff/<uuid>/<from host>  migration in flight    on the giver's lease
+    P/v1/dom/<host_id>/<uuid>        registered domain      on the host's lease
+
+``rid`` is the SHA-256 of the resource's identity: a disk's canonical real
+path, or a lease's lockspace and key, so every host maps the same disk to the
+same key.  The readable identity is kept in the value.
+
+A grant's fencing token is the etcd revision of the transaction that made
+it, which is the holder key's ``mod_revision``: holder keys are only ever
+written by grants, so tokens of one resource only grow.  The ``gen`` keys
+remember the last grant of each mode after the holder is gone (released or
+expired), which is how ``acquire(state)`` knows nobody held the resource in
+between (sanlock's lease-version check).
+
+Every value is compact JSON with ``"v": 1``; a value of another format
+version or not JSON is reported, never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from virtlease.abi import ResourceSpec, ResourceType
+
+FORMAT_VERSION = 1
+EXCLUSIVE = "exclusive"
+SHARED = "shared"
+
+
+def range_end(prefix: str) -> str:
+    """The etcd range end covering every key that starts with ``prefix``."""
+    raw = prefix.encode()
+    return (raw[:-1] + bytes([raw[-1] + 1])).decode()
+
+
+def canonical_disk_path(path: str) -> str:
+    """The path every host agrees on: symlinks and ``..`` resolved."""
+    return os.path.realpath(path)
+
+
+@dataclass(frozen=True)
+class ResourceId:
+    """A resource's cluster-wide identity."""
+
+    kind: str
+    """``disk`` or ``lease``."""
+    readable: str
+    """The canonical disk path, or ``lockspace:key``."""
+    rid: str
+    """SHA-256 hex of the identity: the key component."""
+    mode: str
+    """``exclusive`` or ``shared``."""
+
+    @staticmethod
+    def of(spec: ResourceSpec) -> ResourceId:
+        mode = SHARED if spec.shared else EXCLUSIVE
+        if spec.type is ResourceType.DISK:
+            path = canonical_disk_path(spec.name)
+            digest = hashlib.sha256(b"disk\0" + path.encode()).hexdigest()
+            return ResourceId("disk", path, digest, mode)
+        lockspace = str(spec.params["lockspace"])
+        digest = hashlib.sha256(b"lease\0" + lockspace.encode() + b"\0" + spec.name.encode()).hexdigest()
+        return ResourceId("lease", f"{lockspace}:{spec.name}", digest, mode)
+
+
+class Keys:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.root = f"{prefix}/v{FORMAT_VERSION}/"
+        self.hosts = self.root + "hosts/"
+        self.res = self.root + "res/"
+        self.gen = self.root + "gen/"
+        self.handoffs = self.root + "handoff/"
+        self.doms = self.root + "dom/"
+
+    def host(self, host_id: str) -> str:
+        return self.hosts + host_id
+
+    def resource(self, rid: str) -> str:
+        """Prefix of every holder of ``rid``."""
+        return f"{self.res}{rid}/"
+
+    def holder(self, rid: str, mode: str, uuid: str) -> str:
+        if mode == EXCLUSIVE:
+            return f"{self.res}{rid}/x"
+        return f"{self.res}{rid}/s/{uuid}"
+
+    def exclusive(self, rid: str) -> str:
+        return f"{self.res}{rid}/x"
+
+    def gen_prefix(self, rid: str) -> str:
+        return f"{self.gen}{rid}/"
+
+    def gen_key(self, rid: str, mode: str) -> str:
+        return f"{self.gen}{rid}/{'x' if mode == EXCLUSIVE else 's'}"
+
+    def handoff(self, uuid: str, from_host: str) -> str:
+        return f"{self.handoffs}{uuid}/{from_host}"
+
+    def dom(self, host_id: str, uuid: str) -> str:
+        return f"{self.doms}{host_id}/{uuid}"
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    """Canonical bytes of a record (stable: compared byte for byte in txns)."""
+    return json.dumps({"v": FORMAT_VERSION, **record}, sort_keys=True, separators=(",", ":")).encode()
+
+
+class ForeignValue(ValueError):
+    """A value under the prefix that virtlease did not write (or another format)."""
+
+
+def decode(raw: bytes, key: str = "?") -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ForeignValue(f"{key}: not a virtlease record ({raw[:40]!r})") from None
+    if not isinstance(value, dict) or value.get("v") != FORMAT_VERSION:
+        version = value.get("v") if isinstance(value, dict) else None
+        raise ForeignValue(f"{key}: record format {version!r}, this virtlease reads {FORMAT_VERSION}")
+    return value
+
+
+def holder_record(rid: ResourceId, *, host: str, lease: int, uuid: str, name: str,
+                  pid: int | None, since: float, grant: str) -> dict[str, Any]:
+    """The value of a holder key.  ``grant`` is a random id of this grant
+    attempt, so a read-back after a lost reply recognises our own write."""
+    return {
+        "kind": rid.kind, "res": rid.readable, "mode": rid.mode, "host": host,
+        "lease": lease, "uuid": uuid, "name": name, "pid": pid, "since": round(since, 3),
+        "grant": grant,
+    }

@@ -1,0 +1,280 @@
+"""A host's session: one etcd lease, kept alive, fenced before it can expire.
+
+Every key this host holds is attached to the session's single lease, so
+keepalive traffic is one refresh per TTL/3 whatever the number of disks.
+
+Clock assumption (the safety argument rests on it): each keepalive is timed
+from when it was *sent*, on this host's monotonic clock.  etcd starts the
+renewed TTL when it *receives* the request, which is later, so
+``valid_until = sent + TTL`` is never after etcd's own expiry as long as the
+two clocks advance at about the same rate (drift well below ``margin``).  At
+``valid_until - margin`` without a newer successful keepalive the session is
+lost: listeners run the failure actions (kill/stop the VMs) *before* etcd
+can expire the lease and hand a disk to another host.  A leader change only
+extends leases, which is on the safe side.
+
+A process that is itself paused (SIGSTOP, a frozen VM host) cannot fence in
+time; fencing tokens (the grant revision, see ``keyspace``) let storage
+reject its late writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+
+from virtlease.errors import BackendUnavailableError, ConfigError, LeaseLostError
+
+from . import keyspace as ks
+from .client import EtcdClient, LeaseNotFound, TransientError
+from .config import EtcdConfig
+
+log = logging.getLogger(__name__)
+
+LostListener = Callable[[str], None]
+
+
+class HostSession:
+    """One host's etcd lease and its keepalive/fence threads."""
+
+    def __init__(self, cfg: EtcdConfig) -> None:
+        self.cfg = cfg
+        self.keys = ks.Keys(cfg.prefix)
+        self.client = EtcdClient(cfg)
+        self.lease_id = 0
+        self.ttl = cfg.ttl
+        self.session_id = secrets.token_hex(8)
+        self._valid_until = 0.0
+        self._lost: str | None = None
+        self._lost_at: float | None = None
+        self._closed = False
+        self._cond = threading.Condition()
+        self._listeners: list[LostListener] = []
+        self._threads: list[threading.Thread] = []
+        self.keepalives_sent = 0
+
+    # -- life cycle ----------------------------------------------------------
+
+    def start(self) -> HostSession:
+        """Grant the lease and register the host; raises ConfigError if the
+        host_id already has a live session elsewhere."""
+        deadline = time.monotonic() + self.cfg.deadline
+
+        def grant(timeout: float) -> tuple[float, int, int]:
+            sent = time.monotonic()
+            lease_id, ttl = self.client.lease_grant(self.cfg.ttl, timeout=timeout)
+            return sent, lease_id, ttl
+
+        sent, self.lease_id, self.ttl = self.client.retrying(grant, deadline=deadline)
+        self._valid_until = sent + self.ttl
+        host_key = self.keys.host(self.cfg.host_id)
+        record = ks.encode({"host": self.cfg.host_id, "lease": self.lease_id, "pid": os.getpid(),
+                            "ttl": self.ttl, "started": round(time.time(), 3), "session": self.session_id})
+        tx = self.client.raw.transactions
+
+        def register(timeout: float) -> object:
+            return self.client.txn([tx.version(host_key) == 0],
+                                   [tx.put(host_key, record, lease=self.lease_id)],
+                                   [tx.get(host_key)], timeout=timeout)
+
+        def already(_: TransientError) -> object | None:
+            kvs, _rev = self.client.get_range(host_key, timeout=self.client.attempt_timeout(deadline))
+            if kvs and kvs[0].value == record:
+                return True
+            return None
+
+        try:
+            resp = self.client.retrying(register, deadline=deadline, on_ambiguous=already)
+        except BaseException:
+            self._revoke_quietly()
+            raise
+        if resp is not True and not resp.succeeded:  # type: ignore[attr-defined]
+            kvs = resp.responses[0].response_range.kvs  # type: ignore[attr-defined]
+            other = ks.decode(kvs[0].value, host_key) if kvs else {}
+            self._revoke_quietly()
+            raise ConfigError(
+                f"host_id: {self.cfg.host_id!r} already has a live session (pid {other.get('pid')}, "
+                f"lease {other.get('lease')}); host_id must be unique per host. If that host died, "
+                f"its lease expires within {other.get('ttl', self.cfg.ttl)} s"
+            )
+        for target, name in ((self._keepalive_loop, "keepalive"), (self._fence_loop, "fence")):
+            thread = threading.Thread(target=target, name=f"virtlease-{name}-{self.cfg.host_id}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("session for host %s: lease %x, ttl %ss, fence margin %.1fs",
+                 self.cfg.host_id, self.lease_id, self.ttl, self.cfg.margin)
+        return self
+
+    def close(self) -> None:
+        """Stop refreshing and revoke the lease: every key of the session goes."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        if self._lost is None:
+            self._revoke_quietly()
+        for thread in self._threads:
+            thread.join(timeout=self.cfg.request_timeout + 1)
+        self.client.close()
+
+    def _revoke_quietly(self) -> None:
+        if not self.lease_id:
+            return
+        try:
+            self.client.lease_revoke(self.lease_id, timeout=self.cfg.request_timeout)
+        except Exception as exc:
+            log.warning("could not revoke lease %x (it will expire in %ss): %s", self.lease_id, self.ttl, exc)
+
+    # -- state -----------------------------------------------------------------
+
+    @property
+    def fence_at(self) -> float:
+        """Monotonic time at which the session fences itself."""
+        return self._valid_until - self.cfg.margin
+
+    @property
+    def lost(self) -> str | None:
+        """Why the session was lost, or None while it is valid."""
+        return self._lost
+
+    @property
+    def lost_at(self) -> float | None:
+        return self._lost_at
+
+    def add_listener(self, listener: LostListener) -> None:
+        with self._cond:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: LostListener) -> None:
+        with self._cond:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def check(self) -> None:
+        """Raise LeaseLostError unless the session is valid right now."""
+        if self._lost is None and time.monotonic() >= self.fence_at and not self._closed:
+            self._mark_lost("no successful keepalive before the fence deadline")
+        if self._lost is not None:
+            raise LeaseLostError(
+                f"host {self.cfg.host_id}: session lease {self.lease_id:x} lost ({self._lost}); "
+                "its domains were fenced. Load the driver again for a new session"
+            )
+        if self._closed:
+            raise LeaseLostError(f"host {self.cfg.host_id}: session closed")
+
+    def deadline(self, seconds: float | None = None) -> float:
+        """A monotonic deadline for an operation: ``seconds`` from now (default
+        the configured acquire timeout), never past the fence deadline."""
+        return min(time.monotonic() + (self.cfg.deadline if seconds is None else seconds), self.fence_at)
+
+    # -- threads ---------------------------------------------------------------
+
+    def _keepalive_loop(self) -> None:
+        interval = self.ttl / 3
+        next_at = time.monotonic() + interval
+        while True:
+            with self._cond:
+                while not self._closed and self._lost is None and time.monotonic() < next_at:
+                    self._cond.wait(next_at - time.monotonic())
+                if self._closed or self._lost is not None:
+                    return
+            sent = time.monotonic()
+            try:
+                timeout = min(self.cfg.request_timeout, self.fence_at - sent)
+                if timeout <= 0:
+                    return  # the fence thread takes it from here
+                self.keepalives_sent += 1
+                ttl = self.client.lease_keepalive(self.lease_id, timeout=timeout)
+            except (TransientError, BackendUnavailableError) as exc:
+                log.warning("host %s: keepalive failed (%s); %.1fs to fence", self.cfg.host_id, exc,
+                            self.fence_at - time.monotonic())
+                next_at = time.monotonic() + min(0.25, interval)
+                continue
+            except LeaseNotFound:
+                ttl = 0
+            except Exception as exc:  # never let the keepalive thread die silently
+                log.exception("host %s: keepalive error", self.cfg.host_id)
+                next_at = time.monotonic() + min(0.25, interval)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                continue
+            if ttl <= 0:
+                self._mark_lost("etcd reports the lease expired or revoked")
+                return
+            with self._cond:
+                if sent + ttl > self._valid_until:
+                    self._valid_until = sent + ttl
+                self._cond.notify_all()
+            next_at = sent + interval
+
+    def _fence_loop(self) -> None:
+        with self._cond:
+            while not self._closed and self._lost is None:
+                left = self.fence_at - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if self._closed or self._lost is not None:
+                return
+        self._mark_lost(f"no successful keepalive for {self.ttl - self.cfg.margin:.1f}s "
+                        f"(fenced {self.cfg.margin:.1f}s before the lease could expire)")
+
+    def _mark_lost(self, reason: str) -> None:
+        with self._cond:
+            if self._lost is not None:
+                return
+            self._lost = reason
+            self._lost_at = time.monotonic()
+            listeners = list(self._listeners)
+            self._cond.notify_all()
+        log.error("host %s: session lost: %s", self.cfg.host_id, reason)
+        for listener in listeners:
+            try:
+                listener(reason)
+            except Exception:
+                log.exception("host %s: lease-lost listener failed", self.cfg.host_id)
+        if self.cfg.on_lease_lost is not None:
+            try:
+                self.cfg.on_lease_lost(reason)
+            except Exception:
+                log.exception("host %s: on_lease_lost callback failed", self.cfg.host_id)
+
+
+# -- one session per (cluster, prefix, host) in a process ---------------------
+
+_sessions: dict[tuple[tuple[str, ...], str, str], tuple[HostSession, int]] = {}
+_sessions_lock = threading.Lock()
+
+
+def open_session(cfg: EtcdConfig) -> HostSession:
+    """The process's session for this host, started on first use and shared
+    (reference counted) by every driver instance with the same endpoints,
+    prefix and host_id.  A lost session is replaced by a new one."""
+    key = (cfg.endpoints, cfg.prefix, cfg.host_id)
+    with _sessions_lock:
+        entry = _sessions.get(key)
+        if entry is not None and entry[0].lost is None:
+            _sessions[key] = (entry[0], entry[1] + 1)
+            return entry[0]
+        session = HostSession(cfg).start()
+        _sessions[key] = (session, 1)
+        return session
+
+
+def close_session(session: HostSession) -> None:
+    key = (session.cfg.endpoints, session.cfg.prefix, session.cfg.host_id)
+    with _sessions_lock:
+        entry = _sessions.get(key)
+        if entry is None or entry[0] is not session:
+            session.close()
+            return
+        if entry[1] > 1:
+            _sessions[key] = (session, entry[1] - 1)
+            return
+        del _sessions[key]
+    session.close()

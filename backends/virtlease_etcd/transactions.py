@@ -1,0 +1,198 @@
+"""The etcd transactions of the driver: grant, resume, claim, release, mark.
+
+Each function builds the compare/success/failure lists of ONE transaction;
+``run`` sends it with retries and resolves lost replies by reading back our
+own records (DESIGN.md point 5).  A grant writes, per resource, the holder
+key (on the session lease) and the resource's ``gen`` key: two operations,
+so one transaction holds ``max_txn_ops // 2`` resources.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from etcd3 import transactions as tx
+
+from virtlease.errors import Holder, TransactionTooLargeError
+
+from . import keyspace as ks
+from .client import TransientError
+from .session import HostSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Grant:
+    """One resource to write for this object."""
+
+    rid: ks.ResourceId
+    key: str
+    value: bytes
+    expect_mod: int | None = None
+    """For resume: our previous token; for claim: the giver's token."""
+
+
+def check_size(op_counts: Sequence[int], limit: int, what: str, n: int) -> None:
+    worst = max(op_counts)
+    if worst > limit:
+        raise TransactionTooLargeError(
+            f"{what} of {n} resource(s) needs {worst} operations in one etcd transaction, but the "
+            f"cluster allows {limit} (etcd --max-txn-ops; set max_txn_ops if your cluster differs). "
+            f"Nothing was taken: raise --max-txn-ops on every etcd member, or give the domain fewer "
+            f"locked disks (readonly disks are not locked)."
+        )
+
+
+def grant_ops(session: HostSession, grants: Sequence[Grant], *, uuid: str, resume: bool,
+              ) -> tuple[list[Any], list[Any], list[Any]]:
+    """Compares and puts of a fresh grant, or of a resume (``expect_mod``
+    set: nobody was granted the resource since that token)."""
+    keys = session.keys
+    compare: list[Any] = []
+    success: list[Any] = []
+    failure: list[Any] = []
+    for g in grants:
+        rid = g.rid.rid
+        if g.rid.mode == ks.EXCLUSIVE:
+            prefix = keys.resource(rid)
+            compare.append(tx.Version(prefix, ks.range_end(prefix)) == 0)
+            if resume:
+                gp = keys.gen_prefix(rid)
+                compare.append(tx.Mod(gp, ks.range_end(gp)) < int(g.expect_mod or 0) + 1)
+        else:
+            compare.append(tx.Version(keys.exclusive(rid)) == 0)
+            compare.append(tx.Version(g.key) == 0)
+            if resume:
+                compare.append(tx.Mod(keys.gen_key(rid, ks.EXCLUSIVE)) < int(g.expect_mod or 0) + 1)
+        success.append(tx.Put(g.key, g.value, lease=session.lease_id))
+        success.append(tx.Put(keys.gen_key(rid, g.rid.mode), ks.encode(
+            {"res": g.rid.readable, "host": session.cfg.host_id, "uuid": uuid})))
+        prefix = keys.resource(rid)
+        failure.append(tx.Get(prefix, ks.range_end(prefix)))
+    failure.append(tx.Get(keys.handoffs, ks.range_end(keys.handoffs)))
+    return compare, success, failure
+
+
+def claim_ops(session: HostSession, grants: Sequence[Grant], *, marker_key: str, marker: bytes,
+              uuid: str) -> tuple[list[Any], list[Any], list[Any]]:
+    """Take over records exactly as the giver marked them: the marker is
+    byte-identical and every holder key still has the giver's token."""
+    keys = session.keys
+    compare: list[Any] = [tx.Value(marker_key) == marker]
+    success: list[Any] = []
+    failure: list[Any] = []
+    for g in grants:
+        compare.append(tx.Mod(g.key) == int(g.expect_mod or 0))
+        success.append(tx.Put(g.key, g.value, lease=session.lease_id))
+        success.append(tx.Put(keys.gen_key(g.rid.rid, g.rid.mode), ks.encode(
+            {"res": g.rid.readable, "host": session.cfg.host_id, "uuid": uuid})))
+        prefix = keys.resource(g.rid.rid)
+        failure.append(tx.Get(prefix, ks.range_end(prefix)))
+    failure.append(tx.Get(keys.handoffs, ks.range_end(keys.handoffs)))
+    return compare, success, failure
+
+
+def holders_from_failure(responses: Sequence[Any], modes: Sequence[str], uuid: str) -> list[Holder]:
+    """The conflicting holders read by a failed grant: one range read per
+    resource (``modes`` says what we asked for) and the handoffs in flight
+    last.  Other shared holders do not conflict with a shared request."""
+    ranges = [r.response_range for r in responses if r.WhichOneof("response") == "response_range"]
+    handoff_to: dict[tuple[str, str], str] = {}
+    for kv in ranges[-1].kvs if ranges else []:
+        try:
+            rec = ks.decode(kv.value, kv.key.decode(errors="replace"))
+        except ks.ForeignValue:
+            continue
+        handoff_to[(str(rec.get("uuid")), str(rec.get("from")))] = str(rec.get("to"))
+    holders: list[Holder] = []
+    for rng, mode in zip(ranges[:-1], modes, strict=False):
+        for kv in rng.kvs:
+            holder = holder_of(kv, handoff_to)
+            if mode == ks.SHARED and holder.mode == ks.SHARED and holder.domain_uuid != uuid:
+                continue
+            holders.append(holder)
+    return holders
+
+
+def holder_of(kv: Any, handoff_to: dict[tuple[str, str], str] | None = None) -> Holder:
+    key = kv.key.decode(errors="replace")
+    try:
+        rec = ks.decode(kv.value, key)
+    except ks.ForeignValue as exc:
+        return Holder(resource=key, host="?", domain_name="?", domain_uuid="?", mode=f"unreadable ({exc})",
+                      token=int(kv.mod_revision), since=0.0)
+    uuid, host = str(rec.get("uuid")), str(rec.get("host"))
+    return Holder(
+        resource=str(rec.get("res")), host=host, domain_name=str(rec.get("name")), domain_uuid=uuid,
+        mode=str(rec.get("mode")), token=int(kv.mod_revision), since=float(rec.get("since") or 0.0),
+        handoff_to=(handoff_to or {}).get((uuid, host)),
+    )
+
+
+ReadBack = Callable[[float], Any]
+"""Given a timeout, return the outcome of a transaction whose reply was
+lost, or None if it did not commit (then it is retried)."""
+
+
+def run(session: HostSession, compare: list[Any], success: list[Any], failure: list[Any], *,
+        deadline: float, read_back: ReadBack | None = None) -> Any:
+    """Send one transaction with retries until ``deadline`` (never past the
+    session's fence deadline).  A lost reply is resolved with ``read_back``
+    before any retry, so a retry never conflicts with our own write."""
+    client = session.client
+
+    def attempt(timeout: float) -> Any:
+        session.check()
+        return client.txn(compare, success, failure, timeout=timeout)
+
+    def resolve(exc: TransientError) -> Any:
+        assert read_back is not None
+        outcome = read_back(client.attempt_timeout(deadline))
+        if outcome is not None:
+            log.info("lost reply (%s) resolved by read-back: the transaction had committed", exc)
+        return outcome
+
+    started = time.monotonic()
+    result = client.retrying(attempt, deadline=min(deadline, session.fence_at),
+                             on_ambiguous=resolve if read_back is not None else None)
+    log.debug("txn of %d ops took %.1f ms", len(success), (time.monotonic() - started) * 1000)
+    return result
+
+
+@dataclass
+class Committed:
+    """Outcome found by a read-back: the revisions of the keys we wrote."""
+
+    revisions: dict[str, int]
+
+
+def written(session: HostSession, records: list[tuple[str, bytes]]) -> ReadBack:
+    """Read-back for a write: committed iff every record is there, byte-equal."""
+    def read(timeout: float) -> Committed | None:
+        found: dict[str, int] = {}
+        for key, value in records:
+            kvs, _ = session.client.get_range(key, timeout=timeout)
+            if kvs and kvs[0].value == value:
+                found[key] = int(kvs[0].mod_revision)
+        if len(found) == len(records):
+            return Committed(found)
+        if found:  # an atomic txn cannot half-commit: never guess, retry the read
+            raise TransientError(f"read-back saw {len(found)}/{len(records)} records", ambiguous=True)
+        return None
+    return read
+
+
+def deleted(session: HostSession, records: list[tuple[str, int]]) -> ReadBack:
+    """Read-back for a delete: committed iff none of our (key, token) is left."""
+    def read(timeout: float) -> Committed | None:
+        for key, token in records:
+            kvs, _ = session.client.get_range(key, timeout=timeout)
+            if kvs and int(kvs[0].mod_revision) == token:
+                return None
+        return Committed({})
+    return read

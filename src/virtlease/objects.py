@@ -1,0 +1,289 @@
+"""Lock objects: one per VM, validated and kept in a legal order.
+
+A :class:`LockObject` wraps a driver's object.  It checks every argument and
+every call order (the rules of libvirt's lock manager) before the driver is
+called, so drivers only ever see valid requests.
+
+Life cycle::
+
+    NEW --acquire--> HELD --release--> RELEASED --acquire--> HELD ...
+    NEW --acquire(REGISTER_ONLY)--> REGISTERED --acquire--> HELD
+    HELD --prepare_migrate--> MIGRATING --complete_migrate_out--> GONE
+    any --free--> FREED
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from .abi import (
+    AcquireFlags,
+    Capability,
+    FailureAction,
+    NewFlags,
+    ObjectSpec,
+    ResourceFlags,
+    ResourceSpec,
+    ResourceType,
+)
+from .errors import CapabilityError, ObjectStateError, ValidationError
+from .validation import (
+    check_enum,
+    check_flags,
+    check_host,
+    check_resource,
+    check_state,
+)
+
+if TYPE_CHECKING:
+    from .loader import Plugin
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    NEW = "new"
+    REGISTERED = "registered"
+    HELD = "held"
+    RELEASED = "released"
+    MIGRATING = "migrating out"
+    GONE = "migrated away"
+    FREED = "freed"
+
+
+class LockObject:
+    """The locks of one VM.  Obtain from ``Plugin.new_object``.
+
+    Thread-safe: calls on one object are serialised.
+    """
+
+    def __init__(self, plugin: Plugin, spec: ObjectSpec, driver_object: Any) -> None:
+        self._plugin = plugin
+        self.spec = spec
+        self._drv = driver_object
+        self._phase = Phase.NEW
+        self._restricted = False
+        self._resources: list[ResourceSpec] = []
+        self._mutex = threading.RLock()
+
+    # -- introspection -----------------------------------------------------
+
+    @property
+    def uuid(self) -> str:
+        return self.spec.uuid
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def resources(self) -> list[ResourceSpec]:
+        """The resources added so far (a copy)."""
+        return list(self._resources)
+
+    def __repr__(self) -> str:
+        return f"<LockObject {self.spec.name} {self.spec.uuid} {self._phase.value}>"
+
+    # -- helpers -----------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"domain {self.spec.name} ({self.spec.uuid})"
+
+    def _require(self, *phases: Phase, call: str) -> None:
+        if self._phase is Phase.FREED:
+            raise ObjectStateError(f"{call}: {self._where()} was freed; create a new object")
+        if self._phase not in phases:
+            allowed = ", ".join(p.value for p in phases)
+            raise ObjectStateError(
+                f"{call}: {self._where()} is {self._phase.value}; allowed only when {allowed}"
+            )
+
+    def _require_capability(self, cap: Capability, call: str) -> None:
+        if not self._plugin.capabilities & cap:
+            raise CapabilityError(
+                f"{call} needs capability {cap.name}, which driver {self._plugin.name!r} lacks"
+            )
+
+    def _make_resource(self, rtype: object, name: object, flags: object, params: object) -> ResourceSpec:
+        rtype_c, name_c, params_c = check_resource(rtype, name, params)
+        flags_c = check_flags(flags, ResourceFlags)
+        for existing in self._resources:
+            if existing.type is rtype_c and existing.name == name_c and existing.params.get(
+                "lockspace"
+            ) == params_c.get("lockspace"):
+                raise ValidationError(
+                    "resource", f"{name_c!r} was already added to {self._where()}"
+                )
+        return ResourceSpec(type=rtype_c, name=name_c, flags=flags_c, params=params_c)
+
+    # -- the ABI calls -----------------------------------------------------
+
+    def add_resource(
+        self,
+        type: ResourceType,
+        name: str,
+        *,
+        flags: ResourceFlags = ResourceFlags(0),
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        """Add a disk (absolute path) or lease (key, ``params["lockspace"]``)
+        before the first acquire.  Use ``acquire_resource`` to add one to a
+        running object."""
+        with self._mutex:
+            self._require(Phase.NEW, Phase.RELEASED, Phase.REGISTERED, call="add_resource")
+            self._resources.append(self._make_resource(type, name, flags, params))
+
+    def acquire(
+        self,
+        state: str | None = None,
+        *,
+        flags: AcquireFlags = AcquireFlags(0),
+        action: FailureAction = FailureAction.DEFAULT,
+    ) -> None:
+        """Take every added resource at once, or none.
+
+        ``state`` resumes what a ``release()``/``inquire()`` described, or
+        (for a ``NewFlags.MIGRATE`` object) claims a ``prepare_migrate``
+        handoff.  ``action`` runs on the object's pid if the locks are lost.
+        """
+        with self._mutex:
+            if self._restricted:
+                raise ObjectStateError(f"acquire: {self._where()} is restricted")
+            self._require(Phase.NEW, Phase.RELEASED, Phase.REGISTERED, Phase.MIGRATING, call="acquire")
+            if self._phase is Phase.MIGRATING and state is None:
+                raise ObjectStateError(
+                    f"acquire: {self._where()} is migrating out; only the handback state of the "
+                    "destination's complete_migrate_in(cancel=True) can reclaim it"
+                )
+            state_c = check_state(state)
+            flags_c = check_flags(flags, AcquireFlags)
+            action_c = check_enum(action, FailureAction, "action")
+            if self.spec.flags & NewFlags.MIGRATE and self._phase is Phase.NEW and state_c is None:
+                raise ValidationError(
+                    "state", f"{self._where()} was created with NewFlags.MIGRATE: its first "
+                    "acquire needs the state returned by prepare_migrate on the source"
+                )
+            self._drv.acquire(list(self._resources), state_c, flags_c, action_c)
+            self._phase = Phase.REGISTERED if flags_c & AcquireFlags.REGISTER_ONLY else Phase.HELD
+            if flags_c & AcquireFlags.RESTRICT:
+                self._restricted = True
+
+    def release(self) -> str:
+        """Drop every resource; return the state to ``acquire(state)`` with."""
+        with self._mutex:
+            if self._restricted:
+                raise ObjectStateError(f"release: {self._where()} is restricted")
+            self._require(Phase.HELD, Phase.REGISTERED, call="release")
+            state: str = self._drv.release()
+            self._phase = Phase.RELEASED
+            return state
+
+    def inquire(self) -> str:
+        """The state describing what is held now (nothing is released)."""
+        with self._mutex:
+            self._require(Phase.HELD, Phase.REGISTERED, Phase.MIGRATING, call="inquire")
+            state: str = self._drv.inquire()
+            return state
+
+    def acquire_resource(
+        self,
+        type: ResourceType,
+        name: str,
+        *,
+        flags: ResourceFlags = ResourceFlags(0),
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        """HOTPLUG: take one more resource while holding the others."""
+        with self._mutex:
+            self._require_capability(Capability.HOTPLUG, "acquire_resource")
+            if self._restricted:
+                raise ObjectStateError(f"acquire_resource: {self._where()} is restricted")
+            self._require(Phase.HELD, call="acquire_resource")
+            res = self._make_resource(type, name, flags, params)
+            self._drv.acquire_resource(res)
+            self._resources.append(res)
+
+    def release_resource(
+        self, type: ResourceType, name: str, *, params: dict[str, Any] | None = None
+    ) -> None:
+        """HOTPLUG: drop one resource while keeping the others."""
+        with self._mutex:
+            self._require_capability(Capability.HOTPLUG, "release_resource")
+            if self._restricted:
+                raise ObjectStateError(f"release_resource: {self._where()} is restricted")
+            self._require(Phase.HELD, call="release_resource")
+            rtype_c, name_c, params_c = check_resource(type, name, params)
+            for res in self._resources:
+                if res.type is rtype_c and res.name == name_c and res.params.get(
+                    "lockspace"
+                ) == params_c.get("lockspace"):
+                    self._drv.release_resource(res)
+                    self._resources.remove(res)
+                    return
+            raise ValidationError("resource", f"{name_c!r} is not a resource of {self._where()}")
+
+    def prepare_migrate(self, dest_host: str) -> str:
+        """MIGRATE, source side: mark the held resources for ``dest_host``
+        and return the state to carry to it."""
+        with self._mutex:
+            self._require_capability(Capability.MIGRATE, "prepare_migrate")
+            self._require(Phase.HELD, call="prepare_migrate")
+            dest = check_host(dest_host, "dest_host")
+            state: str = self._drv.prepare_migrate(dest)
+            self._phase = Phase.MIGRATING
+            return state
+
+    def complete_migrate_out(self, cancel: bool = False) -> None:
+        """MIGRATE, source side: forget the object after a successful
+        migration, or (``cancel=True``) clear the marks and keep the locks."""
+        with self._mutex:
+            self._require_capability(Capability.MIGRATE, "complete_migrate_out")
+            self._require(Phase.MIGRATING, call="complete_migrate_out")
+            self._drv.complete_migrate_out(bool(cancel))
+            self._phase = Phase.HELD if cancel else Phase.GONE
+
+    def complete_migrate_in(self, cancel: bool = False) -> str | None:
+        """MIGRATE, destination side: finish, or (``cancel=True``) hand the
+        locks back and return the state the source reclaims them with."""
+        with self._mutex:
+            self._require_capability(Capability.MIGRATE, "complete_migrate_in")
+            if not self.spec.flags & NewFlags.MIGRATE:
+                raise ObjectStateError(
+                    f"complete_migrate_in: {self._where()} was not created with NewFlags.MIGRATE"
+                )
+            self._require(Phase.HELD, call="complete_migrate_in")
+            state: str | None = self._drv.complete_migrate_in(bool(cancel))
+            if cancel:
+                self._phase = Phase.GONE
+            return state
+
+    def free(self) -> None:
+        """Forget the object; a held object's resources are released first."""
+        with self._mutex:
+            if self._phase is Phase.FREED:
+                raise ObjectStateError(f"free: {self._where()} was already freed")
+            try:
+                self._drv.free()
+            finally:
+                self._phase = Phase.FREED
+                self._plugin._forget(self)
+
+    def __enter__(self) -> LockObject:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._phase is not Phase.FREED:
+            self.free()
