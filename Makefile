@@ -19,6 +19,19 @@ test: $(STAMP)
 	$(BIN)/ruff check src backends tests bench
 	$(BIN)/pytest -m "not safety" tests
 
+# The nemesis suite alone: short seeded run (CI) and the long run for users.
+safety: $(STAMP)
+	$(BIN)/python -m pytest -m safety tests/safety
+
+safety-long: $(STAMP)
+	$(BIN)/python tests/safety/nemesis.py --duration 1800
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/run.py --quick
+
 lint: $(STAMP)
 	$(BIN)/ruff check src backends tests bench
 
