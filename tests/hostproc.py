@@ -73,6 +73,12 @@ def serve() -> None:  # runs in the child
                 reply(ok=True)
             elif op == "lost":
                 reply(ok=True, lost=plugin.driver.session.lost)
+            elif op == "session":
+                import time
+
+                session = plugin.driver.session
+                reply(ok=True, fence_at=session.fence_at, now=time.monotonic(), lost=session.lost,
+                      lease=session.lease_id)
             elif op == "exit":
                 reply(ok=True)
                 return

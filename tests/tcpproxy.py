@@ -28,6 +28,7 @@ class TcpProxy:
         self.delay = 0.0
         self._cut = False
         self._blackhole = False
+        self._drop_replies = False
         self._stop = False
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -54,10 +55,16 @@ class TcpProxy:
         with self._lock:
             self._blackhole = True
 
+    def drop_replies(self) -> None:
+        """Pass requests to etcd but drop its replies (the outcome is unknown)."""
+        with self._lock:
+            self._drop_replies = True
+
     def heal(self) -> None:
         with self._lock:
             self._cut = False
             self._blackhole = False
+            self._drop_replies = False
             self.delay = 0.0
 
     def close(self) -> None:
@@ -95,7 +102,7 @@ class TcpProxy:
                     data = src.recv(65536)
                     if not data:
                         return
-                    if self._blackhole:
+                    if self._blackhole or (self._drop_replies and src is b):
                         continue
                     if self.delay:
                         time.sleep(self.delay)
