@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 bench-quick: $(STAMP)
-	$(BIN)/python bench/run.py --quick
+	$(BIN)/python bench/run.py --quick $(if $(BENCH_OUT),--out $(BENCH_OUT))
 
 lint: $(STAMP)
 	$(BIN)/ruff check src backends tests bench

@@ -195,6 +195,8 @@ def _validate(cfg: EtcdConfig) -> None:
         raise ConfigError("max_txn_ops: must be >= 4")
     if (cfg.user is None) != (cfg.password is None):
         raise ConfigError("user/password: give both or neither")
+    if cfg.user is not None and cfg.ca_cert is None:
+        raise ConfigError("user/password: etcd sends auth tokens only over TLS; set ca_cert too")
     if (cfg.cert_cert is None) != (cfg.cert_key is None):
         raise ConfigError("cert_cert/cert_key: give both or neither")
     if cfg.cert_cert is not None and cfg.ca_cert is None:

@@ -1,0 +1,73 @@
+"""etcd driver configuration: dict, TOML file, environment, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from virtlease import ConfigError, FailureAction
+from virtlease_etcd.config import load_config
+
+
+def test_defaults() -> None:
+    cfg = load_config({}, environ={})
+    assert cfg.endpoints == ("127.0.0.1:2379",)
+    assert cfg.prefix == "/virtlease" and cfg.ttl == 10 and cfg.host_id
+    assert cfg.margin == 2.0 and cfg.max_txn_ops == 128
+    assert cfg.default_action is FailureAction.POWEROFF
+
+
+def test_toml_file_then_dict_then_environment(tmp_path: Path) -> None:
+    path = tmp_path / "virtlease.toml"
+    path.write_text('[etcd]\nendpoints = ["10.0.0.1:2379", "10.0.0.2:2379"]\nttl = 7\nprefix = "/from-file"\n'
+                    'default_action = "pause"\n')
+    cfg = load_config({"config_file": str(path), "prefix": "/from-dict"},
+                      environ={"VIRTLEASE_ETCD_TTL": "12", "VIRTLEASE_ETCD_HOST_ID": "hv-9"})
+    assert cfg.endpoints == ("10.0.0.1:2379", "10.0.0.2:2379")
+    assert cfg.prefix == "/from-dict" and cfg.ttl == 12 and cfg.host_id == "hv-9"
+    assert cfg.default_action is FailureAction.PAUSE
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = tmp_path / "v.toml"
+    path.write_text('endpoints = "http://127.0.0.1:1234,127.0.0.1:1235"\n')
+    cfg = load_config({}, environ={"VIRTLEASE_CONFIG": str(path)})
+    assert cfg.endpoints == ("127.0.0.1:1234", "127.0.0.1:1235")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"ttl": 1}, "ttl: 1s is below the minimum of 2s"),
+        ({"ttl": "ten"}, "ttl: invalid value"),
+        ({"endpoints": "nohost"}, "endpoints: 'nohost' is not host:port"),
+        ({"endpoints": ""}, "at least one"),
+        ({"prefix": "relative"}, "prefix"),
+        ({"prefix": "/trailing/"}, "prefix"),
+        ({"host_id": "a b"}, "host_id"),
+        ({"fence_margin": 6}, "fence_margin"),
+        ({"default_action": "restart"}, "default_action"),
+        ({"default_action": "explode"}, "default_action"),
+        ({"user": "u"}, "user/password"),
+        ({"user": "u", "password": "p"}, "only over TLS"),
+        ({"ca_cert": "/nonexistent/ca.pem"}, "ca_cert: /nonexistent/ca.pem does not exist"),
+        ({"colour": "blue"}, "unknown setting"),
+        ({"config_file": "/nonexistent.toml"}, "does not exist"),
+    ],
+)
+def test_bad_settings_are_named(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(raw, environ={})
+
+
+def test_bad_toml_is_reported_with_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("ttl = = 3\n")
+    with pytest.raises(ConfigError, match=f"{path} is not valid TOML"):
+        load_config({"config_file": str(path)}, environ={})
+
+
+def test_environment_override_is_validated() -> None:
+    with pytest.raises(ConfigError, match="endpoints"):
+        load_config({}, environ={"VIRTLEASE_ETCD_ENDPOINTS": "bad"})
