@@ -439,11 +439,15 @@ class EtcdObject:
         held = list(self.held.values())
         marker_key, marker = self.marker
         if not cancel:
-            kvs_ours = []
-            for h in held:
-                kvs, _ = session.client.get_range(h.key, timeout=self.cfg.request_timeout)
-                if kvs and int(kvs[0].mod_revision) == h.token:
-                    kvs_ours.append(h)
+            def still_ours(timeout: float) -> list[Held]:
+                ours = []
+                for h in held:
+                    kvs, _ = session.client.get_range(h.key, timeout=timeout)
+                    if kvs and int(kvs[0].mod_revision) == h.token:
+                        ours.append(h)
+                return ours
+
+            kvs_ours = session.client.retrying(still_ours, deadline=time.monotonic() + self.cfg.deadline)
             if held and len(kvs_ours) == len(held):
                 raise StaleStateError(
                     f"complete_migrate_out: the destination has not claimed {self._where()} yet; "

@@ -78,7 +78,13 @@ class ClusterStatus:
 
 
 def read_status(client: EtcdClient, keys: ks.Keys, *, timeout: float) -> ClusterStatus:
+    """Read everything under the prefix; transient errors are retried until
+    ``timeout``, then BackendUnavailableError."""
     deadline = time.monotonic() + timeout
+    return client.retrying(lambda _t: _read(client, keys, deadline), deadline=deadline)
+
+
+def _read(client: EtcdClient, keys: ks.Keys, deadline: float) -> ClusterStatus:
     kvs, revision = client.get_range(keys.root, ks.range_end(keys.root),
                                      timeout=client.attempt_timeout(deadline))
     status = ClusterStatus(revision=revision)
