@@ -44,8 +44,8 @@ class LeaseNotFound(Exception):
     """etcd says the lease is gone (expired or revoked)."""
 
 
-class PermissionDenied(Exception):
-    """etcd auth refused the request."""
+class PermissionDenied(ConfigError):
+    """etcd auth refused the request (user, role or RBAC prefix)."""
 
 
 class EtcdClient:

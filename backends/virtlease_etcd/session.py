@@ -191,6 +191,8 @@ class HostSession:
                 self.keepalives_sent += 1
                 ttl = self.client.lease_keepalive(self.lease_id, timeout=timeout)
             except (TransientError, BackendUnavailableError) as exc:
+                if self._lost is not None or self._closed:
+                    return
                 log.warning("host %s: keepalive failed (%s); %.1fs to fence", self.cfg.host_id, exc,
                             self.fence_at - time.monotonic())
                 next_at = time.monotonic() + min(0.25, interval)

