@@ -199,6 +199,13 @@ class EtcdObject:
         else:
             tokens = {g.key: int(resp.header.revision) for g in grants}
         self.held = {g.rid.rid: Held(g.rid, g.key, tokens[g.key], g.value) for g in grants}
+        session = self.session
+        if session.lost is not None or time.monotonic() >= session.fence_at:
+            # The reply came in while the session was being fenced: the fence
+            # listener may have run before these grants were recorded and found
+            # nothing to fence.  Fence now and fail (tests/safety/test_fence_races.py).
+            self.fence(session.lost or "fence deadline passed while the grant was in flight")
+            session.check()
 
     def _check_size(self, ops: tuple[list[Any], list[Any], list[Any]], what: str, n: int) -> None:
         txn.check_size([len(x) for x in ops], self.cfg.max_txn_ops, what, n)
@@ -439,16 +446,10 @@ class EtcdObject:
         held = list(self.held.values())
         marker_key, marker = self.marker
         if not cancel:
-            def still_ours(timeout: float) -> list[Held]:
-                ours = []
-                for h in held:
-                    kvs, _ = session.client.get_range(h.key, timeout=timeout)
-                    if kvs and int(kvs[0].mod_revision) == h.token:
-                        ours.append(h)
-                return ours
-
-            kvs_ours = session.client.retrying(still_ours, deadline=time.monotonic() + self.cfg.deadline)
-            if held and len(kvs_ours) == len(held):
+            # one read-only transaction: do all our records still carry our tokens?
+            unclaimed = txn.run(session, [tx.Mod(h.key) == h.token for h in held], [], [],
+                                deadline=time.monotonic() + self.cfg.deadline)
+            if held and unclaimed.succeeded:
                 raise StaleStateError(
                     f"complete_migrate_out: the destination has not claimed {self._where()} yet; "
                     "wait for its acquire, or cancel")

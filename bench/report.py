@@ -1,0 +1,164 @@
+"""The results as markdown (every figure) and JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def _x(value: float) -> str:
+    return f"{value:.1f}x"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out.append("")
+    return out
+
+
+def _machine(res: dict[str, Any]) -> list[str]:
+    m = res["machine"]
+    rows = [["CPU", f"{m['cpu']}"], ["cores", str(m["cores"])], ["RAM", f"{m['ram_gib']} GiB"],
+            ["kernel", m["kernel"]], ["Python", m["python"]],
+            ["client", f"python3-etcd3 {m['python_etcd3']}, grpcio {m['grpcio']}"],
+            ["etcd", f"{m['etcd']}, {m['etcd_setup']}"], ["etcd storage", m["etcd_storage"]],
+            ["git commit", m["git"]],
+            ["load average (1/5/15 min)", f"{m['load_at_start']} at start, {m.get('load_at_end', '?')} at end "
+                                          "(other processes on this machine share its cores)"],
+            ["run", f"{'--quick' if res['plan']['quick'] else 'full'}, {res['started']}, "
+                    f"{res['wall_s']:.0f} s wall"]]
+    return _table(["", ""], rows)
+
+
+def _latency(res: dict[str, Any]) -> list[str]:
+    c = res["ceiling"]["p50_ms"]
+    out = ["## Latency: acquire + release of one VM", "",
+           f"Ceiling: one plain etcd transaction (compare + put) from python-etcd3, one caller: "
+           f"**p50 {_ms(c)} ms, p99 {_ms(res['ceiling']['p99_ms'])} ms** (n={res['ceiling']['n']}). "
+           "virtlease needs two transactions per acquire+release, so 2x is its floor; the recipe needs "
+           "three requests per disk (lease grant, txn, release txn).", ""]
+    rows = []
+    for r in res["latency"]:
+        v, k = r["virtlease"], r["recipe"]
+        rows.append([str(r["disks"]), _ms(v["p50_ms"]), _ms(v["p99_ms"]), _x(v["p50_ms"] / c),
+                     _ms(k["p50_ms"]), _ms(k["p99_ms"]), _x(k["p50_ms"] / c), _x(k["p50_ms"] / v["p50_ms"]),
+                     f"{v['n']} / {k['n']}"])
+    return out + _table(["disks", "virtlease p50 ms", "p99 ms", "/ceiling", "recipe p50 ms", "p99 ms",
+                         "/ceiling", "recipe / virtlease", "n (vl / recipe)"], rows)
+
+
+def _throughput(res: dict[str, Any]) -> list[str]:
+    disks = res["plan"]["throughput_disks"]
+    out = ["## Throughput: concurrent callers", "",
+           f"Threads in one process, each with its own python-etcd3 client (for virtlease: its own driver "
+           f"instance, i.e. its own host session); each caller its own VM of {disks} disks (no contention). "
+           "Ceiling = compare+put transactions per second; the others = VMs acquired and released per "
+           f"second ({res['plan']['throughput_seconds']} s per cell).", ""]
+    rows = []
+    for r in res["throughput"]:
+        c, v, k = r["ceiling"], r["virtlease"], r["recipe"]
+        errs = c["errors"] + v["errors"] + k["errors"]
+        rows.append([str(r["callers"]), f"{c['per_second']:.0f}", f"{v['per_second']:.0f}",
+                     f"{k['per_second']:.0f}", _x(v["per_second"] / k["per_second"]) if k["per_second"] else "-",
+                     str(errs)])
+    return out + _table(["callers", "ceiling txn/s", "virtlease VM/s", "recipe VM/s",
+                         "virtlease / recipe", "errors"], rows)
+
+
+def _keepalive(res: dict[str, Any]) -> list[str]:
+    ka = res["keepalive"]
+    out = ["## Keepalive cost: etcd requests per minute for one host", "",
+           f"TTL {ka['ttl']} s, refresh every TTL/3; requests counted by a gRPC-counting TCP proxy in front of "
+           f"etcd over a {ka['window_s']:.0f} s window, all contenders at once. virtlease: one session lease "
+           "per host. Recipe: one lease per Lock, each refreshed by our refresher thread at TTL/3 "
+           "(python-etcd3 does not refresh locks by itself).", ""]
+    recipe = {r["locks"]: r for r in ka["recipe"]}
+    virtlease = {v["disks"]: v for v in ka["virtlease"]}
+    rows = []
+    for n in sorted(set(recipe) | set(virtlease)):
+        v, r = virtlease.get(n), recipe.get(n)
+        row = [f"{n:,}"] + ([f"{v['requests_per_min']:.0f}", f"{v['keepalives_per_min']:.0f}",
+                             f"{v['expected_per_min']:.0f}"] if v else ["-", "-", "-"])
+        rc, expected, pass_s, note = "-", "-", "-", ""
+        if r is not None:
+            rc, expected = f"{r['requests_per_min']:.0f}", f"{r['expected_per_min']:.0f}"
+            pass_s = f"{r['refresh_pass_s']:.3f}" if r["refresh_pass_s"] is not None else "-"
+            if r["extrapolated"]:
+                rc += f" (extrapolated from {r['from_locks']:,} locks)"
+                pass_s += " (extrapolated)"
+            elif r["late_passes"]:
+                note = f"{r['late_passes']} refresh passes late"
+        rows.append([*row, rc, expected, pass_s, note])
+    return out + _table(["disks held", "virtlease req/min", "virtlease keepalives_sent/min", "virtlease expected",
+                         "recipe req/min", "recipe expected", "recipe refresh pass (s)", "note"], rows) + [
+        f"A refresh pass must finish within TTL/3 = {ka['ttl'] / 3:.2f} s or the recipe's locks start to "
+        "expire.", ""]
+
+
+def _scale(res: dict[str, Any]) -> list[str]:
+    s = res["scale"]
+    rows = [
+        ["VMs x disks", f"{s['vms']:,} x {s['disks_per_vm']} = {s['vms'] * s['disks_per_vm']:,} disks"],
+        ["host sessions", f"{s['hosts']} (one process each, acquiring sequentially, all at once)"],
+        ["acquire all", f"{s['acquire_wall_s']:.1f} s ({s['vms_per_s']:.0f} VMs/s)"],
+        ["release all", f"{s['release_wall_s']:.1f} s"],
+        ["RSS per holding process", f"{s['rss_held_kib_mean'] / 1024:.1f} MiB mean, "
+                                    f"{s['rss_held_kib_max'] / 1024:.1f} MiB max "
+                                    f"(after driver load, before acquiring: {s['rss_ready_kib_mean'] / 1024:.1f} MiB)"],
+        ["RSS growth per VM held", f"{s['kib_per_vm_mean']:.1f} KiB"],
+        ["etcd db_size", f"{s['db_size_before'] / 2**20:.1f} MiB before, {s['db_size_held'] / 2**20:.1f} MiB "
+                         "holding (bbolt file, includes history and free pages)"],
+        ["live keys under the run's prefix", f"{s['keys_held']:,} keys, {s['live_bytes_held'] / 2**20:.1f} MiB "
+                                             f"of keys + values ({s['live_bytes_per_disk']:.0f} B per disk)"],
+        ["after releasing everything", f"{s['keys_released']:,} keys ({s['keys_released'] - s['keys_before']:+,} "
+                                       "vs before: the persistent per-disk `gen` records of the last grant), "
+                                       f"db_size {s['db_size_released'] / 2**20:.1f} MiB"],
+        ["sessions lost", str(sum(1 for p in s["processes"] if p["session_lost"]))],
+    ]
+    return ["## Scale", "", *_table(["", ""], rows)]
+
+
+def _failover(res: dict[str, Any]) -> list[str]:
+    rows = [[str(f["ttl"]), ", ".join(f"{t:.2f}" for t in f["trials"]), f"{f['mean_s']:.2f}",
+             f"{f['bound_low_s']:.2f} - {f['bound_high_s']:.2f} (+ expiry sweep <= 0.5)"] for f in res["failover"]]
+    head = ["## Failover: kill -9 of the holder to another host's grant", "",
+            "Holder in a subprocess (4-disk VM), killed at a random point of its keepalive interval; another "
+            "host tries acquire every 50 ms.", ""]
+    return [*head, *_table(["TTL s", "seconds to grant (each trial)", "mean s", "expected s"], rows)]
+
+
+def _handoff(res: dict[str, Any]) -> list[str]:
+    c = res["ceiling"]["p50_ms"]
+    rows = []
+    for h in res["handoff"]:
+        rows.append([str(h["disks"]), _ms(h["handoff"]["p50_ms"]), _ms(h["handoff"]["p99_ms"]),
+                     _ms(h["prepare"]["p50_ms"]), _ms(h["claim"]["p50_ms"]), _x(h["handoff"]["p50_ms"] / c),
+                     _ms(h["complete_out"]["p50_ms"]), str(h["handoff"]["n"])])
+    head = ["## Handoff: migration latency", "",
+            f"prepare_migrate on the source + acquire(state) claim on the destination; ceiling txn p50 "
+            f"{_ms(c)} ms from the same client library. complete_migrate_out is timed apart.", ""]
+    return [*head, *_table(["disks", "handoff p50 ms", "p99 ms", "prepare p50", "claim p50", "/ceiling",
+                            "complete_migrate_out p50", "n"], rows)]
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["# virtlease benchmarks", "", *_machine(res)]
+    for section in (_latency, _throughput, _keepalive, _scale, _failover, _handoff):
+        lines += section(res)
+    if res.get("plots"):
+        lines += ["Plots: " + ", ".join(f"`{p}`" for p in res["plots"]), ""]
+    return "\n".join(lines)
+
+
+def write(res: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "latest.md", out / "latest.json"
+    md.write_text(markdown(res))
+    js.write_text(json.dumps(res, indent=2) + "\n")
+    return md, js
