@@ -336,3 +336,34 @@ def test_crash_frees_disks_after_ttl_not_before_fence(etcd: EtcdServer, prefix: 
 def test_ttl_below_two_seconds_is_refused(etcd: EtcdServer, prefix: str) -> None:
     with pytest.raises(v.ConfigError, match="ttl: 1s is below the minimum of 2s"):
         v.load_driver("etcd", config={"endpoints": etcd.endpoints, "prefix": prefix, "ttl": 1})
+
+
+def test_unresolved_grant_is_withdrawn_not_left_behind(etcd: EtcdServer, prefix: str,
+                                                       kv: etcd3.Etcd3Client) -> None:
+    """etcd applies the grant but no reply comes back before the deadline:
+    acquire fails, and the record it may have left is withdrawn once etcd is
+    reachable again, so no disk stays locked by a grant nobody knows of."""
+    with TcpProxy(etcd.endpoints.split(",")[0]) as proxy:
+        plugin = v.load_driver("etcd", config={"endpoints": proxy.endpoint, "prefix": prefix, "host_id": "unsure",
+                                               "ttl": 8, "request_timeout": 0.4, "acquire_timeout": 1.2})
+        obj = vm(plugin, ["/srv/unsure.img"], name="unsure-vm")
+        try:
+            for _ in range(3):  # the request itself can be lost with the broken connection: try again
+                proxy.drop_replies()
+                with pytest.raises(v.BackendUnavailableError):
+                    obj.acquire()
+                reached = [k for k in dump(kv, prefix) if "/res/" in k]
+                proxy.heal()
+                if reached:
+                    break
+                time.sleep(1.0)
+            assert reached, "the grant never reached etcd: the scenario did not happen"
+            deadline = time.monotonic() + 5
+            while [k for k in dump(kv, prefix) if "/res/" in k]:
+                assert time.monotonic() < deadline, "the uncertain grant was never withdrawn"
+                time.sleep(0.1)
+            assert plugin.driver.session.lost is None
+            obj.acquire()  # and the object can still acquire for real
+        finally:
+            obj.free()
+            plugin.unload()

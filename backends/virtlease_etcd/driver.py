@@ -30,6 +30,7 @@ from virtlease.abi import (
     version_major,
 )
 from virtlease.errors import (
+    BackendUnavailableError,
     LeaseLostError,
     ObjectStateError,
     PluginVersionError,
@@ -273,8 +274,7 @@ class EtcdObject:
         grants = self._grants(rids, tokens)
         ops = txn.grant_ops(self.session, grants, uuid=self.spec.uuid, resume=resume is not None)
         self._check_size(ops, "acquire", len(grants))
-        resp = txn.run(self.session, *ops, deadline=self.session.deadline(),
-                       read_back=txn.written(self.session, [(g.key, g.value) for g in grants]))
+        resp = self._run_grant(grants, ops)
         if not isinstance(resp, txn.Committed) and not resp.succeeded:
             holders = txn.holders_from_failure(resp.responses, [g.rid.mode for g in grants], self.spec.uuid)
             if holders:
@@ -302,8 +302,7 @@ class EtcdObject:
         ops = txn.claim_ops(self.session, grants, marker_key=marker_key, marker=parsed.marker.encode(),
                             uuid=self.spec.uuid)
         self._check_size(ops, "migration claim", len(grants))
-        resp = txn.run(self.session, *ops, deadline=self.session.deadline(),
-                       read_back=txn.written(self.session, [(g.key, g.value) for g in grants]))
+        resp = self._run_grant(grants, ops)
         if not isinstance(resp, txn.Committed) and not resp.succeeded:
             raise StaleStateError(self._claim_failure(resp, marker_key, parsed))
         own_marker = self.marker
@@ -312,6 +311,18 @@ class EtcdObject:
         if own_marker is not None:  # a handback to us: our old marker is obsolete
             self._delete_marker(own_marker)
             self.marker = None
+
+    def _run_grant(self, grants: Sequence[txn.Grant], ops: tuple[list[Any], list[Any], list[Any]]) -> Any:
+        """Send a grant or claim.  If it fails without a known outcome (etcd
+        unreachable until the deadline, or the session lost meanwhile), the
+        transaction may still have committed: withdraw our records in the
+        background so no grant is left that nobody knows of."""
+        try:
+            return txn.run(self.session, *ops, deadline=self.session.deadline(),
+                           read_back=txn.written(self.session, [(g.key, g.value) for g in grants]))
+        except (BackendUnavailableError, LeaseLostError):
+            txn.withdraw_in_background(self.session, [(g.key, g.value) for g in grants])
+            raise
 
     def _claim_failure(self, resp: Any, marker_key: str, parsed: st.State) -> str:
         ranges = [r.response_range for r in resp.responses if r.WhichOneof("response") == "response_range"]

@@ -245,6 +245,23 @@ class HostSession:
                 self.cfg.on_lease_lost(reason)
             except Exception:
                 log.exception("host %s: on_lease_lost callback failed", self.cfg.host_id)
+        threading.Thread(target=self._revoke_after_fence, name=f"virtlease-revoke-{self.cfg.host_id}",
+                         daemon=True).start()
+
+    def _revoke_after_fence(self) -> None:
+        """After fencing, the host behaves as if its lease had expired; if etcd
+        is reachable again before the lease really expires (a leader change
+        can extend it), revoke it so its disks — including any grant whose
+        reply never arrived — are free at once instead of after the TTL."""
+        until = time.monotonic() + 2 * self.ttl + 5
+        while time.monotonic() < until and not self._closed:
+            try:
+                self.client.lease_revoke(self.lease_id, timeout=min(self.cfg.request_timeout, 1.0))
+                log.info("host %s: revoked fenced lease %x", self.cfg.host_id, self.lease_id)
+                return
+            except Exception as exc:
+                log.debug("host %s: revoke after fence failed (%s); retrying", self.cfg.host_id, exc)
+                time.sleep(0.5)
 
 
 # -- one session per (cluster, prefix, host) in a process ---------------------

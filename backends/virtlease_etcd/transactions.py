@@ -10,6 +10,7 @@ so one transaction holds ``max_txn_ops // 2`` resources.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -196,3 +197,26 @@ def deleted(session: HostSession, records: list[tuple[str, int]]) -> ReadBack:
                 return None
         return Committed({})
     return read
+
+
+def withdraw_in_background(session: HostSession, records: list[tuple[str, bytes]]) -> None:
+    """Delete our records if a grant whose outcome we never learned did
+    commit: one transaction comparing every value byte for byte (a record we
+    wrote carries a unique grant id, so nobody else's is touched).  Retried
+    until it is known done or the session ends; if the session is lost, its
+    lease revocation or expiry removes them anyway."""
+    def work() -> None:
+        compare = [tx.Value(key) == value for key, value in records]
+        delete = [tx.Delete(key) for key, _ in records]
+        while session.lost is None and not getattr(session, "_closed", False):
+            try:
+                resp = session.client.txn(compare, delete, [], timeout=session.cfg.request_timeout)
+            except Exception as exc:
+                log.debug("withdrawing an uncertain grant: %s; retrying", exc)
+                time.sleep(0.5)
+                continue
+            if resp.succeeded:
+                log.warning("an acquire reported as failed had committed; withdrew %d record(s)", len(records))
+            return
+
+    threading.Thread(target=work, name="virtlease-withdraw", daemon=True).start()
