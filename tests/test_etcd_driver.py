@@ -367,3 +367,61 @@ def test_unresolved_grant_is_withdrawn_not_left_behind(etcd: EtcdServer, prefix:
         finally:
             obj.free()
             plugin.unload()
+
+
+def test_shared_resume_survives_other_shared_holders_but_not_an_exclusive_one(make_driver: MakeDriver) -> None:
+    a, b = make_driver("host-a"), make_driver("host-b")
+    mine = vm(a, ["/srv/gfs.img"], flags=v.ResourceFlags.SHARED, name="mine")
+    mine.acquire()
+    state = mine.release()
+    vm(b, ["/srv/gfs.img"], flags=v.ResourceFlags.SHARED, name="neighbour").acquire()
+    mine.acquire(state)  # another shared holder in between is fine
+    state = mine.release()
+    for obj in b.objects:
+        obj.free()
+    writer = vm(b, ["/srv/gfs.img"], name="writer")
+    writer.acquire()
+    writer.release()
+    with pytest.raises(v.StaleStateError, match="another holder"):
+        mine.acquire(state)  # an exclusive writer held it while we were paused
+
+
+@pytest.mark.parametrize("mode", ["exclusive", "shared"])
+def test_resume_state_with_raised_tokens_is_refused(make_driver: MakeDriver, mode: str) -> None:
+    a, b = make_driver("host-a"), make_driver("host-b")
+    flags = v.ResourceFlags.SHARED if mode == "shared" else v.ResourceFlags(0)
+    paused = vm(a, ["/srv/raised.img"], flags=flags, name="paused")
+    paused.acquire()
+    state = paused.release()
+    intruder = vm(b, ["/srv/raised.img"], name="intruder")
+    intruder.acquire()
+    newest = tokens(intruder.inquire())["/srv/raised.img"]
+    intruder.release()
+    head, _, body = state.partition(" ")
+    data = json.loads(body)
+    for r in data["res"]:  # claim a token newer than the intruder's grant
+        r["token"] = newest + 5
+        if "xgen" in r:
+            r["xgen"] = newest + 5
+    with pytest.raises(v.StaleStateError):
+        paused.acquire(head + " " + json.dumps(data))
+
+
+@pytest.mark.parametrize("junk", [b"\xfe\xfd", b'{"v": 99}'])
+def test_an_unreadable_gen_record_is_replaced_and_old_states_fail(
+        make_driver: MakeDriver, kv: etcd3.Etcd3Client, prefix: str, junk: bytes) -> None:
+    """gen records are bookkeeping without an owner: a grant replaces an
+    unreadable one (holders, by contrast, are never overwritten).  Replacing
+    it bumps its revision, so a resume state from before still fails."""
+    a = make_driver("host-a")
+    obj = vm(a, ["/srv/gen.img"])
+    obj.acquire()
+    state = obj.release()
+    (gen_key,) = [k for k in dump(kv, prefix) if "/gen/" in k]
+    kv.put(gen_key, junk)
+    with pytest.raises(v.StaleStateError):
+        obj.acquire(state)
+    fresh = vm(a, ["/srv/gen.img"])
+    fresh.acquire()
+    value, rev, _ = dump(kv, prefix)[gen_key]
+    assert json.loads(value)["v"] == 1 and rev == tokens(fresh.inquire())["/srv/gen.img"]

@@ -59,8 +59,8 @@ class Held:
     token: int
     value: bytes
 
-    def as_state(self) -> st.StateResource:
-        return st.StateResource(self.rid.kind, self.rid.readable, self.rid.rid, self.rid.mode, self.token)
+    def as_state(self, xgen: int | None = None) -> st.StateResource:
+        return st.StateResource(self.rid.kind, self.rid.readable, self.rid.rid, self.rid.mode, self.token, xgen)
 
 
 class EtcdDriver:
@@ -162,10 +162,12 @@ class EtcdObject:
         return f"{cid:x}" if cid else "unknown"
 
     def _state(self, kind: str, held: Sequence[Held], revision: int, *, to: str | None = None,
-               marker: bytes | None = None) -> str:
+               marker: bytes | None = None, xgens: Mapping[str, int] | None = None) -> str:
+        xg = xgens or {}
         return st.State(
             kind=kind, cluster=self._cluster(), prefix=self.cfg.prefix, host=self.cfg.host_id,
-            uuid=self.spec.uuid, name=self.spec.name, resources=tuple(h.as_state() for h in held),
+            uuid=self.spec.uuid, name=self.spec.name,
+            resources=tuple(h.as_state(xg.get(h.rid.rid)) for h in held),
             revision=revision, to=to, marker=None if marker is None else marker.decode(),
         ).encode()
 
@@ -188,11 +190,13 @@ class EtcdObject:
             rid, host=self.cfg.host_id, lease=self.session.lease_id, uuid=self.spec.uuid,
             name=self.spec.name, pid=self.spec.pid, since=time.time(), grant=grant))
 
-    def _grants(self, rids: Sequence[ks.ResourceId], tokens: Mapping[str, int] | None = None) -> list[txn.Grant]:
+    def _grants(self, rids: Sequence[ks.ResourceId], tokens: Mapping[str, int] | None = None,
+                xgens: Mapping[str, int | None] | None = None) -> list[txn.Grant]:
         grant_id = secrets.token_hex(8)
         keys = self.session.keys
         return [txn.Grant(rid, keys.holder(rid.rid, rid.mode, self.spec.uuid), self._record(rid, grant_id),
-                          expect_mod=None if tokens is None else tokens[rid.rid]) for rid in rids]
+                          expect_mod=None if tokens is None else tokens[rid.rid],
+                          expect_xgen=None if xgens is None else xgens.get(rid.rid)) for rid in rids]
 
     def _commit(self, grants: Sequence[txn.Grant], resp: Any) -> None:
         if isinstance(resp, txn.Committed):
@@ -271,12 +275,19 @@ class EtcdObject:
             self.held = {}
             return
         tokens = None if resume is None else {r.rid: r.token for r in resume.resources}
-        grants = self._grants(rids, tokens)
+        xgens = None
+        if resume is not None:
+            xgens = {r.rid: r.xgen for r in resume.resources}
+            unknown = [r.res for r in resume.resources if r.mode == ks.SHARED and (r.xgen is None or r.xgen < 0)]
+            if unknown:
+                raise StaleStateError(f"cannot resume {self._where()}: the state does not record the last "
+                                      f"exclusive grant of shared {', '.join(unknown)}; acquire without a state")
+        grants = self._grants(rids, tokens, xgens)
         ops = txn.grant_ops(self.session, grants, uuid=self.spec.uuid, resume=resume is not None)
         self._check_size(ops, "acquire", len(grants))
         resp = self._run_grant(grants, ops)
         if not isinstance(resp, txn.Committed) and not resp.succeeded:
-            holders = txn.holders_from_failure(resp.responses, [g.rid.mode for g in grants], self.spec.uuid)
+            holders = txn.holders_from_failure(resp.responses, [g.rid for g in grants], self.spec.uuid)
             if holders:
                 raise ResourceBusyError(holders, what=f"acquire for {self._where()}")
             raise StaleStateError(
@@ -348,10 +359,27 @@ class EtcdObject:
         session = self.session
         session.check()
         held = list(self.held.values())
+        xgens = self._read_xgens(held)
         revision = self._delete_held(held, also_dom=self.registered)
         self.held = {}
         self.registered = False
-        return self._state(st.RESUME, held, revision)
+        return self._state(st.RESUME, held, revision, xgens=xgens)
+
+    def _read_xgens(self, held: Sequence[Held]) -> dict[str, int]:
+        """For each shared resource held: the revision of its last exclusive
+        grant (0: never).  Stable while we hold it shared, since no exclusive
+        grant can happen meanwhile; a resume requires it unchanged."""
+        shared = [h for h in held if h.rid.mode == ks.SHARED]
+        if not shared:
+            return {}
+        keys = self.session.keys
+        gets = [tx.Get(keys.gen_key(h.rid.rid, ks.EXCLUSIVE)) for h in shared]
+        resp = txn.run(self.session, [], gets, [], deadline=self.session.deadline())
+        out: dict[str, int] = {}
+        for h, r in zip(shared, resp.responses, strict=True):
+            kvs = r.response_range.kvs
+            out[h.rid.rid] = int(kvs[0].mod_revision) if kvs else 0
+        return out
 
     def _delete_held(self, held: Sequence[Held], *, also_dom: bool) -> int:
         keys = self.session.keys
@@ -381,7 +409,8 @@ class EtcdObject:
 
     def inquire(self) -> str:
         self.session.check()
-        return self._state(st.RESUME, list(self.held.values()), 0)
+        held = list(self.held.values())
+        return self._state(st.RESUME, held, 0, xgens=self._read_xgens(held))
 
     # -- hotplug ---------------------------------------------------------------------
 

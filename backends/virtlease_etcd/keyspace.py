@@ -21,8 +21,13 @@ remember the last grant of each mode after the holder is gone (released or
 expired), which is how ``acquire(state)`` knows nobody held the resource in
 between (sanlock's lease-version check).
 
-Every value is compact JSON with ``"v": 1``; a value of another format
-version or not JSON is reported, never overwritten.
+Every value is compact JSON with ``"v": 1``.  A holder value of another
+format version, or not JSON, is reported as a busy holder (under the disk it
+blocks) and never overwritten.  ``gen`` records are bookkeeping without an
+owner: only their revision matters, so a grant replaces an unreadable one;
+doing so bumps the revision, which makes every older resume state fail.
+They persist (one small key per resource ever locked) so that a resume can
+tell that someone held the resource even after that holder's lease expired.
 """
 
 from __future__ import annotations

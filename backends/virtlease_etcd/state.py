@@ -7,8 +7,10 @@ A state is one line of self-describing, versioned text::
 The JSON is ASCII-only with ``<``, ``>``, ``&`` and ``'`` escaped, so the
 string can travel inside XML (libvirt's migration cookie) unchanged.  The
 state is a claim to check, not a credential: every field that matters is
-compared against etcd in the acquiring transaction, so a tampered state can
-only fail.
+compared exactly against etcd in the acquiring transaction (a resume
+compares the exclusive resource's last-grant revision with its token, a
+shared one's last exclusive grant with ``xgen``; a claim compares the
+handoff marker byte for byte), so a tampered state can only fail.
 """
 
 from __future__ import annotations
@@ -32,9 +34,16 @@ class StateResource:
     rid: str
     mode: str
     token: int
+    xgen: int | None = None
+    """Shared resources: the revision of the resource's last exclusive grant
+    while we held it (resume requires it unchanged, exactly)."""
 
     def as_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "res": self.res, "rid": self.rid, "mode": self.mode, "token": self.token}
+        body: dict[str, Any] = {"kind": self.kind, "res": self.res, "rid": self.rid, "mode": self.mode,
+                                "token": self.token}
+        if self.xgen is not None:
+            body["xgen"] = self.xgen
+        return body
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,7 @@ def decode(text: str) -> State:
         data = json.loads(body)
         resources = tuple(
             StateResource(kind=str(r["kind"]), res=str(r["res"]), rid=str(r["rid"]), mode=str(r["mode"]),
-                          token=_int(r["token"]))
+                          token=_int(r["token"]), xgen=None if r.get("xgen") is None else _int(r["xgen"]))
             for r in data["res"]
         )
         state = State(

@@ -36,6 +36,8 @@ class Grant:
     value: bytes
     expect_mod: int | None = None
     """For resume: our previous token; for claim: the giver's token."""
+    expect_xgen: int | None = None
+    """For a shared resume: the last exclusive grant's revision we saw."""
 
 
 def check_size(op_counts: Sequence[int], limit: int, what: str, n: int) -> None:
@@ -60,16 +62,23 @@ def grant_ops(session: HostSession, grants: Sequence[Grant], *, uuid: str, resum
     for g in grants:
         rid = g.rid.rid
         if g.rid.mode == ks.EXCLUSIVE:
-            prefix = keys.resource(rid)
-            compare.append(tx.Version(prefix, ks.range_end(prefix)) == 0)
             if resume:
+                # nobody was granted it since our grant at token T: every grant
+                # (and claim) bumps a gen key, so the newest gen revision is still
+                # exactly our T.  This also means no holder now.
                 gp = keys.gen_prefix(rid)
                 compare.append(tx.Mod(gp, ks.range_end(gp)) < int(g.expect_mod or 0) + 1)
+                compare.append(tx.Mod(keys.gen_key(rid, ks.EXCLUSIVE)) == int(g.expect_mod or 0))
+            else:
+                prefix = keys.resource(rid)
+                compare.append(tx.Version(prefix, ks.range_end(prefix)) == 0)
         else:
-            compare.append(tx.Version(keys.exclusive(rid)) == 0)
-            compare.append(tx.Version(g.key) == 0)
             if resume:
-                compare.append(tx.Mod(keys.gen_key(rid, ks.EXCLUSIVE)) < int(g.expect_mod or 0) + 1)
+                # no exclusive grant since we last saw one (hence no exclusive holder now)
+                compare.append(tx.Mod(keys.gen_key(rid, ks.EXCLUSIVE)) == int(g.expect_xgen or 0))
+            else:
+                compare.append(tx.Version(keys.exclusive(rid)) == 0)
+            compare.append(tx.Version(g.key) == 0)
         success.append(tx.Put(g.key, g.value, lease=session.lease_id))
         success.append(tx.Put(keys.gen_key(rid, g.rid.mode), ks.encode(
             {"res": g.rid.readable, "host": session.cfg.host_id, "uuid": uuid})))
@@ -98,9 +107,9 @@ def claim_ops(session: HostSession, grants: Sequence[Grant], *, marker_key: str,
     return compare, success, failure
 
 
-def holders_from_failure(responses: Sequence[Any], modes: Sequence[str], uuid: str) -> list[Holder]:
+def holders_from_failure(responses: Sequence[Any], rids: Sequence[ks.ResourceId], uuid: str) -> list[Holder]:
     """The conflicting holders read by a failed grant: one range read per
-    resource (``modes`` says what we asked for) and the handoffs in flight
+    resource (``rids``: what we asked for, in order) and the handoffs in flight
     last.  Other shared holders do not conflict with a shared request."""
     ranges = [r.response_range for r in responses if r.WhichOneof("response") == "response_range"]
     handoff_to: dict[tuple[str, str], str] = {}
@@ -111,21 +120,29 @@ def holders_from_failure(responses: Sequence[Any], modes: Sequence[str], uuid: s
             continue
         handoff_to[(str(rec.get("uuid")), str(rec.get("from")))] = str(rec.get("to"))
     holders: list[Holder] = []
-    for rng, mode in zip(ranges[:-1], modes, strict=False):
+    for rng, rid in zip(ranges[:-1], rids, strict=False):
+        mode = rid.mode
         for kv in rng.kvs:
-            holder = holder_of(kv, handoff_to)
+            holder = holder_of(kv, handoff_to, resource=rid.readable)
             if mode == ks.SHARED and holder.mode == ks.SHARED and holder.domain_uuid != uuid:
                 continue
             holders.append(holder)
     return holders
 
 
-def holder_of(kv: Any, handoff_to: dict[tuple[str, str], str] | None = None) -> Holder:
+def holder_of(kv: Any, handoff_to: dict[tuple[str, str], str] | None = None, *,
+              resource: str | None = None) -> Holder:
+    """The holder recorded at ``kv``.  A value virtlease cannot read (foreign,
+    corrupt, another format) is still a holder — never overwritten — and is
+    reported under ``resource`` (the disk asked for) with its etcd key."""
     key = kv.key.decode(errors="replace")
     try:
         rec = ks.decode(kv.value, key)
+        if not all(isinstance(rec.get(f), str) for f in ("res", "host", "uuid", "mode")):
+            raise ks.ForeignValue(f"{key}: record without res/host/uuid/mode")
     except ks.ForeignValue as exc:
-        return Holder(resource=key, host="?", domain_name="?", domain_uuid="?", mode=f"unreadable ({exc})",
+        return Holder(resource=resource or key, host="unknown", domain_name="unknown", domain_uuid="unknown",
+                      mode=f"unreadable record at etcd key {key} ({exc}); remove it by hand if stale",
                       token=int(kv.mod_revision), since=0.0)
     uuid, host = str(rec.get("uuid")), str(rec.get("host"))
     return Holder(
