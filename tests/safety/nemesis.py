@@ -772,7 +772,7 @@ def dist(xs: list[float]) -> str:
     if not xs:
         return "n/a"
     xs = sorted(xs)
-    q = statistics.quantiles(xs, n=10) if len(xs) >= 2 else [xs[0]] * 9
+    q = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) >= 2 else [xs[0]] * 9
     return (f"n={len(xs)} min={xs[0]:.2f}s p50={statistics.median(xs):.2f}s p90={q[8]:.2f}s "
             f"max={xs[-1]:.2f}s")
 
