@@ -227,6 +227,7 @@ class EtcdObject:
         if self.gone:
             raise ObjectStateError(f"acquire: {self._where()} was handed to another host")
         rids = self._locked(resources)
+        self.action = action  # before the grant: a fence racing its reply must use it
         if flags & AcquireFlags.REGISTER_ONLY:
             self._register()
         elif state is None:
@@ -242,7 +243,6 @@ class EtcdObject:
                 self._grant(rids, parsed)
             else:
                 self._claim(rids, parsed)
-        self.action = action
 
     def _register(self) -> None:
         key = self.session.keys.dom(self.cfg.host_id, self.spec.uuid)
