@@ -580,14 +580,19 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
     for e in events:
         if e["ev"] != "grant":
             continue
+        # The writer is the VM: its interval ends at the first of the host's own
+        # "end" record, the VM's observed death (recorded after the fact, so never
+        # early) and a kill -9 of the whole host.
+        candidates: list[tuple[float, str]] = []
         end = ends.get(e["iid"])
         if end is not None:
-            t1, why = float(end["t"]), str(end["reason"])
-        elif (e["host"], e["inc"]) in kills and kills[(e["host"], e["inc"])] >= e["t"]:
-            t1, why = kills[(e["host"], e["inc"])], "host killed"
-        else:
-            deaths = [d for d in vm_dead[(e["host"], e["inc"], e["obj"])] if d >= e["t"]]
-            t1, why = (min(deaths), "vm_dead") if deaths else (t_stop, "open at the end")
+            candidates.append((float(end["t"]), str(end["reason"])))
+        if (e["host"], e["inc"]) in kills and kills[(e["host"], e["inc"])] >= e["t"]:
+            candidates.append((kills[(e["host"], e["inc"])], "host killed"))
+        deaths = [d for d in vm_dead[(e["host"], e["inc"], e["obj"])] if d >= e["t"]]
+        if deaths:
+            candidates.append((min(deaths), "vm_dead"))
+        t1, why = min(candidates) if candidates else (t_stop, "open at the end")
         for disk, token in e["disks"].items():
             iv = Interval(e["iid"], e["host"], e["inc"], e["obj"], disk, int(token), float(e["t"]), t1, why,
                           e["via"], int(e.get("lease", 0)))
