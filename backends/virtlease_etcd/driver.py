@@ -550,5 +550,7 @@ class EtcdObject:
         if self.gone or not (self.held or self.registered or self.marker):
             return
         self.fenced_reason = reason
-        run_failure_action(resolve(self.action, self.cfg.default_action), self.spec, reason=reason,
-                           restart=self.cfg.restart_callback)
+        action = resolve(self.action, self.cfg.default_action)
+        killed = action in (FailureAction.POWEROFF, FailureAction.RESTART) and self.spec.pid is not None
+        self.session.hold_revocation(self.spec.pid if killed else None)
+        run_failure_action(action, self.spec, reason=reason, restart=self.cfg.restart_callback)

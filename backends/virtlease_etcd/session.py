@@ -55,6 +55,8 @@ class HostSession:
         self._cond = threading.Condition()
         self._listeners: list[LostListener] = []
         self._threads: list[threading.Thread] = []
+        self._fenced_pids: set[int] = set()
+        self._revoke_ok = True
         self.keepalives_sent = 0
 
     # -- life cycle ----------------------------------------------------------
@@ -248,13 +250,35 @@ class HostSession:
         threading.Thread(target=self._revoke_after_fence, name=f"virtlease-revoke-{self.cfg.host_id}",
                          daemon=True).start()
 
+    def hold_revocation(self, pid: int | None) -> None:
+        """Called while fencing: the lease may be revoked early only once this
+        pid has exited; ``None`` means never revoke early (a paused or ignored
+        VM still runs, and its writes could still land)."""
+        with self._cond:
+            if pid is None:
+                self._revoke_ok = False
+            else:
+                self._fenced_pids.add(pid)
+
     def _revoke_after_fence(self) -> None:
-        """After fencing, the host behaves as if its lease had expired; if etcd
-        is reachable again before the lease really expires (a leader change
-        can extend it), revoke it so its disks — including any grant whose
-        reply never arrived — are free at once instead of after the TTL."""
+        """After fencing, if etcd is reachable again before the lease expires
+        (a leader change can extend it well past the TTL), revoke it so the
+        host's disks — including any grant whose reply never arrived — are
+        free at once.  Never earlier than the lease would have expired by our
+        own clock, and only once every killed VM has exited (a process stuck
+        in storage I/O dies only when that I/O completes)."""
+        with self._cond:
+            not_before = self._valid_until
         until = time.monotonic() + 2 * self.ttl + 5
         while time.monotonic() < until and not self._closed:
+            with self._cond:  # a late grant may still be fenced after this thread started
+                if not self._revoke_ok:
+                    return
+                pids = set(self._fenced_pids)
+            pids = {pid for pid in pids if _alive(pid)}
+            if pids or time.monotonic() < not_before:
+                time.sleep(0.1)
+                continue
             try:
                 self.client.lease_revoke(self.lease_id, timeout=min(self.cfg.request_timeout, 1.0))
                 log.info("host %s: revoked fenced lease %x", self.cfg.host_id, self.lease_id)
@@ -262,6 +286,18 @@ class HostSession:
             except Exception as exc:
                 log.debug("host %s: revoke after fence failed (%s); retrying", self.cfg.host_id, exc)
                 time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a zombie has finished
+    all its I/O)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    except OSError:
+        return True
 
 
 # -- one session per (cluster, prefix, host) in a process ---------------------

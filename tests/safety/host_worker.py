@@ -202,7 +202,10 @@ class Host:
 
     def close_interval(self, h: Holding, reason: str, t: float | None = None) -> None:
         if h.iid is not None:
-            self.ev("end", iid=h.iid, obj=h.uuid, reason=reason, t=t or mono())
+            t = t or mono()
+            if h.dead.is_set() and h.dead_at < t:
+                t, reason = h.dead_at, f"vm_dead (then {reason})"
+            self.ev("end", iid=h.iid, obj=h.uuid, reason=reason, t=t)
             h.iid = None
 
     def spawn_vm(self) -> subprocess.Popen[bytes]:

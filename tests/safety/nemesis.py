@@ -461,6 +461,12 @@ class Run:
             mon.join(timeout=5)
             leftover = self.final_keys()
             t_end = mono()
+            with open(self.dir / "storage.jsonl", "w") as fh:
+                for w in self.storage.log:
+                    fh.write(json.dumps(w.__dict__) + "\n")
+            with open(self.dir / "snapshots.jsonl", "w") as fh:
+                for t_snap, snap in self.snapshots:
+                    fh.write(json.dumps({"t": t_snap, "keys": snap}) + "\n")
             with open(self.dir / "faults.json", "w") as fh:
                 json.dump([{**f.__dict__, "t0": f.t0 - self.t_start, "t1": f.t1 - self.t_start}
                            for f in self.faults], fh, indent=1)
@@ -593,6 +599,9 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
         if deaths:
             candidates.append((min(deaths), "vm_dead"))
         t1, why = min(candidates) if candidates else (t_stop, "open at the end")
+        deaths = [d for d in vm_dead[(e["host"], e["inc"], e["obj"])] if d >= e["t"]]
+        if deaths and min(deaths) < t1:
+            t1, why = min(deaths), f"vm_dead ({why} recorded later)"  # a dead VM writes nothing
         for disk, token in e["disks"].items():
             iv = Interval(e["iid"], e["host"], e["inc"], e["obj"], disk, int(token), float(e["t"]), t1, why,
                           e["via"], int(e.get("lease", 0)))

@@ -58,7 +58,7 @@ class StorageServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rwb") as fh, contextlib.suppress(OSError):
+        with contextlib.suppress(OSError), conn, conn.makefile("rwb") as fh:  # a host killed mid-request
             for line in fh:
                 req = json.loads(line)
                 ok, why = self.write(req)
