@@ -88,16 +88,25 @@ def serve() -> None:  # runs in the child
             reply(ok=False, error=type(exc).__name__, message=str(exc))
 
 
+def process_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc (R, S, T for stopped, Z, ...)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
 class HostProcess:
     """Parent side of ``serve``."""
 
-    def __init__(self, endpoints: str, prefix: str, host_id: str, ttl: int = 3, **config: Any) -> None:
+    def __init__(self, endpoints: str, prefix: str, host_id: str, ttl: int = 3, *,
+                 wrapper: list[str] | None = None, **config: Any) -> None:
+        """``wrapper`` prefixes the child's command line (e.g. ``setpriv`` to
+        run the host without some capability)."""
         cfg = {"endpoints": endpoints, "prefix": prefix, "host_id": host_id, "ttl": ttl, **config}
         self.host_id = host_id
         env = dict(os.environ)
         env["PYTHONPATH"] = os.path.dirname(os.path.abspath(__file__)) + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import hostproc; hostproc.serve()", "serve", json.dumps(cfg)],
+            [*(wrapper or []), sys.executable, "-c", "import hostproc; hostproc.serve()", "serve", json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
         hello = self._read()

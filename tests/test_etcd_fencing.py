@@ -11,15 +11,10 @@ import pytest
 
 import virtlease as v
 from conftest import EtcdServer, new_uuid
-from hostproc import HostProcess
+from hostproc import HostProcess, process_state
 from tcpproxy import TcpProxy
 
 D = v.ResourceType.DISK
-
-
-def process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().rsplit(")", 1)[1].split()[0]
 
 
 def wait_until_granted(plugin: v.Plugin, disk: str, started: float, limit: float) -> float:
