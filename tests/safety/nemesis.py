@@ -231,7 +231,12 @@ class Run:
         self.index = index
         self.rng = random.Random(s.seed * 1000 + index)
         self.dir = workdir / f"run{index}"
-        (self.dir / "events").mkdir(parents=True, exist_ok=True)
+        if self.dir.exists():
+            # a reused --workdir: an earlier run's events or etcd data would
+            # be read as this run's history (or stop etcd from starting)
+            print(f"removing the earlier history in {self.dir}", file=sys.stderr, flush=True)
+            shutil.rmtree(self.dir)
+        (self.dir / "events").mkdir(parents=True)
         self.prefix = f"/nemesis/r{index}"
         self.storage_path = self.dir / "storage.sock"
         self.disks = [str(self.dir / "disks" / f"disk{i}.qcow2") for i in range(s.disks)]
