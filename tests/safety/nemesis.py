@@ -716,6 +716,10 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
                         f"{host}.{inc} lost its session at {t_lost - run.t_start:.3f} but the VM holding "
                         f"{Path(disk).name} died at {died - run.t_start:.3f}, after {first.host}.{first.inc} "
                         f"was granted it at {first.start - run.t_start:.3f}")
+                elif releasing:
+                    # the VM had already stopped and called release() before the
+                    # fence: the foreign grant followed that release, not the fence
+                    res.ops["release in flight at the fence (not a fence lead)"] += 1
                 else:
                     res.fence_lead.append(first.start - died)
 
