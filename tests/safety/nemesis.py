@@ -51,6 +51,7 @@ import etcd3  # noqa: E402
 from storage_model import StorageServer, Write  # noqa: E402
 
 from tcpproxy import TcpProxy  # noqa: E402
+from virtlease_etcd.config import EtcdConfig  # noqa: E402
 from virtlease_etcd.embedded import EmbeddedEtcd, Member  # noqa: E402
 
 mono = time.monotonic
@@ -532,6 +533,8 @@ class RunResult:
     errors: list[str] = field(default_factory=list)
     failover: list[float] = field(default_factory=list)
     fence_lead: list[float] = field(default_factory=list)
+    release_lead: list[float] = field(default_factory=list)
+    """Fence leads of VMs that had already called release() at the fence."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -684,6 +687,7 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
     for e in events:
         if e["ev"] == "grant":
             grants_of[(e["host"], e["inc"])].append(e)
+    margin = EtcdConfig(ttl=ttl).margin  # the hosts run with the default fence margin
     for e in events:
         if e["ev"] != "lost":
             continue
@@ -707,9 +711,11 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
                 if not later:
                     continue
                 first = min(later, key=lambda o: o.start)
-                if died >= first.start and releasing:
-                    # the VM had stopped writing and called release(); the release
-                    # committed but its reply was lost (cut/slow link): not a holder any more
+                if died >= first.start and releasing and first.start < t_lost + margin:
+                    # the VM had stopped writing and called release(); the grant came
+                    # before the lease could have expired in etcd (valid_until is
+                    # fence + margin), so the release committed and its reply was
+                    # lost (cut/slow link): not a holder any more
                     res.ops["release committed, reply lost (disk re-granted before the fence)"] += 1
                 elif died >= first.start:
                     res.violations.append(
@@ -718,8 +724,9 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
                         f"was granted it at {first.start - run.t_start:.3f}")
                 elif releasing:
                     # the VM had already stopped and called release() before the
-                    # fence: the foreign grant followed that release, not the fence
-                    res.ops["release in flight at the fence (not a fence lead)"] += 1
+                    # fence: the foreign grant may have followed that release, not
+                    # the fence, so its lead is reported apart
+                    res.release_lead.append(first.start - died)
                 else:
                     res.fence_lead.append(first.start - died)
 
@@ -824,11 +831,13 @@ class Summary:
         faults: Counter[str] = Counter()
         failover: list[float] = []
         lead: list[float] = []
+        release_lead: list[float] = []
         for r in self.results:
             ops.update(r.ops)
             faults.update(r.faults)
             failover += r.failover
             lead += r.fence_lead
+            release_lead += r.release_lead
         lines = [
             "# virtlease nemesis summary",
             "",
@@ -840,6 +849,7 @@ class Summary:
             f"- errors outside the API contract: {len(self.errors)}",
             f"- failover (host kill -9 -> another host's grant): {dist(failover)}",
             f"- fence lead (lost session's VM killed -> first foreign grant; must be > 0): {dist(lead)}",
+            f"- fence lead of VMs whose release() was already in flight at the fence: {dist(release_lead)}",
             "",
             "## Faults injected",
             "",
