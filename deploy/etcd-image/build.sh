@@ -86,4 +86,7 @@ if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
     docker rmi "$old_id" >/dev/null 2>&1 || true
 fi
 echo "build.sh: built $IMAGE"
-docker run --rm "$IMAGE" /usr/local/bin/etcd --version | head -n 1
+# read the whole output before cutting it: `| head -n 1` can close the pipe while docker
+# still writes, and with pipefail that broken pipe fails the build
+check="$(docker run --rm "$IMAGE" /usr/local/bin/etcd --version)" || die "the image does not run etcd"
+printf '%s\n' "${check%%$'\n'*}"

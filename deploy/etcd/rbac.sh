@@ -83,7 +83,9 @@ add_role() {
 
 # grant_role USER ROLE
 grant_role() {
-    if ctl user get "$1" | grep -qE "^Roles:.*\b$2\b"; then
+    local info
+    info="$(ctl user get "$1")"  # not piped into grep -q: an early exit breaks the pipe (pipefail)
+    if grep -qE "^Roles:.*\b$2\b" <<<"$info"; then
         log "user $1 already has role $2"
     else
         ctl user grant-role "$1" "$2" >/dev/null
