@@ -143,9 +143,10 @@ class Host:
         }
 
     def _on_lost(self, reason: str) -> None:
-        plugin = self.plugin
-        lost_at = plugin.driver.session.lost_at if plugin is not None else None
-        self.ev("lost", reason=reason, lease=self.lease, t=lost_at or mono())
+        session = self.plugin.driver.session if self.plugin is not None else None
+        # the fence margin lets the checker tell when the lease could first have expired
+        self.ev("lost", reason=reason, lease=self.lease, t=(session and session.lost_at) or mono(),
+                margin=session.cfg.margin if session is not None else None)
         self.lost_flag.set()
 
     def connect(self) -> None:

@@ -51,7 +51,6 @@ import etcd3  # noqa: E402
 from storage_model import StorageServer, Write  # noqa: E402
 
 from tcpproxy import TcpProxy  # noqa: E402
-from virtlease_etcd.config import EtcdConfig  # noqa: E402
 from virtlease_etcd.embedded import EmbeddedEtcd, Member  # noqa: E402
 
 mono = time.monotonic
@@ -687,7 +686,6 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
     for e in events:
         if e["ev"] == "grant":
             grants_of[(e["host"], e["inc"])].append(e)
-    margin = EtcdConfig(ttl=ttl).margin  # the hosts run with the default fence margin
     for e in events:
         if e["ev"] != "lost":
             continue
@@ -711,24 +709,22 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
                 if not later:
                     continue
                 first = min(later, key=lambda o: o.start)
-                if died >= first.start and releasing and first.start < t_lost + margin:
+                if died < first.start:
+                    # the fence lead; a VM that had already stopped and called
+                    # release() before the fence has its lead reported apart, since
+                    # the foreign grant may have followed that release, not the fence
+                    (res.release_lead if releasing else res.fence_lead).append(first.start - died)
+                elif releasing and first.start < t_lost + float(e["margin"]):
                     # the VM had stopped writing and called release(); the grant came
                     # before the lease could have expired in etcd (valid_until is
                     # fence + margin), so the release committed and its reply was
                     # lost (cut/slow link): not a holder any more
                     res.ops["release committed, reply lost (disk re-granted before the fence)"] += 1
-                elif died >= first.start:
+                else:
                     res.violations.append(
                         f"{host}.{inc} lost its session at {t_lost - run.t_start:.3f} but the VM holding "
                         f"{Path(disk).name} died at {died - run.t_start:.3f}, after {first.host}.{first.inc} "
                         f"was granted it at {first.start - run.t_start:.3f}")
-                elif releasing:
-                    # the VM had already stopped and called release() before the
-                    # fence: the foreign grant may have followed that release, not
-                    # the fence, so its lead is reported apart
-                    res.release_lead.append(first.start - died)
-                else:
-                    res.fence_lead.append(first.start - died)
 
     # -- failover after kill -9 -----------------------------------------------------------
     for (host, inc), t_kill in kills.items():
