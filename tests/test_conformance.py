@@ -159,3 +159,18 @@ def test_free_releases_so_another_object_can_acquire(driver_factory: Callable[[s
     first.free()
     second = vm(plugin, ["/conf/f.img"])
     second.acquire()
+
+
+def test_held_lists_tokens_of_locked_resources(driver_factory: Callable[[str], v.Plugin]) -> None:
+    plugin = driver_factory("h1")
+    obj = vm(plugin, ["/conf/t1.img"])
+    obj.add_resource(D, "/conf/t2.img", flags=v.ResourceFlags.READONLY)
+    obj.acquire()
+    held = obj.held()
+    if plugin.name == "nop":
+        assert held == []
+    else:
+        assert [(h.name, h.mode) for h in held] == [("/conf/t1.img", "exclusive")]
+        assert held[0].token > 0
+    obj.release()
+    assert obj.held() == []

@@ -24,6 +24,7 @@ from virtlease.abi import (
     AcquireFlags,
     Capability,
     FailureAction,
+    HeldResource,
     ObjectSpec,
     ResourceSpec,
     format_version,
@@ -136,7 +137,7 @@ class EtcdObject:
     def __init__(self, driver: EtcdDriver, spec: ObjectSpec) -> None:
         self.driver = driver
         self.spec = spec
-        self.held: dict[str, Held] = {}
+        self.holds: dict[str, Held] = {}
         self.action = FailureAction.DEFAULT
         self.registered = False
         self.marker: tuple[str, bytes] | None = None
@@ -203,7 +204,7 @@ class EtcdObject:
             tokens = {g.key: resp.revisions[g.key] for g in grants}
         else:
             tokens = {g.key: int(resp.header.revision) for g in grants}
-        self.held = {g.rid.rid: Held(g.rid, g.key, tokens[g.key], g.value) for g in grants}
+        self.holds = {g.rid.rid: Held(g.rid, g.key, tokens[g.key], g.value) for g in grants}
         session = self.session
         if session.lost is not None or time.monotonic() >= session.fence_at:
             # The reply came in while the session was being fenced: the fence
@@ -272,7 +273,7 @@ class EtcdObject:
 
     def _grant(self, rids: Sequence[ks.ResourceId], resume: st.State | None) -> None:
         if not rids:
-            self.held = {}
+            self.holds = {}
             return
         tokens = None if resume is None else {r.rid: r.token for r in resume.resources}
         xgens = None
@@ -358,10 +359,10 @@ class EtcdObject:
     def release(self) -> str:
         session = self.session
         session.check()
-        held = list(self.held.values())
+        held = list(self.holds.values())
         xgens = self._read_xgens(held)
         revision = self._delete_held(held, also_dom=self.registered)
-        self.held = {}
+        self.holds = {}
         self.registered = False
         return self._state(st.RESUME, held, revision, xgens=xgens)
 
@@ -407,9 +408,19 @@ class EtcdObject:
             f"release of {self._where()}: {', '.join(h.rid.readable for h in lost)} no longer held by this "
             "host (its record was replaced or expired); only this object's own records were removed")
 
+    def held(self, resources: list[ResourceSpec]) -> list[HeldResource]:
+        out: list[HeldResource] = []
+        for res in resources:
+            if res.readonly:
+                continue
+            h = self.holds.get(ks.ResourceId.of(res).rid)
+            if h is not None:
+                out.append(HeldResource(res.type, res.name, h.rid.readable, h.rid.mode, h.token))
+        return out
+
     def inquire(self) -> str:
         self.session.check()
-        held = list(self.held.values())
+        held = list(self.holds.values())
         return self._state(st.RESUME, held, 0, xgens=self._read_xgens(held))
 
     # -- hotplug ---------------------------------------------------------------------
@@ -420,28 +431,28 @@ class EtcdObject:
         if not rids:
             return
         for rid in rids:
-            if rid.rid in self.held:
+            if rid.rid in self.holds:
                 raise ValidationError("resource", f"{rid.readable} is already held by {self._where()}")
-        previous = dict(self.held)
+        previous = dict(self.holds)
         self._grant(rids, None)
-        self.held = previous | self.held
+        self.holds = previous | self.holds
 
     def release_resource(self, resource: ResourceSpec) -> None:
         self.session.check()
         rids = self._locked([resource])
         for rid in rids:
-            held = self.held.get(rid.rid)
+            held = self.holds.get(rid.rid)
             if held is None:
                 continue
             self._delete_held([held], also_dom=False)
-            del self.held[rid.rid]
+            del self.holds[rid.rid]
 
     # -- migration -------------------------------------------------------------------
 
     def prepare_migrate(self, dest_host: str) -> str:
         session = self.session
         session.check()
-        if not self.held:
+        if not self.holds:
             raise ObjectStateError(f"prepare_migrate: {self._where()} holds no locked resource")
         if dest_host == self.cfg.host_id:
             raise ValidationError("dest_host", f"{dest_host!r} is this host")
@@ -449,7 +460,7 @@ class EtcdObject:
 
     def _mark(self, dest_host: str) -> str:
         keys = self.session.keys
-        held = list(self.held.values())
+        held = list(self.holds.values())
         marker_key = keys.handoff(self.spec.uuid, self.cfg.host_id)
         marker = ks.encode({
             "from": self.cfg.host_id, "to": dest_host, "uuid": self.spec.uuid, "name": self.spec.name,
@@ -483,7 +494,7 @@ class EtcdObject:
         if self.marker is None:
             raise ObjectStateError(f"complete_migrate_out: no handoff of {self._where()} in flight")
         session = self.session
-        held = list(self.held.values())
+        held = list(self.holds.values())
         marker_key, marker = self.marker
         if not cancel:
             # one read-only transaction: do all our records still carry our tokens?
@@ -495,7 +506,7 @@ class EtcdObject:
                     "wait for its acquire, or cancel")
             self._delete_marker(self.marker)
             self.marker = None
-            self.held = {}
+            self.holds = {}
             self.gone = True
             return
         session.check()
@@ -535,19 +546,19 @@ class EtcdObject:
                 if self.marker is not None:
                     self._delete_marker(self.marker)
                     self.marker = None
-                if self.held or self.registered:
+                if self.holds or self.registered:
                     try:
-                        self._delete_held(list(self.held.values()), also_dom=self.registered)
+                        self._delete_held(list(self.holds.values()), also_dom=self.registered)
                     except StaleStateError as exc:
                         log.warning("free: %s", exc)
         finally:
-            self.held = {}
+            self.holds = {}
             self.registered = False
             self.driver._forget(self)
 
     def fence(self, reason: str) -> None:
         """Run the failure action if this object holds anything."""
-        if self.gone or not (self.held or self.registered or self.marker):
+        if self.gone or not (self.holds or self.registered or self.marker):
             return
         self.fenced_reason = reason
         action = resolve(self.action, self.cfg.default_action)

@@ -12,6 +12,7 @@ from virtlease.abi import (
     AcquireFlags,
     Capability,
     FailureAction,
+    HeldResource,
     ObjectSpec,
     ResourceSpec,
 )
@@ -32,6 +33,9 @@ class NopObject:
 
     def inquire(self) -> str:
         return ""
+
+    def held(self, resources: list[ResourceSpec]) -> list[HeldResource]:
+        return []
 
     def free(self) -> None:
         return None

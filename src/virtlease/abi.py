@@ -155,6 +155,25 @@ class ResourceSpec:
         return bool(self.flags & ResourceFlags.READONLY)
 
 
+@dataclass(frozen=True)
+class HeldResource:
+    """One resource the object's owner holds, as the driver last knew it.
+
+    The typed view of what an opaque state string describes: callers read
+    fencing tokens here instead of decoding states (which stay opaque).
+    """
+
+    type: ResourceType
+    name: str
+    """The resource's name as this object added it (a disk's path)."""
+    identity: str
+    """The cluster-wide identity the driver locked (readable form)."""
+    mode: str
+    """``exclusive`` or ``shared``."""
+    token: int
+    """Fencing token of the grant: only grows for a resource."""
+
+
 @runtime_checkable
 class DriverObject(Protocol):
     """One lock object (one VM) inside a driver.
@@ -175,6 +194,10 @@ class DriverObject(Protocol):
 
     def inquire(self) -> str:
         """Return the state describing what is held, without releasing."""
+
+    def held(self, resources: list[ResourceSpec]) -> list[HeldResource]:
+        """What the owner holds among ``resources``, with fencing tokens, as
+        last known (no backend round trip)."""
 
     def free(self) -> None:
         """Forget the object.  Called once, last; must not raise for a

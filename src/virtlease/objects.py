@@ -24,6 +24,7 @@ from .abi import (
     AcquireFlags,
     Capability,
     FailureAction,
+    HeldResource,
     NewFlags,
     ObjectSpec,
     ResourceFlags,
@@ -192,6 +193,14 @@ class LockObject:
             self._require(Phase.HELD, Phase.REGISTERED, Phase.MIGRATING, call="inquire")
             state: str = self._drv.inquire()
             return state
+
+    def held(self) -> list[HeldResource]:
+        """The resources held now, each with its fencing token (typed; the
+        state strings stay opaque).  Empty for a driver that locks nothing."""
+        with self._mutex:
+            if self._phase is Phase.FREED:
+                raise ObjectStateError(f"held: {self._where()} was freed; create a new object")
+            return list(self._drv.held(list(self._resources)))
 
     def acquire_resource(
         self,
