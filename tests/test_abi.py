@@ -23,7 +23,7 @@ def test_resources_and_migrate_differ_unlike_the_2010_rfc() -> None:
 
 
 def test_abi_version_encoding() -> None:
-    assert v.ABI_VERSION == 1_000_000
+    assert v.ABI_VERSION == 2_000_000
     assert v.encode_version(1, 2, 3) == 1_002_003
     assert v.format_version(1_002_003) == "1.2.3"
     assert version_major(v.encode_version(2, 999, 999)) == 2

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, new_uuid
+from conftest import EtcdServer, new_uuid, shut
 
 D = v.ResourceType.DISK
 L = v.ResourceType.LEASE
@@ -34,9 +34,7 @@ def driver_factory(request: pytest.FixtureRequest, prefix: str) -> Iterator[Call
 
     yield make
     for plugin in plugins:
-        for obj in plugin.objects:
-            obj.free()
-        plugin.unload()
+        shut(plugin)
 
 
 def vm(plugin: v.Plugin, disks: list[str], **kw: object) -> v.LockObject:
@@ -152,25 +150,63 @@ def test_unload_refused_with_live_objects_then_allowed(driver_factory: Callable[
         plugin.new_object(uuid=new_uuid(), name="late")
 
 
-def test_free_releases_so_another_object_can_acquire(driver_factory: Callable[[str], v.Plugin]) -> None:
+def test_free_keeps_the_domains_hold_and_a_fresh_object_releases_it(
+        driver_factory: Callable[[str], v.Plugin]) -> None:
+    """Holds belong to the domain on the host, not to the object (ABI 2.0)."""
     plugin = driver_factory("h1")
-    first = vm(plugin, ["/conf/f.img"])
+    uuid = new_uuid()
+    first = vm(plugin, ["/conf/f.img"], uuid=uuid)
     first.acquire()
     first.free()
-    second = vm(plugin, ["/conf/f.img"])
-    second.acquire()
+    if plugin.name != "nop":
+        with pytest.raises(v.ResourceBusyError):
+            vm(plugin, ["/conf/f.img"]).acquire()
+    vm(plugin, ["/conf/f.img"], uuid=uuid).release()
+    vm(plugin, ["/conf/f.img"]).acquire()
 
 
-def test_held_lists_tokens_of_locked_resources(driver_factory: Callable[[str], v.Plugin]) -> None:
-    plugin = driver_factory("h1")
-    obj = vm(plugin, ["/conf/t1.img"])
-    obj.add_resource(D, "/conf/t2.img", flags=v.ResourceFlags.READONLY)
-    obj.acquire()
-    held = obj.held()
-    if plugin.name == "nop":
-        assert held == []
-    else:
-        assert [(h.name, h.mode) for h in held] == [("/conf/t1.img", "exclusive")]
-        assert held[0].token > 0
-    obj.release()
-    assert obj.held() == []
+def test_libvirt_call_pattern_a_fresh_object_per_operation(driver_factory: Callable[[str], v.Plugin]) -> None:
+    """The sequence of libvirt's QEMU driver (src/locking/domain_lock.c): every
+    operation makes a new object, adds the disks again, calls, frees.  Start in
+    the child before exec (REGISTER_ONLY|RESTRICT), resume (acquire), pause
+    (release), resume (acquire(state)), inquire for the migration cookie,
+    hotplug and unplug of one disk, then migration through the cookie: the
+    source pauses (releases), the destination resumes with the inquired state."""
+    src, dst = driver_factory("src"), driver_factory("dst")
+    uuid = new_uuid()
+    disks = ["/conf/lv/root.img", "/conf/lv/data.img"]
+
+    def op(plugin: v.Plugin, fn: Callable[[v.LockObject], object], ds: list[str] = disks) -> object:
+        obj = vm(plugin, ds, uuid=uuid, name="web1", pid=None)
+        try:
+            return fn(obj)
+        finally:
+            obj.free()
+
+    def holders() -> list[tuple[str, int]]:
+        if src.name == "nop":
+            return []
+        found = []
+        for plugin in (src, dst):
+            found += [(plugin.driver.host_id, h.token) for h in op(plugin, lambda o: o.held())]  # type: ignore[union-attr]
+        return found
+
+    locking = src.name != "nop"
+    op(src, lambda o: o.acquire(flags=v.AcquireFlags.REGISTER_ONLY | v.AcquireFlags.RESTRICT))
+    op(src, lambda o: o.acquire())                          # start: CPUs run
+    assert [h for h, _ in holders()] == (["src", "src"] if locking else [])
+    state = op(src, lambda o: o.release())                  # pause
+    assert holders() == []
+    op(src, lambda o: o.acquire(state))                     # resume with the pause state
+    cookie = op(src, lambda o: o.inquire())                 # migration Begin: state for the cookie
+    assert isinstance(cookie, str)
+    op(src, lambda o: o.acquire(), ["/conf/lv/hot.img"])    # hotplug one disk
+    op(src, lambda o: o.release(), ["/conf/lv/hot.img"])    # unplug it
+    if locking:  # the destination resuming while the source still runs is refused
+        with pytest.raises(v.ResourceBusyError):
+            op(dst, lambda o: o.acquire(cookie))
+    op(dst, lambda o: o.acquire(flags=v.AcquireFlags.REGISTER_ONLY | v.AcquireFlags.RESTRICT))
+    op(src, lambda o: o.release())                          # the source pauses for the switch-over
+    op(dst, lambda o: o.acquire(cookie))                    # the destination resumes
+    assert [h for h, _ in holders()] == (["dst", "dst"] if locking else [])
+    op(dst, lambda o: o.release())

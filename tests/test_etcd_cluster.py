@@ -14,7 +14,7 @@ import pytest
 from etcd3 import etcdrpc
 
 import virtlease as v
-from conftest import new_uuid
+from conftest import new_uuid, shut
 from hostproc import HostProcess, process_state
 from virtlease_etcd.embedded import EmbeddedEtcd
 
@@ -38,7 +38,7 @@ def test_first_endpoint_down_from_the_start(cluster: EmbeddedEtcd, prefix: str) 
         obj.release()
         obj.free()
     finally:
-        plugin.unload()
+        shut(plugin)
 
 
 def test_member_killed_while_holding(cluster: EmbeddedEtcd, prefix: str) -> None:
@@ -61,7 +61,7 @@ def test_member_killed_while_holding(cluster: EmbeddedEtcd, prefix: str) -> None
         assert plugin.driver.session.client.raw.endpoint_in_use.netloc != in_use
         obj.free()
     finally:
-        plugin.unload()
+        shut(plugin)
 
 
 # -- revoking a fenced lease ---------------------------------------------------

@@ -14,7 +14,7 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid
+from conftest import EtcdServer, dump, new_uuid, shut
 from hostproc import HostProcess
 from tcpproxy import TcpProxy
 
@@ -146,6 +146,7 @@ def test_tokens_are_grant_revisions_and_strictly_increase(make_driver: MakeDrive
         holder_keys = {k: meta for k, meta in dump(kv, prefix).items() if "/res/" in k}
         assert sorted(rev for _, rev, _ in holder_keys.values()) == [t["/srv/tok.img"]] * 2
         seen.append(t["/srv/tok.img"])
+        obj.release()
         obj.free()
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
 
@@ -292,7 +293,7 @@ def test_lost_reply_is_resolved_by_reading_back(etcd: EtcdServer, prefix: str, k
             obj.release()
             obj.free()
         finally:
-            plugin.unload()
+            shut(plugin)
 
 
 def test_host_id_must_be_unique_across_processes(etcd: EtcdServer, prefix: str) -> None:
@@ -365,8 +366,7 @@ def test_unresolved_grant_is_withdrawn_not_left_behind(etcd: EtcdServer, prefix:
             assert plugin.driver.session.lost is None
             obj.acquire()  # and the object can still acquire for real
         finally:
-            obj.free()
-            plugin.unload()
+            shut(plugin)
 
 
 def test_shared_resume_survives_other_shared_holders_but_not_an_exclusive_one(make_driver: MakeDriver) -> None:
@@ -378,6 +378,7 @@ def test_shared_resume_survives_other_shared_holders_but_not_an_exclusive_one(ma
     mine.acquire(state)  # another shared holder in between is fine
     state = mine.release()
     for obj in b.objects:
+        obj.release()
         obj.free()
     writer = vm(b, ["/srv/gfs.img"], name="writer")
     writer.acquire()

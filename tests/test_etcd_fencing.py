@@ -10,7 +10,7 @@ import time
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, new_uuid
+from conftest import EtcdServer, new_uuid, shut
 from hostproc import HostProcess, process_state
 from tcpproxy import TcpProxy
 
@@ -55,7 +55,7 @@ def test_cut_off_holder_kills_its_vm_before_anyone_else_is_granted(
                 for obj in other.objects:
                     obj.free()
             finally:
-                other.unload()
+                shut(other)
             assert died_at, "the holder never killed its VM"
             assert died_at[0] < granted_at, "another host was granted the disk while the VM still ran"
             assert guest.returncode == -9
@@ -107,7 +107,7 @@ def test_lease_lost_callback_and_later_calls_refused(etcd: EtcdServer, prefix: s
             plugin.new_object(uuid=new_uuid(), name="late")
         proxy.heal()
         obj.free()
-        plugin.unload()
+        shut(plugin)
 
 
 def test_keepalive_survives_a_short_outage(etcd: EtcdServer, prefix: str) -> None:
@@ -126,4 +126,4 @@ def test_keepalive_survives_a_short_outage(etcd: EtcdServer, prefix: str) -> Non
             obj.release()
             obj.free()
         finally:
-            plugin.unload()
+            shut(plugin)

@@ -17,8 +17,8 @@ from virtlease.abi import ABI_VERSION, Capability
 class Obj:
     def __init__(self, spec): self.spec = spec
     def acquire(self, resources, state, flags, action): pass
-    def release(self): return "released"
-    def inquire(self): return "state"
+    def release(self, resources): return "released"
+    def inquire(self, resources): return "state"
     def free(self): pass
 
 class Driver:
@@ -117,8 +117,8 @@ def test_invalid_lock_driver(tmp_path: Path, body: str, message: str) -> None:
 
 
 def test_major_version_mismatch_is_refused(tmp_path: Path) -> None:
-    write_plugin(tmp_path, "future", version="2_000_000")
-    with pytest.raises(v.PluginVersionError, match=r"requested ABI 1\.0\.0, driver offers 2\.0\.0"):
+    write_plugin(tmp_path, "future", version="3_000_000")
+    with pytest.raises(v.PluginVersionError, match=r"requested ABI 2\.0\.0, driver offers 3\.0\.0"):
         load(tmp_path, "future")
 
 
@@ -131,8 +131,8 @@ def test_missing_capability_is_refused_at_load_time(tmp_path: Path) -> None:
 
 def test_newer_minor_than_offered_is_refused_by_default(tmp_path: Path) -> None:
     write_plugin(tmp_path, "older")
-    with pytest.raises(v.PluginVersionError, match=r"1\.1\.0"):
-        load(tmp_path, "older", version=v.encode_version(1, 1, 0))
+    with pytest.raises(v.PluginVersionError, match=r"2\.1\.0"):
+        load(tmp_path, "older", version=v.encode_version(2, 1, 0))
 
 
 def test_driver_load_hook_may_refuse(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid
+from conftest import EtcdServer, dump, new_uuid, shut
 from hostproc import HostProcess
 
 D = v.ResourceType.DISK
@@ -48,7 +48,7 @@ def third(etcd_process: EtcdServer, prefix: str) -> Iterator[v.Plugin]:
     yield plugin
     for obj in plugin.objects:
         obj.free()
-    plugin.unload()
+    shut(plugin)
 
 
 def holders(kv: etcd3.Etcd3Client, prefix: str) -> dict[str, dict[str, object]]:
@@ -200,7 +200,7 @@ def test_two_concurrent_claims_exactly_one_wins(etcd_process: EtcdServer, prefix
         for obj in objs:
             obj.free()
     finally:
-        plugin.unload()
+        shut(plugin)
 
 
 def test_source_killed_before_claim_fails_safely_then_disks_are_free(
@@ -290,15 +290,24 @@ def test_cancel_after_claim_hands_back_to_the_source(hosts: Callable[..., HostPr
     assert not [k for k in dump(kv, prefix) if "/handoff/" in k and "host-a" in k]
 
 
-def test_handoff_of_64_disks_is_one_transaction(hosts: Callable[..., HostProcess]) -> None:
+def test_handoff_of_63_disks_is_one_transaction_64_refused_at_prepare(
+        hosts: Callable[..., HostProcess]) -> None:
+    """A claim takes 2 operations per disk plus the marker's delete: 63 disks fit
+    etcd's default --max-txn-ops of 128.  A 64-disk domain is refused at
+    prepare_migrate, before anything is marked, naming the limit."""
     src, dst = hosts("host-a"), hosts("host-b")
     uuid = new_uuid()
-    disks = [f"/srv/big/{i}.img" for i in range(64)]
+    disks = [f"/srv/big/{i}.img" for i in range(63)]
     start_vm(src, uuid, disks)
     state = src.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
     dst.ok("new", obj="web1", uuid=uuid, name="web1", disks=disks, migrate=True)
     after = tokens(dst.ok("acquire", obj="web1", state=state)["state"])
-    assert len(after) == 64 and len(set(after.values())) == 1
+    assert len(after) == 63 and len(set(after.values())) == 1
+    big = [f"/srv/bigger/{i}.img" for i in range(64)]
+    src.ok("new", obj="web2", uuid=new_uuid(), name="web2", disks=big)
+    src.ok("acquire", obj="web2")
+    reply = src.call("prepare_migrate", obj="web2", dest="host-b")
+    assert reply["error"] == "TransactionTooLargeError" and "max-txn-ops" in reply["message"]
 
 
 def test_prepare_refuses_an_object_holding_nothing(hosts: Callable[..., HostProcess]) -> None:

@@ -135,9 +135,13 @@ def test_acquire_twice(plugin: v.Plugin) -> None:
         obj.acquire()
 
 
-def test_release_before_acquire(plugin: v.Plugin) -> None:
+def test_release_of_a_restricted_object(plugin: v.Plugin) -> None:
+    """A fresh object may release what its domain holds (libvirt's pause); a
+    restricted one may not."""
     obj = plugin.new_object(uuid=U, name="vm")
-    with pytest.raises(v.ObjectStateError, match="release"):
+    assert isinstance(obj.release(), str)
+    obj.acquire(flags=v.AcquireFlags.RESTRICT)
+    with pytest.raises(v.ObjectStateError, match="restricted"):
         obj.release()
 
 

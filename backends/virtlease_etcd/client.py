@@ -10,8 +10,9 @@ fencing token) is not lost.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import etcd3
@@ -48,6 +49,40 @@ class PermissionDenied(ConfigError):
     """etcd auth refused the request (user, role or RBAC prefix)."""
 
 
+_CHANNEL_OPTIONS = [
+    # gRPC's default reconnect backoff grows to 120 s: a member back after an outage
+    # would stay unused for minutes while the fence deadline runs
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class _MonotonicEndpoint(Endpoint):
+    """An endpoint whose failure mark uses the monotonic clock: python-etcd3's
+    uses the wall clock, so a clock step back kept every endpoint that had
+    failed once blacklisted — and a healthy host fenced itself."""
+
+    def _mkchannel(self, opts: dict[str, Any] | None) -> grpc.Channel:
+        if self.secure:
+            return grpc.secure_channel(self.netloc, self.credentials, options=_CHANNEL_OPTIONS)
+        return grpc.insecure_channel(self.netloc, options=_CHANNEL_OPTIONS)
+
+    def fail(self) -> None:
+        self.in_use = False
+        self.last_failed = time.monotonic()
+
+    def use(self) -> grpc.Channel:
+        if self.is_failed():
+            raise ValueError("Trying to use a failed node")
+        self.in_use = True
+        self.last_failed = 0.0
+        return self.channel
+
+    def is_failed(self) -> bool:
+        return bool(self.last_failed) and time.monotonic() - self.last_failed < self.time_retry
+
+
 class EtcdClient:
     """One connection to an etcd cluster, shared by a host session."""
 
@@ -59,7 +94,7 @@ class EtcdClient:
         endpoints = []
         for ep in cfg.endpoints:
             host, _, port = ep.rpartition(":")
-            endpoints.append(Endpoint(host, int(port), secure=cfg.tls, creds=creds, time_retry=1.0))
+            endpoints.append(_MonotonicEndpoint(host, int(port), secure=cfg.tls, creds=creds, time_retry=1.0))
         try:
             self.raw = MultiEndpointEtcd3Client(
                 endpoints=endpoints, timeout=cfg.request_timeout,
@@ -89,6 +124,14 @@ class EtcdClient:
         except etcd3.exceptions.NoServerAvailableError as exc:
             raise TransientError("no etcd endpoint available", ambiguous=False) from exc
         except ValueError as exc:  # python-etcd3: 'Trying to use a failed node'
+            raise TransientError(str(exc), ambiguous=False) from exc
+
+    def _channel(self) -> grpc.Channel:
+        try:
+            return self.raw.channel
+        except etcd3.exceptions.NoServerAvailableError as exc:
+            raise TransientError("no etcd endpoint available", ambiguous=False) from exc
+        except ValueError as exc:
             raise TransientError(str(exc), ambiguous=False) from exc
 
     def _fail(self, exc: grpc.RpcError, *, write: bool) -> Exception:
@@ -143,6 +186,48 @@ class EtcdClient:
             raise self._fail(exc, write=False) from exc
         self._header(resp.header)
         return list(resp.kvs), int(resp.header.revision)
+
+    def watch_deleted(self, key: str, *, stop: Callable[[], bool]) -> Iterator[bool]:
+        """Watch one key: yields True once it is deleted (or is already gone),
+        False on other events.  Ends (cancelling the stream) when ``stop()``
+        turns true; raises on a broken stream (the caller re-watches)."""
+        kvs, revision = self.get_range(key, timeout=self.cfg.request_timeout)
+        if not kvs:
+            yield True
+            return
+        create = etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+            key=key.encode(), start_revision=revision + 1))
+        done = threading.Event()
+
+        def requests() -> Iterator[Any]:
+            yield create
+            done.wait()
+
+        try:
+            call = etcdrpc.WatchStub(self._channel()).Watch(requests(), **self._kw())
+        except grpc.RpcError as exc:
+            raise self._fail(exc, write=False) from exc
+
+        def cancel_when_stopped() -> None:
+            while not done.wait(0.25):
+                if stop():
+                    call.cancel()
+                    return
+
+        threading.Thread(target=cancel_when_stopped, daemon=True, name="virtlease-watch-stop").start()
+        try:
+            for resp in call:
+                if resp.compact_revision:
+                    kvs, _ = self.get_range(key, timeout=self.cfg.request_timeout)
+                    yield not kvs
+                    return
+                yield any(ev.type == ev.DELETE for ev in resp.events)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.CANCELLED and stop():
+                return
+            raise self._fail(exc, write=False) from exc
+        finally:
+            done.set()
 
     def lease_grant(self, ttl: int, *, timeout: float) -> tuple[int, int]:
         request = etcdrpc.LeaseGrantRequest(TTL=ttl, ID=0)

@@ -27,11 +27,14 @@ import threading
 import time
 from collections.abc import Callable
 
+from virtlease.abi import FailureAction, ObjectSpec, ObjectType
 from virtlease.errors import BackendUnavailableError, ConfigError, LeaseLostError
 
 from . import keyspace as ks
 from .client import EtcdClient, LeaseNotFound, TransientError
 from .config import EtcdConfig
+from .failure import run_failure_action
+from .owners import Owner, Owners
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ class HostSession:
         self._fenced_pids: set[int] = set()
         self._revoke_ok = True
         self.keepalives_sent = 0
+        self.owners = Owners()
 
     # -- life cycle ----------------------------------------------------------
 
@@ -103,6 +107,7 @@ class HostSession:
                 f"lease {other.get('lease')}); host_id must be unique per host. If that host died, "
                 f"its lease expires within {other.get('ttl', self.cfg.ttl)} s"
             )
+        self._watch_host_key(host_key)
         for target, name in ((self._keepalive_loop, "keepalive"), (self._fence_loop, "fence")):
             thread = threading.Thread(target=target, name=f"virtlease-{name}-{self.cfg.host_id}", daemon=True)
             thread.start()
@@ -110,6 +115,33 @@ class HostSession:
         log.info("session for host %s: lease %x, ttl %ss, fence margin %.1fs",
                  self.cfg.host_id, self.lease_id, self.ttl, self.cfg.margin)
         return self
+
+    def _watch_host_key(self, host_key: str) -> None:
+        """Learn at once when our host key goes (the lease revoked from outside,
+        ``etcdctl lease revoke``, or the key deleted by hand): the records are
+        gone too, so another host may be granted our disks now.  Only speeds
+        up detection; the fence deadline does not depend on it."""
+        thread = threading.Thread(target=self._watch_loop, args=(host_key,), daemon=True,
+                                  name=f"virtlease-watch-{self.cfg.host_id}")
+        thread.start()
+        self._threads.append(thread)
+
+    def _watch_loop(self, host_key: str) -> None:
+        while not self._closed and self._lost is None:
+            try:
+                for gone in self.client.watch_deleted(host_key, stop=lambda: self._closed or self._lost is not None):
+                    if gone and not self._closed:
+                        self.lease_gone("the host key was deleted in etcd (lease revoked from outside?)")
+                        return
+            except Exception as exc:  # reconnect; the keepalive covers the gap
+                log.debug("host %s: host key watch interrupted (%s); re-watching", self.cfg.host_id, exc)
+            with self._cond:
+                self._cond.wait(0.5)
+
+    def lease_gone(self, why: str) -> None:
+        """etcd says our lease no longer exists: fence now (another host may
+        already hold our disks), and make every later call fail."""
+        self._mark_lost(f"etcd lease {self.lease_id:x} is gone: {why}")
 
     def close(self) -> None:
         """Stop refreshing and revoke the lease: every key of the session goes."""
@@ -237,18 +269,28 @@ class HostSession:
             listeners = list(self._listeners)
             self._cond.notify_all()
         log.error("host %s: session lost: %s", self.cfg.host_id, reason)
+        for owner in self.owners.all():  # fence first: nothing may delay the failure actions
+            self.fence(owner, reason)
         for listener in listeners:
             try:
                 listener(reason)
             except Exception:
                 log.exception("host %s: lease-lost listener failed", self.cfg.host_id)
-        if self.cfg.on_lease_lost is not None:
-            try:
-                self.cfg.on_lease_lost(reason)
-            except Exception:
-                log.exception("host %s: on_lease_lost callback failed", self.cfg.host_id)
         threading.Thread(target=self._revoke_after_fence, name=f"virtlease-revoke-{self.cfg.host_id}",
                          daemon=True).start()
+
+    def fence(self, owner: Owner, reason: str) -> None:
+        """Run the owner's failure action if it has anything on our lease.
+        Never waits for the owner's lock: a call in flight may hold it."""
+        if not owner.active or owner.fenced is not None:
+            return
+        owner.fenced = reason
+        action = owner.action
+        killed = action in (FailureAction.POWEROFF, FailureAction.RESTART) and owner.pid is not None
+        self.hold_revocation(owner.pid if killed else None)
+        spec = ObjectSpec(type=ObjectType.DOMAIN, uuid=owner.uuid, name=owner.name, pid=owner.pid)
+        restart = owner.policy.restart_callback if owner.policy is not None else None
+        run_failure_action(action, spec, reason=reason, restart=restart)
 
     def hold_revocation(self, pid: int | None) -> None:
         """Called while fencing: the lease may be revoked early only once this
@@ -314,11 +356,26 @@ def open_session(cfg: EtcdConfig) -> HostSession:
     with _sessions_lock:
         entry = _sessions.get(key)
         if entry is not None and entry[0].lost is None:
+            _check_same_session(entry[0].cfg, cfg)
             _sessions[key] = (entry[0], entry[1] + 1)
             return entry[0]
         session = HostSession(cfg).start()
         _sessions[key] = (session, 1)
         return session
+
+
+SESSION_KEYS = ("ttl", "margin", "request_timeout", "ca_cert", "cert_cert", "cert_key", "user", "password")
+"""What the session owns: a second driver of the same host must ask for the same."""
+
+
+def _check_same_session(have: EtcdConfig, want: EtcdConfig) -> None:
+    for key in SESSION_KEYS:
+        if getattr(have, key) != getattr(want, key):
+            shown = "***" if key == "password" else f"{getattr(have, key)!r} vs {getattr(want, key)!r}"
+            raise ConfigError(
+                f"{key}: host {want.host_id} already has a session in this process with other "
+                f"settings ({shown}); every driver of one host shares its lease, so load it with "
+                "the same ttl, fence_margin, timeouts and credentials")
 
 
 def close_session(session: HostSession) -> None:

@@ -14,14 +14,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from etcd3 import transactions as tx
 
 from virtlease.errors import Holder, TransactionTooLargeError
 
 from . import keyspace as ks
-from .client import TransientError
+from .client import LeaseNotFound, TransientError
 from .session import HostSession
 
 log = logging.getLogger(__name__)
@@ -54,44 +54,44 @@ def check_size(op_counts: Sequence[int], limit: int, what: str, n: int) -> None:
 def grant_ops(session: HostSession, grants: Sequence[Grant], *, uuid: str, resume: bool,
               ) -> tuple[list[Any], list[Any], list[Any]]:
     """Compares and puts of a fresh grant, or of a resume (``expect_mod``
-    set: nobody was granted the resource since that token)."""
+    set).  A state only narrows a grant: a resume compares everything a
+    fresh grant does (the present holders allow it) *and* that the history
+    matches the state (nobody was granted the resource since its token)."""
     keys = session.keys
     compare: list[Any] = []
     success: list[Any] = []
     failure: list[Any] = []
     for g in grants:
         rid = g.rid.rid
+        prefix = keys.resource(rid)
         if g.rid.mode == ks.EXCLUSIVE:
+            compare.append(tx.Version(prefix, ks.range_end(prefix)) == 0)  # no holder of any mode now
             if resume:
-                # nobody was granted it since our grant at token T: every grant
-                # (and claim) bumps a gen key, so the newest gen revision is still
-                # exactly our T.  This also means no holder now.
+                # ...and nobody was granted it since our grant at token T: every grant and claim
+                # bumps a gen key, so the newest gen revision is still exactly our T
                 gp = keys.gen_prefix(rid)
                 compare.append(tx.Mod(gp, ks.range_end(gp)) < int(g.expect_mod or 0) + 1)
                 compare.append(tx.Mod(keys.gen_key(rid, ks.EXCLUSIVE)) == int(g.expect_mod or 0))
-            else:
-                prefix = keys.resource(rid)
-                compare.append(tx.Version(prefix, ks.range_end(prefix)) == 0)
         else:
-            if resume:
-                # no exclusive grant since we last saw one (hence no exclusive holder now)
-                compare.append(tx.Mod(keys.gen_key(rid, ks.EXCLUSIVE)) == int(g.expect_xgen or 0))
-            else:
-                compare.append(tx.Version(keys.exclusive(rid)) == 0)
+            compare.append(tx.Version(keys.exclusive(rid)) == 0)  # no exclusive holder now
             compare.append(tx.Version(g.key) == 0)
+            if resume:  # ...and no exclusive grant since we last saw one
+                compare.append(tx.Mod(keys.gen_key(rid, ks.EXCLUSIVE)) == int(g.expect_xgen or 0))
         success.append(tx.Put(g.key, g.value, lease=session.lease_id))
         success.append(tx.Put(keys.gen_key(rid, g.rid.mode), ks.encode(
             {"res": g.rid.readable, "host": session.cfg.host_id, "uuid": uuid})))
-        prefix = keys.resource(rid)
         failure.append(tx.Get(prefix, ks.range_end(prefix)))
     failure.append(tx.Get(keys.handoffs, ks.range_end(keys.handoffs)))
     return compare, success, failure
 
 
 def claim_ops(session: HostSession, grants: Sequence[Grant], *, marker_key: str, marker: bytes,
-              uuid: str) -> tuple[list[Any], list[Any], list[Any]]:
-    """Take over records exactly as the giver marked them: the marker is
-    byte-identical and every holder key still has the giver's token."""
+              uuid: str, also_delete: Sequence[str] = ()) -> tuple[list[Any], list[Any], list[Any]]:
+    """Take over records exactly as the giver marked them: the marker (which
+    names this host and domain, checked by the caller from these very bytes)
+    is byte-identical in etcd and every holder key still has the giver's
+    token.  The marker is deleted in the same transaction, with any of our
+    own obsolete markers (``also_delete``): nothing is left to clean up."""
     keys = session.keys
     compare: list[Any] = [tx.Value(marker_key) == marker]
     success: list[Any] = []
@@ -103,6 +103,8 @@ def claim_ops(session: HostSession, grants: Sequence[Grant], *, marker_key: str,
             {"res": g.rid.readable, "host": session.cfg.host_id, "uuid": uuid})))
         prefix = keys.resource(g.rid.rid)
         failure.append(tx.Get(prefix, ks.range_end(prefix)))
+    success.append(tx.Delete(marker_key))
+    success.extend(tx.Delete(key) for key in also_delete if key != marker_key)
     failure.append(tx.Get(keys.handoffs, ks.range_end(keys.handoffs)))
     return compare, success, failure
 
@@ -166,7 +168,7 @@ def run(session: HostSession, compare: list[Any], success: list[Any], failure: l
 
     def attempt(timeout: float) -> Any:
         session.check()
-        return client.txn(compare, success, failure, timeout=timeout)
+        return lease_checked(session, lambda: client.txn(compare, success, failure, timeout=timeout))
 
     def resolve(exc: TransientError) -> Any:
         assert read_back is not None
@@ -180,6 +182,21 @@ def run(session: HostSession, compare: list[Any], success: list[Any], failure: l
                              on_ambiguous=resolve if read_back is not None else None)
     log.debug("txn of %d ops took %.1f ms", len(success), (time.monotonic() - started) * 1000)
     return result
+
+
+T = TypeVar("T")
+
+
+def lease_checked(session: HostSession, request: Callable[[], T]) -> T:
+    """Run one request; if etcd says our lease does not exist (revoked from
+    outside, or expired), the session is lost: fence now and raise
+    LeaseLostError instead of the backend's internal error."""
+    try:
+        return request()
+    except LeaseNotFound as exc:
+        session.lease_gone(f"a request was refused: {exc}")
+        session.check()
+        raise  # pragma: no cover - check() raised
 
 
 @dataclass

@@ -28,10 +28,10 @@ class NopObject:
                 flags: AcquireFlags, action: FailureAction) -> None:
         return None
 
-    def release(self) -> str:
+    def release(self, resources: list[ResourceSpec]) -> str:
         return ""
 
-    def inquire(self) -> str:
+    def inquire(self, resources: list[ResourceSpec]) -> str:
         return ""
 
     def held(self, resources: list[ResourceSpec]) -> list[HeldResource]:

@@ -38,8 +38,10 @@ def format_version(version: int) -> str:
     return f"{version // 1_000_000}.{version // 1_000 % 1_000}.{version % 1_000}"
 
 
-#: The newest ABI this core implements (1.0.0).
-ABI_VERSION: int = encode_version(1, 0, 0)
+#: The newest ABI this core implements (2.0.0).  2.0 made holds belong to
+#: the domain's owner on the host, not to the lock object: ``release`` and
+#: ``inquire`` take the object's resources, ``free`` never releases.
+ABI_VERSION: int = encode_version(2, 0, 0)
 
 #: Entry point group under which drivers register.
 ENTRY_POINT_GROUP = "virtlease.drivers"
@@ -96,7 +98,8 @@ class AcquireFlags(enum.IntFlag):
     """Flags of ``acquire``."""
 
     REGISTER_ONLY = 1 << 0
-    """Register the object (visible in status) without taking resources."""
+    """Register the domain (its pid is fenced with the host; visible in
+    status) without taking resources.  Takes no state."""
     RESTRICT = 1 << 1
     """After this acquire, further acquire/release calls on the object fail
     (libvirt uses it before handing the process to the guest)."""
@@ -178,9 +181,20 @@ class HeldResource:
 class DriverObject(Protocol):
     """One lock object (one VM) inside a driver.
 
-    The core calls these in a valid order only: resources are added before
-    the first acquire (or through ``acquire_resource`` with HOTPLUG), acquire
-    is never called twice without a release, nothing is called after free.
+    **Holds belong to the owner**: the domain (UUID) on this host, not to
+    the object.  libvirt creates a fresh lock object for every operation —
+    start (new, add disks, acquire, free), pause (new, add, release, free),
+    resume (new, add, acquire(state), free), inquire for the migration
+    cookie, hotplug (new, add one disk, acquire) — so an object of the same
+    domain on the same host must release and inquire what an earlier one
+    took, and ``free`` must never release.
+
+    The core calls these with validated arguments only: resources are added
+    before an object's first acquire (or through ``acquire_resource`` with
+    HOTPLUG), acquire is never called twice on one object without a
+    release, nothing is called after free.  What the *owner* holds is the
+    driver's to check (acquiring a disk the domain already holds, releasing
+    one it does not hold: ``ObjectStateError``).
     """
 
     def acquire(self, resources: list[ResourceSpec], state: str | None,
@@ -189,19 +203,21 @@ class DriverObject(Protocol):
         release/inquire/prepare_migrate) asks to resume or claim exactly what
         that state describes.  Raises ResourceBusyError naming the holders."""
 
-    def release(self) -> str:
-        """Drop every resource held; return the state to resume with."""
+    def release(self, resources: list[ResourceSpec]) -> str:
+        """Drop what the owner holds of ``resources`` (the object's); return
+        the state to resume with."""
 
-    def inquire(self) -> str:
-        """Return the state describing what is held, without releasing."""
+    def inquire(self, resources: list[ResourceSpec]) -> str:
+        """Return the state describing what the owner holds of ``resources``,
+        without releasing."""
 
     def held(self, resources: list[ResourceSpec]) -> list[HeldResource]:
         """What the owner holds among ``resources``, with fencing tokens, as
         last known (no backend round trip)."""
 
     def free(self) -> None:
-        """Forget the object.  Called once, last; must not raise for a
-        released object."""
+        """Forget the object (the handle).  Called once, last.  Never
+        releases: the owner keeps what it holds."""
 
 
 class HotplugObject(DriverObject, Protocol):

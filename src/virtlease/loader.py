@@ -274,7 +274,8 @@ class Plugin:
             uri=check_optional_text(uri, "uri"),
             flags=check_flags(flags, NewFlags),
         )
-        obj = LockObject(self, spec, self.driver.new_object(spec))
+        obj = LockObject(spec, self.driver.new_object(spec), driver_name=self.name,
+                         capabilities=self.capabilities, on_free=self._forget)
         with self._lock:
             self._objects.add(obj)
         return obj

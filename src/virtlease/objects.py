@@ -4,12 +4,15 @@ A :class:`LockObject` wraps a driver's object.  It checks every argument and
 every call order (the rules of libvirt's lock manager) before the driver is
 called, so drivers only ever see valid requests.
 
-Life cycle::
+Life cycle of one object (a handle; what is *held* belongs to the domain's
+owner on the host, so a fresh object may release or inquire what an earlier
+one of the same domain took — libvirt's pattern)::
 
     NEW --acquire--> HELD --release--> RELEASED --acquire--> HELD ...
+    NEW --release--> RELEASED          (the owner's holdings of its resources)
     NEW --acquire(REGISTER_ONLY)--> REGISTERED --acquire--> HELD
     HELD --prepare_migrate--> MIGRATING --complete_migrate_out--> GONE
-    any --free--> FREED
+    any --free--> FREED                (never releases)
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .abi import (
     AcquireFlags,
     Capability,
+    DriverObject,
     FailureAction,
     HeldResource,
     NewFlags,
@@ -39,9 +44,6 @@ from .validation import (
     check_resource,
     check_state,
 )
-
-if TYPE_CHECKING:
-    from .loader import Plugin
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,11 @@ class LockObject:
     Thread-safe: calls on one object are serialised.
     """
 
-    def __init__(self, plugin: Plugin, spec: ObjectSpec, driver_object: Any) -> None:
-        self._plugin = plugin
+    def __init__(self, spec: ObjectSpec, driver_object: DriverObject, *, driver_name: str,
+                 capabilities: Capability, on_free: Callable[[LockObject], None]) -> None:
+        self._driver_name = driver_name
+        self._capabilities = capabilities
+        self._on_free = on_free
         self.spec = spec
         self._drv = driver_object
         self._phase = Phase.NEW
@@ -108,9 +113,9 @@ class LockObject:
             )
 
     def _require_capability(self, cap: Capability, call: str) -> None:
-        if not self._plugin.capabilities & cap:
+        if not self._capabilities & cap:
             raise CapabilityError(
-                f"{call} needs capability {cap.name}, which driver {self._plugin.name!r} lacks"
+                f"{call} needs capability {cap.name}, which driver {self._driver_name!r} lacks"
             )
 
     def _make_resource(self, rtype: object, name: object, flags: object, params: object) -> ResourceSpec:
@@ -167,7 +172,11 @@ class LockObject:
             state_c = check_state(state)
             flags_c = check_flags(flags, AcquireFlags)
             action_c = check_enum(action, FailureAction, "action")
-            if self.spec.flags & NewFlags.MIGRATE and self._phase is Phase.NEW and state_c is None:
+            if flags_c & AcquireFlags.REGISTER_ONLY and state_c is not None:
+                raise ValidationError("state", "REGISTER_ONLY registers the domain and takes no state; "
+                                      "pass the state to the acquire that takes the resources")
+            if self.spec.flags & NewFlags.MIGRATE and self._phase in (Phase.NEW, Phase.REGISTERED) \
+                    and state_c is None and not flags_c & AcquireFlags.REGISTER_ONLY:
                 raise ValidationError(
                     "state", f"{self._where()} was created with NewFlags.MIGRATE: its first "
                     "acquire needs the state returned by prepare_migrate on the source"
@@ -178,20 +187,24 @@ class LockObject:
                 self._restricted = True
 
     def release(self) -> str:
-        """Drop every resource; return the state to ``acquire(state)`` with."""
+        """Drop what the domain holds of this object's resources (whichever
+        object of the domain took them); return the state to
+        ``acquire(state)`` with."""
         with self._mutex:
             if self._restricted:
                 raise ObjectStateError(f"release: {self._where()} is restricted")
-            self._require(Phase.HELD, Phase.REGISTERED, call="release")
-            state: str = self._drv.release()
+            self._require(Phase.NEW, Phase.HELD, Phase.REGISTERED, Phase.RELEASED, call="release")
+            state: str = self._drv.release(list(self._resources))
             self._phase = Phase.RELEASED
             return state
 
     def inquire(self) -> str:
-        """The state describing what is held now (nothing is released)."""
+        """The state describing what the domain holds now of this object's
+        resources (nothing is released)."""
         with self._mutex:
-            self._require(Phase.HELD, Phase.REGISTERED, Phase.MIGRATING, call="inquire")
-            state: str = self._drv.inquire()
+            self._require(Phase.NEW, Phase.HELD, Phase.REGISTERED, Phase.MIGRATING, Phase.RELEASED,
+                          call="inquire")
+            state: str = self._drv.inquire(list(self._resources))
             return state
 
     def held(self) -> list[HeldResource]:
@@ -244,7 +257,7 @@ class LockObject:
         and return the state to carry to it."""
         with self._mutex:
             self._require_capability(Capability.MIGRATE, "prepare_migrate")
-            self._require(Phase.HELD, call="prepare_migrate")
+            self._require(Phase.NEW, Phase.HELD, call="prepare_migrate")
             dest = check_host(dest_host, "dest_host")
             state: str = self._drv.prepare_migrate(dest)
             self._phase = Phase.MIGRATING
@@ -275,7 +288,9 @@ class LockObject:
             return state
 
     def free(self) -> None:
-        """Forget the object; a held object's resources are released first."""
+        """Forget the object.  Never releases: what the domain holds stays
+        held (libvirt frees the start's object while the VM runs); call
+        ``release()`` to drop it."""
         with self._mutex:
             if self._phase is Phase.FREED:
                 raise ObjectStateError(f"free: {self._where()} was already freed")
@@ -283,7 +298,7 @@ class LockObject:
                 self._drv.free()
             finally:
                 self._phase = Phase.FREED
-                self._plugin._forget(self)
+                self._on_free(self)
 
     def __enter__(self) -> LockObject:
         return self

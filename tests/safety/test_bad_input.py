@@ -33,7 +33,7 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, dump
+from conftest import EtcdServer, dump, shut
 from virtlease_etcd import keyspace as ks
 
 CAPS = v.Capability.RESOURCES | v.Capability.MIGRATE | v.Capability.HOTPLUG | v.Capability.USES_STATE
@@ -105,7 +105,7 @@ def world(etcd: EtcdServer, prefix: str, kv: etcd3.Etcd3Client) -> Iterator[Worl
             except v.VirtleaseError:
                 pass
         try:
-            p.unload()
+            shut(p)
         except v.VirtleaseError:
             pass
 
@@ -249,7 +249,8 @@ ABI_CASES = [
          (BUSY_DISK,)),
     Case("acquire: twice", on_held(lambda o: o.acquire()), v.ObjectStateError, ("acquire",)),
     Case("release: before acquire", lambda w: w.obj(DISK).release(), v.ObjectStateError, ("release",)),
-    Case("inquire: before acquire", lambda w: w.obj(DISK).inquire(), v.ObjectStateError, ("inquire",)),
+    Case("release: a disk the domain does not hold", lambda w: w.obj(DISK).release(), v.ObjectStateError,
+         ("release", "holds none")),
     Case("add_resource: after acquire", on_held(lambda o: o.add_resource(v.ResourceType.DISK, "/vm/z")),
          v.ObjectStateError, ("add_resource",)),
     Case("acquire: after free", lambda w: freed(w).acquire(), v.ObjectStateError, ("freed",)),
@@ -322,7 +323,7 @@ def _claim_as_c(w: World, state: str) -> Any:
         finally:
             o.free()
     finally:
-        c.unload()
+        shut(c)
 
 
 def load(w: World, tmp: Path, toml: str | None = None, **config: Any) -> Any:
@@ -332,7 +333,7 @@ def load(w: World, tmp: Path, toml: str | None = None, **config: Any) -> Any:
         path.write_text(toml)
         cfg["config_file"] = str(path)
     plugin = v.load_driver("etcd", config=cfg, capabilities=CAPS)
-    plugin.unload()
+    shut(plugin)
     raise AssertionError("the configuration was accepted")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import virtlease as v
+from conftest import shut
 from virtlease_etcd.client import TransientError
 
 
@@ -85,7 +86,8 @@ def test_grant_whose_reply_arrives_after_the_fence_is_fenced(etcd: Any, prefix: 
             obj.add_resource(v.ResourceType.DISK, "/vm/race/disk.img")
         else:
             obj.add_resource(v.ResourceType.DISK, "/vm/race/disk.img")
-        delayed = _delay_reply_until_fenced(plugin, disk_ops=2)
+        # a grant puts a holder and a gen key; a claim also deletes the marker
+        delayed = _delay_reply_until_fenced(plugin, disk_ops=3 if how == "claim" else 2)
         _stall_keepalives(plugin)
         failed: BaseException | None = None
         try:
@@ -116,7 +118,7 @@ def test_grant_whose_reply_arrives_after_the_fence_is_fenced(etcd: Any, prefix: 
                 except v.VirtleaseError:
                     pass
             try:
-                p.unload()
+                shut(p)
             except v.VirtleaseError:
                 pass
 

@@ -1,0 +1,191 @@
+"""What every lock operation of one domain needs: its owner, names, records,
+state strings, and the one grant runner (docs/DESIGN.md "Grants").
+
+``Domain`` binds a lock object's spec to its host session, the driver
+instance's policy and configuration.  ``run_grant`` sends a grant or claim
+with a fresh grant id per attempt and recognises its own earlier attempts:
+a lost reply is resolved by reading back every attempt's records, and a
+retry that meets a record of an earlier attempt (which committed after the
+read-back) adopts it instead of reporting the caller's own domain as busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from virtlease.abi import ObjectSpec, ResourceSpec
+from virtlease.errors import BackendUnavailableError, LeaseLostError, ObjectStateError, ValidationError
+
+from . import keyspace as ks
+from . import state as st
+from . import transactions as txn
+from .config import EtcdConfig
+from .owners import Held, Owner, Policy
+from .session import HostSession
+
+log = logging.getLogger(__name__)
+
+Ops = tuple[list[Any], list[Any], list[Any]]
+
+
+@dataclass(frozen=True)
+class GrantResult:
+    """A grant or claim's outcome: committed (``grants`` with ``tokens``) or the
+    failed response, with conflicting records of our own attempts removed."""
+
+    committed: bool
+    grants: list[txn.Grant]
+    tokens: dict[str, int]
+    response: Any = None
+
+
+class Domain:
+    """One domain's view of its host session (a lock object's working context)."""
+
+    def __init__(self, session: HostSession, cfg: EtcdConfig, policy: Policy, spec: ObjectSpec) -> None:
+        self.session = session
+        self.cfg = cfg
+        self.policy = policy
+        self.spec = spec
+        self.host = session.cfg.host_id
+        self.keys = session.keys
+
+    # -- names -------------------------------------------------------------------
+
+    def where(self) -> str:
+        return f"domain {self.spec.name} ({self.spec.uuid})"
+
+    def cluster(self) -> str:
+        cid = self.session.client.cluster_id
+        return f"{cid:x}" if cid else "unknown"
+
+    def owner(self) -> Owner:
+        return self.session.owners.get(self.spec.uuid, self.spec.name)
+
+    def locked(self, resources: Sequence[ResourceSpec]) -> list[ks.ResourceId]:
+        """The resources that take a lock (readonly ones do not), each once."""
+        seen: dict[str, str] = {}
+        out: list[ks.ResourceId] = []
+        for res in resources:
+            if res.readonly:
+                continue  # readonly disks are not locked (as libvirt's lockd and sanlock)
+            rid = ks.ResourceId.of(res)
+            if rid.rid in seen:
+                raise ValidationError("resource", f"{res.name!r} and {seen[rid.rid]!r} are the same "
+                                      f"resource ({rid.readable}) of {self.where()}")
+            seen[rid.rid] = res.name
+            out.append(rid)
+        return out
+
+    def refuse_if_migrating(self, owner: Owner, call: str) -> None:
+        if owner.handoff is not None:
+            raise ObjectStateError(
+                f"{call}: {self.where()} is being handed to host {owner.handoff.to}; complete or cancel "
+                "the migration first (or reclaim with the handback state)")
+
+    # -- records and states ----------------------------------------------------------
+
+    def record(self, rid: ks.ResourceId, grant: str) -> bytes:
+        return ks.encode(ks.holder_record(
+            rid, host=self.host, lease=self.session.lease_id, uuid=self.spec.uuid,
+            name=self.spec.name, pid=self.spec.pid, since=time.time(), grant=grant))
+
+    def grants(self, rids: Sequence[ks.ResourceId], tokens: Mapping[str, int] | None = None,
+               xgens: Mapping[str, int | None] | None = None) -> list[txn.Grant]:
+        """This attempt's records: one fresh grant id for all of them."""
+        grant_id = secrets.token_hex(8)
+        return [txn.Grant(rid, self.keys.holder(rid.rid, rid.mode, self.spec.uuid), self.record(rid, grant_id),
+                          expect_mod=None if tokens is None else tokens[rid.rid],
+                          expect_xgen=None if xgens is None else xgens.get(rid.rid)) for rid in rids]
+
+    def state(self, kind: str, held: Sequence[Held], revision: int, *, to: str | None = None,
+              marker: bytes | None = None, xgens: Mapping[str, int] | None = None) -> str:
+        xg = xgens or {}
+        return st.State(
+            kind=kind, cluster=self.cluster(), prefix=self.cfg.prefix, host=self.host,
+            uuid=self.spec.uuid, name=self.spec.name,
+            resources=tuple(st.StateResource(h.rid.kind, h.rid.readable, h.rid.rid, h.rid.mode, h.token,
+                                             xg.get(h.rid.rid)) for h in held),
+            revision=revision, to=to, marker=None if marker is None else marker.decode(),
+        ).encode()
+
+    def check_size(self, ops: Ops, what: str, n: int) -> None:
+        txn.check_size([len(x) for x in ops], self.cfg.max_txn_ops, what, n)
+
+    # -- granting ----------------------------------------------------------------------
+
+    def run_grant(self, rids: Sequence[ks.ResourceId], build: Callable[[list[txn.Grant]], Ops], what: str, *,
+                  tokens: Mapping[str, int] | None = None,
+                  xgens: Mapping[str, int | None] | None = None) -> GrantResult:
+        """Send a grant/claim until it has a known outcome, a new grant id per
+        attempt.  If the outcome stays unknown (etcd unreachable until the
+        deadline, or the session lost meanwhile), every attempt's records are
+        withdrawn in the background, so no grant is left that nobody knows of."""
+        session = self.session
+        sent: list[list[txn.Grant]] = []
+
+        def attempt(timeout: float) -> GrantResult:
+            session.check()
+            grants = self.grants(rids, tokens, xgens)
+            ops = build(grants)
+            if not sent:
+                self.check_size(ops, what, len(grants))
+            sent.append(grants)
+            resp = txn.lease_checked(session, lambda: session.client.txn(*ops, timeout=timeout))
+            if resp.succeeded:
+                return GrantResult(True, grants, {g.key: int(resp.header.revision) for g in grants})
+            return self._own_attempt(sent, resp) or GrantResult(False, grants, {}, resp)
+
+        def read_back(_exc: Exception) -> GrantResult | None:
+            for grants in sent:
+                found = txn.written(session, [(g.key, g.value) for g in grants])(
+                    session.client.attempt_timeout(session.deadline()))
+                if found is not None:
+                    log.info("lost reply resolved by read-back: the %s had committed", what)
+                    return GrantResult(True, grants, dict(found.revisions))
+            return None
+
+        try:
+            return session.client.retrying(attempt, deadline=min(session.deadline(), session.fence_at),
+                                           on_ambiguous=read_back)
+        except (BackendUnavailableError, LeaseLostError):
+            for grants in sent:
+                txn.withdraw_in_background(session, [(g.key, g.value) for g in grants])
+            raise
+
+    @staticmethod
+    def _own_attempt(sent: Sequence[Sequence[txn.Grant]], resp: Any) -> GrantResult | None:
+        """A failed attempt that met every record of one of our earlier attempts:
+        that attempt committed after its read-back.  Adopt it."""
+        ranges = [r.response_range for r in resp.responses if r.WhichOneof("response") == "response_range"]
+        seen = {kv.key.decode(): (kv.value, int(kv.mod_revision)) for rng in ranges for kv in rng.kvs}
+        for grants in sent[:-1]:
+            found = {g.key: seen[g.key][1] for g in grants if seen.get(g.key, (None, 0))[0] == g.value}
+            if found and len(found) == len(grants):
+                log.info("a retried grant met its own earlier attempt, which had committed: adopted")
+                return GrantResult(True, list(grants), found)
+        return None
+
+    def commit(self, owner: Owner, result: GrantResult) -> None:
+        """Record a committed grant on the owner, then close the fence race: if
+        the session was lost while the reply was in flight, the fence may have
+        run before these records were known, so fence now and fail."""
+        for g in result.grants:
+            owner.held[g.rid.rid] = Held(g.rid, g.key, result.tokens[g.key], g.value)
+        session = self.session
+        if session.lost is not None or time.monotonic() >= session.fence_at:
+            session.fence(owner, session.lost or "fence deadline passed while the grant was in flight")
+            session.check()
+
+    def adopt_policy(self, owner: Owner, action: Any) -> None:
+        """Before a grant (a fence racing its reply must use these)."""
+        owner.action = self.policy.resolve(action)
+        owner.policy = self.policy
+        owner.name = self.spec.name
+        if self.spec.pid is not None:
+            owner.pid = self.spec.pid

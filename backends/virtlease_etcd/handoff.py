@@ -1,0 +1,241 @@
+"""The migration handoff: mark, claim, cancel, complete (docs/DESIGN.md
+"Migration").
+
+The source marks its records for the destination (a marker key on the
+source's lease naming source, destination, domain and every record's
+token); the destination claims them all in one transaction that compares
+the marker byte for byte and every record's token, rewrites the records on
+its own lease with a new token and deletes the marker.  The claimer reads
+the destination and the domain from the marker bytes it compares, never
+from the state's other fields, so an edited state can only fail.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from etcd3 import transactions as tx
+
+from virtlease.errors import ObjectStateError, StaleStateError, ValidationError
+
+from . import keyspace as ks
+from . import state as st
+from . import transactions as txn
+from .domain import Domain
+from .owners import Handoff, Owner
+
+
+def prepare(d: Domain, dest_host: str) -> str:
+    d.session.check()
+    owner = d.owner()
+    with owner.lock:
+        refresh_handed_back(d, owner)
+        if not owner.held:
+            raise ObjectStateError(f"prepare_migrate: {d.where()} holds no locked resource on host {d.host}")
+        if dest_host == d.host:
+            raise ValidationError("dest_host", f"{dest_host!r} is this host")
+        if owner.handoff is not None:
+            raise StaleStateError(f"prepare_migrate: a handoff of {d.where()} to host {owner.handoff.to} "
+                                  "is already in flight; complete or cancel it first")
+        return mark(d, owner, dest_host)
+
+
+def mark(d: Domain, owner: Owner, dest_host: str) -> str:
+    held = list(owner.held.values())
+    # the claim puts a holder and a gen key per record and deletes the marker: refuse now what
+    # the destination could not claim, rather than leave it a handoff it cannot take
+    txn.check_size([2 * len(held) + 1], d.cfg.max_txn_ops, "migration claim", len(held))
+    marker_key = d.keys.handoff(d.spec.uuid, d.host)
+    marker = ks.encode({
+        "from": d.host, "to": dest_host, "uuid": d.spec.uuid, "name": d.spec.name,
+        "nonce": secrets.token_hex(16), "lease": d.session.lease_id, "since": round(time.time(), 3),
+        "res": [{"res": h.rid.readable, "rid": h.rid.rid, "mode": h.rid.mode, "token": h.token} for h in held],
+    })
+    compare = [tx.Mod(h.key) == h.token for h in held] + [tx.Version(marker_key) == 0]
+    success = [tx.Put(marker_key, marker, lease=d.session.lease_id)]
+    failure = [tx.Get(marker_key)]
+    d.check_size((compare, success, failure), "migration prepare", len(held))
+    resp = txn.run(d.session, compare, success, failure, deadline=d.session.deadline(),
+                   read_back=txn.written(d.session, [(marker_key, marker)]))
+    if not isinstance(resp, txn.Committed) and not resp.succeeded:
+        if resp.responses and resp.responses[0].response_range.kvs:
+            raise StaleStateError(f"prepare_migrate: a handoff of {d.where()} from this host is "
+                                  "already in flight; complete or cancel it first")
+        raise StaleStateError(f"prepare_migrate: {d.where()} no longer holds all its records")
+    revision = 0 if isinstance(resp, txn.Committed) else int(resp.header.revision)
+    owner.handoff = Handoff(dest_host, marker_key, marker)
+    return d.state(st.HANDOFF, held, revision, to=dest_host, marker=marker)
+
+
+def read_marker(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -> tuple[bytes, dict[str, int]]:
+    """The marker bytes the claim compares, checked to name this host, this
+    domain and the state's source, and the records' tokens it lists."""
+    assert parsed.marker is not None
+    raw = parsed.marker.encode()
+    head = f"cannot claim the handoff of {d.where()}; nothing changed: "
+    try:
+        marker = ks.decode(raw, "handoff marker")
+        listed = {(str(r["rid"]), str(r["mode"])): int(r["token"]) for r in marker["res"]}
+    except (ks.ForeignValue, KeyError, TypeError, ValueError):
+        raise StaleStateError(head + "the state's handoff marker is unreadable (tampered)") from None
+    if marker.get("to") != d.host or parsed.to != d.host:
+        raise StaleStateError(head + f"the handoff is to host {marker.get('to')}, this host is {d.host}")
+    if marker.get("uuid") != d.spec.uuid or marker.get("from") != parsed.host:
+        raise StaleStateError(head + "the marker is of another domain or source host (tampered state)")
+    if set(listed) != {(r.rid, r.mode) for r in rids}:
+        raise StaleStateError(head + "the marker lists other resources than the object's")
+    if {(r.rid, r.mode): r.token for r in parsed.resources} != listed:
+        raise StaleStateError(head + "the state's tokens differ from the marker's (tampered state)")
+    return raw, {rid: token for (rid, _mode), token in listed.items()}
+
+
+def claim(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], parsed: st.State) -> None:
+    marker, tokens = read_marker(d, parsed, rids)
+    marker_key = d.keys.handoff(d.spec.uuid, parsed.host)
+    own = [owner.handoff.key] if owner.handoff is not None else []
+
+    def build(grants: list[txn.Grant]) -> tuple[list[Any], list[Any], list[Any]]:
+        return txn.claim_ops(d.session, grants, marker_key=marker_key, marker=marker, uuid=d.spec.uuid,
+                             also_delete=own)
+
+    result = d.run_grant(rids, build, "migration claim", tokens=tokens)
+    if not result.committed:
+        raise StaleStateError(_claim_failure(d, result.response, marker_key, marker, parsed))
+    for rid in rids:  # a handback to us: our old entries are the records we take back
+        owner.held.pop(rid.rid, None)
+    d.commit(owner, result)
+    owner.claimed_from = parsed.host
+    owner.handoff = None
+    owner.handed_back = False
+
+
+def _claim_failure(d: Domain, resp: Any, marker_key: str, marker: bytes, parsed: st.State) -> str:
+    ranges = [r.response_range for r in resp.responses if r.WhichOneof("response") == "response_range"]
+    marker_kv = [kv for kv in (ranges[-1].kvs if ranges else []) if kv.key.decode() == marker_key]
+    head = f"cannot claim the handoff of {d.where()} from host {parsed.host}; nothing changed: "
+    if not marker_kv:
+        return head + ("the handoff no longer exists (already claimed, cancelled, or the source's "
+                       "lease expired). If the source is dead its disks are free after its TTL: acquire "
+                       "without a state")
+    if marker_kv[0].value != marker:
+        return head + "the state does not match the handoff marker in etcd (tampered or from another handoff)"
+    changed = []
+    for rng, res in zip(ranges[:-1], parsed.resources, strict=False):
+        if not rng.kvs or any(int(kv.mod_revision) != res.token for kv in rng.kvs):
+            changed.append(res.res)
+    return head + (f"{', '.join(changed) or 'the resources'} changed since the handoff was prepared "
+                   "(already claimed: a replayed or concurrent claim)")
+
+
+def _fates(d: Domain, owner: Owner) -> dict[str, str]:
+    """For each record the owner marked: ``ours`` (unchanged), ``claimed`` (the
+    marker's destination holds it for this domain) or ``gone`` (deleted or
+    replaced by anyone else: our lease expired or was revoked)."""
+    assert owner.handoff is not None
+    held = list(owner.held.values())
+    resp = txn.run(d.session, [], [tx.Get(h.key) for h in held], [], deadline=d.session.deadline())
+    fates: dict[str, str] = {}
+    for h, r in zip(held, resp.responses, strict=True):
+        kvs = r.response_range.kvs
+        if kvs and int(kvs[0].mod_revision) == h.token:
+            fates[h.rid.rid] = "ours"
+            continue
+        try:
+            rec = ks.decode(kvs[0].value) if kvs else {}
+        except ks.ForeignValue:
+            rec = {}
+        claimed = rec.get("host") == owner.handoff.to and rec.get("uuid") == d.spec.uuid
+        fates[h.rid.rid] = "claimed" if claimed else "gone"
+    return fates
+
+
+def complete_out(d: Domain, cancel: bool) -> None:
+    session = d.session
+    session.check()
+    owner = d.owner()
+    with owner.lock:
+        if owner.handoff is None:
+            raise ObjectStateError(f"complete_migrate_out: no handoff of {d.where()} in flight")
+        if cancel:
+            _cancel(d, owner)
+            return
+        fates = _fates(d, owner)
+        if "ours" in fates.values():
+            raise StaleStateError(f"complete_migrate_out: the destination has not claimed {d.where()} yet; "
+                                  "wait for its acquire, or cancel")
+        to = owner.handoff.to
+        gone = [owner.held[r].rid.readable for r, fate in fates.items() if fate == "gone"]
+        _forget(d, owner)
+        if gone:
+            raise StaleStateError(
+                f"complete_migrate_out: {', '.join(gone)} of {d.where()} vanished from etcd without host {to} "
+                "claiming them (this host's lease expired or was revoked): nobody holds them now. The "
+                "migration did not hand them over; the domain must not run on either host before it "
+                "acquires them again")
+
+
+def _cancel(d: Domain, owner: Owner) -> None:
+    assert owner.handoff is not None
+    held = list(owner.held.values())
+    marker = owner.handoff
+    compare = [tx.Value(marker.key) == marker.value] + [tx.Mod(h.key) == h.token for h in held]
+
+    def cancelled(timeout: float) -> txn.Committed | None:
+        # a claim deletes the marker too: only "marker gone and every record still ours" is our cancel
+        kvs, _ = d.session.client.get_range(marker.key, timeout=timeout)
+        if kvs:
+            return None
+        for h in held:
+            got, _ = d.session.client.get_range(h.key, timeout=timeout)
+            if not got or int(got[0].mod_revision) != h.token:
+                return txn.Committed({"claimed": 1})
+        return txn.Committed({})
+
+    resp = txn.run(d.session, compare, [tx.Delete(marker.key)], [], deadline=d.session.deadline(),
+                   read_back=cancelled)
+    done = not resp.revisions if isinstance(resp, txn.Committed) else resp.succeeded
+    if done:
+        owner.handoff = None
+        return
+    fates = _fates(d, owner)
+    if "claimed" in fates.values():
+        _forget(d, owner)
+        raise StaleStateError(
+            f"cannot cancel the migration of {d.where()}: host {marker.to} already claimed it. "
+            "Reclaim with acquire(state) using the state of its complete_migrate_in(cancel=True)")
+    _forget(d, owner)
+    raise StaleStateError(f"cannot cancel the migration of {d.where()}: its records vanished from etcd "
+                          "(this host's lease expired or was revoked); nobody holds them now")
+
+
+def _forget(d: Domain, owner: Owner, *, drop: bool = True) -> None:
+    owner.held.clear()
+    owner.handoff = None
+    if drop:
+        d.session.owners.forget_if_idle(owner)
+
+
+def complete_in(d: Domain, cancel: bool) -> str | None:
+    if not cancel:
+        return None
+    d.session.check()
+    owner = d.owner()
+    with owner.lock:
+        if owner.claimed_from is None or not owner.held:
+            raise ObjectStateError(f"complete_migrate_in: {d.where()} was not claimed from a handoff")
+        state = mark(d, owner, owner.claimed_from)
+        owner.handed_back = True
+        return state
+
+
+def refresh_handed_back(d: Domain, owner: Owner) -> None:
+    """An owner that handed its records back learns whether the source took
+    them (then it holds nothing here any more) before any new call."""
+    if not owner.handed_back or owner.handoff is None:
+        return
+    if "ours" not in _fates(d, owner).values():
+        owner.handed_back = False
+        _forget(d, owner, drop=False)  # the caller goes on with this owner
