@@ -13,6 +13,10 @@ Started by ``nemesis.py`` as ``python host_worker.py CONFIG_JSON``.  It
 * appends every fact the checker needs to an events file (JSON lines, one
   ``os.write`` each, so a ``kill -9`` loses nothing already recorded).
 
+``free()`` does not release (holds belong to the domain on the host, as in
+libvirt): every path that may still hold something calls ``release()``
+first (``Host.drop``).
+
 All times are ``time.monotonic()``: every process on the machine shares
 CLOCK_MONOTONIC, so host, harness and storage times compare directly.
 """
@@ -44,8 +48,9 @@ class Events:
         self.host = host
         self.inc = inc
 
-    def __call__(self, kind: str, **kw: Any) -> None:
-        rec = {"ev": kind, "t": kw.pop("t", None) or mono(), "host": self.host, "inc": self.inc, **kw}
+    def __call__(self, ev: str, /, **kw: Any) -> None:
+        # positional-only: the records themselves have a "kind" field (violation, misuse)
+        rec = {"ev": ev, "t": kw.pop("t", None) or mono(), "host": self.host, "inc": self.inc, **kw}
         os.write(self.fd, (json.dumps(rec) + "\n").encode())
 
 
@@ -70,12 +75,6 @@ class Storage:
             raise ConnectionError("storage closed the connection")
         reply = json.loads(line)
         return bool(reply["ok"]), str(reply.get("why", ""))
-
-
-def tokens_of(state: str) -> dict[str, int]:
-    """Fencing token of each resource, from a state string."""
-    body = json.loads(state.split(" ", 1)[1])
-    return {str(r["res"]): int(r["token"]) for r in body["res"]}
 
 
 class Holding:
@@ -213,11 +212,12 @@ class Host:
         return subprocess.Popen(["sleep", "100000"], stdin=subprocess.DEVNULL)
 
     def confirm(self, h: Holding, via: str) -> bool:
-        """After a successful acquire: learn the tokens (inquire) and open
-        the write interval.  If the session is already lost, the failure
-        action must have run: check the VM died."""
+        """After a successful acquire: learn the tokens (``held()``) and open
+        the write interval.  If the session is already lost (inquire), the
+        failure action must have run: check the VM died."""
         try:
-            h.tokens = tokens_of(h.obj.inquire())
+            h.obj.inquire()
+            h.tokens = {r.name: r.token for r in h.obj.held()}
         except v.LeaseLostError as exc:
             self.ev("grant_after_loss", obj=h.uuid, via=via, message=str(exc)[:200])
             if not h.dead.wait(1.0):
@@ -305,7 +305,7 @@ class Host:
                     where="release")
         finally:
             self.close_interval(h, "end")
-            self._drop(h)
+            self.drop(h)
 
     def worker(self, n: int) -> None:
         while not self.stopping.is_set():
@@ -331,18 +331,18 @@ class Host:
                 obj.acquire(action=v.FailureAction.POWEROFF)
             except v.ResourceBusyError:
                 self.ev("busy", obj=uuid)
-                self._drop(h)
+                self.drop(h)
                 time.sleep(self.rng.uniform(0.02, 0.25))
                 continue
             except v.VirtleaseError as exc:
                 self.ev("acquire_failed", obj=uuid, error=type(exc).__name__, message=str(exc)[:300])
-                self._drop(h)
+                self.drop(h)
                 time.sleep(self.rng.uniform(0.1, 0.4))
                 continue
             except Exception as exc:  # a non-VirtleaseError escaping the public API is a bug
                 self.ev("unexpected_error", obj=uuid, error=type(exc).__name__, message=str(exc)[:300],
                         where="acquire")
-                self._drop(h)
+                self.drop(h)
                 time.sleep(0.3)
                 continue
             with self.hlock:
@@ -355,12 +355,25 @@ class Host:
                 self.finish(h)
             else:
                 self.close_interval(h, result)
-                self._drop(h)
+                self.drop(h)
             time.sleep(self.rng.uniform(0.0, 0.2))
 
-    def _drop(self, h: Holding) -> None:
+    def release_held(self, obj: v.LockObject, where: str) -> None:
+        """Release what ``obj`` still holds (``free()`` does not)."""
+        try:
+            if not obj.held():
+                return
+            obj.release()
+        except v.VirtleaseError as exc:
+            self.ev("release_failed", obj=obj.uuid, error=type(exc).__name__, message=str(exc)[:200],
+                    where=where)
+            return
+        self.ev("released", obj=obj.uuid, where=where)
+
+    def drop(self, h: Holding) -> None:
         with self.hlock:
             self.holdings.pop(h.uuid, None)
+        self.release_held(h.obj, "drop")
         try:
             h.obj.free()
         except v.VirtleaseError:
@@ -377,7 +390,7 @@ class Host:
             self.finish(h)
         else:
             self.close_interval(h, result)
-            self._drop(h)
+            self.drop(h)
 
     # -- migration commands (main thread) ------------------------------------------------
 
@@ -449,13 +462,13 @@ class Host:
                 self.ev("unexpected_error", obj=h.uuid, error=type(exc).__name__, message=str(exc)[:300],
                         where="claim")
             self.ev("claim_failed", obj=h.uuid, error=type(exc).__name__, message=str(exc)[:300])
-            self._drop(h)
+            self.drop(h)
             return {"ok": False, "error": type(exc).__name__, "message": str(exc)[:300]}
         with self.hlock:
             self.holdings[h.uuid] = h
         if not self.confirm(h, "claim"):
             self.close_interval(h, "end")
-            self._drop(h)
+            self.drop(h)
             return {"ok": True, "note": "claimed but lost at once"}
         try:
             obj.complete_migrate_in(cancel=False)
@@ -481,6 +494,7 @@ class Host:
         plugin = self.plugin
         if plugin is not None:
             for obj in plugin.objects:
+                self.release_held(obj, "shutdown")
                 try:
                     obj.free()
                 except v.VirtleaseError:
