@@ -11,7 +11,10 @@ Started by ``nemesis.py`` as ``python host_worker.py CONFIG_JSON``.  It
 * answers migration commands from the harness on stdin (one JSON per line,
   one reply per line on stdout, matched by ``seq``);
 * appends every fact the checker needs to an events file (JSON lines, one
-  ``os.write`` each, so a ``kill -9`` loses nothing already recorded).
+  ``os.write`` each, so a ``kill -9`` loses nothing already recorded);
+* publishes every state its workers get to the run's gossip file and runs
+  one misbehaving caller thread that misuses them (``misuse.py``), if the
+  harness enabled it.
 
 ``free()`` does not release (holds belong to the domain on the host, as in
 libvirt): every path that may still hold something calls ``release()``
@@ -34,6 +37,8 @@ import threading
 import time
 import uuid as uuidlib
 from typing import Any
+
+from misuse import Gossip, Misuser
 
 import virtlease as v
 
@@ -132,6 +137,12 @@ class Host:
         self.hlock = threading.Lock()
         self.out_lock = threading.Lock()
         self.migrating: dict[int, Holding] = {}
+        self.gossip = Gossip(cfg["gossip"], self.host_id, cfg["inc"]) if cfg.get("gossip") else None
+
+    def publish(self, h: Holding, src: str, state: str, dest: str | None = None) -> None:
+        """Tell the misbehaving callers about a state (it is evidence only)."""
+        if self.gossip is not None:
+            self.gossip.publish(src, state, h.uuid, h.name, h.disks, dest)
 
     # -- session -------------------------------------------------------------------
 
@@ -216,7 +227,7 @@ class Host:
         the write interval.  If the session is already lost (inquire), the
         failure action must have run: check the VM died."""
         try:
-            h.obj.inquire()
+            state = h.obj.inquire()
             h.tokens = {r.name: r.token for r in h.obj.held()}
         except v.LeaseLostError as exc:
             self.ev("grant_after_loss", obj=h.uuid, via=via, message=str(exc)[:200])
@@ -225,6 +236,7 @@ class Host:
                         detail=f"{via} returned success but the session was lost and the VM still runs")
             return False
         self.open_interval(h, via)
+        self.publish(h, "inquire", state)
         # register the new token with storage at once (a fencing write)
         return self.write_all(h) == "ok"
 
@@ -282,6 +294,7 @@ class Host:
                 self.close_interval(h, "release")
                 state = h.obj.release()
                 self.ev("released", obj=h.uuid)
+                self.publish(h, "release", state)
                 if self.stopping.is_set() or self.rng.random() >= 0.25:
                     break
                 time.sleep(self.rng.uniform(0.0, 0.4))
@@ -419,6 +432,7 @@ class Host:
             h.resume.set()
             return {"ok": False, "error": type(exc).__name__, "message": str(exc)[:300]}
         self.ev("prepared", obj=h.uuid, dest=cmd["dest"])
+        self.publish(h, "prepare", state, dest=cmd["dest"])
         self.migrating[cmd["mid"]] = h
         return {"ok": True, "state": state, "uuid": h.uuid, "name": h.name, "disks": h.disks}
 
@@ -522,6 +536,8 @@ def main() -> None:
     reply(ok=True, ready=True, pid=os.getpid(), lease=host.lease, seq=0)
     threads = [threading.Thread(target=host.session_loop, daemon=True)]
     threads += [threading.Thread(target=host.worker, args=(i,), daemon=True) for i in range(cfg["workers"])]
+    if cfg.get("misuse") and host.gossip is not None:
+        threads.append(threading.Thread(target=Misuser(host, Holding, host.gossip).loop, daemon=True))
     for t in threads:
         t.start()
     for line in sys.stdin:
