@@ -184,7 +184,7 @@ class Misuser:
                 return a
         return self.attempt("replay", "other_uuid", rec, body, uuid=self.fresh_uuid())
 
-    def plan_edited(self, rec: dict[str, Any] | None = None) -> Attempt | None:
+    def plan_edited(self, rec: dict[str, Any] | None = None, variant: str | None = None) -> Attempt | None:
         rec = rec or self.recent(lambda r: True)
         if rec is None:
             return None
@@ -192,7 +192,7 @@ class Misuser:
         res = body.get("res", [])
         handoff = body.get("kind") == "handoff"
         variants = ["host", "uuid", "old_token", "mode", "kind"] + (["to", "to"] if handoff else [])
-        variant = self.rng.choice(variants)
+        variant = variant or self.rng.choice(variants)
         uuid: str | None = None
         migrate = handoff
         if variant == "host":
@@ -349,7 +349,7 @@ class Misuser:
                 host.ev("complete_in_failed", obj=h.uuid, error=type(exc).__name__, message=str(exc)[:200])
         result = host.write_all(h)
         if result == "ok":
-            result = host.hold(h, self.rng.uniform(0.2, 0.8))
+            result = host.hold(h, self.rng.uniform(0.1, 0.4))
         host.close_interval(h, "release" if result == "done" else result)
         host.drop(h)
         return iid
@@ -368,7 +368,11 @@ class Misuser:
             try:
                 if handoffs:  # a migration is in flight: misuse its state now
                     rec = self.rng.choice(handoffs)
-                    a = self.plan_cross(rec) if self.rng.random() < 0.6 else self.plan_edited(rec)
+                    roll = self.rng.random()
+                    a = (self.plan_cross(rec) if roll < 0.45
+                         # a third host rewriting the destination to itself
+                         else self.plan_edited(rec, "to") if roll < 0.8 and rec.get("dest") != self.me
+                         else self.plan_edited(rec))
                 else:
                     kind = self.rng.choice(KINDS)
                     a = (self.plan_replay() if kind == "replay" else self.plan_edited() if kind == "edited"
@@ -378,4 +382,4 @@ class Misuser:
             except Exception as exc:  # the misuser must never take its host down
                 host.ev("unexpected_error", obj="", error=type(exc).__name__, message=str(exc)[:300],
                         where="misuser")
-            time.sleep(self.rng.uniform(0.05, 0.2))
+            time.sleep(self.rng.uniform(0.03, 0.12))
