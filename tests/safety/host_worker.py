@@ -11,7 +11,14 @@ Started by ``nemesis.py`` as ``python host_worker.py CONFIG_JSON``.  It
 * answers migration commands from the harness on stdin (one JSON per line,
   one reply per line on stdout, matched by ``seq``);
 * appends every fact the checker needs to an events file (JSON lines, one
-  ``os.write`` each, so a ``kill -9`` loses nothing already recorded).
+  ``os.write`` each, so a ``kill -9`` loses nothing already recorded);
+* publishes every state its workers get to the run's gossip file and runs
+  one misbehaving caller thread that misuses them (``misuse.py``), if the
+  harness enabled it.
+
+``free()`` does not release (holds belong to the domain on the host, as in
+libvirt): every path that may still hold something calls ``release()``
+first (``Host.drop``).
 
 All times are ``time.monotonic()``: every process on the machine shares
 CLOCK_MONOTONIC, so host, harness and storage times compare directly.
@@ -31,6 +38,8 @@ import time
 import uuid as uuidlib
 from typing import Any
 
+from misuse import Gossip, Misuser
+
 import virtlease as v
 
 mono = time.monotonic
@@ -44,8 +53,9 @@ class Events:
         self.host = host
         self.inc = inc
 
-    def __call__(self, kind: str, **kw: Any) -> None:
-        rec = {"ev": kind, "t": kw.pop("t", None) or mono(), "host": self.host, "inc": self.inc, **kw}
+    def __call__(self, ev: str, /, **kw: Any) -> None:
+        # positional-only: the records themselves have a "kind" field (violation, misuse)
+        rec = {"ev": ev, "t": kw.pop("t", None) or mono(), "host": self.host, "inc": self.inc, **kw}
         os.write(self.fd, (json.dumps(rec) + "\n").encode())
 
 
@@ -70,12 +80,6 @@ class Storage:
             raise ConnectionError("storage closed the connection")
         reply = json.loads(line)
         return bool(reply["ok"]), str(reply.get("why", ""))
-
-
-def tokens_of(state: str) -> dict[str, int]:
-    """Fencing token of each resource, from a state string."""
-    body = json.loads(state.split(" ", 1)[1])
-    return {str(r["res"]): int(r["token"]) for r in body["res"]}
 
 
 class Holding:
@@ -133,6 +137,12 @@ class Host:
         self.hlock = threading.Lock()
         self.out_lock = threading.Lock()
         self.migrating: dict[int, Holding] = {}
+        self.gossip = Gossip(cfg["gossip"], self.host_id, cfg["inc"]) if cfg.get("gossip") else None
+
+    def publish(self, h: Holding, src: str, state: str, dest: str | None = None) -> None:
+        """Tell the misbehaving callers about a state (it is evidence only)."""
+        if self.gossip is not None:
+            self.gossip.publish(src, state, h.uuid, h.name, h.disks, dest)
 
     # -- session -------------------------------------------------------------------
 
@@ -213,11 +223,12 @@ class Host:
         return subprocess.Popen(["sleep", "100000"], stdin=subprocess.DEVNULL)
 
     def confirm(self, h: Holding, via: str) -> bool:
-        """After a successful acquire: learn the tokens (inquire) and open
-        the write interval.  If the session is already lost, the failure
-        action must have run: check the VM died."""
+        """After a successful acquire: learn the tokens (``held()``) and open
+        the write interval.  If the session is already lost (inquire), the
+        failure action must have run: check the VM died."""
         try:
-            h.tokens = tokens_of(h.obj.inquire())
+            state = h.obj.inquire()
+            h.tokens = {r.name: r.token for r in h.obj.held()}
         except v.LeaseLostError as exc:
             self.ev("grant_after_loss", obj=h.uuid, via=via, message=str(exc)[:200])
             if not h.dead.wait(1.0):
@@ -225,6 +236,7 @@ class Host:
                         detail=f"{via} returned success but the session was lost and the VM still runs")
             return False
         self.open_interval(h, via)
+        self.publish(h, "inquire", state)
         # register the new token with storage at once (a fencing write)
         return self.write_all(h) == "ok"
 
@@ -282,6 +294,7 @@ class Host:
                 self.close_interval(h, "release")
                 state = h.obj.release()
                 self.ev("released", obj=h.uuid)
+                self.publish(h, "release", state)
                 if self.stopping.is_set() or self.rng.random() >= 0.25:
                     break
                 time.sleep(self.rng.uniform(0.0, 0.4))
@@ -305,7 +318,7 @@ class Host:
                     where="release")
         finally:
             self.close_interval(h, "end")
-            self._drop(h)
+            self.drop(h)
 
     def worker(self, n: int) -> None:
         while not self.stopping.is_set():
@@ -331,18 +344,18 @@ class Host:
                 obj.acquire(action=v.FailureAction.POWEROFF)
             except v.ResourceBusyError:
                 self.ev("busy", obj=uuid)
-                self._drop(h)
+                self.drop(h)
                 time.sleep(self.rng.uniform(0.02, 0.25))
                 continue
             except v.VirtleaseError as exc:
                 self.ev("acquire_failed", obj=uuid, error=type(exc).__name__, message=str(exc)[:300])
-                self._drop(h)
+                self.drop(h)
                 time.sleep(self.rng.uniform(0.1, 0.4))
                 continue
             except Exception as exc:  # a non-VirtleaseError escaping the public API is a bug
                 self.ev("unexpected_error", obj=uuid, error=type(exc).__name__, message=str(exc)[:300],
                         where="acquire")
-                self._drop(h)
+                self.drop(h)
                 time.sleep(0.3)
                 continue
             with self.hlock:
@@ -355,12 +368,25 @@ class Host:
                 self.finish(h)
             else:
                 self.close_interval(h, result)
-                self._drop(h)
+                self.drop(h)
             time.sleep(self.rng.uniform(0.0, 0.2))
 
-    def _drop(self, h: Holding) -> None:
+    def release_held(self, obj: v.LockObject, where: str) -> None:
+        """Release what ``obj`` still holds (``free()`` does not)."""
+        try:
+            if not obj.held():
+                return
+            obj.release()
+        except v.VirtleaseError as exc:
+            self.ev("release_failed", obj=obj.uuid, error=type(exc).__name__, message=str(exc)[:200],
+                    where=where)
+            return
+        self.ev("released", obj=obj.uuid, where=where)
+
+    def drop(self, h: Holding) -> None:
         with self.hlock:
             self.holdings.pop(h.uuid, None)
+        self.release_held(h.obj, "drop")
         try:
             h.obj.free()
         except v.VirtleaseError:
@@ -377,7 +403,7 @@ class Host:
             self.finish(h)
         else:
             self.close_interval(h, result)
-            self._drop(h)
+            self.drop(h)
 
     # -- migration commands (main thread) ------------------------------------------------
 
@@ -406,6 +432,7 @@ class Host:
             h.resume.set()
             return {"ok": False, "error": type(exc).__name__, "message": str(exc)[:300]}
         self.ev("prepared", obj=h.uuid, dest=cmd["dest"])
+        self.publish(h, "prepare", state, dest=cmd["dest"])
         self.migrating[cmd["mid"]] = h
         return {"ok": True, "state": state, "uuid": h.uuid, "name": h.name, "disks": h.disks}
 
@@ -449,13 +476,13 @@ class Host:
                 self.ev("unexpected_error", obj=h.uuid, error=type(exc).__name__, message=str(exc)[:300],
                         where="claim")
             self.ev("claim_failed", obj=h.uuid, error=type(exc).__name__, message=str(exc)[:300])
-            self._drop(h)
+            self.drop(h)
             return {"ok": False, "error": type(exc).__name__, "message": str(exc)[:300]}
         with self.hlock:
             self.holdings[h.uuid] = h
         if not self.confirm(h, "claim"):
             self.close_interval(h, "end")
-            self._drop(h)
+            self.drop(h)
             return {"ok": True, "note": "claimed but lost at once"}
         try:
             obj.complete_migrate_in(cancel=False)
@@ -481,6 +508,7 @@ class Host:
         plugin = self.plugin
         if plugin is not None:
             for obj in plugin.objects:
+                self.release_held(obj, "shutdown")
                 try:
                     obj.free()
                 except v.VirtleaseError:
@@ -508,6 +536,8 @@ def main() -> None:
     reply(ok=True, ready=True, pid=os.getpid(), lease=host.lease, seq=0)
     threads = [threading.Thread(target=host.session_loop, daemon=True)]
     threads += [threading.Thread(target=host.worker, args=(i,), daemon=True) for i in range(cfg["workers"])]
+    if cfg.get("misuse") and host.gossip is not None:
+        threads.append(threading.Thread(target=Misuser(host, Holding, host.gossip).loop, daemon=True))
     for t in threads:
         t.start()
     for line in sys.stdin:

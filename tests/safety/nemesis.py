@@ -11,7 +11,10 @@ hold them and migrate VMs between hosts (the harness relays the states).  A
 nemesis injects faults at random: kill -9 a host (and its VMs) and restart it
 with the same host_id; SIGSTOP a host past its TTL; cut or blackhole a host's
 links to etcd; add latency; kill and restart the etcd leader; pause an etcd
-member; kill the source or the destination in the middle of a migration.
+member; kill the source or the destination in the middle of a migration.  In each
+host a misbehaving caller (``misuse.py``, ``Settings.misuse``) replays, edits,
+forges and cross-hands the states the hosts gossip, and writes like a real
+holder whenever a misuse succeeds.
 
 After each run the checker reads the recorded history (host event logs,
 storage log, nemesis log, keyspace snapshots) and reports violations; the
@@ -73,6 +76,8 @@ class Settings:
     """Mean seconds between fault injections."""
     migrate_every: float = 1.5
     quiet: bool = False
+    misuse: bool = True
+    """Run a misbehaving caller in every host (misuse.py)."""
 
 
 @dataclass
@@ -119,6 +124,7 @@ class HostHandle:
             "prefix": self.run.prefix, "ttl": self.run.s.ttl, "storage": str(self.run.storage_path),
             "events": str(self.events_path(self.inc)), "disks": self.run.disks,
             "workers": self.run.s.workers, "seed": self.run.rng.randrange(1 << 30),
+            "gossip": str(self.run.gossip_path), "misuse": self.run.s.misuse,
         }
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
@@ -239,6 +245,8 @@ class Run:
         (self.dir / "events").mkdir(parents=True)
         self.prefix = f"/nemesis/r{index}"
         self.storage_path = self.dir / "storage.sock"
+        self.gossip_path = self.dir / "gossip.jsonl"  # states the hosts saw, for the misbehaving callers
+        self.gossip_path.touch()
         self.disks = [str(self.dir / "disks" / f"disk{i}.qcow2") for i in range(s.disks)]
         self.faults: list[Fault] = []
         self.flock = threading.Lock()
@@ -408,6 +416,9 @@ class Run:
             self.spawn(self.restart_host, src, self.rng.uniform(0.2, 2.0) * self.s.ttl)
             if self.rng.random() < 0.5:
                 self.sleep(self.s.ttl + 1)  # the claim comes after the source's lease expired
+        # the memory copy: the handoff state is in flight for a while (and the
+        # misbehaving callers, who saw it in the gossip, may try it meanwhile)
+        self.sleep(self.rng.uniform(0.05, 0.6))
         claim = dst.call("migrate_in", timeout=3 * self.s.ttl + 5, state=out["state"], uuid=out["uuid"],
                          name=out["name"], disks=out["disks"])
         ok = bool(claim and claim.get("ok"))
@@ -535,6 +546,8 @@ class RunResult:
     release_lead: list[float] = field(default_factory=list)
     """Fence leads of VMs that had already called release() at the fence."""
     notes: list[str] = field(default_factory=list)
+    misuse: list[dict[str, Any]] = field(default_factory=list)
+    """One record per misuse attempt (misuse_outcomes): reporting only."""
 
 
 def read_events(run: Run) -> list[dict[str, Any]]:
@@ -788,10 +801,124 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
     for key in leftover:
         if not key.startswith(gen):
             res.violations.append(f"key left in etcd after every host stopped: {key}")
+    res.misuse = misuse_outcomes(run, events, by_disk, kills, t_end)
     return res
 
 
+def parked_sources(events: list[dict[str, Any]], by_disk: dict[str, list[Interval]],
+                   kills: dict[tuple[str, int], float], t_end: float) -> dict[str, list[tuple[float, float, str]]]:
+    """Per disk, when a migration source held it without writing: from
+    ``prepared`` to the outcome of its complete_out (or its host's death)."""
+    last_iv: dict[tuple[str, int, str], list[Interval]] = defaultdict(list)
+    for ivs in by_disk.values():
+        for iv in ivs:
+            last_iv[(iv.host, iv.inc, iv.obj)].append(iv)
+    out: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    for e in events:
+        if e["ev"] != "prepared":
+            continue
+        key, t0 = (e["host"], e["inc"], e["obj"]), float(e["t"])
+        ends = [float(x["t"]) for x in events if x["ev"] in ("completed_out", "complete_out_failed")
+                and (x["host"], x["inc"], x["obj"]) == key and float(x["t"]) >= t0]
+        t1 = min([*ends, kills.get(key[:2], t_end), t_end])
+        before = [iv for iv in last_iv[key] if iv.start <= t0]
+        if not before:
+            continue
+        newest = max(iv.start for iv in before)
+        for iv in before:
+            if iv.start == newest:
+                out[iv.disk].append((t0, t1, f"{iv.host}.{iv.inc} (migrating {iv.obj[:8]} to {e.get('dest')})"))
+    return out
+
+
+def misuse_outcomes(run: Run, events: list[dict[str, Any]], by_disk: dict[str, list[Interval]],
+                    kills: dict[tuple[str, int], float], t_end: float) -> list[dict[str, Any]]:
+    """Each misuse attempt, and for a success whether it was legitimate:
+    when it was granted, nobody else's write interval was open on one of its
+    disks and no migration source held one parked (a replayed state after
+    the holder released is a legitimate resume).  Reporting only: the rules
+    above decide the violations."""
+    starts = {e["iid"]: float(e["t"]) for e in events if e["ev"] == "grant"}
+    parked = parked_sources(events, by_disk, kills, t_end)
+    out: list[dict[str, Any]] = []
+    for e in events:
+        if e["ev"] != "misuse":
+            continue
+        rec = {"kind": e["kind"], "variant": e["variant"], "outcome": e["outcome"], "error": e.get("error"),
+               "legit": None, "held_by": ""}
+        if e["outcome"] == "succeeded" and e.get("iid") in starts:
+            t = starts[e["iid"]]
+            others = [iv for d in e.get("tokens", {}) for iv in by_disk.get(d, [])
+                      if iv.iid != e["iid"] and iv.start <= t < iv.end]
+            live = [iv for iv in others if not iv.paused]
+            sources = [(d, who) for d in e.get("tokens", {}) for t0, t1, who in parked.get(d, []) if t0 <= t < t1]
+            rec["legit"] = not live and not sources
+            rec["paused_holder"] = bool(others) and not live
+            rec["parked_source"] = bool(sources) and not live
+            if live:
+                iv = live[0]
+                rec["held_by"] = (f"{Path(iv.disk).name} held by {iv.host}.{iv.inc} token {iv.token} "
+                                  f"({iv.via}) at {t - run.t_start:.3f}")
+            elif sources:
+                rec["held_by"] = f"{Path(sources[0][0]).name} held by migration source {sources[0][1]} " \
+                                 f"at {t - run.t_start:.3f}"
+        out.append(rec)
+    return out
+
+
+def misuse_section(results: list[RunResult], violations: list[str]) -> list[str]:
+    attempts: Counter[str] = Counter()
+    refused: dict[str, Counter[str]] = defaultdict(Counter)
+    ok: dict[str, Counter[str]] = defaultdict(Counter)
+    variants: dict[str, Counter[str]] = defaultdict(Counter)
+    examples: dict[str, list[str]] = defaultdict(list)
+    for r in results:
+        for m in r.misuse:
+            k = m["kind"]
+            attempts[k] += 1
+            if m["outcome"] == "refused":
+                refused[k][str(m["error"])] += 1
+                variants[k][f"{m['variant']} refused"] += 1
+                continue
+            label = ("granted after the session was lost" if m["outcome"] != "succeeded"
+                     else "legitimate (nobody held the disk)" if m["legit"] and not m.get("paused_holder")
+                     else "legitimate (only a paused holder past its TTL)" if m["legit"]
+                     else "while a migration source held the disk (handoff taken)" if m.get("parked_source")
+                     else "while another holder held the disk")
+            ok[k][label] += 1
+            variants[k][f"{m['variant']} succeeded {'legitimately' if m['legit'] else 'while held'}"] += 1
+            if m["legit"] is False and len(examples[k]) < 5:
+                examples[k].append(f"run {r.index}: {k}/{m['variant']}: {m['held_by']}")
+    by_kind: Counter[str] = Counter()
+    for v in violations:
+        for k in attempts:
+            if f"misuse:{k}/" in v:
+                by_kind[k] += 1
+    lines = ["## Misuse (the misbehaving caller)", ""]
+    if not attempts:
+        return [*lines, "none (misuse disabled)", ""]
+    for k in sorted(attempts):
+        lines.append(f"- **{k}**: {attempts[k]} attempt(s), {sum(refused[k].values())} refused, "
+                     f"{sum(ok[k].values())} succeeded; two-writer violations naming it: {by_kind[k]}")
+        lines += [f"  - refused ({err}): {n}" for err, n in sorted(refused[k].items())]
+        lines += [f"  - succeeded {label}: {n}" for label, n in sorted(ok[k].items())]
+        lines += [f"  - variant {label}: {n}" for label, n in sorted(variants[k].items())]
+    if examples:
+        lines += ["", "Successes while someone else held the disk (first 5 of each kind):", "",
+                  *(f"- {x}" for k in sorted(examples) for x in examples[k])]
+    return [*lines, ""]
+
+
 # --------------------------------------------------------------------------- suite and report
+
+
+def violation_kind(v: str) -> str:
+    """A violation's rule, and whether a misuse grant is named in it."""
+    text = v.split(": ", 1)[1] if v.startswith("run ") else v
+    rule = next((r for r in ("two writers", "stale write accepted", "used by two holders", "outside",
+                             "lost its session", "still in etcd", "key left", "vm_survived_loss")
+                 if r in text), text.split(":", 1)[0])
+    return f"{rule}{' (a misuse grant is one side)' if 'misuse:' in text else ''}"
 
 
 def dist(xs: list[float]) -> str:
@@ -856,8 +983,11 @@ class Summary:
             "",
             *(f"- {k}: {n}" for k, n in sorted(ops.items())),
             "",
+            *misuse_section(self.results, self.violations),
             "## Safety violations",
             "",
+            *(f"- {k}: {n}" for k, n in sorted(Counter(violation_kind(v) for v in self.violations).items())),
+            *([""] if self.violations else []),
             *([f"- {v}" for v in self.violations[:200]] or ["none"]),
             "",
             "## Liveness violations",
@@ -921,10 +1051,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fault-every", type=float, default=2.5, help="mean seconds between faults")
     p.add_argument("--workdir", help="keep the histories here")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-misuse", action="store_true", help="no misbehaving caller in the hosts")
     p.add_argument("--strict", action="store_true", help="also fail (exit 1) on liveness violations")
     a = p.parse_args(argv)
     s = Settings(seed=a.seed, run_length=a.run_length, hosts=a.hosts, workers=a.workers, disks=a.disks,
-                 ttl=a.ttl, fault_every=a.fault_every, quiet=a.quiet)
+                 ttl=a.ttl, fault_every=a.fault_every, quiet=a.quiet, misuse=not a.no_misuse)
     summary = run_suite(s, a.duration, a.workdir)
     print(summary.render())
     failed = summary.violations or summary.errors or (a.strict and summary.liveness)

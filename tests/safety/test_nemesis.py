@@ -1,7 +1,9 @@
 """The short, seeded nemesis run for CI: ``pytest -m safety tests/safety``.
 
 Two runs of about a minute each (fresh three-member etcd per run), three host
-processes, faults every ~2 s.  The long run is ``python tests/safety/nemesis.py
+processes, faults every ~2 s, a misbehaving caller in every host (misuse.py:
+replayed, edited, forged and cross-handed states; any success that gives a
+disk two holders is a safety violation).  The long run is ``python tests/safety/nemesis.py
 --duration 1800`` (see README.md).  Safety violations fail the test; liveness
 violations (orphaned locks) warn, or fail with ``VIRTLEASE_NEMESIS_STRICT=1``.
 """
