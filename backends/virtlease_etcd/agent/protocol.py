@@ -588,10 +588,9 @@ def encode_error_reply(call: Header, err: RemoteError) -> bytes:
 
 def decode_reply(frame: bytes, max_frame: int = MAX_REPLY_FRAME) -> tuple[Header, RemoteError | None]:
     """Decode a whole REPLY frame: (header, None) for OK with an empty payload, (header, error)
-    for ERROR.  Raises ProtocolError for anything else (wrong program, type, status, payload)."""
+    for ERROR.  Raises ProtocolError for anything else (type, status, payload).  Program and
+    version are not checked: the error reply to a call for an unknown program echoes it."""
     header, payload = decode_frame(frame, max_frame)
-    if header.prog != PROGRAM or header.vers != VERSION:
-        raise ProtocolError("program", f"reply from program {header.prog:#x} version {header.vers}", header)
     if header.type != MessageType.REPLY:
         raise ProtocolError("type", f"expected a REPLY, got message type {header.type}", header)
     if header.status == Status.OK:
