@@ -236,7 +236,7 @@ def test_malformed_input_gets_an_error_reply_or_a_close(
         c.send_raw(data)
         if readable:
             header, err = c.read_reply()
-            assert err is not None and (err.code, err.domain) == (39, 7)
+            assert err is not None and (err.code, err.domain, err.str1, err.message) == (39, 7, "%s", err.str2)
             assert header.status == p.Status.ERROR and header.type == p.MessageType.REPLY
             c.acquire("/after-bad-frame")  # the same connection goes on
         else:
@@ -347,3 +347,17 @@ def test_live_socket_is_not_replaced_stale_one_is(start_agent: Start, backend: R
     stale.close()
     again = start_agent(backend)
     assert_serves(again)
+
+
+def test_pipelined_calls_are_answered_in_order(agent: ServerThread, backend: RecordingBackend) -> None:
+    owner = make_owner()
+    calls = [
+        p.encode_call(p.Procedure.REGISTER, 0, p.RegisterArgs(owner)),
+        p.encode_call(p.Procedure.ACQUIRE_RESOURCE, 1, p.ResourceArgs("", "/a", 0)),
+        p.encode_call(p.Procedure.RELEASE_RESOURCE, 2, p.ResourceArgs("", "/a", 0)),
+    ]
+    with LockdClient(agent.path) as c:
+        c.send_raw(b"".join(calls))  # in one write, as a pipelining client would
+        replies = [c.read_reply() for _ in calls]
+    assert [(h.serial, h.proc, err) for h, err in replies] == [(0, 1, None), (1, 6, None), (2, 7, None)]
+    assert backend.ops() == ["register", "acquire", "release"]

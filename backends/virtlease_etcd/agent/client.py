@@ -3,12 +3,12 @@
 Each call sends one CALL frame with the next serial (from 0, like libvirt) and waits for the
 reply.  A caller may rely on: an OK reply returns None; an ERROR reply raises
 :class:`RemoteCallError` carrying the decoded ``virNetMessageError``; the server closing the
-connection raises :class:`ConnectionClosed`; a malformed reply raises ``ProtocolError``.
+connection raises :class:`ConnectionClosed`; a malformed reply, or one to another serial or
+procedure, raises ``ProtocolError``.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import uuid
@@ -22,6 +22,7 @@ from .protocol import (
     Header,
     Owner,
     Procedure,
+    ProtocolError,
     RegisterArgs,
     RemoteError,
     ResourceArgs,
@@ -30,8 +31,6 @@ from .protocol import (
     encode_call,
     frame_length,
 )
-
-log = logging.getLogger(__name__)
 
 
 class ConnectionClosed(EOFError):
@@ -47,9 +46,11 @@ class RemoteCallError(Exception):
         self.error = error
 
 
-def make_owner(name: str = "vm", *, owner_id: int = 1, pid: int | None = None, uid: uuid.UUID | None = None) -> Owner:
+def make_owner(
+    name: str = "vm", *, owner_id: int = 1, pid: int | None = None, owner_uuid: uuid.UUID | None = None
+) -> Owner:
     """An Owner as libvirt sends it (pid defaults to this process, uuid to a random one)."""
-    return Owner(uuid=uid or uuid.uuid4(), name=name, id=owner_id, pid=os.getpid() if pid is None else pid)
+    return Owner(uuid=owner_uuid or uuid.uuid4(), name=name, id=owner_id, pid=os.getpid() if pid is None else pid)
 
 
 class LockdClient:
@@ -129,7 +130,9 @@ class LockdClient:
         self.sock.sendall(encode_call(proc, serial, args))
         header, error = self.read_reply()
         if header.serial != serial or header.proc != proc:
-            log.warning("reply serial %d proc %d to call serial %d proc %d", header.serial, header.proc, serial, proc)
+            raise ProtocolError(
+                "serial", f"reply serial {header.serial} proc {header.proc} to call serial {serial} proc {int(proc)}", header
+            )
         if error is not None:
             raise RemoteCallError(header, error)
 

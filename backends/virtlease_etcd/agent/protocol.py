@@ -123,17 +123,18 @@ class ErrorDomain(enum.IntEnum):
 ERROR_LEVEL_ERROR: Final = 2
 """VIR_ERR_ERROR, the level of every error virtlockd sends."""
 
-_ERROR_PREFIX: Final[dict[int, str]] = {
-    ErrorCode.INTERNAL_ERROR: "internal error",
-    ErrorCode.NO_SUPPORT: "this function is not supported by the connection driver",
-    ErrorCode.INVALID_ARG: "invalid argument",
-    ErrorCode.OPERATION_DENIED: "operation forbidden",
-    ErrorCode.RPC: "RPC error",
-    ErrorCode.OPERATION_INVALID: "Requested operation is not valid",
-    ErrorCode.OPERATION_UNSUPPORTED: "Operation not supported",
-    ErrorCode.RESOURCE_BUSY: "resource busy",
+_ERROR_FORMAT: Final[dict[int, str]] = {
+    ErrorCode.INTERNAL_ERROR: "internal error: %s",
+    ErrorCode.NO_SUPPORT: "this function is not supported by the connection driver: %s",
+    ErrorCode.INVALID_ARG: "invalid argument: %s",
+    ErrorCode.OPERATION_DENIED: "operation forbidden: %s",
+    ErrorCode.RPC: "%s",
+    ErrorCode.OPERATION_INVALID: "Requested operation is not valid: %s",
+    ErrorCode.OPERATION_UNSUPPORTED: "Operation not supported: %s",
+    ErrorCode.RESOURCE_BUSY: "resource busy: %s",
 }
-"""libvirt's virErrorMsg() prefix per code: message = prefix + ': ' + detail, str1 = prefix + ': %s'."""
+"""libvirt's virErrorMsg() format per code (src/util/virerror.c): str1 = format,
+message = format with the detail; VIR_ERR_RPC has no prefix."""
 
 
 class ProtocolError(Exception):
@@ -257,10 +258,11 @@ class RemoteError:
 def make_error(code: int, domain: int, detail: str) -> RemoteError:
     """The error libvirt's virReportError(code, "%s", detail) would send from ``domain``.
 
-    ``message`` is "<prefix>: <detail>", ``str1`` "<prefix>: %s", ``str2`` the detail, as in
-    the captured RESOURCE_BUSY replies; unknown codes get the prefix "unknown error"."""
-    prefix = _ERROR_PREFIX.get(code, "unknown error")
-    return RemoteError(code=code, domain=domain, message=f"{prefix}: {detail}", str1=f"{prefix}: %s", str2=detail)
+    ``str1`` is libvirt's format for ``code`` (e.g. "resource busy: %s"), ``str2`` the detail
+    and ``message`` the two combined, as in the captured RESOURCE_BUSY replies; codes this
+    module does not list get the format "%s"."""
+    fmt = _ERROR_FORMAT.get(code, "%s")
+    return RemoteError(code=code, domain=domain, message=fmt.replace("%s", detail, 1), str1=fmt, str2=detail)
 
 
 # ---------------------------------------------------------------------------- XDR primitives
@@ -464,11 +466,6 @@ _ARGS_TYPE: Final[dict[Procedure, type]] = {
 }
 
 
-def args_type(proc: Procedure) -> type:
-    """The argument dataclass of ``proc``."""
-    return _ARGS_TYPE[proc]
-
-
 def decode_args(proc: Procedure, payload: bytes, header: Header | None = None) -> CallArgs:
     """Decode and fully validate a call's argument payload (no trailing bytes allowed).
 
@@ -492,14 +489,6 @@ def decode_args(proc: Procedure, payload: bytes, header: Header | None = None) -
         result = ResourceArgs(path=path, name=name, flags=r.u32("flags"))
     r.finish(f"{proc.name} arguments")
     return result
-
-
-def proc_of(args: CallArgs) -> Procedure:
-    """The procedure of an argument value; ResourceArgs is ambiguous and raises TypeError."""
-    for proc, kind in _ARGS_TYPE.items():
-        if kind is type(args) and kind is not ResourceArgs:
-            return proc
-    raise TypeError(f"cannot tell the procedure of {type(args).__name__}; pass it explicitly")
 
 
 def encode_call(proc: Procedure, serial: int, args: CallArgs) -> bytes:
