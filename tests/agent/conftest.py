@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_harness import RecordingBackend, ServerThread, Vector, load_vectors
+
+from agent.agent_harness import RecordingBackend, ServerThread, Vector, load_vectors
 
 
 @pytest.fixture(scope="session")

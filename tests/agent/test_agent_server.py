@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from agent_harness import MALFORMED, RecordingBackend, ServerThread, Vector, frame
 
+from agent.agent_harness import MALFORMED, RecordingBackend, ServerThread, Vector, frame
 from virtlease_etcd.agent import protocol as p
 from virtlease_etcd.agent.client import LockdClient, RemoteCallError, make_owner
 from virtlease_etcd.agent.server import AgentSetupError, Connection, LockdServer, ResourceBusy
