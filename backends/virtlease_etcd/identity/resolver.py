@@ -22,9 +22,12 @@ A caller may rely on:
     or :class:`IdentityError` instead when the resolver is strict;
 
 * the mount table being read once and re-read only after it changed (the
-  kernel marks ``/proc/self/mountinfo`` with ``POLLPRI``; another file is
-  compared by content), and facts per mount and device being kept until
-  then; a ``Resolver`` is not thread-safe (use one per thread or a lock).
+  kernel marks ``/proc/self/mountinfo`` with ``POLLPRI``; another file, such
+  as a test sample, is re-read when its inode, size or mtime changes), and
+  facts per mount and device being kept until then;
+* nothing else: a ``Resolver`` is neither thread- nor fork-safe (its
+  mountinfo descriptor is shared with a child): use one per thread and
+  process, and :meth:`Resolver.close` it (or use it as a context manager).
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ class Resolver:
         self._poll: select.poll | None = None
         self._fd: int | None = None
         self._text: str | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._table = MountTable(())
         self._mount_of_dir: dict[str, MountEntry | None] = {}
         self._network: dict[int, NetworkLocation | None] = {}
@@ -142,7 +146,13 @@ class Resolver:
         if self._text is not None and self._poll is not None:
             if not self._poll.poll(0):
                 return
-        elif self._text is None and self._mountinfo_path.startswith("/proc/"):
+        elif self._poll is None and not self._mountinfo_path.startswith("/proc/"):
+            st = os.stat(self._mountinfo_path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._text is not None and stamp == self._stamp:
+                return
+            self._stamp = stamp
+        elif self._text is None:
             self._fd = os.open(self._mountinfo_path, os.O_RDONLY | os.O_CLOEXEC)
             self._poll = select.poll()
             self._poll.register(self._fd, select.POLLPRI | select.POLLERR)
@@ -188,8 +198,7 @@ class Resolver:
         mount = self.mount_of(real)
         if mount is None:
             return self._fallback(real, "unknown", "no mount table entry holds it")
-        below = posixpath.relpath(real, mount.mount_point)
-        below = "" if below == "." else below
+        below = real[len(mount.mount_point):].lstrip("/") if mount.mount_point != "/" else real.lstrip("/")
         network = self._network_location(mount)
         if network is not None:
             return DiskIdentity(network.key_for(below), network.key_for(below), "network", real, False)
@@ -227,12 +236,12 @@ class Resolver:
         same_fs = os.makedev(mount.major, mount.minor) == st.st_dev or mount.fstype == "btrfs"
         fd: int | None = None
         try:
-            if same_fs:
+            cache_key = (mount.dev, st.st_dev)
+            if same_fs and (cache_key not in self._uuids or mount.fstype == "btrfs"):
                 try:
                     fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
                 except OSError as err:
                     log.debug("open %s: %s", real, err)
-            cache_key = (mount.dev, st.st_dev)
             if cache_key not in self._uuids:
                 self._uuids[cache_key] = fs_uuid(self.roots, mount.fstype, mount.major, mount.minor, fd, mount.source)
                 log.debug("fs uuid of %s (%s): %s", mount.dev, mount.fstype, self._uuids[cache_key])
