@@ -204,3 +204,9 @@ def test_mountinfo_parsed_once_for_many_disks() -> None:
         for n in range(64):
             r.resolve(f"/var/lib/libvirt/images/disk{n}.qcow2")
         assert r.parses == 1
+
+
+def test_config_checks_mappings() -> None:
+    with pytest.raises(ValueError, match="absolute"):
+        IdentityConfig(mappings={"relative/dir": "x://y"})
+    assert IdentityConfig(aliases={"Filer1.Example.COM.": "filer1"}).aliases == {"filer1.example.com": "filer1"}

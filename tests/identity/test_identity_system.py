@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from virtlease_etcd.identity import IdentityConfig, IdentityError, Resolver
+from virtlease_etcd.identity.blockdev import Roots, device_key, fs_uuid
 
 
 def need(*tools: str) -> None:
@@ -243,3 +245,35 @@ def test_tmpfs_falls_back_or_raises_when_strict(tmp_path: Path) -> None:
     assert found.fallback and found.kind == "path" and found.key == f"path://{t}/disk.img"
     assert str(t / "disk.img") in str(err.value)
     assert mapped.key == "scratch://t/disk.img" and not mapped.fallback
+
+
+def test_superblock_read_when_nothing_else_answers(tmp_path: Path) -> None:
+    """No ioctl (no open file), no by-uuid links, no udev: the super block on the device."""
+    with filesystem(tmp_path, "ext4") as device:
+        rdev = os.stat(device).st_rdev
+        roots = Roots(sysfs="/sys", dev=str(tmp_path / "no-dev"), udev=str(tmp_path / "no-udev"))
+        found = fs_uuid(roots, "ext4", os.major(rdev), os.minor(rdev), None, device)
+        expected = blkid_uuid(device)
+    assert found is not None and found[1] == "superblock"
+    if expected:
+        assert found[0] == expected
+
+
+def test_by_id_and_by_uuid_links(tmp_path: Path) -> None:
+    """udev's /dev/disk links, made with mknod in a private /dev root over sysfs samples."""
+    need("mount")
+    samples = Path(__file__).parent / "samples"
+    dev = tmp_path / "dev"
+    (dev / "disk" / "by-id").mkdir(parents=True)
+    (dev / "disk" / "by-uuid").mkdir(parents=True)
+    os.mknod(dev / "zram0", 0o600 | stat.S_IFBLK, os.makedev(253, 0))
+    os.mknod(dev / "vdb", 0o600 | stat.S_IFBLK, os.makedev(254, 16))
+    by_id, by_uuid = dev / "disk" / "by-id", dev / "disk" / "by-uuid"
+    (by_id / "dm-name-zram").symlink_to("../../zram0")  # local names are not identities
+    (by_id / "wwn-0x5000C500A1B2C3D4").symlink_to("../../zram0")
+    (by_id / "virtio-serial42").symlink_to("../../vdb")
+    (by_uuid / "0B7E2E2C-4C43-4E0B-9F8A-1A2B3C4D5E6F").symlink_to("../../zram0")
+    roots = Roots(sysfs=str(samples / "sysfs-virtio-loop"), dev=str(dev), udev=str(tmp_path / "no-udev"))
+    assert device_key(roots, 253, 0).key == "wwid://naa.5000c500a1b2c3d4"
+    assert device_key(roots, 254, 16).key == "serial://virtio-serial42"
+    assert fs_uuid(roots, "xfs", 253, 0, None, None) == ("0b7e2e2c-4c43-4e0b-9f8a-1a2b3c4d5e6f", "by-uuid")

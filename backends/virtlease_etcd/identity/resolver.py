@@ -185,29 +185,35 @@ class Resolver:
         mapped = self._mapped(real)
         if mapped:
             return mapped
+        mount = self.mount_of(real)
+        if mount is not None:
+            network = self._network_location(mount)
+            if network is not None:  # no stat: the name is in the mount source
+                key = network.key_for(self._below(real, mount))
+                return DiskIdentity(key, key, "network", real, False)
         try:
-            st: os.stat_result | None = os.stat(real)
+            st = os.stat(real)
         except OSError as err:
-            log.debug("stat %s: %s", real, err)
-            st = None
-        if st is not None and stat.S_ISBLK(st.st_mode):
+            where = f"{mount.fstype} mount {mount.source} on {mount.mount_point}" if mount else "no mount"
+            return self._fallback(real, mount.fstype if mount else "unknown", f"{where}; stat failed: {err}")
+        if stat.S_ISBLK(st.st_mode):
             found = self._block(real, st, depth)
             if found:
                 return found
-            return self._fallback(real, "block device", f"{real} has no WWID, dm uuid or by-id link")
-        mount = self.mount_of(real)
+            return self._fallback(real, "block device", "it has no WWID, dm uuid, by-id link or serial")
         if mount is None:
             return self._fallback(real, "unknown", "no mount table entry holds it")
-        below = real[len(mount.mount_point):].lstrip("/") if mount.mount_point != "/" else real.lstrip("/")
-        network = self._network_location(mount)
-        if network is not None:
-            return DiskIdentity(network.key_for(below), network.key_for(below), "network", real, False)
-        if mount.fstype in BLOCK_FS_TYPES and st is not None:
-            found = self._filesystem(real, st, mount, below)
+        if mount.fstype in BLOCK_FS_TYPES:
+            found = self._filesystem(real, st, mount, self._below(real, mount))
             if found:
                 return found
         where = f"{mount.fstype} mount {mount.source} on {mount.mount_point}"
         return self._fallback(real, mount.fstype, where)
+
+    @staticmethod
+    def _below(real: str, mount: MountEntry) -> str:
+        """``real`` relative to ``mount``'s mount point (``""`` for the mount point)."""
+        return real[len(mount.mount_point) :].lstrip("/") if mount.mount_point != "/" else real.lstrip("/")
 
     def _mapped(self, real: str) -> DiskIdentity | None:
         best = ""
@@ -268,7 +274,9 @@ class Resolver:
         found = device_key(self.roots, major, minor)
         if found.key:
             return DiskIdentity(found.key, found.readable, "block", real, False)
-        if found.backing_file and depth < _MAX_LOOP_DEPTH:
+        if found.backing_file and found.backing_file.endswith(" (deleted)"):
+            log.warning("%s: the loop device's backing file was deleted", real)
+        elif found.backing_file and depth < _MAX_LOOP_DEPTH:
             inner = self._resolve(os.path.realpath(found.backing_file), depth + 1)
             if inner.fallback:
                 return None
