@@ -276,4 +276,10 @@ def test_by_id_and_by_uuid_links(tmp_path: Path) -> None:
     roots = Roots(sysfs=str(samples / "sysfs-virtio-loop"), dev=str(dev), udev=str(tmp_path / "no-udev"))
     assert device_key(roots, 253, 0).key == "wwid://naa.5000c500a1b2c3d4"
     assert device_key(roots, 254, 16).key == "serial://virtio-serial42"
+    # A partition: udev's link is <disk link>-part<N>, the key says -part<N> once.
+    os.mknod(dev / "sdc1", 0o600 | stat.S_IFBLK, os.makedev(8, 33))
+    (by_id / "wwn-0x600a098038303053453f463045727a41-part1").symlink_to("../../sdc1")
+    (by_id / "scsi-3600a098038303053453f463045727a41-part1").symlink_to("../../sdc1")
+    bare = Roots(sysfs=str(tmp_path / "sysfs-without-wwid"), dev=str(dev), udev=roots.udev)
+    assert device_key(bare, 8, 33).key == "wwid://naa.600a098038303053453f463045727a41-part1"
     assert fs_uuid(roots, "xfs", 253, 0, None, None) == ("0b7e2e2c-4c43-4e0b-9f8a-1a2b3c4d5e6f", "by-uuid")

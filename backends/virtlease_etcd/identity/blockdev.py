@@ -161,12 +161,18 @@ def device_key(roots: Roots, major: int, minor: int) -> BlockKey:
         if wwid:
             return BlockKey(f"wwid://{normalise_wwid(wwid)}{suffix}", f"{name} wwid {wwid}", "sysfs-wwid")
     links = _links_to(os.path.join(roots.dev, "disk", "by-id"), major, minor)
+    # udev names a partition's links <disk link>-part<N>: say -part<N> once.
+    bases = []
     for link in links:
-        if link.startswith("wwn-"):
-            return BlockKey(f"wwid://{normalise_wwid(link)}", f"{name} {link}", "by-id-wwn")
-    for link in links:
-        if not link.startswith(_LOCAL_BY_ID):
-            return BlockKey(f"serial://{link}", f"{name} {link}", "by-id")
+        tail = re.search(r"-part\d+$", link)
+        base = link[: tail.start()] if tail else link
+        bases.append((link, base, suffix or (tail.group(0) if tail else "")))
+    for link, base, part in bases:
+        if base.startswith("wwn-"):
+            return BlockKey(f"wwid://{normalise_wwid(base)}{part}", f"{name} {link}", "by-id-wwn")
+    for link, base, part in bases:
+        if not base.startswith(_LOCAL_BY_ID):
+            return BlockKey(f"serial://{base}{part}", f"{name} {link}", "by-id")
     serial = _read(os.path.join(disk, "serial"))
     if serial:
         # virtio-blk: udev would name it by-id/virtio-<serial>; say the same.

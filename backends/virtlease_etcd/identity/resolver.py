@@ -40,7 +40,7 @@ import stat
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from .blockdev import Roots, btrfs_subvolume, device_key, fs_uuid
+from .blockdev import BlockKey, Roots, btrfs_subvolume, device_key, fs_uuid
 from .mountinfo import MountEntry, MountTable, parse_mountinfo
 from .network import DEFAULT_NETWORK_FUSE, NetworkLocation, network_location
 
@@ -117,6 +117,7 @@ class Resolver:
         self._mount_of_dir: dict[str, MountEntry | None] = {}
         self._network: dict[int, NetworkLocation | None] = {}
         self._uuids: dict[tuple[str, int], tuple[str, str] | None] = {}
+        self._blocks: dict[tuple[int, int], BlockKey] = {}
         self.parses = 0
         """How many times the mount table was parsed (for tests and the benchmark)."""
 
@@ -165,6 +166,7 @@ class Resolver:
         self._mount_of_dir.clear()
         self._network.clear()
         self._uuids.clear()
+        self._blocks.clear()
 
     def mount_of(self, real: str) -> MountEntry | None:
         """The mount holding real path ``real`` (cached per directory)."""
@@ -271,7 +273,9 @@ class Resolver:
 
     def _block(self, real: str, st: os.stat_result, depth: int) -> DiskIdentity | None:
         major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        found = device_key(self.roots, major, minor)
+        if (major, minor) not in self._blocks:
+            self._blocks[(major, minor)] = device_key(self.roots, major, minor)
+        found = self._blocks[(major, minor)]
         if found.key:
             return DiskIdentity(found.key, found.readable, "block", real, False)
         if found.backing_file and found.backing_file.endswith(" (deleted)"):
