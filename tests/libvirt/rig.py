@@ -272,13 +272,15 @@ class Rig:
         try:
             for host in self.hosts.values():
                 self._prepare_host(host, seed)
-                self._start_host(host, hosts_file)
+                state["ns"][host.name] = self._start_host(host, hosts_file)
+                self._save_state(state)
             for host in self.hosts.values():
-                state["ns"][host.name] = self._wait_host(host, t0 + timeout)
-            self._save_state(state)
-        except BaseException:
-            with contextlib.suppress(Exception):
+                self._wait_host(host, t0 + timeout)
+        except BaseException as e:
+            try:
                 self.down()
+            except RigError as cleanup:
+                e.add_note(f"and cleaning up after it: {cleanup}")
             raise
         self.start_seconds = time.monotonic() - t0
         return self.start_seconds
@@ -297,12 +299,13 @@ class Rig:
                 if pid and _pid_alive(pid):
                     self._stop_pid(pid)
             ns = state.get("ns", {}).get(host.name)
-            if ns:
-                for pid in self._procs_in(ns["net"], ns["mnt"], exclude=host.pid("subreaper")):
+            for _ in range(5):  # what is left, the subreaper last (a start script may still be spawning)
+                left = self._procs_in(ns["net"], ns["mnt"]) if ns else []
+                if not left:
+                    break
+                sub = ns.get("subreaper") if ns else None
+                for pid in sorted(left, key=lambda p: p == sub):
                     self._stop_pid(pid, grace=2.0)
-            sub = host.pid("subreaper")
-            if sub and _pid_alive(sub):
-                self._stop_pid(sub)
             proc = self._procs.pop(host.name, None)
             if proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -537,9 +540,11 @@ log_outputs = "1:file:/var/log/libvirt/libvirtd.log"
                  "host_uuid": HOST_UUIDS[host.name], "workdir": str(self.workdir)}
         return [arg.format(**subst) for arg in self.lock_daemon]
 
-    def _start_host(self, host: Host, hosts_file: Path) -> None:
+    def _start_host(self, host: Host, hosts_file: Path) -> dict[str, Any]:
+        """Start the host's namespaces, subreaper and daemons; return its namespace ids."""
         r = host.root
         script = f"""set -e
+trap 'echo $? > /run/libvirt/start.rc' EXIT
 hostname host{host.name}
 mount -t tmpfs -o mode=0755 rig-run /run
 mkdir -p /run/libvirt /run/lock
@@ -563,6 +568,7 @@ done
 libvirtd -d --listen -p /run/libvirt/libvirtd.pid
 """
         (r / "start.sh").write_text(script)
+        (r / "run" / "subreaper.pid").unlink(missing_ok=True)
         log = open(r / "log" / "start.log", "ab")
         self._procs[host.name] = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--propagation", "private",
@@ -570,23 +576,28 @@ libvirtd -d --listen -p /run/libvirt/libvirtd.pid
              "/bin/sh", str(r / "start.sh")],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        proc = self._procs[host.name]
+        # the subreaper writes its pid file once it runs in the host's namespaces
+        wait_for(lambda: host.pid("subreaper") == proc.pid or proc.poll() is not None, 10.0, 0.005,
+                 f"host {host.name}'s subreaper")
+        net, mnt = _ns_id(proc.pid, "net"), _ns_id(proc.pid, "mnt")
+        if not net or not mnt:
+            raise RigError(f"host {host.name}: its subreaper exited at once (see {r}/log/start.log)")
+        return {"net": net, "mnt": mnt, "subreaper": proc.pid}
 
-    def _wait_host(self, host: Host, deadline: float) -> dict[str, str]:
-        """Wait until the host's libvirtd answers; return the host's net and mnt namespace ids."""
+    def _wait_host(self, host: Host, deadline: float) -> None:
+        """Wait until the host's libvirtd answers; RigError (with the start log) when it fails."""
         proc = self._procs[host.name]
         while True:
-            if proc.poll() is not None:
+            rc = (host.run / "start.rc").read_text().strip() if (host.run / "start.rc").exists() else None
+            if proc.poll() is not None or rc not in (None, "", "0"):
                 log = (host.root / "log" / "start.log").read_text(errors="replace")
-                raise RigError(f"host {host.name} failed to start (rc {proc.returncode}):\n{log}")
+                raise RigError(f"host {host.name} failed to start (start script rc {rc}):\n{log}")
             if (host.run / "libvirt-sock").exists() and self.virsh(host.name, "list", check=False).returncode == 0:
-                break
+                return
             if time.monotonic() > deadline:
                 raise RigError(f"host {host.name}: libvirtd does not answer")
             time.sleep(0.02)
-        net, mnt = _ns_id(proc.pid, "net"), _ns_id(proc.pid, "mnt")
-        if not net or not mnt:
-            raise RigError(f"host {host.name}: its subreaper is gone")
-        return {"net": net, "mnt": mnt}
 
     def _destroy_all(self, host: Host) -> None:
         cp = self.virsh(host.name, "list", "--all", "--name", check=False)

@@ -9,8 +9,9 @@ moment it exits (blocking ``waitpid(-1)``).  Without it orphans (daemonized
 QEMUs, daemons) would go to the machine's PID 1, which may reap them late, and
 libvirtd/virtlockd wait for that in ``kill(pid, 0)`` polling loops.
 
-It exits with CMD's status when CMD fails, when it has no child left, or on
-SIGTERM (default action).
+It goes on reaping even when CMD fails (what CMD started before failing stays
+in the host's namespaces for the rig to find and stop); it exits, with CMD's
+status, when it has no child left, or on SIGTERM (default action).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ def main(argv: list[str]) -> int:
     with open(argv[1], "w") as f:
         f.write(f"{os.getpid()}\n")
     rc = subprocess.call(argv[2:])
-    if rc != 0:
-        return rc
     sys.stdout.flush()
     sys.stderr.flush()
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -45,7 +44,7 @@ def main(argv: list[str]) -> int:
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:
-            return 0
+            return rc
 
 
 if __name__ == "__main__":

@@ -106,3 +106,26 @@ def test_kill9_frees_disk(hosts: Rig) -> None:
     print(f"kill -9 on A -> started on B after {time.monotonic() - t0:.3f} s")
     assert hosts.domstate("B", "heir") == "running"
     wait_for(lambda: hosts.domstate("A", "victim") == "shut off", 5.0, 0.05, "A to notice the crash")
+
+
+def test_lock_daemon_command_template(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A command template serves each host's lockd socket (here virtlockd itself, as the agent will later)."""
+    cmd = ["virtlockd", "-p", "/run/libvirt/lockd-{host}.pid"]
+    with Rig(tmp_path_factory.mktemp("template-rig"), lock_daemon=cmd) as r:
+        for h in ("A", "B"):
+            assert (r.hosts[h].run / f"lockd-{h}.pid").read_text().strip() == str(r.hosts[h].pid("lockdaemon"))
+            assert (r.hosts[h].log / "lockdaemon.log").exists()
+        r.define_domain("A", "tmpl", ["tmpl.img"])
+        r.start("A", "tmpl")
+        r.define_domain("B", "tmpl2", ["tmpl.img"])
+        _refused(r, "B", "tmpl2")
+
+
+def test_lock_daemon_that_dies_fails_up(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A lock daemon that exits without serving the socket makes up() fail loudly, leaving nothing behind."""
+    r = Rig(tmp_path_factory.mktemp("dead-rig"), lock_daemon=["sh", "-c", "echo giving up on {host}; exit 3"])
+    with pytest.raises(RigError, match="the lock daemon exited") as err:
+        r.up()
+    assert not getattr(err.value, "__notes__", None), "the clean-up after the failed up() left things"
+    assert not r.state_file.exists()
+    assert "giving up on A" in (r.hosts["A"].log / "lockdaemon.log").read_text()
