@@ -808,7 +808,8 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
 def parked_sources(events: list[dict[str, Any]], by_disk: dict[str, list[Interval]],
                    kills: dict[tuple[str, int], float], t_end: float) -> dict[str, list[tuple[float, float, str]]]:
     """Per disk, when a migration source held it without writing: from
-    ``prepared`` to the outcome of its complete_out (or its host's death)."""
+    ``prepared`` to the destination's claim, the outcome of its complete_out
+    or its host's death, whichever is first."""
     last_iv: dict[tuple[str, int, str], list[Interval]] = defaultdict(list)
     for ivs in by_disk.values():
         for iv in ivs:
@@ -820,6 +821,9 @@ def parked_sources(events: list[dict[str, Any]], by_disk: dict[str, list[Interva
         key, t0 = (e["host"], e["inc"], e["obj"]), float(e["t"])
         ends = [float(x["t"]) for x in events if x["ev"] in ("completed_out", "complete_out_failed")
                 and (x["host"], x["inc"], x["obj"]) == key and float(x["t"]) >= t0]
+        # the source stops holding when the destination's claim takes the records
+        ends += [float(x["t"]) for x in events if x["ev"] == "grant" and x.get("via") == "claim"
+                 and x.get("obj") == key[2] and float(x["t"]) >= t0]
         t1 = min([*ends, kills.get(key[:2], t_end), t_end])
         before = [iv for iv in last_iv[key] if iv.start <= t0]
         if not before:
