@@ -1,5 +1,5 @@
 """Self-fencing: a holder cut off from etcd runs its failure action before
-another host can be granted its disks (DESIGN.md safety model, point 2)."""
+another host can be granted its disks (docs/DESIGN.md section 5, point 2)."""
 
 from __future__ import annotations
 

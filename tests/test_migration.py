@@ -1,4 +1,4 @@
-"""Live migration handoff between two host processes (DESIGN.md point 6):
+"""Live migration handoff between two host processes (docs/DESIGN.md section 7):
 ownership moves in one transaction, never zero or two owners, and every bad
 claim is refused with etcd unchanged."""
 

@@ -101,7 +101,7 @@ def encode(body: dict[str, Any]) -> str:
 
 
 def disk_rid(path: str) -> str:
-    """What anyone can compute from a disk path (DESIGN.md's key layout)."""
+    """What anyone can compute from a disk path (docs/DESIGN.md's key layout)."""
     return hashlib.sha256(b"disk\0" + os.path.realpath(path).encode()).hexdigest()
 
 
