@@ -120,3 +120,20 @@ def shut(plugin: v.Plugin) -> None:
 
 def new_uuid() -> str:
     return str(uuid.uuid4())
+
+
+SYSTEM_TEST_DIRS = ("identity", "agent", "libvirt")
+"""Test folders whose skips mean a missing tool or privilege: in CI
+(``VIRTLEASE_REQUIRE_SYSTEM_TESTS=1``, set by .ci/run) such a skip fails."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or os.environ.get("VIRTLEASE_REQUIRE_SYSTEM_TESTS") != "1":
+        return
+    if Path(str(item.fspath)).parent.name in SYSTEM_TEST_DIRS:
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.longrepr = f"skipped in CI, where it must run (VIRTLEASE_REQUIRE_SYSTEM_TESTS=1): {reason}"
