@@ -68,6 +68,7 @@ def failover(cluster: Cluster, plan: Plan) -> list[dict[str, Any]]:
         trials = [_trial(cluster, taker, ttl, t, rng) for ttl in plan.failover_ttls
                   for t in range(plan.failover_trials)]
     finally:
+        taker.driver.release_all()
         taker.unload()
     rows = []
     for ttl in plan.failover_ttls:

@@ -66,6 +66,7 @@ def handoff(cluster: Cluster, plan: Plan) -> list[dict[str, Any]]:
                      f"complete_out {row['complete_out']['p50_ms']:.2f} ms (n={len(total)})")
             rows.append(row)
     finally:
-        src.unload()
-        dst.unload()
+        for plugin in (src, dst):
+            plugin.driver.release_all()
+            plugin.unload()
     return rows

@@ -38,6 +38,7 @@ class VirtleaseHolder:
 
     def close(self) -> None:
         for obj in self.objects:
+            obj.release()
             obj.free()
         self.plugin.unload()
         self.proxy.close()

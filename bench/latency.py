@@ -40,5 +40,6 @@ def vm_latency(cluster: Cluster, plan: Plan) -> list[dict[str, Any]]:
             rows.append({"disks": disks, "virtlease": vl.as_dict(), "recipe": rc.as_dict()})
     finally:
         client.close()
+        plugin.driver.release_all()
         plugin.unload()
     return rows

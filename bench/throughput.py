@@ -36,6 +36,7 @@ def _virtlease(cluster: Cluster, callers: int, seconds: float, disks: int) -> di
         for w in workers:
             w.close()
         for p in plugins:
+            p.driver.release_all()
             p.unload()
 
 

@@ -45,6 +45,7 @@ def scale_holder(cfg: dict[str, Any]) -> None:
     expect("release")
     start = time.perf_counter()
     for obj in objects:
+        obj.release()
         obj.free()
     say(event="released", seconds=time.perf_counter() - start)
     plugin.unload()
