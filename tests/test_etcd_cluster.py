@@ -45,7 +45,7 @@ def test_member_killed_while_holding(cluster: EmbeddedEtcd, prefix: str) -> None
     plugin = v.load_driver("etcd", config={"endpoints": cluster.endpoints, "prefix": prefix,
                                            "host_id": "fo-2", "ttl": 4, "request_timeout": 0.5})
     try:
-        in_use = plugin.driver.session.client.raw.endpoint_in_use.netloc
+        in_use = plugin.driver.session.client.endpoint_in_use
         victim = next(m for m in cluster.members if m.endpoint == in_use)
         obj = plugin.new_object(uuid=new_uuid(), name="vm")
         obj.add_resource(D, "/srv/fo2.img")
@@ -58,7 +58,7 @@ def test_member_killed_while_holding(cluster: EmbeddedEtcd, prefix: str) -> None
             obj.acquire(state)
         finally:
             victim.start()
-        assert plugin.driver.session.client.raw.endpoint_in_use.netloc != in_use
+        assert plugin.driver.session.client.endpoint_in_use != in_use
         obj.free()
     finally:
         shut(plugin)

@@ -448,7 +448,7 @@ def test_a_wall_clock_step_back_does_not_blacklist_endpoints(etcd_process: EtcdS
 
     client = EtcdClient(load_config({"endpoints": etcd_process.endpoints}))
     try:
-        for endpoint in client.raw.endpoints.values():
+        for endpoint in client._endpoints:
             endpoint.fail()  # a short outage...
         time.sleep(1.2)  # ...over, past the endpoints' retry time (1 s)
         # ...and NTP steps the wall clock back, as python-etcd3's endpoint logic sees it (gRPC
@@ -459,6 +459,7 @@ def test_a_wall_clock_step_back_does_not_blacklist_endpoints(etcd_process: EtcdS
         stepped = types.SimpleNamespace(time=lambda: time.time() - 3600, monotonic=time.monotonic,
                                         sleep=time.sleep)
         monkeypatch.setattr(sys.modules["etcd3.client"], "time", stepped)
+        monkeypatch.setattr(sys.modules["virtlease_etcd.client"], "time", stepped)
         kvs, revision = client.get_range(prefix + "/x", timeout=2.0)
         assert kvs == [] and revision > 0
     finally:

@@ -1,24 +1,24 @@
 """The etcd connection: raw requests with per-call deadlines, errors mapped,
 transient failures retried with tenacity — never past a deadline.
 
-Built on python-etcd3's ``MultiEndpointEtcd3Client`` for channels, TLS,
-auth and endpoint failover; requests go to its gRPC stubs directly so each
-call carries its own deadline and the transaction's header revision (the
-fencing token) is not lost.
+Built directly on etcd's gRPC stubs (the protobufs python-etcd3 ships): each
+call carries its own deadline, the transaction's header revision (the
+fencing token) is kept, endpoints fail over on the monotonic clock, and every
+gRPC error is translated in one place.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-import etcd3
 import grpc
 from etcd3 import etcdrpc
-from etcd3.client import Endpoint, MultiEndpointEtcd3Client
+from etcd3 import transactions as tx
 from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 
 from virtlease.errors import BackendUnavailableError, ConfigError, TransactionTooLargeError
@@ -56,94 +56,133 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+ENDPOINT_RETRY = 1.0
+"""Seconds a failed endpoint is skipped before it is tried again (monotonic)."""
 
 
-class _MonotonicEndpoint(Endpoint):
-    """An endpoint whose failure mark uses the monotonic clock: python-etcd3's
-    uses the wall clock, so a clock step back kept every endpoint that had
-    failed once blacklisted — and a healthy host fenced itself."""
+class _Endpoint:
+    """One etcd member: its channel and stubs, and when it last failed.
 
-    def _mkchannel(self, opts: dict[str, Any] | None) -> grpc.Channel:
-        if self.secure:
-            return grpc.secure_channel(self.netloc, self.credentials, options=_CHANNEL_OPTIONS)
-        return grpc.insecure_channel(self.netloc, options=_CHANNEL_OPTIONS)
+    The failure mark uses the monotonic clock: python-etcd3's endpoints use
+    the wall clock, so a step back of the clock kept every endpoint that had
+    failed once blacklisted for as long as the step — and a healthy host
+    fenced itself."""
+
+    def __init__(self, netloc: str, creds: grpc.ChannelCredentials | None) -> None:
+        self.netloc = netloc
+        if creds is not None:
+            self.channel = grpc.secure_channel(netloc, creds, options=_CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.insecure_channel(netloc, options=_CHANNEL_OPTIONS)
+        self.kv = etcdrpc.KVStub(self.channel)
+        self.lease = etcdrpc.LeaseStub(self.channel)
+        self.watch = etcdrpc.WatchStub(self.channel)
+        self.maintenance = etcdrpc.MaintenanceStub(self.channel)
+        self.auth = etcdrpc.AuthStub(self.channel)
+        self.failed_at = 0.0
+
+    def failed(self) -> bool:
+        return bool(self.failed_at) and time.monotonic() - self.failed_at < ENDPOINT_RETRY
 
     def fail(self) -> None:
-        self.in_use = False
-        self.last_failed = time.monotonic()
+        self.failed_at = time.monotonic()
 
-    def use(self) -> grpc.Channel:
-        if self.is_failed():
-            raise ValueError("Trying to use a failed node")
-        self.in_use = True
-        self.last_failed = 0.0
-        return self.channel
 
-    def is_failed(self) -> bool:
-        return bool(self.last_failed) and time.monotonic() - self.last_failed < self.time_retry
+def _request_op(op: Any) -> Any:
+    """An etcd3.transactions Put/Get/Delete as the RequestOp etcd takes."""
+    key = op.key.encode() if isinstance(op.key, str) else op.key
+    end = op.range_end.encode() if isinstance(getattr(op, "range_end", None), str) else getattr(op, "range_end", None)
+    if isinstance(op, tx.Put):
+        value = op.value.encode() if isinstance(op.value, str) else op.value
+        lease = int(getattr(op.lease, "id", op.lease) or 0)
+        return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value, lease=lease))
+    if isinstance(op, tx.Get):
+        return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key, range_end=end or b""))
+    if isinstance(op, tx.Delete):
+        return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key, range_end=end or b""))
+    raise TypeError(f"not a transaction operation: {op!r}")
 
 
 class EtcdClient:
-    """One connection to an etcd cluster, shared by a host session."""
+    """One connection to an etcd cluster (every member), shared by a host session.
+
+    Each request goes to the member in use, with its own deadline; a member
+    that fails transiently is skipped for ``ENDPOINT_RETRY`` seconds and the
+    next one is used.  Every gRPC error becomes one of this module's errors
+    in one place (``_call``)."""
 
     def __init__(self, cfg: EtcdConfig) -> None:
         self.cfg = cfg
         creds = None
         if cfg.tls:
-            creds = MultiEndpointEtcd3Client.get_secure_creds(cfg.ca_cert, cfg.cert_key, cfg.cert_cert)
-        endpoints = []
-        for ep in cfg.endpoints:
-            host, _, port = ep.rpartition(":")
-            endpoints.append(_MonotonicEndpoint(host, int(port), secure=cfg.tls, creds=creds, time_retry=1.0))
+            creds = grpc.ssl_channel_credentials(
+                _read(cfg.ca_cert), _read(cfg.cert_key), _read(cfg.cert_cert))
+        self._endpoints = [_Endpoint(ep, creds) for ep in cfg.endpoints]
+        self._current = random.randrange(len(self._endpoints))
+        self._lock = threading.Lock()
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self.cluster_id: int | None = None
+        if cfg.user is not None:
+            self._authenticate()
+
+    def close(self) -> None:
+        for ep in self._endpoints:
+            ep.channel.close()
+
+    # -- plumbing ----------------------------------------------------------
+
+    @property
+    def endpoint_in_use(self) -> str:
+        """``host:port`` of the member requests go to now."""
+        return self._endpoints[self._current].netloc
+
+    def _pick(self) -> _Endpoint:
+        with self._lock:
+            for i in range(len(self._endpoints)):
+                index = (self._current + i) % len(self._endpoints)
+                if not self._endpoints[index].failed():
+                    self._current = index
+                    return self._endpoints[index]
+        raise TransientError("no etcd endpoint available", ambiguous=False)
+
+    def _authenticate(self) -> None:
+        ep = self._pick()
+        request = etcdrpc.AuthenticateRequest(name=self.cfg.user, password=self.cfg.password)
         try:
-            self.raw = MultiEndpointEtcd3Client(
-                endpoints=endpoints, timeout=cfg.request_timeout,
-                user=cfg.user, password=cfg.password, failover=True,
-            )
+            resp = ep.auth.Authenticate(request, self.cfg.request_timeout)
         except grpc.RpcError as exc:
             code = exc.code()
             if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                         grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
                 raise ConfigError(f"user/password: etcd refused authentication: {exc.details()}") from None
             raise BackendUnavailableError(
-                f"cannot reach etcd at {','.join(cfg.endpoints)} to authenticate: {exc.details()}"
+                f"cannot reach etcd at {','.join(self.cfg.endpoints)} to authenticate: {exc.details()}"
             ) from None
-        self.cluster_id: int | None = None
+        self._metadata = (("token", resp.token),)
 
-    def close(self) -> None:
-        self.raw.close()
+    def _call(self, request: Callable[[_Endpoint, tuple[tuple[str, str], ...]], T], *, write: bool) -> T:
+        """Send one request to the member in use; the one place gRPC errors
+        are translated.  An expired auth token is renewed once (simple tokens
+        expire; a long hold must not fail on it)."""
+        for renewed in (False, True):
+            ep = self._pick()
+            try:
+                return request(ep, self._metadata)
+            except grpc.RpcError as exc:
+                details = exc.details() or exc.code().name
+                if not renewed and self.cfg.user is not None and "auth token" in details:
+                    log.info("etcd auth token expired (%s); authenticating again", details)
+                    self._authenticate()
+                    continue
+                raise self._translate(ep, exc, write=write) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    # -- plumbing ----------------------------------------------------------
-
-    def _kw(self) -> dict[str, Any]:
-        return {"credentials": self.raw.call_credentials, "metadata": self.raw.metadata}
-
-    def _stub(self, name: str) -> Any:
-        try:
-            return getattr(self.raw, name)
-        except etcd3.exceptions.NoServerAvailableError as exc:
-            raise TransientError("no etcd endpoint available", ambiguous=False) from exc
-        except ValueError as exc:  # python-etcd3: 'Trying to use a failed node'
-            raise TransientError(str(exc), ambiguous=False) from exc
-
-    def _channel(self) -> grpc.Channel:
-        try:
-            return self.raw.channel
-        except etcd3.exceptions.NoServerAvailableError as exc:
-            raise TransientError("no etcd endpoint available", ambiguous=False) from exc
-        except ValueError as exc:
-            raise TransientError(str(exc), ambiguous=False) from exc
-
-    def _fail(self, exc: grpc.RpcError, *, write: bool) -> Exception:
+    def _translate(self, ep: _Endpoint, exc: grpc.RpcError, *, write: bool) -> Exception:
         code = exc.code()
         details = exc.details() or code.name
         if code in _TRANSIENT:
-            try:
-                self.raw.endpoint_in_use.fail()
-                self.raw._clear_old_stubs()
-            except Exception:  # pragma: no cover - best effort
-                pass
-            return TransientError(f"etcd {self.raw._current_endpoint_label}: {details}", ambiguous=write)
+            ep.fail()
+            return TransientError(f"etcd {ep.netloc}: {details}", ambiguous=write)
         if "lease not found" in details:
             return LeaseNotFound(details)
         if "too many operations" in details:
@@ -165,25 +204,18 @@ class EtcdClient:
             *, timeout: float) -> Any:
         """One transaction; returns etcd's TxnResponse (``succeeded``,
         ``header.revision``, ``responses``)."""
-        request = etcdrpc.TxnRequest(
-            compare=[c.build_message() for c in compare],
-            success=self.raw._ops_to_requests(list(success)),
-            failure=self.raw._ops_to_requests(list(failure)),
-        )
-        try:
-            resp = self._stub("kvstub").Txn(request, timeout, **self._kw())
-        except grpc.RpcError as exc:
-            raise self._fail(exc, write=bool(success) or bool(failure)) from exc
+        request = etcdrpc.TxnRequest(compare=[c.build_message() for c in compare],
+                                     success=[_request_op(op) for op in success],
+                                     failure=[_request_op(op) for op in failure])
+        resp = self._call(lambda ep, md: ep.kv.Txn(request, timeout, metadata=md),
+                          write=bool(success) or bool(failure))
         self._header(resp.header)
         return resp
 
     def get_range(self, key: str, range_end: str | None = None, *, timeout: float) -> tuple[list[Any], int]:
         """KeyValues in [key, range_end) (or the one key), and the revision read."""
-        request = self.raw._build_get_range_request(key, range_end)
-        try:
-            resp = self._stub("kvstub").Range(request, timeout, **self._kw())
-        except grpc.RpcError as exc:
-            raise self._fail(exc, write=False) from exc
+        request = etcdrpc.RangeRequest(key=key.encode(), range_end=(range_end or "").encode())
+        resp = self._call(lambda ep, md: ep.kv.Range(request, timeout, metadata=md), write=False)
         self._header(resp.header)
         return list(resp.kvs), int(resp.header.revision)
 
@@ -203,10 +235,8 @@ class EtcdClient:
             yield create
             done.wait()
 
-        try:
-            call = etcdrpc.WatchStub(self._channel()).Watch(requests(), **self._kw())
-        except grpc.RpcError as exc:
-            raise self._fail(exc, write=False) from exc
+        ep = self._pick()
+        call = ep.watch.Watch(requests(), metadata=self._metadata)
 
         def cancel_when_stopped() -> None:
             while not done.wait(0.25):
@@ -225,16 +255,13 @@ class EtcdClient:
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.CANCELLED and stop():
                 return
-            raise self._fail(exc, write=False) from exc
+            raise self._translate(ep, exc, write=False) from exc
         finally:
             done.set()
 
     def lease_grant(self, ttl: int, *, timeout: float) -> tuple[int, int]:
         request = etcdrpc.LeaseGrantRequest(TTL=ttl, ID=0)
-        try:
-            resp = self._stub("leasestub").LeaseGrant(request, timeout, **self._kw())
-        except grpc.RpcError as exc:
-            raise self._fail(exc, write=True) from exc
+        resp = self._call(lambda ep, md: ep.lease.LeaseGrant(request, timeout, metadata=md), write=True)
         if resp.error:
             raise BackendUnavailableError(f"etcd refused a lease: {resp.error}")
         self._header(resp.header)
@@ -243,37 +270,30 @@ class EtcdClient:
     def lease_keepalive(self, lease_id: int, *, timeout: float) -> int:
         """Refresh the lease once; return the new TTL (0: the lease is gone)."""
         request = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
-        try:
-            for resp in self._stub("leasestub").LeaseKeepAlive(iter([request]), timeout, **self._kw()):
+
+        def keepalive(ep: _Endpoint, md: tuple[tuple[str, str], ...]) -> int:
+            for resp in ep.lease.LeaseKeepAlive(iter([request]), timeout, metadata=md):
                 return int(resp.TTL)
-        except grpc.RpcError as exc:
-            raise self._fail(exc, write=False) from exc
-        raise TransientError("keepalive stream closed without a reply", ambiguous=False)
+            raise TransientError("keepalive stream closed without a reply", ambiguous=False)
+
+        return self._call(keepalive, write=False)
 
     def lease_ttl(self, lease_id: int, *, timeout: float) -> int:
         """Remaining TTL of a lease; -1 if it does not exist."""
         request = etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=False)
-        try:
-            resp = self._stub("leasestub").LeaseTimeToLive(request, timeout, **self._kw())
-        except grpc.RpcError as exc:
-            raise self._fail(exc, write=False) from exc
+        resp = self._call(lambda ep, md: ep.lease.LeaseTimeToLive(request, timeout, metadata=md), write=False)
         return int(resp.TTL)
 
     def lease_revoke(self, lease_id: int, *, timeout: float) -> None:
         request = etcdrpc.LeaseRevokeRequest(ID=lease_id)
         try:
-            self._stub("leasestub").LeaseRevoke(request, timeout, **self._kw())
-        except grpc.RpcError as exc:
-            err = self._fail(exc, write=True)
-            if isinstance(err, LeaseNotFound):
-                return
-            raise err from exc
+            self._call(lambda ep, md: ep.lease.LeaseRevoke(request, timeout, metadata=md), write=True)
+        except LeaseNotFound:
+            return
 
     def status(self, *, timeout: float) -> Any:
-        try:
-            return self._stub("maintenancestub").Status(etcdrpc.StatusRequest(), timeout, **self._kw())
-        except grpc.RpcError as exc:
-            raise self._fail(exc, write=False) from exc
+        return self._call(lambda ep, md: ep.maintenance.Status(etcdrpc.StatusRequest(), timeout, metadata=md),
+                          write=False)
 
     # -- retries -------------------------------------------------------------
 
@@ -325,3 +345,10 @@ class EtcdClient:
                 if time.monotonic() + 0.1 >= deadline:
                     raise
                 time.sleep(0.1)
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as fh:
+        return fh.read()

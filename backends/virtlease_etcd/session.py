@@ -27,6 +27,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from etcd3 import transactions as tx
+
 from virtlease.abi import FailureAction, ObjectSpec, ObjectType
 from virtlease.errors import BackendUnavailableError, ConfigError, LeaseLostError
 
@@ -80,12 +82,10 @@ class HostSession:
         host_key = self.keys.host(self.cfg.host_id)
         record = ks.encode({"host": self.cfg.host_id, "lease": self.lease_id, "pid": os.getpid(),
                             "ttl": self.ttl, "started": round(time.time(), 3), "session": self.session_id})
-        tx = self.client.raw.transactions
-
         def register(timeout: float) -> object:
-            return self.client.txn([tx.version(host_key) == 0],
-                                   [tx.put(host_key, record, lease=self.lease_id)],
-                                   [tx.get(host_key)], timeout=timeout)
+            return self.client.txn([tx.Version(host_key) == 0],
+                                   [tx.Put(host_key, record, lease=self.lease_id)],
+                                   [tx.Get(host_key)], timeout=timeout)
 
         def already(_: TransientError) -> object | None:
             kvs, _rev = self.client.get_range(host_key, timeout=self.client.attempt_timeout(deadline))
