@@ -1,7 +1,9 @@
 """A stand-in QEMU: open the lock connection, REGISTER (own pid) + RESTRICT, exec sleep.
 
-Usage: standin_qemu.py SOCKET UUID NAME.  Prints "ready" once restricted, then becomes
-``sleep`` with the connection inherited (the fd stays open for the process's life)."""
+Usage: standin_qemu.py SOCKET UUID NAME [close].  Prints "ready" once restricted, then becomes
+``sleep`` with the connection inherited (the fd stays open for the process's life); with
+``close`` it becomes a shell that closes the connection, then sleeps (a QEMU that lost its
+lock connection while it runs)."""
 
 from __future__ import annotations
 
@@ -18,8 +20,13 @@ def main() -> None:
     client = LockdClient(path)
     client.register(make_owner(name, pid=os.getpid(), owner_uuid=uuid.UUID(owner_uuid)))
     client.restrict()
-    os.set_inheritable(client.sock.fileno(), True)
+    if client.sock.fileno() == 3:
+        os.set_inheritable(3, True)
+    else:
+        os.dup2(client.sock.fileno(), 3)  # inheritable
     print("ready", flush=True)
+    if sys.argv[4:5] == ["close"]:
+        os.execvp("sh", ["sh", "-c", "exec 3>&-; exec sleep 600"])
     os.execvp("sleep", ["sleep", "600"])
 
 

@@ -279,6 +279,11 @@ class EtcdLockBackend:
         d = self._domain(t.uuid, owner.name, t.pid)
         outcome = await self._driver_call(f"acquire of {name} for domain {owner.name} ({t.uuid})",
                                           grants.acquire_one, d, res, FailureAction.DEFAULT)
+        if t.ending is not None:  # the QEMU ended while the grant was in flight: undo it
+            await asyncio.shield(t.ending)
+            await self._release_owner(t)
+            raise LockError(f"{t.who()} exited or lost its lock connection during the acquire of {name}; "
+                            "nothing is held for it", code=ErrorCode.OPERATION_INVALID)
         if outcome in ("resumed", "claimed", "granted"):
             t.released.clear()
         log.info("acquire %s %s for %s: %s", lockspace or "-", name, t.who(), outcome)
