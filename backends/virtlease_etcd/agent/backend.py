@@ -206,6 +206,9 @@ class EtcdLockBackend:
 
     async def _kill(self, t: Tracked) -> None:
         assert t.pidfd is not None
+        with contextlib.suppress(TimeoutError):  # a QEMU that exited: its pidfd fires right after the EOF
+            await asyncio.wait_for(t.gone.wait(), 0.2)
+            return
         for sig, wait in ((signal.SIGTERM, self.kill_grace), (signal.SIGKILL, 10.0)):
             log.warning("lifeline of %s closed while it runs: sending %s", t.who(), sig.name)
             with contextlib.suppress(ProcessLookupError):
