@@ -256,3 +256,80 @@ def release_resource(d: Domain, resource: ResourceSpec) -> None:
             h = owner.held.get(rid.rid)
             if h is not None:
                 delete_held(d, owner, [h], also_dom=False)
+
+
+# -- the agent (one resource per lockd call; docs/DESIGN.md "Owners") ---------------------
+
+
+def acquire_one(d: Domain, resource: ResourceSpec, action: FailureAction) -> str:
+    """lockd's ACQUIRE_RESOURCE for the owner: one resource; what happened:
+
+    ``held``: the owner already holds it (nothing sent); ``resumed``: the
+    owner's own reservation on this host was cancelled (records and tokens
+    unchanged); ``granted``: a fresh grant; ``claimed``: a reservation of the
+    same domain from another host was taken over, all its disks at once,
+    with new tokens; ``readonly``: not locked.  A busy resource raises
+    ResourceBusyError naming the holders."""
+    d.session.check()
+    rids = d.locked([resource])
+    if not rids:
+        return "readonly"
+    rid = rids[0]
+    owner = d.owner()
+    with owner.lock:
+        d.adopt_policy(owner, action)
+        outcome = "held"
+        if owner.handoff is not None:
+            if not handoff.reserved(owner):
+                d.refuse_if_migrating(owner, "acquire")
+            handoff.unreserve(d, owner)
+            outcome = "resumed"
+        have = owner.held.get(rid.rid)
+        if have is not None:
+            if have.rid.mode != rid.mode:
+                raise ValidationError("resource", f"{rid.readable} is held {have.rid.mode} by {d.where()} on "
+                                      f"host {d.host}; release it before acquiring it {rid.mode}")
+            return outcome
+        for _ in range(3):
+            result = d.run_grant(rids, lambda g: txn.grant_ops(d.session, g, uuid=d.spec.uuid, resume=False),
+                                 "acquire")
+            if result.committed:
+                d.commit(owner, result)
+                return "granted"
+            responses = result.response.responses
+            found = handoff.reservation_in(d, responses, rid.rid)
+            if found is not None:
+                try:
+                    handoff.claim_reservation(d, owner, *found)
+                except StaleStateError:
+                    continue  # the reservation changed meanwhile: look again
+                if rid.rid in owner.held:
+                    return "claimed"
+                continue
+            holders = txn.holders_from_failure(responses, rids, d.spec.uuid)
+            if holders:
+                raise ResourceBusyError(holders, what=f"acquire for {d.where()}")
+        raise StaleStateError(f"acquire for {d.where()}: {rid.readable} kept changing under three attempts "
+                              "(a reservation claimed or released meanwhile); nothing was taken, retry")
+
+
+def release_one(d: Domain, resource: ResourceSpec) -> str:
+    """lockd's RELEASE_RESOURCE while the owner's QEMU lives (pause, end of
+    a live migration on the source): the disk is *not* freed but reserved
+    for the domain (every record of the owner, one marker ``to="*"``) until
+    the QEMU exits.  Returns ``reserved``, ``already`` (the reservation is
+    in place) or ``readonly``; ObjectStateError if the owner does not hold it."""
+    d.session.check()
+    rids = d.locked([resource])
+    if not rids:
+        return "readonly"
+    owner = d.owner()
+    with owner.lock:
+        if rids[0].rid not in owner.held:
+            raise ObjectStateError(f"{rids[0].readable} is not locked by {d.where()} on host {d.host}")
+        if owner.handoff is None:
+            handoff.reserve(d, owner)
+            return "reserved"
+        if not handoff.reserved(owner):
+            d.refuse_if_migrating(owner, "release")
+        return "already"

@@ -8,6 +8,13 @@ the marker byte for byte and every record's token, rewrites the records on
 its own lease with a new token and deletes the marker.  The claimer reads
 the destination and the domain from the marker bytes it compares, never
 from the state's other fields, so an edited state can only fail.
+
+A *reservation* (the agent's pause and the end of a live migration on the
+source) is the same marker with ``to`` = ``"*"`` (:data:`RESERVED`): any host
+may claim it, but only for the same domain UUID (checked from the marker
+bytes the claim compares).  Its records stay on the source's lease, so the
+disks are never free in between; the source cancels it when the domain
+resumes there, and releases everything once its QEMU is gone unclaimed.
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ from virtlease.errors import ObjectStateError, StaleStateError, ValidationError
 from . import keyspace as ks
 from . import state as st
 from . import transactions as txn
-from .domain import Domain
+from .domain import Domain, GrantResult
 from .owners import Handoff, Owner
+
+RESERVED = "*"
+"""The ``to`` of a reservation marker: any host, for the same domain UUID."""
 
 
 def prepare(d: Domain, dest_host: str) -> str:
@@ -52,7 +62,8 @@ def mark(d: Domain, owner: Owner, dest_host: str) -> str:
     marker = ks.encode({
         "from": d.host, "to": dest_host, "uuid": d.spec.uuid, "name": d.spec.name,
         "nonce": secrets.token_hex(16), "lease": d.session.lease_id, "since": round(time.time(), 3),
-        "res": [{"res": h.rid.readable, "rid": h.rid.rid, "mode": h.rid.mode, "token": h.token} for h in held],
+        "res": [{"res": h.rid.readable, "rid": h.rid.rid, "mode": h.rid.mode, "kind": h.rid.kind, "token": h.token}
+                for h in held],
     })
     compare = [tx.Mod(h.key) == h.token for h in held] + [tx.Version(marker_key) == 0]
     success = [tx.Put(marker_key, marker, lease=d.session.lease_id)]
@@ -81,7 +92,7 @@ def read_marker(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -> t
         listed = {(str(r["rid"]), str(r["mode"])): int(r["token"]) for r in marker["res"]}
     except (ks.ForeignValue, KeyError, TypeError, ValueError):
         raise StaleStateError(head + "the state's handoff marker is unreadable (tampered)") from None
-    if marker.get("to") != d.host or parsed.to != d.host:
+    if marker.get("to") not in (d.host, RESERVED) or parsed.to not in (d.host, RESERVED):
         raise StaleStateError(head + f"the handoff is to host {marker.get('to')}, this host is {d.host}")
     if marker.get("uuid") != d.spec.uuid or marker.get("from") != parsed.host:
         raise StaleStateError(head + "the marker is of another domain or source host (tampered state)")
@@ -95,19 +106,29 @@ def read_marker(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -> t
 def claim(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], parsed: st.State) -> None:
     marker, tokens = read_marker(d, parsed, rids)
     marker_key = d.keys.handoff(d.spec.uuid, parsed.host)
+    result = _send_claim(d, owner, rids, marker_key, marker, tokens, "migration claim")
+    if not result.committed:
+        raise StaleStateError(_claim_failure(d, result.response, marker_key, marker, parsed))
+    _adopt_claim(d, owner, rids, result, parsed.host)
+
+
+def _send_claim(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], marker_key: str, marker: bytes,
+                tokens: dict[str, int], what: str) -> GrantResult:
     own = [owner.handoff.key] if owner.handoff is not None else []
 
     def build(grants: list[txn.Grant]) -> tuple[list[Any], list[Any], list[Any]]:
         return txn.claim_ops(d.session, grants, marker_key=marker_key, marker=marker, uuid=d.spec.uuid,
                              also_delete=own)
 
-    result = d.run_grant(rids, build, "migration claim", tokens=tokens)
-    if not result.committed:
-        raise StaleStateError(_claim_failure(d, result.response, marker_key, marker, parsed))
+    return d.run_grant(rids, build, what, tokens=tokens)
+
+
+def _adopt_claim(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], result: GrantResult,
+                 from_host: str) -> None:
     for rid in rids:  # a handback to us: our old entries are the records we take back
         owner.held.pop(rid.rid, None)
     d.commit(owner, result)
-    owner.claimed_from = parsed.host
+    owner.claimed_from = from_host
     owner.handoff = None
     owner.handed_back = False
 
@@ -239,3 +260,73 @@ def refresh_handed_back(d: Domain, owner: Owner) -> None:
     if "ours" not in _fates(d, owner).values():
         owner.handed_back = False
         _forget(d, owner, drop=False)  # the caller goes on with this owner
+
+
+# -- reservations (the agent: no window in which a paused or migrating domain's disks are free) --
+
+
+def reserve(d: Domain, owner: Owner) -> None:
+    """Keep every record of the owner reserved for its domain (any host may
+    claim it for the same UUID): a marker ``to="*"`` on this host's lease."""
+    mark(d, owner, RESERVED)
+
+
+def reserved(owner: Owner) -> bool:
+    """The owner's marker, if any, is a reservation."""
+    return owner.handoff is not None and owner.handoff.to == RESERVED
+
+
+def unreserve(d: Domain, owner: Owner) -> None:
+    """The domain resumes on this host: delete the reservation marker only
+    (records stay, tokens unchanged).  Raises StaleStateError if another host
+    already claimed it or the records vanished (the owner then holds nothing)."""
+    assert reserved(owner)
+    try:
+        _cancel(d, owner)
+    except StaleStateError as exc:
+        raise StaleStateError(
+            f"cannot resume {d.where()} on host {d.host}: its reservation was taken over by another "
+            f"host or its records vanished ({exc}); this host holds nothing for it now") from None
+
+
+def reservation_in(d: Domain, responses: Sequence[Any], rid: str) -> tuple[str, bytes] | None:
+    """In a failed grant's read (the handoffs range comes last): a marker of
+    another host for this very domain that lists ``rid`` and names this host
+    or :data:`RESERVED`.  Returns its key and bytes."""
+    ranges = [r.response_range for r in responses if r.WhichOneof("response") == "response_range"]
+    for kv in ranges[-1].kvs if ranges else []:
+        try:
+            marker = ks.decode(kv.value, kv.key.decode(errors="replace"))
+        except ks.ForeignValue:
+            continue
+        if (marker.get("uuid") == d.spec.uuid and marker.get("to") in (d.host, RESERVED)
+                and marker.get("from") != d.host
+                and any(isinstance(r, dict) and r.get("rid") == rid for r in marker.get("res") or [])):
+            return kv.key.decode(), bytes(kv.value)
+    return None
+
+
+def claim_reservation(d: Domain, owner: Owner, marker_key: str, raw: bytes) -> list[ks.ResourceId]:
+    """Take over every record a marker lists, in one transaction that
+    compares the marker byte for byte and each record's token, writes the
+    records on this host's lease (new tokens) and deletes the marker.  The
+    domain and destination are read from ``raw`` itself: a marker of another
+    domain, or naming another host, is refused before anything is sent."""
+    head = f"cannot take over the reservation {marker_key} for {d.where()}; nothing changed: "
+    try:
+        marker = ks.decode(raw, marker_key)
+        rids = [ks.ResourceId(str(r.get("kind", "disk")), str(r["res"]), str(r["rid"]), str(r["mode"]))
+                for r in marker["res"]]
+        tokens = {str(r["rid"]): int(r["token"]) for r in marker["res"]}
+    except (ks.ForeignValue, KeyError, TypeError, ValueError):
+        raise StaleStateError(head + "the marker is unreadable") from None
+    if marker.get("uuid") != d.spec.uuid:
+        raise StaleStateError(head + f"it is for domain {marker.get('name')} ({marker.get('uuid')})")
+    if marker.get("to") not in (d.host, RESERVED) or marker.get("from") in (None, d.host):
+        raise StaleStateError(head + f"it is from host {marker.get('from')} to host {marker.get('to')}")
+    result = _send_claim(d, owner, rids, marker_key, raw, tokens, "reservation claim")
+    if not result.committed:
+        raise StaleStateError(head + "the marker or its records changed meanwhile (claimed by another "
+                              "host, cancelled by the source, or the source's lease expired)")
+    _adopt_claim(d, owner, rids, result, str(marker.get("from")))
+    return rids

@@ -1,0 +1,63 @@
+"""Helpers for the agent tests over real etcd: an etcd driver per host, the etcd backend on an
+in-process server, and a stand-in QEMU that opens its lock connection then execs ``sleep``
+(as libvirt's forked child does before exec'ing QEMU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import virtlease as v
+from virtlease.abi import ObjectSpec, ObjectType
+from virtlease_etcd.agent.backend import EtcdLockBackend
+from virtlease_etcd.domain import Domain
+
+STANDIN = Path(__file__).with_name("standin_qemu.py")
+
+
+def load(endpoints: str, prefix: str, host: str, **config: Any) -> v.Plugin:
+    """An etcd driver for ``host``."""
+    cfg = {"endpoints": endpoints, "prefix": prefix, "host_id": host, "ttl": 4, **config}
+    return v.load_driver("etcd", config=cfg, capabilities=v.Capability.RESOURCES)
+
+
+def domain(plugin: v.Plugin, uuid: str, name: str, pid: int | None = None) -> Domain:
+    """A driver-level Domain of ``plugin``'s host."""
+    drv = plugin.driver
+    return Domain(drv.session, drv.cfg, drv.policy, ObjectSpec(ObjectType.DOMAIN, uuid, name, pid=pid))
+
+
+def backend(plugin: v.Plugin, **kwargs: Any) -> EtcdLockBackend:
+    """The etcd backend over ``plugin``."""
+    return EtcdLockBackend(plugin.driver, **kwargs)
+
+
+class StandinQemu:
+    """A child that REGISTERs + RESTRICTs on ``socket`` with its own pid, then execs sleep:
+    its connection is the owner's lifeline, its pid the owner pid."""
+
+    def __init__(self, socket: Path, name: str, owner_uuid: str | None = None, *, close: bool = False) -> None:
+        self.uuid = owner_uuid or str(uuidlib.uuid4())
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, str(STANDIN), str(socket), self.uuid, name, *(["close"] if close else [])],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"stand-in QEMU failed to register: {line!r}")
+        self.pid = self.proc.pid
+
+    def owner(self, owner_id: int = 1) -> Any:
+        from virtlease_etcd.agent.client import make_owner
+        return make_owner(self.name, owner_id=owner_id, pid=self.pid, owner_uuid=uuidlib.UUID(self.uuid))
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None

@@ -1,0 +1,257 @@
+"""The etcd backend behind the lockd server, real etcd, driven by LockdClient as libvirt
+drives virtlockd: a stand-in QEMU (a child that opens its lock connection, then execs sleep)
+owns the lifeline; other connections REGISTER and ACQUIRE/RELEASE per disk."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import virtlease as v
+from agent.agent_harness import MALFORMED, ServerThread
+from agent.etcd_agent import StandinQemu, backend, load
+from conftest import EtcdServer, dump
+from virtlease_etcd.agent.client import LockdClient, RemoteCallError, make_owner
+from virtlease_etcd.agent.protocol import ErrorCode
+
+Agent = tuple[ServerThread, v.Plugin]
+
+
+@pytest.fixture
+def agents(etcd_process: EtcdServer, prefix: str, tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    """agents(host) -> (server, plugin): an agent of ``host`` on its own socket, same etcd."""
+    made: list[tuple[ServerThread, v.Plugin, list[StandinQemu]]] = []
+
+    def make(host: str, **kwargs: Any) -> Agent:
+        run = tmp_path / host
+        run.mkdir(mode=0o700)
+        plugin = load(etcd_process.endpoints, prefix, host)
+        server = ServerThread(run / "virtlockd-sock", backend(plugin, **{"reserve_grace": 0.5, **kwargs}))
+        made.append((server, plugin, []))
+        return server, plugin
+
+    yield make
+    for server, plugin, _ in made:
+        server.run(server.server.backend.close())
+        server.stop()
+        plugin.driver.release_all()
+        plugin.unload()
+
+
+@pytest.fixture
+def qemus() -> Iterator[Callable[..., StandinQemu]]:
+    started: list[StandinQemu] = []
+
+    def start(agent: Agent, name: str, owner_uuid: str | None = None) -> StandinQemu:
+        q = StandinQemu(agent[0].path, name, owner_uuid)
+        started.append(q)
+        return q
+
+    yield start
+    for q in started:
+        if q.alive():
+            q.kill()
+
+
+def images(tmp_path: Path, *names: str) -> list[str]:
+    out = []
+    for n in names:
+        (tmp_path / n).write_bytes(b"")
+        out.append(str(tmp_path / n))
+    return out
+
+
+def call(agent: Agent, q: StandinQemu, op: str, *disks: str) -> None:
+    """One libvirt-style connection: REGISTER, then ``op`` per disk, then close."""
+    with LockdClient(agent[0].path) as c:
+        c.register(q.owner())
+        for d in disks:
+            getattr(c, op)(d)
+
+
+def error_of(fn: Callable[[], None]) -> str:
+    with pytest.raises(RemoteCallError) as exc:
+        fn()
+    return exc.value.error.message or ""
+
+
+def wait_for(pred: Callable[[], bool], timeout: float) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def holders(etcd_process: EtcdServer, prefix: str) -> dict[str, bytes]:
+    return {k: val for k, (val, _m, _l) in dump(etcd_process.client(), prefix).items() if "/res/" in k}
+
+
+def test_libvirt_sequence_busy_pause_resume(agents: Callable[..., Agent], qemus: Callable[..., StandinQemu],
+                                            tmp_path: Path) -> None:
+    a = agents("host-a")
+    d1, d2 = images(tmp_path, "d1.img", "d2.img")
+    web = qemus(a, "web1")
+    call(a, web, "acquire", d1, d2)  # start: conn B acquires each disk
+    db = qemus(a, "db1")
+    msg = error_of(lambda: call(a, db, "acquire", d1))
+    assert "held exclusive by domain web1" in msg and "on host host-a" in msg and web.uuid in msg
+    # pause: REGISTER + RELEASE, twice (the second on a new connection gets an error)
+    call(a, web, "release", d1, d2)
+    msg = error_of(lambda: call(a, web, "release", d1))
+    assert "not locked" in msg
+    msg = error_of(lambda: call(a, db, "acquire", d1))
+    assert "reserved for domain web1" in msg and "paused/migrating on host host-a" in msg
+    call(a, web, "acquire", d1, d2)  # resume: cancels the reservation
+    owner = a[1].driver.session.owners.peek(web.uuid)
+    assert owner is not None and owner.handoff is None and len(owner.held) == 2
+
+
+def test_owner_eof_releases_within_a_second(agents: Callable[..., Agent], qemus: Callable[..., StandinQemu],
+                                            tmp_path: Path, etcd_process: EtcdServer, prefix: str) -> None:
+    a = agents("host-a")
+    (d1,) = images(tmp_path, "d1.img")
+    web = qemus(a, "web1")
+    call(a, web, "acquire", d1)
+    assert holders(etcd_process, prefix)
+    web.kill()
+    took = wait_for(lambda: not holders(etcd_process, prefix), 5)
+    assert took < 1.0
+    call(a, qemus(a, "db1"), "acquire", d1)
+
+
+def test_lifeline_eof_with_live_pid_kills_it_first(agents: Callable[..., Agent], tmp_path: Path,
+                                                   etcd_process: EtcdServer, prefix: str) -> None:
+    """The lifeline closes while the QEMU lives: SIGTERM, and only once it is gone, release."""
+    a = agents("host-a", kill_grace=1.0)
+    (d1,) = images(tmp_path, "d1.img")
+    web = StandinQemu(a[0].path, "web1", close=True)
+    try:
+        with LockdClient(a[0].path) as c:
+            c.register(web.owner())
+            c.acquire(d1)
+    except RemoteCallError:
+        pass  # the shell may already have closed the lifeline: the owner is ending
+    wait_for(lambda: not web.alive(), 3)
+    wait_for(lambda: not holders(etcd_process, prefix), 2)
+    assert web.proc.returncode == -15  # SIGTERM from the agent
+
+
+def test_owner_death_without_lifeline_releases(agents: Callable[..., Agent], tmp_path: Path,
+                                               etcd_process: EtcdServer, prefix: str) -> None:
+    """pidfd: the owner pid exits, no lifeline ever existed: its disks are released."""
+    a = agents("host-a")
+    (d1,) = images(tmp_path, "d1.img")
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        with LockdClient(a[0].path) as c:
+            c.register(make_owner("web1", pid=sleeper.pid))
+            c.acquire(d1)
+        assert holders(etcd_process, prefix)
+        sleeper.terminate()
+        wait_for(lambda: not holders(etcd_process, prefix), 1)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_unknown_pid_is_refused(agents: Callable[..., Agent]) -> None:
+    a = agents("host-a")
+    with LockdClient(a[0].path) as c:
+        with pytest.raises(RemoteCallError) as exc:
+            c.register(make_owner("ghost", pid=2**22 + 12345))
+        assert exc.value.error.code == ErrorCode.INVALID_ARG
+
+
+def test_reservation_taken_over_by_same_uuid_on_another_host(
+        agents: Callable[..., Agent], qemus: Callable[..., StandinQemu], tmp_path: Path,
+        etcd_process: EtcdServer, prefix: str) -> None:
+    a, b = agents("host-a"), agents("host-b")
+    d1, d2 = images(tmp_path, "d1.img", "d2.img")
+    src = qemus(a, "web1")
+    call(a, src, "acquire", d1, d2)
+    before = {k: m for k, (_v, m, _l) in dump(etcd_process.client(), prefix).items() if "/res/" in k}
+    dst = qemus(b, "web1", src.uuid)  # the destination QEMU registers (no acquire yet)
+    call(a, src, "release", d1, d2)  # end of migration on the source: reserved
+    other = qemus(b, "db1")
+    msg = error_of(lambda: call(b, other, "acquire", d1))
+    assert "reserved for domain web1" in msg and "host host-a" in msg
+    call(b, dst, "acquire", d1, d2)  # the destination resumes: claims both
+    after = dump(etcd_process.client(), prefix)
+    for key, mod in before.items():
+        assert after[key][1] > mod
+        assert b'"host":"host-b"' in after[key][0]
+    src.kill()  # confirm: the source QEMU stops; nothing of B's is touched
+    time.sleep(1.0)
+    assert {k: val for k, val in dump(etcd_process.client(), prefix).items() if "/res/" in k} == \
+        {k: val for k, val in after.items() if "/res/" in k}
+
+
+def test_unclaimed_reservation_freed_after_grace(agents: Callable[..., Agent], qemus: Callable[..., StandinQemu],
+                                                 tmp_path: Path, etcd_process: EtcdServer, prefix: str) -> None:
+    a = agents("host-a", reserve_grace=1.0)
+    (d1,) = images(tmp_path, "d1.img")
+    web = qemus(a, "web1")
+    call(a, web, "acquire", d1)
+    call(a, web, "release", d1)
+    web.kill()
+    time.sleep(0.5)
+    assert holders(etcd_process, prefix), "freed before the reserve grace"
+    wait_for(lambda: not dump(etcd_process.client(), prefix + "/v1/handoff") and not holders(etcd_process, prefix), 3)
+    call(a, qemus(a, "db1"), "acquire", d1)
+
+
+@pytest.mark.parametrize(("case", "data"), [(m[0], m[1]) for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_frames_change_nothing(agents: Callable[..., Agent], qemus: Callable[..., StandinQemu],
+                                         tmp_path: Path, etcd_process: EtcdServer, prefix: str,
+                                         case: str, data: bytes) -> None:
+    a = agents("host-a")
+    (d1,) = images(tmp_path, "d1.img")
+    web = qemus(a, "web1")
+    call(a, web, "acquire", d1)
+    before = dump(etcd_process.client(), prefix)
+    with LockdClient(a[0].path) as c:
+        c.register(web.owner())
+        c.send_raw(data)
+        c.is_closed_by_server(0.3)
+    with LockdClient(a[0].path) as c:
+        c.send_raw(data)
+        c.is_closed_by_server(0.3)
+    assert dump(etcd_process.client(), prefix) == before
+    assert web.alive()
+
+
+def test_etcd_unreachable_is_an_error_reply_not_a_hang(etcd_process: EtcdServer, prefix: str,
+                                                       tmp_path: Path) -> None:
+    """An agent whose etcd goes away answers within its deadline (ttl 4 s here)."""
+    from tcpproxy import TcpProxy
+
+    host, port = etcd_process.endpoints.split(",")[0].rsplit(":", 1)
+    with TcpProxy(f"{host}:{port}") as proxy:
+        plugin = load(proxy.endpoint, prefix, "host-p", acquire_timeout=2.0, request_timeout=0.5)
+        run = tmp_path / "p"
+        run.mkdir(mode=0o700)
+        server = ServerThread(run / "virtlockd-sock", backend(plugin))
+        sleeper = subprocess.Popen(["sleep", "600"])
+        try:
+            (d1,) = images(tmp_path, "d1.img")
+            proxy.blackhole()
+            with LockdClient(server.path, timeout=10) as c:
+                c.register(make_owner("web1", pid=sleeper.pid))
+                t0 = time.monotonic()
+                msg = error_of(lambda: c.acquire(d1))
+                took = time.monotonic() - t0
+            assert took < 4.0 and ("etcd unreachable" in msg or "session is lost" in msg), (took, msg)
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+            server.stop()
+            proxy.heal()
+            plugin.driver.release_all()
+            plugin.unload()

@@ -1,0 +1,21 @@
+"""Start ``virtlease-agent`` inside a rig host with a relay to the test's etcd.
+
+Usage: ``agent_in_host.py RELAY_UNIX_PATH PORT AGENT_ARGS...``: relays ``127.0.0.1:PORT`` (in
+this network namespace) to the UNIX socket ``RELAY_UNIX_PATH`` (served by the test in the root
+namespace, see ``etcd_relay.py``), then runs the agent in this process with ``AGENT_ARGS``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from etcd_relay import Relay
+
+from virtlease_etcd.agent.main import main
+
+if __name__ == "__main__":
+    Relay.tcp_to_unix(int(sys.argv[2]), sys.argv[1])
+    sys.exit(main(sys.argv[3:]))

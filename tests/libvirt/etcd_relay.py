@@ -1,0 +1,88 @@
+"""A byte relay that carries etcd's client port into a rig host's network namespace.
+
+The rig's hosts have their own network namespaces (only a veth pair between them), but they
+see the machine's file system.  So the test runs :class:`Relay` ``unix PATH -> tcp etcd`` in
+the root namespace, and the agent launcher (``agent_in_host.py``) runs ``tcp 127.0.0.1:PORT ->
+unix PATH`` inside the host's namespace: the agent there reaches etcd at ``127.0.0.1:PORT``.
+Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class Relay:
+    """Accept on ``listener`` and pipe each connection to a new ``connect()`` socket."""
+
+    def __init__(self, listener: socket.socket, connect: Callable[[], socket.socket]) -> None:
+        self.listener = listener
+        self.connect = connect
+        self._closed = False
+        self.thread = threading.Thread(target=self._accept_loop, name="etcd-relay", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def unix_to_tcp(cls, path: str, host: str, port: int) -> Relay:
+        """Listen on UNIX socket ``path``, connect to ``host:port``."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ls.bind(path)
+        ls.listen(64)
+        return cls(ls, lambda: socket.create_connection((host, port)))
+
+    @classmethod
+    def tcp_to_unix(cls, port: int, path: str) -> Relay:
+        """Listen on ``127.0.0.1:port``, connect to UNIX socket ``path``."""
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", port))
+        ls.listen(64)
+
+        def connect() -> socket.socket:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            return s
+
+        return cls(ls, connect)
+
+    def close(self) -> None:
+        """Stop accepting (open connections end with their peers)."""
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                a, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                b = self.connect()
+            except OSError as exc:
+                log.warning("relay: cannot connect upstream: %s", exc)
+                a.close()
+                continue
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
