@@ -10,17 +10,13 @@ run instead of skipping.  Every test gets its own key prefix.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import etcd3
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 import virtlease as v
 from virtlease_etcd.embedded import EmbeddedEtcd

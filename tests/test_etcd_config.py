@@ -18,15 +18,39 @@ def test_defaults() -> None:
     assert cfg.default_action is FailureAction.POWEROFF
 
 
-def test_toml_file_then_dict_then_environment(tmp_path: Path) -> None:
+def test_dict_then_environment_then_toml_file_then_defaults(tmp_path: Path) -> None:
     path = tmp_path / "virtlease.toml"
     path.write_text('[etcd]\nendpoints = ["10.0.0.1:2379", "10.0.0.2:2379"]\nttl = 7\nprefix = "/from-file"\n'
-                    'default_action = "pause"\n')
-    cfg = load_config({"config_file": str(path), "prefix": "/from-dict"},
-                      environ={"VIRTLEASE_ETCD_TTL": "12", "VIRTLEASE_ETCD_HOST_ID": "hv-9"})
-    assert cfg.endpoints == ("10.0.0.1:2379", "10.0.0.2:2379")
-    assert cfg.prefix == "/from-dict" and cfg.ttl == 12 and cfg.host_id == "hv-9"
+                    'default_action = "pause"\nhost_id = "hv-file"\n')
+    cfg = load_config({"config_file": str(path), "prefix": "/from-dict", "ttl": 5},
+                      environ={"VIRTLEASE_ETCD_TTL": "12", "VIRTLEASE_ETCD_HOST_ID": "hv-9",
+                               "VIRTLEASE_ETCD_PREFIX": "/from-env"})
+    assert cfg.prefix == "/from-dict" and cfg.ttl == 5  # the explicit dict beats the environment
+    assert cfg.host_id == "hv-9"  # the environment beats the file
+    assert cfg.endpoints == ("10.0.0.1:2379", "10.0.0.2:2379")  # the file beats the defaults
     assert cfg.default_action is FailureAction.PAUSE
+    assert cfg.request_timeout == 2.0  # nobody set it: the default
+
+
+def test_none_in_the_dict_counts_as_not_given(tmp_path: Path) -> None:
+    path = tmp_path / "virtlease.toml"
+    path.write_text('ttl = 7\n')
+    cfg = load_config({"config_file": str(path), "ttl": None, "prefix": None},
+                      environ={"VIRTLEASE_ETCD_PREFIX": "/from-env"})
+    assert cfg.ttl == 7 and cfg.prefix == "/from-env"
+
+
+def test_an_explicit_config_file_beats_virtlease_config(tmp_path: Path) -> None:
+    mine, theirs = tmp_path / "mine.toml", tmp_path / "theirs.toml"
+    mine.write_text('ttl = 7\n')
+    theirs.write_text('ttl = 9\n')
+    assert load_config({"config_file": str(mine)}, environ={"VIRTLEASE_CONFIG": str(theirs)}).ttl == 7
+
+
+def test_load_config_never_writes_the_environment() -> None:
+    environ = {"VIRTLEASE_ETCD_TTL": "12"}
+    assert load_config({"ttl": 4}, environ=environ).ttl == 4
+    assert environ == {"VIRTLEASE_ETCD_TTL": "12"}
 
 
 def test_config_file_from_environment(tmp_path: Path) -> None:

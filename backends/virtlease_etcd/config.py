@@ -1,10 +1,11 @@
 """Configuration of the etcd driver: a dict, a TOML file, environment overrides.
 
-Precedence, lowest first: defaults, ``config_file`` (TOML; keys at top level
-or under ``[etcd]``), the dict passed to ``load_driver``, then environment
+Precedence, highest first: explicit arguments (the dict passed to
+``load_driver``, which is where command-line options go), then environment
 variables ``VIRTLEASE_ETCD_<KEY>`` (e.g. ``VIRTLEASE_ETCD_ENDPOINTS``,
-``VIRTLEASE_ETCD_TTL``).  ``VIRTLEASE_CONFIG`` names a TOML file when no
-``config_file`` is given.
+``VIRTLEASE_ETCD_TTL``), then ``config_file`` (TOML; keys at top level or
+under ``[etcd]``), then the defaults.  ``VIRTLEASE_CONFIG`` names a TOML file
+when no ``config_file`` is given.  A key given as ``None`` counts as not given.
 """
 
 from __future__ import annotations
@@ -156,18 +157,20 @@ def _read_toml(path: str) -> dict[str, Any]:
 
 
 def load_config(raw: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None) -> EtcdConfig:
-    """Merge defaults, TOML file, ``raw`` and environment into an EtcdConfig."""
+    """Merge ``raw`` over the environment over the TOML file over the defaults
+    into an EtcdConfig (see the module docstring); never reads anything but
+    ``environ`` (default ``os.environ``) and the file, never writes either."""
     env = os.environ if environ is None else environ
-    given = dict(raw or {})
+    given = {k: v for k, v in (raw or {}).items() if v is not None}
     merged: dict[str, Any] = {}
     path = given.pop("config_file", None) or env.get("VIRTLEASE_CONFIG")
     if path:
         merged.update(_read_toml(str(path)))
-    merged.update(given)
     for key in KNOWN_KEYS - {"config_file"} - _CALLABLES:
         value = env.get(ENV_PREFIX + key.upper())
         if value is not None and value != "":
             merged[key] = value
+    merged.update(given)
     unknown = set(merged) - KNOWN_KEYS
     if unknown:
         raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")

@@ -46,8 +46,11 @@ LostListener = Callable[[str], None]
 class HostSession:
     """One host's etcd lease and its keepalive/fence threads."""
 
-    def __init__(self, cfg: EtcdConfig) -> None:
+    def __init__(self, cfg: EtcdConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` is the monotonic clock every fence and keepalive time is
+        read from (injectable for tests)."""
         self.cfg = cfg
+        self._clock = clock
         self.keys = ks.Keys(cfg.prefix)
         self.client = EtcdClient(cfg)
         self.lease_id = 0
@@ -70,10 +73,10 @@ class HostSession:
     def start(self) -> HostSession:
         """Grant the lease and register the host; raises ConfigError if the
         host_id already has a live session elsewhere."""
-        deadline = time.monotonic() + self.cfg.deadline
+        deadline = self._clock() + self.cfg.deadline
 
         def grant(timeout: float) -> tuple[float, int, int]:
-            sent = time.monotonic()
+            sent = self._clock()
             lease_id, ttl = self.client.lease_grant(self.cfg.ttl, timeout=timeout)
             return sent, lease_id, ttl
 
@@ -191,7 +194,7 @@ class HostSession:
 
     def check(self) -> None:
         """Raise LeaseLostError unless the session is valid right now."""
-        if self._lost is None and time.monotonic() >= self.fence_at and not self._closed:
+        if self._lost is None and self._clock() >= self.fence_at and not self._closed:
             self._mark_lost("no successful keepalive before the fence deadline")
         if self._lost is not None:
             raise LeaseLostError(
@@ -204,20 +207,20 @@ class HostSession:
     def deadline(self, seconds: float | None = None) -> float:
         """A monotonic deadline for an operation: ``seconds`` from now (default
         the configured acquire timeout), never past the fence deadline."""
-        return min(time.monotonic() + (self.cfg.deadline if seconds is None else seconds), self.fence_at)
+        return min(self._clock() + (self.cfg.deadline if seconds is None else seconds), self.fence_at)
 
     # -- threads ---------------------------------------------------------------
 
     def _keepalive_loop(self) -> None:
         interval = self.ttl / 3
-        next_at = time.monotonic() + interval
+        next_at = self._clock() + interval
         while True:
             with self._cond:
-                while not self._closed and self._lost is None and time.monotonic() < next_at:
-                    self._cond.wait(next_at - time.monotonic())
+                while not self._closed and self._lost is None and self._clock() < next_at:
+                    self._cond.wait(next_at - self._clock())
                 if self._closed or self._lost is not None:
                     return
-            sent = time.monotonic()
+            sent = self._clock()
             try:
                 timeout = min(self.cfg.request_timeout, self.fence_at - sent)
                 if timeout <= 0:
@@ -228,14 +231,14 @@ class HostSession:
                 if self._lost is not None or self._closed:
                     return
                 log.warning("host %s: keepalive failed (%s); %.1fs to fence", self.cfg.host_id, exc,
-                            self.fence_at - time.monotonic())
-                next_at = time.monotonic() + min(0.25, interval)
+                            self.fence_at - self._clock())
+                next_at = self._clock() + min(0.25, interval)
                 continue
             except LeaseNotFound:
                 ttl = 0
             except Exception as exc:  # never let the keepalive thread die silently
                 log.exception("host %s: keepalive error", self.cfg.host_id)
-                next_at = time.monotonic() + min(0.25, interval)
+                next_at = self._clock() + min(0.25, interval)
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 continue
@@ -251,7 +254,7 @@ class HostSession:
     def _fence_loop(self) -> None:
         with self._cond:
             while not self._closed and self._lost is None:
-                left = self.fence_at - time.monotonic()
+                left = self.fence_at - self._clock()
                 if left <= 0:
                     break
                 self._cond.wait(left)
@@ -265,7 +268,7 @@ class HostSession:
             if self._lost is not None:
                 return
             self._lost = reason
-            self._lost_at = time.monotonic()
+            self._lost_at = self._clock()
             listeners = list(self._listeners)
             self._cond.notify_all()
         log.error("host %s: session lost: %s", self.cfg.host_id, reason)
@@ -311,14 +314,14 @@ class HostSession:
         in storage I/O dies only when that I/O completes)."""
         with self._cond:
             not_before = self._valid_until
-        until = time.monotonic() + 2 * self.ttl + 5
-        while time.monotonic() < until and not self._closed:
+        until = self._clock() + 2 * self.ttl + 5
+        while self._clock() < until and not self._closed:
             with self._cond:  # a late grant may still be fenced after this thread started
                 if not self._revoke_ok:
                     return
                 pids = set(self._fenced_pids)
             pids = {pid for pid in pids if _alive(pid)}
-            if pids or time.monotonic() < not_before:
+            if pids or self._clock() < not_before:
                 time.sleep(0.1)
                 continue
             try:
