@@ -1,4 +1,4 @@
-"""Handoff: migration latency for 1..64 disks.
+"""Handoff: migration latency for 1..63 disks (a claim deletes the marker too: 2 ops per disk + 1).
 
 Timed: ``prepare_migrate`` on the source plus ``acquire(state)`` of the
 destination's ``NewFlags.MIGRATE`` object (the claim).  The completions
@@ -67,6 +67,8 @@ def handoff(cluster: Cluster, plan: Plan) -> list[dict[str, Any]]:
             rows.append(row)
     finally:
         for plugin in (src, dst):
+            for obj in plugin.objects:
+                obj.free()
             plugin.driver.release_all()
             plugin.unload()
     return rows
