@@ -73,6 +73,14 @@ def kv(etcd: EtcdServer) -> Iterator[etcd3.Etcd3Client]:
     client.close()
 
 
+@pytest.fixture
+def kv_process(etcd_process: EtcdServer) -> Iterator[etcd3.Etcd3Client]:
+    """A client of the local etcd process (for tests that run against it only)."""
+    client = etcd_process.client()
+    yield client
+    client.close()
+
+
 def dump(client: etcd3.Etcd3Client, prefix: str) -> dict[str, tuple[bytes, int, int]]:
     """Every key under ``prefix``: value, mod_revision, lease."""
     return {meta.key.decode(): (value, meta.mod_revision, meta.lease_id)

@@ -35,10 +35,8 @@ def hosts(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[..., HostP
 
 
 @pytest.fixture
-def kv(etcd_process: EtcdServer) -> Iterator[etcd3.Etcd3Client]:
-    client = etcd_process.client()
-    yield client
-    client.close()
+def kv(kv_process: etcd3.Etcd3Client) -> etcd3.Etcd3Client:
+    return kv_process
 
 
 @pytest.fixture

@@ -48,10 +48,8 @@ def make_driver(etcd_process: EtcdServer, prefix: str) -> Iterator[MakeDriver]:
 
 
 @pytest.fixture
-def kv(etcd_process: EtcdServer) -> Iterator[etcd3.Etcd3Client]:
-    client = etcd_process.client()
-    yield client
-    client.close()
+def kv(kv_process: etcd3.Etcd3Client) -> etcd3.Etcd3Client:
+    return kv_process
 
 
 @pytest.fixture
