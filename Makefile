@@ -17,6 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src backends tests bench
+	$(BIN)/mypy src/virtlease
 	$(BIN)/pytest -m "not safety" tests
 
 # The nemesis suite alone: short seeded run (CI) and the long run for users.

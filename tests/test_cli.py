@@ -437,3 +437,21 @@ def test_demo_interrupted_by_sigterm_still_removes_everything_it_made() -> None:
     assert len(pids) >= 4 and dirs
     assert all(_gone(pid) for pid in pids)
     assert not any(Path(d).exists() for d in dirs)
+
+
+def test_etcd_options_work_before_and_after_the_command_name(etcd_process: EtcdServer, prefix: str) -> None:
+    before = run(*opts(etcd_process, prefix), "status", "--json")
+    after = run("status", "--json", *opts(etcd_process, prefix))
+    assert before.returncode == after.returncode == 0, before.stderr + after.stderr
+    assert json.loads(before.stdout)["hosts"] == json.loads(after.stdout)["hosts"] == []
+
+
+def test_an_option_beats_the_environment_for_the_driver_too(etcd_process: EtcdServer, prefix: str) -> None:
+    """``--ttl`` reaches the driver as an explicit setting: $VIRTLEASE_ETCD_TTL does not override it."""
+    env = clean_env(VIRTLEASE_ETCD_TTL="30")
+    with holding(*opts(etcd_process, prefix, ttl=4), "hold", "--json", "--name", "web1",
+                 "--disk", "/img/web1.qcow2", env=env) as held:
+        assert held.json()["held"]
+        st = json.loads(run(*opts(etcd_process, prefix), "status", "--json", env=env).stdout)
+        assert [h["ttl_left"] <= 4 for h in st["hosts"]] == [True]
+        held.stop()

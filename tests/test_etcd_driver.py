@@ -15,8 +15,8 @@ import pytest
 
 import virtlease as v
 from conftest import EtcdServer, dump, new_uuid, shut
-from hostproc import HostProcess
 from tcpproxy import TcpProxy
+from virtlease_etcd.hostproc import HostProcess
 
 D = v.ResourceType.DISK
 MakeDriver = Callable[..., v.Plugin]

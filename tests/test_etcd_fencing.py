@@ -11,8 +11,8 @@ import pytest
 
 import virtlease as v
 from conftest import EtcdServer, new_uuid, shut
-from hostproc import HostProcess, process_state
 from tcpproxy import TcpProxy
+from virtlease_etcd.hostproc import HostProcess, process_state
 
 D = v.ResourceType.DISK
 

@@ -77,8 +77,10 @@ class Member:
     """One etcd member process."""
 
     def __init__(self, name: str, data_dir: Path, client_port: int, peer_port: int,
-                 initial_cluster: str, extra_args: list[str]) -> None:
+                 initial_cluster: str, extra_args: list[str], env: dict[str, str] | None = None) -> None:
         self.name = name
+        self.env = env
+        """The member process's environment (None: ours)."""
         self.data_dir = data_dir
         self.client_port = client_port
         self.peer_port = peer_port
@@ -111,7 +113,7 @@ class Member:
         ]
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=self.env)
         logf.close()
         self._started_once = True
 
@@ -151,7 +153,8 @@ class EmbeddedEtcd:
     """
 
     def __init__(self, size: int = 1, *, extra_args: list[str] | None = None,
-                 workdir: str | None = None) -> None:
+                 workdir: str | None = None, env: dict[str, str] | None = None) -> None:
+        """``env``: the members' environment (None: ours)."""
         self.size = size
         self.extra_args = list(extra_args or [])
         self._own_dir = workdir is None
@@ -159,7 +162,7 @@ class EmbeddedEtcd:
         ports = [(free_port(), free_port()) for _ in range(size)]
         cluster = ",".join(f"m{i}=http://127.0.0.1:{p[1]}" for i, p in enumerate(ports))
         self.members = [
-            Member(f"m{i}", self.dir / f"m{i}", c, p, cluster, self.extra_args)
+            Member(f"m{i}", self.dir / f"m{i}", c, p, cluster, self.extra_args, env)
             for i, (c, p) in enumerate(ports)
         ]
 

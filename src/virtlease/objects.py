@@ -22,7 +22,7 @@ import logging
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from .abi import (
     AcquireFlags,
@@ -30,6 +30,8 @@ from .abi import (
     DriverObject,
     FailureAction,
     HeldResource,
+    HotplugObject,
+    MigrateObject,
     NewFlags,
     ObjectSpec,
     ResourceFlags,
@@ -230,7 +232,7 @@ class LockObject:
                 raise ObjectStateError(f"acquire_resource: {self._where()} is restricted")
             self._require(Phase.HELD, call="acquire_resource")
             res = self._make_resource(type, name, flags, params)
-            self._drv.acquire_resource(res)
+            cast(HotplugObject, self._drv).acquire_resource(res)
             self._resources.append(res)
 
     def release_resource(
@@ -247,7 +249,7 @@ class LockObject:
                 if res.type is rtype_c and res.name == name_c and res.params.get(
                     "lockspace"
                 ) == params_c.get("lockspace"):
-                    self._drv.release_resource(res)
+                    cast(HotplugObject, self._drv).release_resource(res)
                     self._resources.remove(res)
                     return
             raise ValidationError("resource", f"{name_c!r} is not a resource of {self._where()}")
@@ -259,7 +261,7 @@ class LockObject:
             self._require_capability(Capability.MIGRATE, "prepare_migrate")
             self._require(Phase.NEW, Phase.HELD, call="prepare_migrate")
             dest = check_host(dest_host, "dest_host")
-            state: str = self._drv.prepare_migrate(dest)
+            state: str = cast(MigrateObject, self._drv).prepare_migrate(dest)
             self._phase = Phase.MIGRATING
             return state
 
@@ -269,7 +271,7 @@ class LockObject:
         with self._mutex:
             self._require_capability(Capability.MIGRATE, "complete_migrate_out")
             self._require(Phase.MIGRATING, call="complete_migrate_out")
-            self._drv.complete_migrate_out(bool(cancel))
+            cast(MigrateObject, self._drv).complete_migrate_out(bool(cancel))
             self._phase = Phase.HELD if cancel else Phase.GONE
 
     def complete_migrate_in(self, cancel: bool = False) -> str | None:
@@ -282,7 +284,7 @@ class LockObject:
                     f"complete_migrate_in: {self._where()} was not created with NewFlags.MIGRATE"
                 )
             self._require(Phase.HELD, call="complete_migrate_in")
-            state: str | None = self._drv.complete_migrate_in(bool(cancel))
+            state: str | None = cast(MigrateObject, self._drv).complete_migrate_in(bool(cancel))
             if cancel:
                 self._phase = Phase.GONE
             return state

@@ -3,6 +3,10 @@
 Every failure ends as one line on stderr (``virtlease: error: ...``), a
 ``hint:`` line when there is something to do about it, and an exit code a
 script can branch on.  A traceback is printed only with ``--debug``.
+
+Generic: the mapping knows only the core's ``VirtleaseError`` classes (and
+click's); a backend's commands add their own hints by setting ``hint`` on
+the error or raising ``CommandFailed`` with an explicit code.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from virtlease.errors import (
     ValidationError,
     VirtleaseError,
 )
-from virtlease_etcd.client import PermissionDenied
 
 
 class ExitCode(enum.IntEnum):
@@ -35,23 +38,29 @@ class ExitCode(enum.IntEnum):
     BUSY = 3
     """A resource is held by another domain; the holder is printed."""
     UNREACHABLE = 4
-    """etcd could not be reached before the deadline."""
+    """The backend (e.g. etcd) could not be reached before the deadline."""
     LEASE_LOST = 5
     """The host's session lease was lost while holding (the VM was fenced)."""
     INTERRUPTED = 130
     """Interrupted (Ctrl-C) before the command finished."""
 
 
-#: The exit-code paragraph shown in ``--help`` (``\b`` keeps click from rewrapping it).
-EXIT_CODES_HELP = """\b
+def exit_codes_help(backend: str = "the backend") -> str:
+    """The exit-code paragraph for a command's ``--help`` epilog, naming its backend
+    (``\\b`` keeps click from rewrapping it)."""
+    return f"""\b
 Exit codes:
   0  success
   1  other failure (unhealthy cluster, stale state, ...)
   2  bad arguments or configuration
   3  busy: a resource is held by another domain (the holder is printed)
-  4  etcd unreachable before the deadline
+  4  {backend} unreachable before the deadline
   5  the session lease was lost while holding (the VM pid was fenced)
   130 interrupted"""
+
+
+EXIT_CODES_HELP = exit_codes_help()
+"""The generic exit-code paragraph."""
 
 
 class CommandFailed(VirtleaseError):
@@ -66,7 +75,7 @@ def exit_code_for(exc: BaseException) -> ExitCode:
     """The exit code an exception ends the process with."""
     if isinstance(exc, CommandFailed):
         return exc.code
-    if isinstance(exc, click.UsageError | ValidationError | ConfigError | PermissionDenied):
+    if isinstance(exc, click.UsageError | ValidationError | ConfigError):
         return ExitCode.BAD_INPUT
     if isinstance(exc, ResourceBusyError):
         return ExitCode.BUSY
@@ -112,15 +121,12 @@ def describe(exc: BaseException) -> tuple[str, str | None]:
         return one_line(exc.format_message()), f"see '{command} --help'"
     if isinstance(exc, click.ClickException):
         return one_line(exc.format_message()), None
-    if isinstance(exc, PermissionDenied):
-        return one_line(str(exc)), ("check user/password or the client certificate, and that the etcd "
-                                    "role grants read-write on the prefix (deploy/etcd/rbac.sh)")
     if isinstance(exc, VirtleaseError):
         hint = exc.hint
         if hint is None and isinstance(exc, ConfigError):
-            hint = "see 'virtlease --help' and deploy/virtlease.toml for every setting"
+            hint = "see the command's --help for its settings"
         if hint is None and isinstance(exc, BackendUnavailableError):
-            hint = "is etcd running there? check --endpoints and the network ('virtlease check')"
+            hint = "is the backend running and reachable? run again with --debug for details"
         return one_line(str(exc)), hint
     if isinstance(exc, KeyboardInterrupt | click.Abort):
         return "interrupted", None

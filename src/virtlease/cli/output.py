@@ -2,7 +2,8 @@
 
 ``stdout`` carries results (tables, JSON, the ``hold`` line); ``stderr``
 carries errors, hints and progress, so ``virtlease status --json | jq`` and
-scripts reading ``hold``'s line never see decoration.
+scripts reading ``hold``'s line never see decoration.  Generic helpers
+only; a backend's tables live with its commands.
 """
 
 from __future__ import annotations
@@ -13,11 +14,8 @@ import sys
 import time
 from typing import Any
 
-from rich.console import Console, Group, RenderableType
-from rich.table import Table
+from rich.console import Console
 from rich.text import Text
-
-from virtlease_etcd.status import ClusterStatus
 
 
 def _width(stream: Any) -> int | None:
@@ -53,6 +51,7 @@ def error(line: str, hint: str | None = None) -> None:
 
 
 def warn(line: str) -> None:
+    """A one-line warning on stderr."""
     err.print(Text.assemble(("virtlease: warning: ", "yellow"), line))
 
 
@@ -71,60 +70,3 @@ def ago(epoch: float, now: float | None = None) -> str:
     else:
         rel = f"{delta / 86400:.0f}d ago"
     return f"{time.strftime('%H:%M:%S', time.localtime(epoch))} ({rel})"
-
-
-def _section(title: str, table: Table | None, empty: str) -> RenderableType:
-    """A bold heading over a table, or over a dim "none" line when there are no rows."""
-    heading = Text(title, style="bold")
-    if table is None or not table.row_count:
-        return Group(heading, Text(f"  {empty}", style="dim"))
-    return Group(heading, table)
-
-
-def status_tables(status: ClusterStatus, *, title_suffix: str = "") -> list[RenderableType]:
-    """The sections of ``virtlease status``: hosts, held resources, handoffs, registered domains, problems."""
-    now = time.time()
-    hosts = Table()
-    for col in ("host", "alive", "TTL left", "pid", "lease", "session since"):
-        hosts.add_column(col)
-    for h in sorted(status.hosts, key=lambda h: h.host):
-        alive = Text("yes", style="green") if h.ttl_left > 0 else Text("no (expired)", style="red")
-        hosts.add_row(h.host, alive, f"{h.ttl_left}s" if h.ttl_left >= 0 else "-",
-                      str(h.pid or "-"), f"{h.lease:x}", ago(h.started, now))
-
-    held = Table()
-    for col in ("resource", "mode", "host", "domain", "uuid", "token", "since"):
-        held.add_column(col, no_wrap=col in ("token", "mode"))
-    for r in sorted(status.resources, key=lambda r: (r.host, r.domain_name, r.resource)):
-        mode = r.mode if r.kind == "disk" else f"{r.mode} lease"
-        host = Text(r.host)
-        if r.handoff_to:
-            host.append(f" → {r.handoff_to}", style="yellow")
-        held.add_row(r.resource, mode, host, r.domain_name, r.domain_uuid, str(r.token), ago(r.since, now))
-
-    hand = Table()
-    for col in ("domain", "uuid", "from", "to", "resources", "claimed", "since"):
-        hand.add_column(col)
-    for m in status.handoffs:
-        hand.add_row(m.domain_name, m.domain_uuid, m.from_host, m.to_host, "\n".join(m.resources),
-                     "yes" if m.claimed else "not yet", ago(m.since, now))
-    sections = [
-        _section(f"Hosts{title_suffix}", hosts, "no live host sessions"),
-        _section(f"Held resources{title_suffix}", held, "nothing held"),
-        _section(f"Handoffs in flight{title_suffix}", hand, "none"),
-    ]
-    if status.domains:
-        doms = Table()
-        for col in ("domain", "uuid", "host", "pid", "since"):
-            doms.add_column(col)
-        for d in sorted(status.domains, key=lambda d: (d.host, d.domain_name)):
-            doms.add_row(d.domain_name, d.domain_uuid, d.host, str(d.pid or "-"), ago(d.since, now))
-        sections.append(_section(f"Registered domains{title_suffix}", doms, "none"))
-    if status.problems:
-        prob = Table()
-        prob.add_column("problem", style="red")
-        for p in status.problems:
-            prob.add_row(p)
-        sections.append(_section("Foreign keys under the prefix (not virtlease records of this format)", prob,
-                                 "none"))
-    return sections

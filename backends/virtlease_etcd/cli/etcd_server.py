@@ -15,11 +15,10 @@ from types import FrameType
 
 import click
 
-from virtlease_etcd.embedded import EmbeddedEtcd, find_etcd_binary
+from virtlease.cli.exitcodes import CommandFailed, ExitCode
+from virtlease.cli.output import err, print_line
 
-from .exitcodes import CommandFailed, ExitCode
-from .output import err, print_line
-from .settings import Settings
+from ..embedded import EmbeddedEtcd, find_etcd_binary
 
 
 def _last_log_line(server: EmbeddedEtcd) -> str:
@@ -39,8 +38,7 @@ def _last_log_line(server: EmbeddedEtcd) -> str:
               help="Cluster size (3 or 5 to try quorum loss by hand).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the data here (default: a temporary directory removed on exit).")
-@click.pass_obj
-def etcd(settings: Settings, members: int, data_dir: Path | None) -> None:
+def etcd(members: int, data_dir: Path | None) -> None:
     """Run a local etcd in the foreground for development.
 
     Prints "etcd serving at HOST:PORT[,...]" once it answers, then waits for

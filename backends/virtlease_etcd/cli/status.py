@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import click
 
-from .output import out, print_json, status_tables
-from .settings import Settings, etcd_client, fetch_status
+from virtlease.cli.output import out, print_json
+
+from .options import Settings, etcd_client, etcd_command, fetch_status
+from .tables import status_tables
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print ClusterStatus.as_dict() as JSON.")
-@click.pass_obj
+@etcd_command
 def status(settings: Settings, as_json: bool) -> None:
     """Show live hosts (TTL left), held resources (mode, holder host and domain,
     fencing token, since) and migrations in flight."""

@@ -23,13 +23,13 @@ from etcd3 import transactions as tx
 from rich.table import Table
 from rich.text import Text
 
+from virtlease.cli.exitcodes import ExitCode
+from virtlease.cli.output import out, print_json
 from virtlease.errors import BackendUnavailableError
-from virtlease_etcd.client import EtcdClient, PermissionDenied, TransientError
-from virtlease_etcd.config import EtcdConfig
 
-from .exitcodes import ExitCode
-from .output import out, print_json
-from .settings import Settings, etcd_client, fetch_status
+from ..client import EtcdClient, PermissionDenied, TransientError
+from ..config import EtcdConfig
+from .options import Settings, etcd_client, etcd_command, fetch_status
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 _STYLE = {OK: ("✔ ok", "green"), INFO: ("• info", "cyan"), WARN: ("! warn", "yellow"), FAIL: ("✘ FAIL", "bold red")}
@@ -168,7 +168,7 @@ def _check_endpoints(report: Report, cfg: EtcdConfig) -> list[EndpointReport]:
     clusters = {r.cluster_id for r in healthy}
     leaders = {r.leader_id for r in healthy}
     if len(clusters) > 1:
-        report.add("cluster", FAIL, f"endpoints belong to different etcd clusters ({', '.join(sorted(clusters))}): "
+        report.add("cluster", FAIL, f"endpoints belong to different etcd clusters ({', '.join(sorted(str(c) for c in clusters))}): "
                    "list the members of one cluster only")
     elif len(leaders) > 1:
         report.add("cluster", WARN, f"members disagree on the leader ({', '.join(sorted(map(str, leaders)))}): "
@@ -327,7 +327,7 @@ def render(report: Report, cfg: EtcdConfig) -> None:
 @click.option("--election-timeout", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
               metavar="SECONDS", help="The cluster's --election-timeout (etcd does not report it).")
 @click.option("--strict", is_flag=True, help="Exit non-zero on warnings too.")
-@click.pass_obj
+@etcd_command
 @click.pass_context
 def check(ctx: click.Context, settings: Settings, as_json: bool, election_timeout: float, strict: bool) -> None:
     """Validate the configuration and reach the cluster.

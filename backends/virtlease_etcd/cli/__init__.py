@@ -1,0 +1,16 @@
+"""The etcd backend's ``virtlease`` subcommands.
+
+Registered with the core's command frame through the ``virtlease.commands``
+entry-point group (see pyproject.toml): ``status``, ``check``, ``hold``,
+``demo`` and ``etcd``.  Each takes the shared etcd options (``options``).
+"""
+
+from __future__ import annotations
+
+from .check import check
+from .demo import demo
+from .etcd_server import etcd
+from .hold import hold
+from .status import status
+
+__all__ = ["check", "demo", "etcd", "hold", "status"]
