@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src backends tests bench
-	$(BIN)/mypy src/virtlease
+	$(BIN)/mypy src/virtlease backends/virtlease_nop backends/virtlease_etcd
 	$(BIN)/pytest -m "not safety" tests
 
 # The nemesis suite alone: short seeded run (CI) and the long run for users.

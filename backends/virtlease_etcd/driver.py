@@ -33,7 +33,8 @@ from . import grants, handoff
 from .config import EtcdConfig, load_config
 from .domain import Domain
 from .owners import Policy
-from .session import HostSession, close_session, open_session
+from .session import HostSession
+from .sessions import close_session, open_session
 from .status import ClusterStatus, read_status
 
 log = logging.getLogger(__name__)

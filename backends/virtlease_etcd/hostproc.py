@@ -2,12 +2,14 @@
 
 The one harness for everything that needs a host to be a real, separate
 process — a second host, a crash (``kill -9``), a pause (SIGSTOP): the demo
-(``virtlease demo``) and the tests.
+(``virtlease demo``) and the tests.  The wire (``hostwire``) is shared with
+the nemesis workers of tests/safety, which run a workload instead of commands.
 
 Protocol: the parent writes the driver configuration as one JSON line on
 stdin (never on the command line: it may hold a password); the child
 answers ``{"ok": true, "ready": true, "pid": ..., "lease": ..., "host": ...,
-"ttl": ...}``; then one JSON command per line, one JSON reply per line.
+"ttl": ...}``; then one JSON command per line, one JSON reply per line
+(each echoing the command's ``seq``).
 Commands act on lock objects by a name of the caller's choosing::
 
     {"op": "new", "obj": "web1", "uuid": "...", "name": "web1", "pid": 123,
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -53,6 +54,8 @@ from types import TracebackType
 from typing import IO, Any
 
 import virtlease as v
+
+from .hostwire import Channel, Replier, launch, python_argv
 
 LOG_ENV = "VIRTLEASE_HOSTPROC_LOG"
 """The child's log level (default WARNING); its log goes to stderr."""
@@ -132,33 +135,30 @@ def serve(stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us, not the terminal's Ctrl-C
     logging.basicConfig(level=os.environ.get(LOG_ENV, "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def reply(data: dict[str, Any]) -> None:
-        stdout.write(json.dumps(data) + "\n")
-        stdout.flush()
-
-    config = json.loads(stdin.readline())
+    wire = Replier(stdin, stdout)
+    config = wire.config()
     try:
         plugin = v.load_driver("etcd", config=config, capabilities=v.Capability.RESOURCES | v.Capability.MIGRATE)
     except Exception as exc:
-        reply(_failure(exc))
+        wire.send(_failure(exc))
         return
     objects: dict[str, v.LockObject] = {}
     driver: Any = plugin.driver
-    reply({"ok": True, "ready": True, "pid": os.getpid(), "lease": driver.session.lease_id,
-           "host": driver.host_id, "ttl": driver.session.ttl})
+    wire.send({"ok": True, "ready": True, "pid": os.getpid(), "lease": driver.session.lease_id,
+               "host": driver.host_id, "ttl": driver.session.ttl})
+    seq: object = None
     try:
-        for line in stdin:
-            cmd = json.loads(line)
+        for cmd in wire.commands():
+            seq = cmd.get("seq")
             if cmd.get("op") == "exit":
                 break
             try:
-                reply({"ok": True, **_handle(plugin, objects, cmd)})
+                wire.send({"ok": True, **_handle(plugin, objects, cmd)}, seq)
             except Exception as exc:
-                reply(_failure(exc))
+                wire.send(_failure(exc), seq)
     finally:
         _shut(plugin, objects)
-    reply({"ok": True, "bye": True})
+    wire.send({"ok": True, "bye": True}, seq)
 
 
 def process_state(pid: int) -> str:
@@ -200,11 +200,9 @@ class HostProcess:
         self.lease = 0
         self.ttl = 0
         self._log = open(log_path, "ab") if log_path is not None else None
-        self.proc = subprocess.Popen(
-            [*(wrapper or []), sys.executable, "-m", "virtlease_etcd.hostproc"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
-        )
-        self._send(cfg)
+        self.proc = launch([*(wrapper or []), *python_argv("virtlease_etcd.hostproc")], cfg,
+                           env=env, stderr=self._log)
+        self._wire = Channel(self.proc)
         if wait:
             try:
                 self.wait_ready()
@@ -214,7 +212,7 @@ class HostProcess:
 
     def wait_ready(self) -> HostProcess:
         """Wait for the child's ready line; HostCallError with its error if it failed."""
-        hello = self._read("start")
+        hello = self._wire.wait_hello() or self._exited()
         if not hello.get("ready"):
             raise HostCallError(self.host_id, "start", hello)
         self.lease = int(hello["lease"])
@@ -225,23 +223,12 @@ class HostProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def _send(self, data: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(data) + "\n")
-        self.proc.stdin.flush()
-
-    def _read(self, op: str) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise HostCallError(self.host_id, op, {"error": "HostExited",
-                                                   "message": f"host process exited (status {self.proc.wait()})"})
-        return dict(json.loads(line))
+    def _exited(self) -> dict[str, Any]:
+        return {"error": "HostExited", "message": f"host process exited (status {self.proc.wait()})"}
 
     def call(self, op: str, **kw: Any) -> dict[str, Any]:
         """Run one command; its reply, failed or not."""
-        self._send({"op": op, **kw})
-        return self._read(op)
+        return self._wire.call(op, **kw) or self._exited()
 
     def ok(self, op: str, **kw: Any) -> dict[str, Any]:
         """Like ``call`` but raises HostCallError if the command failed."""
@@ -262,7 +249,7 @@ class HostProcess:
         """Ask the host to shut down cleanly (see ``exit``); kill it if it does not."""
         if self.proc.poll() is None:
             try:
-                self._send({"op": "exit"})
+                self._wire.call("exit", timeout=timeout)
                 self.proc.wait(timeout=timeout)
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 self.kill()

@@ -29,13 +29,12 @@ from collections.abc import Callable
 
 from etcd3 import transactions as tx
 
-from virtlease.abi import FailureAction, ObjectSpec, ObjectType
 from virtlease.errors import BackendUnavailableError, ConfigError, LeaseLostError
 
+from . import fencing
 from . import keyspace as ks
 from .client import EtcdClient, LeaseNotFound, TransientError
 from .config import EtcdConfig
-from .failure import run_failure_action
 from .owners import Owner, Owners
 
 log = logging.getLogger(__name__)
@@ -63,8 +62,7 @@ class HostSession:
         self._cond = threading.Condition()
         self._listeners: list[LostListener] = []
         self._threads: list[threading.Thread] = []
-        self._fenced_pids: set[int] = set()
-        self._revoke_ok = True
+        self.revocation = fencing.RevocationGate()
         self.keepalives_sent = 0
         self.owners = Owners()
 
@@ -211,6 +209,10 @@ class HostSession:
 
     # -- threads ---------------------------------------------------------------
 
+    def _stopped(self) -> bool:
+        """Closed or lost: another thread may set either at any time."""
+        return self._closed or self._lost is not None
+
     def _keepalive_loop(self) -> None:
         interval = self.ttl / 3
         next_at = self._clock() + interval
@@ -228,7 +230,7 @@ class HostSession:
                 self.keepalives_sent += 1
                 ttl = self.client.lease_keepalive(self.lease_id, timeout=timeout)
             except (TransientError, BackendUnavailableError) as exc:
-                if self._lost is not None or self._closed:
+                if self._stopped():  # lost or closed while the request was out
                     return
                 log.warning("host %s: keepalive failed (%s); %.1fs to fence", self.cfg.host_id, exc,
                             self.fence_at - self._clock())
@@ -236,11 +238,9 @@ class HostSession:
                 continue
             except LeaseNotFound:
                 ttl = 0
-            except Exception as exc:  # never let the keepalive thread die silently
+            except Exception:  # never let the keepalive thread die silently
                 log.exception("host %s: keepalive error", self.cfg.host_id)
                 next_at = self._clock() + min(0.25, interval)
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
                 continue
             if ttl <= 0:
                 self._mark_lost("etcd reports the lease expired or revoked")
@@ -283,27 +283,8 @@ class HostSession:
                          daemon=True).start()
 
     def fence(self, owner: Owner, reason: str) -> None:
-        """Run the owner's failure action if it has anything on our lease.
-        Never waits for the owner's lock: a call in flight may hold it."""
-        if not owner.active or owner.fenced is not None:
-            return
-        owner.fenced = reason
-        action = owner.action
-        killed = action in (FailureAction.POWEROFF, FailureAction.RESTART) and owner.pid is not None
-        self.hold_revocation(owner.pid if killed else None)
-        spec = ObjectSpec(type=ObjectType.DOMAIN, uuid=owner.uuid, name=owner.name, pid=owner.pid)
-        restart = owner.policy.restart_callback if owner.policy is not None else None
-        run_failure_action(action, spec, reason=reason, restart=restart)
-
-    def hold_revocation(self, pid: int | None) -> None:
-        """Called while fencing: the lease may be revoked early only once this
-        pid has exited; ``None`` means never revoke early (a paused or ignored
-        VM still runs, and its writes could still land)."""
-        with self._cond:
-            if pid is None:
-                self._revoke_ok = False
-            else:
-                self._fenced_pids.add(pid)
+        """Run the owner's failure action now (``fencing.fence``)."""
+        fencing.fence(owner, reason, self.revocation)
 
     def _revoke_after_fence(self) -> None:
         """After fencing, if etcd is reachable again before the lease expires
@@ -316,12 +297,10 @@ class HostSession:
             not_before = self._valid_until
         until = self._clock() + 2 * self.ttl + 5
         while self._clock() < until and not self._closed:
-            with self._cond:  # a late grant may still be fenced after this thread started
-                if not self._revoke_ok:
-                    return
-                pids = set(self._fenced_pids)
-            pids = {pid for pid in pids if _alive(pid)}
-            if pids or self._clock() < not_before:
+            blocked = self.revocation.blocked()  # a late grant may still be fenced meanwhile
+            if blocked is None:
+                return
+            if blocked or self._clock() < not_before:
                 time.sleep(0.1)
                 continue
             try:
@@ -331,65 +310,3 @@ class HostSession:
             except Exception as exc:
                 log.debug("host %s: revoke after fence failed (%s); retrying", self.cfg.host_id, exc)
                 time.sleep(0.5)
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (a zombie has finished
-    all its I/O)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    except OSError:
-        return True
-
-
-# -- one session per (cluster, prefix, host) in a process ---------------------
-
-_sessions: dict[tuple[tuple[str, ...], str, str], tuple[HostSession, int]] = {}
-_sessions_lock = threading.Lock()
-
-
-def open_session(cfg: EtcdConfig) -> HostSession:
-    """The process's session for this host, started on first use and shared
-    (reference counted) by every driver instance with the same endpoints,
-    prefix and host_id.  A lost session is replaced by a new one."""
-    key = (cfg.endpoints, cfg.prefix, cfg.host_id)
-    with _sessions_lock:
-        entry = _sessions.get(key)
-        if entry is not None and entry[0].lost is None:
-            _check_same_session(entry[0].cfg, cfg)
-            _sessions[key] = (entry[0], entry[1] + 1)
-            return entry[0]
-        session = HostSession(cfg).start()
-        _sessions[key] = (session, 1)
-        return session
-
-
-SESSION_KEYS = ("ttl", "margin", "request_timeout", "ca_cert", "cert_cert", "cert_key", "user", "password")
-"""What the session owns: a second driver of the same host must ask for the same."""
-
-
-def _check_same_session(have: EtcdConfig, want: EtcdConfig) -> None:
-    for key in SESSION_KEYS:
-        if getattr(have, key) != getattr(want, key):
-            shown = "***" if key == "password" else f"{getattr(have, key)!r} vs {getattr(want, key)!r}"
-            raise ConfigError(
-                f"{key}: host {want.host_id} already has a session in this process with other "
-                f"settings ({shown}); every driver of one host shares its lease, so load it with "
-                "the same ttl, fence_margin, timeouts and credentials")
-
-
-def close_session(session: HostSession) -> None:
-    key = (session.cfg.endpoints, session.cfg.prefix, session.cfg.host_id)
-    with _sessions_lock:
-        entry = _sessions.get(key)
-        if entry is None or entry[0] is not session:
-            session.close()
-            return
-        if entry[1] > 1:
-            _sessions[key] = (session, entry[1] - 1)
-            return
-        del _sessions[key]
-    session.close()

@@ -1,6 +1,7 @@
 """One nemesis "host": a separate process running an etcd driver instance.
 
-Started by ``nemesis.py`` as ``python host_worker.py CONFIG_JSON``.  It
+Started by ``nemesis.py`` as ``python host_worker.py``, its configuration the first
+line on stdin (the harness wire, ``virtlease_etcd.hostwire``).  It
 
 * loads the etcd driver with its own ``host_id`` (through the harness's TCP
   proxies), retrying while the previous incarnation's lease is still alive;
@@ -32,7 +33,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid as uuidlib
@@ -41,6 +41,7 @@ from typing import Any
 from misuse import Gossip, Misuser
 
 import virtlease as v
+from virtlease_etcd.hostwire import Replier
 
 mono = time.monotonic
 
@@ -135,7 +136,6 @@ class Host:
         self.lost_flag = threading.Event()
         self.holdings: dict[str, Holding] = {}
         self.hlock = threading.Lock()
-        self.out_lock = threading.Lock()
         self.migrating: dict[int, Holding] = {}
         self.gossip = Gossip(cfg["gossip"], self.host_id, cfg["inc"]) if cfg.get("gossip") else None
 
@@ -521,27 +521,20 @@ class Host:
 
 
 def main() -> None:
-    cfg = json.loads(sys.argv[1])
+    wire = Replier()
+    cfg = wire.config()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     host = Host(cfg)
     host.ev("start", pid=os.getpid())
     host.connect()
-    out = sys.stdout
-
-    def reply(**kw: Any) -> None:
-        with host.out_lock:
-            out.write(json.dumps(kw) + "\n")
-            out.flush()
-
-    reply(ok=True, ready=True, pid=os.getpid(), lease=host.lease, seq=0)
+    wire.send({"ok": True, "ready": True, "pid": os.getpid(), "lease": host.lease})
     threads = [threading.Thread(target=host.session_loop, daemon=True)]
     threads += [threading.Thread(target=host.worker, args=(i,), daemon=True) for i in range(cfg["workers"])]
     if cfg.get("misuse") and host.gossip is not None:
         threads.append(threading.Thread(target=Misuser(host, Holding, host.gossip).loop, daemon=True))
     for t in threads:
         t.start()
-    for line in sys.stdin:
-        cmd = json.loads(line)
+    for cmd in wire.commands():
         op = cmd.get("op")
         try:
             if op == "migrate_out":
@@ -552,13 +545,13 @@ def main() -> None:
                 res = host.migrate_in(cmd)
             elif op == "exit":
                 host.shutdown(threads[1:])
-                reply(ok=True, seq=cmd.get("seq"))
+                wire.send({"ok": True}, cmd.get("seq"))
                 break
             else:
                 res = {"ok": False, "error": f"unknown op {op}"}
         except Exception as exc:
             res = {"ok": False, "error": type(exc).__name__, "message": str(exc)[:300]}
-        reply(seq=cmd.get("seq"), **res)
+        wire.send(res, cmd.get("seq"))
     os._exit(0)
 
 

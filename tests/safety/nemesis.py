@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import json
 import os
-import queue
 import random
 import shutil
 import signal
@@ -55,6 +54,7 @@ from storage_model import StorageServer, Write  # noqa: E402
 
 from tcpproxy import TcpProxy  # noqa: E402
 from virtlease_etcd.embedded import EmbeddedEtcd, Member  # noqa: E402
+from virtlease_etcd.hostwire import Channel, launch, python_argv  # noqa: E402
 
 mono = time.monotonic
 RESULTS = HERE / "results"
@@ -102,12 +102,8 @@ class HostHandle:
         self.proxies = [TcpProxy(m.endpoint) for m in members]
         self.inc = 0
         self.proc: subprocess.Popen[str] | None = None
-        self.replies: dict[int, queue.Queue[dict[str, Any]]] = {}
-        self.seq = 0
-        self.lock = threading.Lock()
-        self.ready = threading.Event()
+        self.wire: Channel | None = None
         self.busy = False  # under a host fault
-        self.lease = 0
 
     @property
     def endpoints(self) -> str:
@@ -118,7 +114,6 @@ class HostHandle:
 
     def start(self) -> None:
         self.inc += 1
-        self.ready.clear()
         cfg = {
             "host_id": self.host_id, "inc": self.inc, "endpoints": self.endpoints,
             "prefix": self.run.prefix, "ttl": self.run.s.ttl, "storage": str(self.run.storage_path),
@@ -128,58 +123,26 @@ class HostHandle:
         }
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
-        errf = open(self.run.dir / f"{self.host_id}.{self.inc}.stderr", "w")
-        proc = subprocess.Popen([sys.executable, str(HERE / "host_worker.py"), json.dumps(cfg)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errf, text=True,
-                                env=env, start_new_session=True)
-        errf.close()
-        with self.lock:
-            self.proc = proc
-            self.replies = {}
-        threading.Thread(target=self._reader, args=(proc,), daemon=True).start()
+        with open(self.run.dir / f"{self.host_id}.{self.inc}.stderr", "w") as errf:
+            proc = launch(python_argv(HERE / "host_worker.py"), cfg, env=env, stderr=errf, new_session=True)
+        self.proc, self.wire = proc, Channel(proc)
 
-    def _reader(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if msg.get("ready"):
-                self.lease = int(msg.get("lease", 0))
-                self.ready.set()
-                continue
-            with self.lock:
-                q = self.replies.get(int(msg.get("seq") or -1))
-            if q is not None:
-                q.put(msg)
+    def wait_ready(self, timeout: float) -> bool:
+        """True once this incarnation has its session (it sent its hello)."""
+        hello = self.wire.wait_hello(timeout) if self.wire is not None else None
+        return bool(hello and hello.get("ready"))
+
+    def is_ready(self) -> bool:
+        return self.alive() and self.wait_ready(0)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def call(self, op: str, timeout: float, **kw: Any) -> dict[str, Any] | None:
         """Send a command; None if no reply before ``timeout`` (a late
-        reply is dropped)."""
-        with self.lock:
-            proc = self.proc
-            if proc is None or proc.poll() is not None or proc.stdin is None:
-                return None
-            self.seq += 1
-            seq = self.seq
-            q: queue.Queue[dict[str, Any]] = queue.Queue()
-            self.replies[seq] = q
-            try:
-                proc.stdin.write(json.dumps({"op": op, "seq": seq, **kw}) + "\n")
-                proc.stdin.flush()
-            except (BrokenPipeError, OSError):
-                return None
-        try:
-            return q.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        finally:
-            with self.lock:
-                self.replies.pop(seq, None)
+        reply is dropped) or the process is gone."""
+        wire = self.wire
+        return wire.call(op, timeout=timeout, **kw) if wire is not None else None
 
     def kill9(self) -> float:
         """The host and its VMs die at once (kill -9 of the process group)."""
@@ -189,7 +152,6 @@ class HostHandle:
             os.killpg(proc.pid, signal.SIGKILL)
         at = mono()
         proc.wait()
-        self.ready.clear()
         return at
 
     def signal(self, sig: signal.Signals) -> None:
@@ -300,14 +262,14 @@ class Run:
     # -- nemesis ----------------------------------------------------------------------
 
     def idle_host(self) -> HostHandle | None:
-        cands = [h for h in self.hosts if not h.busy and h.alive() and h.ready.is_set()]
+        cands = [h for h in self.hosts if not h.busy and h.alive() and h.is_ready()]
         return self.rng.choice(cands) if cands else None
 
     def restart_host(self, h: HostHandle, after: float) -> None:
         self.sleep(after)
         h.links("heal")
         h.start()
-        h.ready.wait(6 * self.s.ttl + 10)
+        h.wait_ready(6 * self.s.ttl + 10)
         h.busy = False
 
     def nemesis(self) -> None:
@@ -383,7 +345,7 @@ class Run:
 
     def migrator(self) -> None:
         while not self.sleep(self.rng.expovariate(1 / self.s.migrate_every)):
-            ready = [h for h in self.hosts if h.alive() and h.ready.is_set()]
+            ready = [h for h in self.hosts if h.alive() and h.is_ready()]
             if len(ready) < 2:
                 continue
             src, dst = self.rng.sample(ready, 2)
@@ -445,7 +407,7 @@ class Run:
             for h in self.hosts:
                 h.start()
             for h in self.hosts:
-                if not h.ready.wait(30):
+                if not h.wait_ready(30):
                     raise RuntimeError(f"{h.host_id} did not start")
             self.t_start = mono()
             self.log(f"started: {s.hosts} hosts x {s.workers} workers, {s.disks} disks, ttl {s.ttl}s")
