@@ -128,16 +128,18 @@ class HostSession:
         self._threads.append(thread)
 
     def _watch_loop(self, host_key: str) -> None:
-        while not self._closed and self._lost is None:
+        while not self._stopped():
             try:
-                for gone in self.client.watch_deleted(host_key, stop=lambda: self._closed or self._lost is not None):
-                    if gone and not self._closed:
-                        self.lease_gone("the host key was deleted in etcd (lease revoked from outside?)")
+                for gone in self.client.watch_deleted(host_key, stop=self._stopped):
+                    if gone:  # our own close() revokes the lease too: then it is no news
+                        if not self._closed:
+                            self.lease_gone("the host key was deleted in etcd (lease revoked from outside?)")
                         return
             except Exception as exc:  # reconnect; the keepalive covers the gap
                 log.debug("host %s: host key watch interrupted (%s); re-watching", self.cfg.host_id, exc)
             with self._cond:
-                self._cond.wait(0.5)
+                if not self._stopped():
+                    self._cond.wait(0.5)
 
     def lease_gone(self, why: str) -> None:
         """etcd says our lease no longer exists: fence now (another host may
