@@ -4,6 +4,8 @@ Used by ``virtlease demo``, ``virtlease etcd``, the test fixtures, the safety
 harness and the benchmarks: a single member or a small cluster on free
 loopback ports, each member in its own temporary directory, stopped and
 removed on exit.  Nothing here is used by the driver itself.
+
+See docs/DESIGN.md §10 (What runs where).
 """
 
 from __future__ import annotations

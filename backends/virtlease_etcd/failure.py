@@ -4,6 +4,8 @@ libvirt's ``<on_lockfailure>``: poweroff kills the process (SIGKILL), pause
 stops it (SIGSTOP), restart kills it and asks the caller's callback to start
 it again, ignore only logs.  They run from the session's fence thread, before
 etcd can expire the lease.
+
+See docs/DESIGN.md §5 (The safety model).
 """
 
 from __future__ import annotations

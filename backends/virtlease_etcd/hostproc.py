@@ -36,6 +36,8 @@ The child is ``python -m virtlease_etcd.hostproc``; the parent side is
         a.ok("new", obj="web1", uuid=U, name="web1", disks=["/d1"], pid=vm.pid)
         a.ok("acquire", obj="web1")            # raises HostCallError if it failed
         reply = a.call("acquire", obj="x")     # {"ok": false, "error": "ResourceBusyError", ...}
+
+See docs/DESIGN.md §10 (What runs where).
 """
 
 from __future__ import annotations

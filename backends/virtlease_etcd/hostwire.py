@@ -10,6 +10,8 @@ and the tests, the nemesis workers in tests/safety) uses this one wire:
 * ``Channel`` is the parent side: a reader thread matches replies to calls
   by ``seq``, so several threads may call at once, each with its own timeout;
 * ``Replier`` is the child side: one lock, one line per reply.
+
+See docs/DESIGN.md §10 (What runs where).
 """
 
 from __future__ import annotations

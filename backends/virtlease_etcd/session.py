@@ -16,6 +16,8 @@ extends leases, which is on the safe side.
 A process that is itself paused (SIGSTOP, a frozen VM host) cannot fence in
 time; fencing tokens (the grant revision, see ``keyspace``) let storage
 reject its late writes.
+
+See docs/DESIGN.md §5 (The safety model).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 The counterpart of libvirt's ``lock_driver_nop.c``: useful where no locking
 is wanted and as the reference every conformance test runs against.  Its
 states are empty strings.
+
+See docs/DESIGN.md §2 (Layers).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ Load a lock driver, create one lock object per VM, add its disks, acquire::
         state = obj.release()
 
 See ``virtlease.abi`` for the contract and README.md for the etcd driver.
+
+See docs/DESIGN.md §2 (Layers).
 """
 
 from .abi import (

@@ -13,6 +13,8 @@ loader instantiates it once per ``load_driver()`` call.
 Callers never talk to a driver directly: ``virtlease.load_driver()`` returns a
 ``Plugin`` whose ``new_object()`` returns a validated ``LockObject``.  Every
 input below reaches the driver already checked by the core.
+
+See docs/DESIGN.md §3 (The ABI).
 """
 
 from __future__ import annotations

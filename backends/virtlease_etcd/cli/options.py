@@ -9,6 +9,8 @@ Precedence, highest first (``load_config``): these options, then
 ``$VIRTLEASE_ETCD_<KEY>``, then the TOML file (``--config`` or
 ``$VIRTLEASE_CONFIG``), then the driver's defaults.  Options travel as the
 explicit config dict; nothing here writes the process environment.
+
+See docs/DESIGN.md §2 (Layers).
 """
 
 from __future__ import annotations

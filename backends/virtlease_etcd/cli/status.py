@@ -2,6 +2,8 @@
 
 Reads the prefix with a plain etcd connection: no host session, no lease, so
 it can run anywhere, any number of times, without joining the cluster.
+
+See docs/DESIGN.md §2 (Layers).
 """
 
 from __future__ import annotations

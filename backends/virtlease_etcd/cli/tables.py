@@ -1,4 +1,7 @@
-"""The tables of ``virtlease status`` (and the demo's final picture), from a ``ClusterStatus``."""
+"""The tables of ``virtlease status`` (and the demo's final picture), from a ``ClusterStatus``.
+
+See docs/DESIGN.md §2 (Layers).
+"""
 
 from __future__ import annotations
 

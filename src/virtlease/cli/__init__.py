@@ -15,6 +15,8 @@ the ``virtlease.commands`` entry-point group (``registry``): the etcd
 backend registers ``status``, ``check``, ``hold``, ``demo`` and ``etcd``,
 with their own options (``--endpoints``, ``--prefix``, ...), which may also
 be written before the command name.
+
+See docs/DESIGN.md §2 (Layers).
 """
 
 from __future__ import annotations

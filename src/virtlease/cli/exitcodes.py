@@ -7,6 +7,8 @@ script can branch on.  A traceback is printed only with ``--debug``.
 Generic: the mapping knows only the core's ``VirtleaseError`` classes (and
 click's); a backend's commands add their own hints by setting ``hint`` on
 the error or raising ``CommandFailed`` with an explicit code.
+
+See docs/DESIGN.md §2 (Layers).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
 carries errors, hints and progress, so ``virtlease status --json | jq`` and
 scripts reading ``hold``'s line never see decoration.  Generic helpers
 only; a backend's tables live with its commands.
+
+See docs/DESIGN.md §2 (Layers).
 """
 
 from __future__ import annotations

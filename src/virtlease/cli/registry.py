@@ -12,6 +12,8 @@ Backend options may be written before the command name, as in
 does not own itself to just after the command name, where that command's
 own options parse it (``PluginGroup.parse_args``).  The frame thus never
 names a backend option.
+
+See docs/DESIGN.md §2 (Layers).
 """
 
 from __future__ import annotations
