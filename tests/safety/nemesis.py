@@ -46,8 +46,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent))  # run as a script (make safety-long): tests/ for tcpproxy
 
 import etcd3  # noqa: E402
 from storage_model import StorageServer, Write  # noqa: E402

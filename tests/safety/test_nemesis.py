@@ -11,14 +11,9 @@ violations (orphaned locks) warn, or fail with ``VIRTLEASE_NEMESIS_STRICT=1``.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from nemesis import Settings, run_suite
 
 SEED = int(os.environ.get("VIRTLEASE_NEMESIS_SEED", "20261125"))
