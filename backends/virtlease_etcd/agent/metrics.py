@@ -91,7 +91,7 @@ class Metrics:
                 return registry.collect()
 
         self._server, _thread = start_http_server(port, host, registry=_Live())
-        log.info("metrics on http://%s:%d/metrics", host, port)
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
         return self
 
     @property
