@@ -19,13 +19,16 @@ class AgentProcess:
     """One ``virtlease-agent`` process of ``host`` (TTL 4 s unless ``ttl`` says otherwise)."""
 
     def __init__(self, run: Path, endpoints: str, prefix: str, host: str, *, ttl: int = 4,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), via_virtlease: bool = False) -> None:
+        """``via_virtlease``: run it as ``virtlease --endpoints E agent ...`` (the subcommand,
+        etcd options before its name) instead of the ``virtlease-agent`` module."""
         self.run, self.host = run, host
         self.socket = run / "virtlockd-sock"
         self.state_dir = run / "state"
         self.log_path = run / f"agent-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "virtlease_etcd.agent.main", "--endpoints", endpoints, "--prefix", prefix,
-               "--host-id", host, "--ttl", str(ttl), "--socket", str(self.socket), "--state-dir",
+        head = ([str(Path(sys.executable).with_name("virtlease")), "--endpoints", endpoints, "agent"]
+                if via_virtlease else [sys.executable, "-m", "virtlease_etcd.agent.main", "--endpoints", endpoints])
+        cmd = [*head, "--prefix", prefix, "--host-id", host, "--ttl", str(ttl), "--socket", str(self.socket), "--state-dir",
                str(self.state_dir), "--reserve-grace", "0.3", *extra]
         self.log = open(self.log_path, "w")  # closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)

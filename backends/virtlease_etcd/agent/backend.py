@@ -50,8 +50,8 @@ from virtlease.errors import (
 )
 
 from .. import grants, handoff
+from .lockapi import Connection, LockError, ResourceBusy
 from .protocol import AcquireFlags, ErrorCode, Owner
-from .server import Connection, LockError, ResourceBusy
 from .tracking import OwnerTracker, Tracked
 
 log = logging.getLogger(__name__)

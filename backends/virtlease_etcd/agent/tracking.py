@@ -26,8 +26,8 @@ from .. import grants, handoff
 from ..domain import Domain
 from ..driver import EtcdDriver
 from .guard import start_time
+from .lockapi import Connection, LockError
 from .protocol import ErrorCode
-from .server import Connection, LockError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
