@@ -121,8 +121,9 @@ def disk(tmp_path: Path) -> str:
     return str(p)
 
 
-def test_sigkill_without_restart_stops_the_owner_before_another_host_gets_the_disk(
-        agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str,
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+def test_dead_or_frozen_agent_stops_the_owner_before_another_host_gets_the_disk(
+        how: str, agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str,
         record_property: pytest.RecordProperty) -> None:
     agent = agents()
     q = start_vm(agent, disk, qemus)
@@ -130,7 +131,7 @@ def test_sigkill_without_restart_stops_the_owner_before_another_host_gets_the_di
     guard = agent.guard_pid()
     died = death_watch(q)
     killed_at = time.monotonic()
-    agent.proc.kill()
+    agent.signal(signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
     taken_at = wait_taken(other_host, disk, TTL + 5)
     assert taken_at is not None, "the disk never became free after the agent died"
     assert "dead" in died, "the stand-in QEMU still runs while host hv-b holds its disk"
@@ -138,8 +139,8 @@ def test_sigkill_without_restart_stops_the_owner_before_another_host_gets_the_di
     assert q.proc.returncode == -signal.SIGKILL
     kill_delay = died["dead"] - killed_at
     assert kill_delay < TTL
-    record_property("owner_killed_after_s", round(kill_delay, 3))
-    record_property("disk_free_after_s", round(taken_at - killed_at, 3))
+    record_property(f"{how}_owner_killed_after_s", round(kill_delay, 3))
+    record_property(f"{how}_disk_free_after_s", round(taken_at - killed_at, 3))
     assert gone_soon(guard), "the guard outlived its job"
 
 
