@@ -220,3 +220,17 @@ def test_reattach_refuses_a_lease_that_is_not_ours(etcd_process: EtcdServer, pre
         assert session.lost is None  # the failed attempts did not touch the live session
     finally:
         plugin.unload()
+
+
+def test_a_second_agent_on_a_live_socket_touches_nothing(
+        agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str) -> None:
+    first = agents()
+    q = start_vm(first, disk, qemus)
+    guard = first.guard_pid()
+    with pytest.raises(RuntimeError, match="exited 2") as exc:
+        agents()
+    assert "is in use by a running daemon" in str(exc.value)
+    assert "re-attached" not in str(exc.value)
+    time.sleep(TTL + 1)
+    assert pid_alive(guard) and first.guard_pid() == guard, "the running agent's guard was touched"
+    assert q.alive() and not take(other_host, disk)

@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -47,7 +48,8 @@ from ..config import load_config
 from .backend import EtcdLockBackend
 from .metrics import start_metrics
 from .restart import Continuity, Prior, prepare
-from .server import AgentSetupError, LockdServer
+from .server import LockdServer
+from .sockets import AgentSetupError, check_socket_dir, remove_stale_socket
 from .statefile import DEFAULT_STATE_DIR
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,12 @@ async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | Non
 def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
     """Load the driver (continuing a previous agent's session if it left one) and serve."""
     setup_logging(opts.log_level)
+    try:  # before touching a previous agent's lease: refuse if one still serves the socket
+        check_socket_dir(Path(opts.socket).parent)
+        asyncio.run(remove_stale_socket(Path(opts.socket)))
+    except AgentSetupError as exc:
+        log.error("cannot serve %s: %s", opts.socket, exc)
+        return 2
     try:
         prior = prepare(load_config(config), opts.state_dir)
         plugin = virtlease.load_driver("etcd", config=config, capabilities=virtlease.Capability.RESOURCES)
