@@ -8,6 +8,7 @@ second host holds its disk.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -234,3 +235,19 @@ def test_a_second_agent_on_a_live_socket_touches_nothing(
     time.sleep(TTL + 1)
     assert pid_alive(guard) and first.guard_pid() == guard, "the running agent's guard was touched"
     assert q.alive() and not take(other_host, disk)
+
+
+def test_a_killed_guard_is_replaced_and_still_protects(
+        agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str) -> None:
+    agent = agents()
+    q = start_vm(agent, disk, qemus)
+    old = agent.guard_pid()
+    os.kill(old, signal.SIGKILL)
+    until = time.monotonic() + 5
+    while agent.guard_pid() == old and time.monotonic() < until:
+        time.sleep(0.05)
+    assert agent.guard_pid() != old and "is gone" in agent.text()
+    died = death_watch(q)
+    agent.proc.kill()
+    taken_at = wait_taken(other_host, disk, TTL + 5)
+    assert taken_at is not None and "dead" in died and died["dead"] <= taken_at

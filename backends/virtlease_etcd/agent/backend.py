@@ -181,7 +181,7 @@ class EtcdLockBackend(OwnerTracker):
                             "nothing is held for it", code=ErrorCode.OPERATION_INVALID)
         if outcome in ("resumed", "claimed", "granted"):
             t.released.clear()
-        self.changed()  # before the reply: the guard knows this QEMU before it may start
+        self.changed(strict=True)  # before the reply: the guard knows this QEMU before it may start
         log.info("acquire %s %s for %s: %s", lockspace or "-", name, t.who(), outcome)
 
     async def release(self, conn: Connection, owner: Owner, lockspace: str, name: str) -> None:

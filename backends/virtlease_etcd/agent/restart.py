@@ -159,9 +159,11 @@ class Continuity:
         session = self.driver.session
         if self.guard is not None:
             try:
+                if self.guard.proc.poll() is not None:
+                    raise OSError(f"exited with {self.guard.proc.returncode}")
                 self.guard.send(session.fence_at, session.cfg.margin / 2, self.guarded(entries))
             except (OSError, ValueError) as exc:
-                log.error("the guard process is gone (%s); restarting it", exc)
+                log.error("the guard process (pid %d) is gone (%s); starting a new one", self.guard.pid, exc)
                 self.guard = sf.Guard.spawn()
                 self.guard.send(session.fence_at, session.cfg.margin / 2, self.guarded(entries))
                 self._saved = None

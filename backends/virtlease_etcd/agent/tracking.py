@@ -73,12 +73,18 @@ class OwnerTracker:
         "resumed", "claimed", "released", ...) or the refusal ("busy", "unavailable", "lost",
         "state", "error"); the metrics replace it."""
 
-    def changed(self) -> None:
-        if self.on_change is not None:
-            try:
-                self.on_change()
-            except Exception:
-                log.exception("owner change hook failed")
+    def changed(self, *, strict: bool = False) -> None:
+        """Run the change hook; with ``strict`` its failure refuses the call in progress
+        (an ACQUIRE must not let a QEMU start that the guard does not know)."""
+        if self.on_change is None:
+            return
+        try:
+            self.on_change()
+        except Exception as exc:
+            log.exception("owner change hook failed")
+            if strict:
+                raise LockError(f"the virtlease agent cannot arm its guard process ({exc}); refusing, "
+                                "so that no QEMU runs unguarded") from exc
 
     def owners(self) -> list[Tracked]:
         """Tracked owners whose QEMU has not exited."""
