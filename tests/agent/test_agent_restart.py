@@ -143,6 +143,10 @@ def test_dead_or_frozen_agent_stops_the_owner_before_another_host_gets_the_disk(
     record_property(f"{how}_owner_killed_after_s", round(kill_delay, 3))
     record_property(f"{how}_disk_free_after_s", round(taken_at - killed_at, 3))
     assert gone_soon(guard), "the guard outlived its job"
+    if how == "sigkill":  # an agent back too late starts a fresh session (the old lease is gone)
+        agent.stop()
+        again = agents()
+        assert "cannot continue the previous agent's session" in again.text()
 
 
 @pytest.mark.parametrize("how", ["sigkill", "sigusr2"])
@@ -251,3 +255,17 @@ def test_a_killed_guard_is_replaced_and_still_protects(
     agent.proc.kill()
     taken_at = wait_taken(other_host, disk, TTL + 5)
     assert taken_at is not None and "dead" in died and died["dead"] <= taken_at
+
+
+def test_restart_releases_what_an_owner_that_died_meanwhile_held(
+        agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str) -> None:
+    first = agents()
+    q = start_vm(first, disk, qemus)
+    first.proc.kill()
+    first.wait()
+    q.kill()  # the QEMU exits while no agent runs
+    killed_at = time.monotonic()
+    second = agents()
+    assert "is no longer running: releasing what it held" in second.text()
+    taken_at = wait_taken(other_host, disk, TTL)
+    assert taken_at is not None and taken_at - killed_at < TTL - 1, "released by the new agent, not by expiry"
