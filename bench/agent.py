@@ -14,6 +14,9 @@
   without a restart, seconds until the guard kills the QEMU (vs the TTL: it must be before the
   lease can expire); with an immediate restart, seconds until the new agent serves and whether the
   QEMU survived past the TTL.
+* ``virsh_start_s`` (full run, or ``--libvirt``): ``virsh start`` of a small TCG domain on the
+  two-host libvirt rig (tests/libvirt/rig.py) with stock virtlockd and with the agent (needs root
+  and deploy/libvirt/install.sh; skipped with the reason otherwise).
 """
 
 from __future__ import annotations
@@ -138,7 +141,40 @@ def crash(cluster: Cluster, tmp: Path, disk: str, ttl: int) -> dict[str, Any]:
     return out
 
 
-def agent_section(cluster: Cluster, plan: Plan) -> dict[str, Any]:
+def libvirt_starts(cluster: Cluster, n: int) -> dict[str, Any]:
+    """``virsh start`` wall times (s) on the rig, virtlockd vs the agent."""
+    if os.geteuid() != 0 or not shutil.which("libvirtd"):
+        return {"skipped": "needs root and libvirt (deploy/libvirt/install.sh)"}
+    here = Path(__file__).resolve().parent.parent / "tests" / "libvirt"
+    sys.path.insert(0, str(here))
+    from etcd_relay import Relay
+    from rig import Rig
+
+    from virtlockd_baseline import measure_starts, summary
+
+    out: dict[str, Any] = {}
+    host, port = cluster.endpoint.rsplit(":", 1)
+    with tempfile.TemporaryDirectory(prefix="vl-bench-rig-", dir="/tmp") as name:
+        tmp = Path(name)
+        relay = Relay.unix_to_tcp(str(tmp / "etcd.sock"), host, int(port))
+        agent = [sys.executable, str(here / "agent_in_host.py"), str(tmp / "etcd.sock"), "23790", "--socket",
+                 "{socket}", "--endpoints", "127.0.0.1:23790", "--host-id", f"host{{host}}-{cluster.run_id}",
+                 "--prefix", cluster.prefix, "--ttl", "10"]
+        try:
+            for label, daemon in (("virtlockd", "virtlockd"), ("agent", agent)):
+                r = Rig(tmp / label, cache_dir=tmp / "cache", lock_daemon=daemon)
+                r.up()
+                try:
+                    out[label] = summary(measure_starts(r, n))
+                finally:
+                    r.down()
+                progress(f"virsh start with {label}: {out[label]}")
+        finally:
+            relay.close()
+    return out
+
+
+def agent_section(cluster: Cluster, plan: Plan, *, libvirt: bool | None = None) -> dict[str, Any]:
     n, budget = (300, 1.5) if plan.quick else (3000, 8.0)
     ttl = 4 if plan.quick else 10
     res: dict[str, Any] = {"load_before": os.getloadavg()[0]}
@@ -167,6 +203,8 @@ def agent_section(cluster: Cluster, plan: Plan) -> dict[str, Any]:
         progress(f"etcd floor (one txn; a pair is two): p50 {res['etcd_txn_ms']['p50_ms']:.3f} ms")
         res["crash"] = crash(cluster, tmp, str(disk), ttl)
         progress(f"agent crash: {res['crash']}")
+    if libvirt if libvirt is not None else not plan.quick:
+        res["virsh_start_s"] = libvirt_starts(cluster, 5 if plan.quick else 10)
     return res
 
 
@@ -175,10 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--endpoints")
     p.add_argument("--json", type=Path)
+    p.add_argument("--libvirt", action="store_true", help="also virsh start on the rig (default: full run only)")
     args = p.parse_args(argv)
     cluster = Cluster.start(args.endpoints)
     try:
-        res = agent_section(cluster, Plan.make(args.quick))
+        res = agent_section(cluster, Plan.make(args.quick), libvirt=args.libvirt or None)
     finally:
         cluster.stop()
     print(json.dumps(res, indent=2))

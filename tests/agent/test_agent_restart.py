@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -269,3 +270,13 @@ def test_restart_releases_what_an_owner_that_died_meanwhile_held(
     assert "is no longer running: releasing what it held" in second.text()
     taken_at = wait_taken(other_host, disk, TTL)
     assert taken_at is not None and taken_at - killed_at < TTL - 1, "released by the new agent, not by expiry"
+
+
+def test_metrics_port_taken_the_agent_serves_without_metrics(agents: Callable[..., AgentProcess]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        agent = agents("--metrics", f"127.0.0.1:{busy.getsockname()[1]}")
+        assert "going on without them" in agent.text()
+        with LockdClient(agent.socket) as c:
+            c.create_lockspace("/var/lib/libvirt/lockd/files")  # it answers

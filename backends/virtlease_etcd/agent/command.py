@@ -12,6 +12,7 @@ import click
 
 from ..cli.options import Settings, etcd_command
 from .main import DEFAULT_SOCKET, AgentOptions, run_agent
+from .metrics import parse_addr
 from .statefile import DEFAULT_STATE_DIR
 
 
@@ -36,6 +37,11 @@ def agent(settings: Settings, socket: str, metrics: str | None, state_dir: str, 
 
     Replaces virtlockd (deploy/libvirt/). Refuses to exit on SIGTERM while domains hold leases;
     SIGUSR2 hands over to a new agent (upgrade) without dropping their protection."""
+    if metrics is not None:
+        try:
+            parse_addr(metrics)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics") from None
     opts = AgentOptions(socket=socket, metrics=metrics, state_dir=state_dir, reserve_grace=reserve_grace,
                         kill_grace=kill_grace, log_level=log_level)
     code = run_agent(opts, settings.driver_config(default_action=failure_action))

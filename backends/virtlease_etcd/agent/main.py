@@ -97,13 +97,19 @@ async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
     def hand_over() -> None:
         handover.set()
         stop.set()
 
     loop.add_signal_handler(signal.SIGUSR2, hand_over)
     await continuity.start(prior)
-    metrics = start_metrics(opts.metrics, backend) if opts.metrics else None
+    metrics = None
+    if opts.metrics:
+        try:
+            metrics = start_metrics(opts.metrics, backend)
+        except OSError as exc:  # no metrics is no reason to leave the VMs unprotected
+            log.error("cannot serve metrics on %s: %s; going on without them", opts.metrics, exc)
     try:
         await server.start()
     except BaseException:
