@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import agent
 import failover
 import handoff
 import keepalive
@@ -43,6 +44,7 @@ SECTIONS: list[tuple[str, Section]] = [
     ("keepalive", keepalive.keepalive_cost),
     ("scale", scale.scale),
     ("failover", failover.failover),
+    ("agent", agent.agent_section),
 ]
 
 

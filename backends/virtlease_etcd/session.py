@@ -110,7 +110,14 @@ class HostSession:
                 f"lease {other.get('lease')}); host_id must be unique per host. If that host died, "
                 f"its lease expires within {other.get('ttl', self.cfg.ttl)} s"
             )
-        self._watch_host_key(host_key)
+        return self.run(valid_until=sent + self.ttl)
+
+    def run(self, *, valid_until: float) -> HostSession:
+        """Start the watch, keepalive and fence threads on ``self.lease_id``, valid until
+        ``valid_until`` (monotonic).  ``start`` calls it; ``reattach`` calls it on an
+        adopted lease."""
+        self._valid_until = valid_until
+        self._watch_host_key(self.keys.host(self.cfg.host_id))
         for target, name in ((self._keepalive_loop, "keepalive"), (self._fence_loop, "fence")):
             thread = threading.Thread(target=target, name=f"virtlease-{name}-{self.cfg.host_id}", daemon=True)
             thread.start()

@@ -66,3 +66,15 @@ def close_session(session: HostSession) -> None:
             return
         del _sessions[key]
     session.close()
+
+
+def install_session(session: HostSession) -> None:
+    """Make a running ``session`` (one ``reattach`` adopted) the process's session for its
+    host, so the next ``open_session`` of the same settings shares it.  ConfigError if this
+    process already has a live session for that host."""
+    key = _key(session.cfg)
+    with _sessions_lock:
+        entry = _sessions.get(key)
+        if entry is not None and entry[0].lost is None:
+            raise ConfigError(f"host {session.cfg.host_id}: this process already has a live session")
+        _sessions[key] = (session, 0)

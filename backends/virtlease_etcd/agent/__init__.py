@@ -3,10 +3,15 @@
 libvirtd's stock ``lockd`` lock plugin talks to virtlockd over a root-only UNIX socket
 with a small XDR RPC program (0x0EA7BEEF).  This package speaks that protocol:
 
-* ``protocol``: framing and XDR of every procedure, the error reply; pure functions.
+* ``protocol``: framing and encoding of every procedure and the error reply, pure functions
+  (``messages``: constants, enums, message types; ``xdr``: the XDR primitives).
 * ``server``: an asyncio UNIX-socket server with per-connection state and call-order rules
-  as virtlockd enforces them, dispatching to a :class:`~.server.LockBackend`.
+  as virtlockd enforces them, dispatching to a :class:`~.lockapi.LockBackend` (``lockapi``: the
+  backend's contract; ``sockets``: the listening socket's safety checks).
 * ``client``: a small blocking client for tests and benchmarks.
 
-No lock logic lives here; the etcd-backed ``LockBackend`` is separate.
+The etcd side: ``backend`` (lockd calls on the etcd driver), ``tracking`` (owner QEMU processes
+by pidfd), ``restart`` + ``statefile`` + ``guard`` (crash/restart safety: a restarted agent
+continues the lease; a guard process stops the owners if none does), ``metrics`` (Prometheus),
+``main`` + ``command`` (``virtlease agent`` / ``virtlease-agent``).
 """

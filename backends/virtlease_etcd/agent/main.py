@@ -1,49 +1,62 @@
 """``virtlease-agent``: serve libvirt's ``lockd`` plugin on the virtlockd socket, leases in etcd.
 
-Usage::
+Usage (``virtlease agent`` takes the same options)::
 
     virtlease-agent --endpoints 10.0.0.1:2379 --host-id hv-07 \\
-        [--socket /run/libvirt/virtlockd-sock] [--prefix /virtlease] [--ttl 10] \\
-        [--config /etc/virtlease.toml] [--failure-action poweroff|pause|ignore] \\
-        [--reserve-grace 2] [--kill-grace 5] [--log-level info]
+        [--socket /run/libvirt/virtlockd-sock] [--metrics 127.0.0.1:9477] [--state-dir /run/virtlease] \\
+        [--prefix /virtlease] [--ttl 10] [--config /etc/virtlease.toml] \\
+        [--failure-action poweroff|pause|ignore] [--reserve-grace 2] [--kill-grace 5] [--log-level info]
 
 The etcd settings are the driver's (``VIRTLEASE_ETCD_*`` environment variables and
 ``VIRTLEASE_CONFIG`` apply as everywhere); options given here override the file.  Logs are one
 line per event on stderr (``ts=... level=... logger=... msg="..."``).
 
-SIGTERM / SIGINT -- the trade-off.  While any domain holds or reserves a lease through this
-agent, exiting would end the host's etcd session: its lease expires after the TTL and the disks
-become free to other hosts *while the QEMUs here still run* -- silently dropping their
-protection.  The alternative, fencing them (killing every VM) on a stop request, turns a routine
-``systemctl stop`` into an outage.  So the agent **refuses to exit while owners hold leases**:
-it logs loudly (every domain still holding) and keeps serving, and exits by itself as soon as
-the last owner is gone (its VMs stopped or migrated away).  A second signal logs again.  The
-cost: a stop request can wait indefinitely, and a SIGKILL (OOM, a service manager's final
-kill) still leaves running VMs unprotected after the TTL; a guard process that fences from
-outside is for a later landing.  With no owner holding anything it exits at once (exit 0).
+Signals -- the trade-off (docs/DESIGN.md section 9).  While any domain holds or reserves a lease
+through this agent, exiting would end the host's etcd session: its lease expires after the TTL
+and the disks become free to other hosts *while the QEMUs here still run*.  Fencing them (killing
+every VM) on a stop request turns a routine ``systemctl stop`` into an outage.  So:
+
+* SIGTERM / SIGINT: with nothing held, exit 0 at once.  Otherwise **refuse to exit**: log every
+  domain still holding and keep serving; exit by itself once the last owner is gone.
+* SIGUSR2 (upgrade, ``restart``): hand over -- exit 75 leaving the lease unrevoked, the state
+  file written and the guard armed.  A new agent started before the fence deadline continues
+  the session and re-adopts the running QEMUs; otherwise the guard stops them first.
+* SIGKILL / a crash: as a handover, without the last state-file write (it is written on every
+  owner change anyway).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import click
 
 import virtlease
 from virtlease.errors import VirtleaseError
 
+from ..config import load_config
 from .backend import EtcdLockBackend
-from .server import AgentSetupError, LockdServer
+from .metrics import start_metrics
+from .restart import Continuity, Prior, prepare
+from .server import LockdServer
+from .sockets import AgentSetupError, check_socket_dir, remove_stale_socket
+from .statefile import DEFAULT_STATE_DIR
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/libvirt/virtlockd-sock"
+HANDOVER_EXIT = 75
+"""Exit status after a SIGUSR2 handover (the unit restarts the agent on any exit)."""
 
 
 class LineFormatter(logging.Formatter):
@@ -57,93 +70,127 @@ class LineFormatter(logging.Formatter):
         return f"ts={ts} level={record.levelname.lower()} logger={record.name} msg={json.dumps(msg)}"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="virtlease-agent", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"lockd socket to serve (default {DEFAULT_SOCKET})")
-    p.add_argument("--endpoints", help="etcd host:port[,host:port...] (env VIRTLEASE_ETCD_ENDPOINTS)")
-    p.add_argument("--host-id", help="this host's unique name (default: hostname)")
-    p.add_argument("--prefix", help="etcd key prefix (default /virtlease)")
-    p.add_argument("--ttl", type=int, help="session lease TTL, seconds (default 10)")
-    p.add_argument("--config", help="TOML file with the etcd settings (env VIRTLEASE_CONFIG)")
-    p.add_argument("--failure-action", choices=["poweroff", "pause", "ignore"],
-                   help="what to do to the VMs when this host's lease is lost (default poweroff)")
-    p.add_argument("--reserve-grace", type=float, default=2.0,
-                   help="seconds a released (paused/migrated) domain's disks stay reserved after its QEMU "
-                        "exits, for the destination to claim them (default 2)")
-    p.add_argument("--kill-grace", type=float, default=5.0,
-                   help="seconds between SIGTERM and SIGKILL of a QEMU whose lock connection closed (default 5)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p.parse_args(argv)
+@dataclass
+class AgentOptions:
+    """What ``virtlease agent`` serves, besides the etcd settings."""
+
+    socket: str = DEFAULT_SOCKET
+    metrics: str | None = None
+    state_dir: str = DEFAULT_STATE_DIR
+    reserve_grace: float = 2.0
+    kill_grace: float = 5.0
+    log_level: str = "info"
 
 
-def driver_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The etcd driver configuration the options ask for (unset options are left to file/env)."""
-    cfg: dict[str, Any] = {}
-    for opt, key in (("endpoints", "endpoints"), ("host_id", "host_id"), ("prefix", "prefix"),
-                     ("ttl", "ttl"), ("config", "config_file"), ("failure_action", "default_action")):
-        value = getattr(args, opt)
-        if value is not None:
-            cfg[key] = value
-    return cfg
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-async def serve(args: argparse.Namespace, plugin: virtlease.Plugin) -> int:
-    """Serve until a stop request finds no owner holding anything."""
-    backend = EtcdLockBackend(plugin.driver, reserve_grace=args.reserve_grace, kill_grace=args.kill_grace)
-    server = LockdServer(args.socket, backend)
-    stop = asyncio.Event()
+async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | None = None) -> int:
+    """Serve until a stop request finds no owner holding anything (or a handover)."""
+    backend = EtcdLockBackend(plugin.driver, reserve_grace=opts.reserve_grace, kill_grace=opts.kill_grace)
+    server = LockdServer(opts.socket, backend)
+    continuity = Continuity(backend, opts.state_dir)
+    stop, handover = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    log.info("virtlease agent serving %s for host %s", args.socket, plugin.driver.host_id)
+
+    def hand_over() -> None:
+        handover.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGUSR2, hand_over)
+    await continuity.start(prior)
+    metrics = None
+    if opts.metrics:
+        try:
+            metrics = start_metrics(opts.metrics, backend)
+        except OSError as exc:  # no metrics is no reason to leave the VMs unprotected
+            log.error("cannot serve metrics on %s: %s; going on without them", opts.metrics, exc)
+    try:
+        await server.start()
+    except BaseException:
+        continuity.leave(busy=bool(backend.busy_owners()))
+        raise
+    log.info("virtlease agent serving %s for host %s", opts.socket, plugin.driver.host_id)
     try:
         while True:
             await stop.wait()
             stop.clear()
+            if handover.is_set():
+                continuity.handover()
+                logging.shutdown()
+                os._exit(HANDOVER_EXIT)  # no unload: the lease must outlive this process
             busy = backend.busy_owners()
             if not busy:
                 log.info("stop requested and no domain holds a lease: exiting")
                 return 0
             log.error("REFUSING TO EXIT: %d domain(s) hold leases through this agent; exiting would let "
-                      "their disks be taken by other hosts while they run. Stop or migrate them first; "
-                      "the agent exits by itself once none is left. Holding: %s", len(busy), "; ".join(busy))
+                      "their disks be taken by other hosts while they run. Stop or migrate them first, "
+                      "or hand over to a new agent (SIGUSR2, see deploy/OPERATIONS.md); the agent exits "
+                      "by itself once none is left. Holding: %s", len(busy), "; ".join(busy))
             while backend.busy_owners() and not stop.is_set():
                 with_timeout = asyncio.create_task(stop.wait())
                 await asyncio.wait({with_timeout}, timeout=1.0)
                 with_timeout.cancel()
-            if not backend.busy_owners():
+            if not backend.busy_owners() and not stop.is_set():
                 log.info("the last domain released its leases: exiting as requested")
                 return 0
     finally:
+        if backend.busy_owners():  # only on an error: keep the guard armed, do not kill what the lifelines guard
+            continuity.leave(busy=True)
+            logging.shutdown()
+            os._exit(1)
         await server.close()
         await backend.close()
+        continuity.leave(busy=False)
+        if metrics is not None:
+            metrics.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``virtlease-agent``."""
-    args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LineFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
+    """Load the driver (continuing a previous agent's session if it left one) and serve."""
+    setup_logging(opts.log_level)
+    try:  # before touching a previous agent's lease: refuse if one still serves the socket
+        check_socket_dir(Path(opts.socket).parent)
+        asyncio.run(remove_stale_socket(Path(opts.socket)))
+    except AgentSetupError as exc:
+        log.error("cannot serve %s: %s", opts.socket, exc)
+        return 2
     try:
-        plugin = virtlease.load_driver("etcd", config=driver_config(args),
-                                       capabilities=virtlease.Capability.RESOURCES)
-    except VirtleaseError as exc:
+        prior = prepare(load_config(config), opts.state_dir)
+        plugin = virtlease.load_driver("etcd", config=config, capabilities=virtlease.Capability.RESOURCES)
+    except (VirtleaseError, OSError) as exc:
         log.error("cannot start the etcd driver: %s", exc)
         return 2
     try:
-        return asyncio.run(serve(args, plugin))
+        return asyncio.run(serve(opts, plugin, prior))
     except AgentSetupError as exc:
-        log.error("cannot serve %s: %s", args.socket, exc)
+        log.error("cannot serve %s: %s", opts.socket, exc)
         return 2
     finally:
         try:
             plugin.unload()
         except VirtleaseError as exc:
             log.error("unload: %s", exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``virtlease-agent`` alias (same options as ``virtlease agent``)."""
+    from .command import agent
+
+    try:
+        agent.main(args=list(argv) if argv is not None else None, prog_name="virtlease-agent",
+                   standalone_mode=False)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The wire protocol of libvirt's ``lockd`` lock plugin (virtlockd's RPC program).
 
-Pure functions over bytes: no I/O, no state.  A frame is::
+Pure functions over bytes: no I/O, no state.  A frame is (constants and message types: ``messages``; XDR: ``xdr``)::
 
     u32 total length (these 4 bytes included)
     u32 prog = 0x0EA7BEEF | u32 vers = 1 | u32 proc | i32 type | u32 serial | i32 status
@@ -25,337 +25,44 @@ accepts it; encoding always pads with zeros.
 
 from __future__ import annotations
 
-import enum
 import struct
 import uuid
-from dataclasses import dataclass
 from typing import Final
 
-PROGRAM: Final = 0x0EA7BEEF
-"""VIR_LOCK_SPACE_PROTOCOL_PROGRAM."""
-VERSION: Final = 1
-"""VIR_LOCK_SPACE_PROTOCOL_PROGRAM_VERSION."""
-
-LEN_SIZE: Final = 4
-"""VIR_NET_MESSAGE_LEN_MAX: the length word."""
-HEADER_SIZE: Final = 24
-"""Six 32-bit header words after the length word."""
-MIN_FRAME: Final = LEN_SIZE + HEADER_SIZE
-"""Smallest valid frame (an empty payload): 28 bytes."""
-
-NET_MESSAGE_MAX: Final = 33554432
-"""VIR_NET_MESSAGE_MAX (libvirt >= 5.x): largest header + payload libvirt accepts (32 MiB)."""
-NET_STRING_MAX: Final = 4194304
-"""VIR_NET_MESSAGE_STRING_MAX: longest string in a ``virNetMessageError``."""
-LOCK_STRING_MAX: Final = 65536
-"""VIR_LOCK_SPACE_PROTOCOL_STRING_MAX: longest string in a lock-protocol argument."""
-UUID_LEN: Final = 16
-"""VIR_UUID_BUFLEN."""
-
-MAX_CALL_FRAME: Final = MIN_FRAME + 2 * (4 + LOCK_STRING_MAX) + 4
-"""The largest frame a well-formed lock-protocol call can have (two maximal strings and a
-u32: ACQUIRE/RELEASE/CREATE/DELETE_RESOURCE), 131112 bytes.  A server may refuse anything longer
-without reading it."""
-MAX_REPLY_FRAME: Final = LEN_SIZE + NET_MESSAGE_MAX
-"""The largest frame libvirt itself accepts; the limit for reading replies."""
-
-
-class Procedure(enum.IntEnum):
-    """virLockSpaceProtocolProcedure."""
-
-    REGISTER = 1
-    RESTRICT = 2
-    NEW = 3
-    CREATE_RESOURCE = 4
-    DELETE_RESOURCE = 5
-    ACQUIRE_RESOURCE = 6
-    RELEASE_RESOURCE = 7
-    CREATE_LOCKSPACE = 8
-
-
-class MessageType(enum.IntEnum):
-    """virNetMessageType (only CALL and REPLY are used by this program)."""
-
-    CALL = 0
-    REPLY = 1
-    MESSAGE = 2
-    STREAM = 3
-    CALL_WITH_FDS = 4
-    REPLY_WITH_FDS = 5
-
-
-class Status(enum.IntEnum):
-    """virNetMessageStatus."""
-
-    OK = 0
-    ERROR = 1
-    CONTINUE = 2
-
-
-class AcquireFlags(enum.IntFlag):
-    """virLockSpaceProtocolAcquireResourceFlags: the only flags any procedure accepts."""
-
-    SHARED = 1
-    AUTOCREATE = 2
-
-
-class ErrorCode(enum.IntEnum):
-    """The virErrorNumber values this agent sends (include/libvirt/virterror.h)."""
-
-    INTERNAL_ERROR = 1
-    NO_SUPPORT = 3
-    INVALID_ARG = 8
-    OPERATION_DENIED = 29
-    RPC = 39
-    OPERATION_INVALID = 55
-    OPERATION_UNSUPPORTED = 84
-    RESOURCE_BUSY = 87
-
-
-class ErrorDomain(enum.IntEnum):
-    """The virErrorDomain values this agent sends."""
-
-    RPC = 7
-    LOCKING = 42
-    LOCKSPACE = 51
-
-
-ERROR_LEVEL_ERROR: Final = 2
-"""VIR_ERR_ERROR, the level of every error virtlockd sends."""
-
-_ERROR_FORMAT: Final[dict[int, str]] = {
-    ErrorCode.INTERNAL_ERROR: "internal error: %s",
-    ErrorCode.NO_SUPPORT: "this function is not supported by the connection driver: %s",
-    ErrorCode.INVALID_ARG: "invalid argument: %s",
-    ErrorCode.OPERATION_DENIED: "operation forbidden: %s",
-    ErrorCode.RPC: "%s",
-    ErrorCode.OPERATION_INVALID: "Requested operation is not valid: %s",
-    ErrorCode.OPERATION_UNSUPPORTED: "Operation not supported: %s",
-    ErrorCode.RESOURCE_BUSY: "resource busy: %s",
-}
-"""libvirt's virErrorMsg() format per code (src/util/virerror.c): str1 = format,
-message = format with the detail; VIR_ERR_RPC has no prefix."""
-
-
-class ProtocolError(Exception):
-    """Input that is not a valid lockd message.
-
-    ``reason`` is a short stable token (``length``, ``program``, ``version``, ``type``,
-    ``status``, ``procedure``, ``truncated``, ``string-too-long``, ``nul-in-string``,
-    ``trailing``, ``bad-pointer``); ``header`` is the decoded header when it was readable
-    (then a server can send an error reply), else None (then it should close the connection).
-    """
-
-    def __init__(self, reason: str, detail: str, header: Header | None = None) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-        self.header = header
-
-
-@dataclass(frozen=True, slots=True)
-class Header:
-    """The six header words.  ``proc``/``type``/``status`` stay plain ints so that invalid
-    values can be represented (and echoed in an error reply)."""
-
-    proc: int
-    type: int
-    serial: int
-    status: int
-    prog: int = PROGRAM
-    vers: int = VERSION
-
-
-@dataclass(frozen=True, slots=True)
-class Owner:
-    """virLockSpaceProtocolOwner: the VM (QEMU process) a connection acts for."""
-
-    uuid: uuid.UUID
-    name: str
-    id: int
-    pid: int
-
-
-@dataclass(frozen=True, slots=True)
-class RegisterArgs:
-    """REGISTER."""
-
-    owner: Owner
-    flags: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class RestrictArgs:
-    """RESTRICT."""
-
-    flags: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class NewArgs:
-    """NEW (a lockspace; unused by libvirt's QEMU driver)."""
-
-    path: str
-    flags: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class ResourceArgs:
-    """CREATE_RESOURCE, DELETE_RESOURCE, ACQUIRE_RESOURCE and RELEASE_RESOURCE all carry this.
-
-    ``path`` is the lockspace ("" = the default lockspace, direct mode), ``name`` the resource
-    (a disk path in direct mode, a sha256 hex in indirect mode)."""
-
-    path: str
-    name: str
-    flags: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CreateLockSpaceArgs:
-    """CREATE_LOCKSPACE."""
-
-    path: str
-
-
-CallArgs = RegisterArgs | RestrictArgs | NewArgs | ResourceArgs | CreateLockSpaceArgs
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteDomain:
-    """virNetMessageNonnullDomain (present in errors from other programs; never sent here)."""
-
-    name: str
-    uuid: bytes
-    id: int
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteNetwork:
-    """virNetMessageNonnullNetwork (likewise never sent here)."""
-
-    name: str
-    uuid: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteError:
-    """virNetMessageError, the payload of every ERROR reply."""
-
-    code: int
-    domain: int
-    message: str | None
-    level: int = ERROR_LEVEL_ERROR
-    dom: RemoteDomain | None = None
-    str1: str | None = None
-    str2: str | None = None
-    str3: str | None = None
-    int1: int = -1
-    int2: int = -1
-    net: RemoteNetwork | None = None
-
-
-def make_error(code: int, domain: int, detail: str) -> RemoteError:
-    """The error libvirt's virReportError(code, "%s", detail) would send from ``domain``.
-
-    ``str1`` is libvirt's format for ``code`` (e.g. "resource busy: %s"), ``str2`` the detail
-    and ``message`` the two combined, as in the captured RESOURCE_BUSY replies; codes this
-    module does not list get the format "%s"."""
-    fmt = _ERROR_FORMAT.get(code, "%s")
-    return RemoteError(code=code, domain=domain, message=fmt.replace("%s", detail, 1), str1=fmt, str2=detail)
-
-
-# ---------------------------------------------------------------------------- XDR primitives
-
-
-class _Writer:
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def u32(self, value: int) -> None:
-        if not 0 <= value <= 0xFFFFFFFF:
-            raise ValueError(f"u32 out of range: {value}")
-        self.parts.append(struct.pack(">I", value))
-
-    def i32(self, value: int) -> None:
-        if not -0x80000000 <= value <= 0x7FFFFFFF:
-            raise ValueError(f"i32 out of range: {value}")
-        self.parts.append(struct.pack(">i", value))
-
-    def opaque_fixed(self, data: bytes, size: int) -> None:
-        if len(data) != size:
-            raise ValueError(f"fixed opaque needs {size} bytes, got {len(data)}")
-        self.parts.append(data + b"\0" * (-size % 4))
-
-    def string(self, value: str, limit: int) -> None:
-        data = value.encode("utf-8", "surrogateescape")
-        if len(data) > limit:
-            raise ValueError(f"string of {len(data)} bytes exceeds the limit {limit}")
-        if b"\0" in data:
-            raise ValueError("string contains a NUL byte")
-        self.u32(len(data))
-        self.parts.append(data + b"\0" * (-len(data) % 4))
-
-    def optional_string(self, value: str | None, limit: int) -> None:
-        if value is None:
-            self.u32(0)
-        else:
-            self.u32(1)
-            self.string(value, limit)
-
-    def data(self) -> bytes:
-        return b"".join(self.parts)
-
-
-class _Reader:
-    def __init__(self, data: bytes, header: Header | None) -> None:
-        self.data = data
-        self.pos = 0
-        self.header = header
-
-    def _take(self, n: int, what: str) -> bytes:
-        if self.pos + n > len(self.data):
-            raise ProtocolError(
-                "truncated", f"{what}: need {n} bytes at offset {self.pos}, have {len(self.data) - self.pos}", self.header
-            )
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def u32(self, what: str) -> int:
-        return int(struct.unpack(">I", self._take(4, what))[0])
-
-    def i32(self, what: str) -> int:
-        return int(struct.unpack(">i", self._take(4, what))[0])
-
-    def opaque_fixed(self, size: int, what: str) -> bytes:
-        data = self._take(size, what)
-        self._take(-size % 4, what + " padding")
-        return data
-
-    def string(self, limit: int, what: str) -> str:
-        n = self.u32(what + " length")
-        if n > limit:
-            raise ProtocolError("string-too-long", f"{what}: {n} bytes exceeds the limit {limit}", self.header)
-        data = self._take(n, what)
-        self._take(-n % 4, what + " padding")
-        if b"\0" in data:
-            raise ProtocolError("nul-in-string", f"{what} contains a NUL byte", self.header)
-        return data.decode("utf-8", "surrogateescape")
-
-    def pointer(self, what: str) -> bool:
-        flag = self.u32(what + " pointer")
-        if flag > 1:
-            raise ProtocolError("bad-pointer", f"{what}: optional-data flag {flag} is neither 0 nor 1", self.header)
-        return flag == 1
-
-    def optional_string(self, limit: int, what: str) -> str | None:
-        return self.string(limit, what) if self.pointer(what) else None
-
-    def finish(self, what: str) -> None:
-        if self.pos != len(self.data):
-            raise ProtocolError("trailing", f"{len(self.data) - self.pos} bytes after the {what}", self.header)
-
+from .messages import (
+    ERROR_LEVEL_ERROR,
+    HEADER_SIZE,
+    LEN_SIZE,
+    LOCK_STRING_MAX,
+    MAX_CALL_FRAME,
+    MAX_REPLY_FRAME,
+    MIN_FRAME,
+    NET_MESSAGE_MAX,
+    NET_STRING_MAX,
+    PROGRAM,
+    UUID_LEN,
+    VERSION,
+    AcquireFlags,
+    CallArgs,
+    CreateLockSpaceArgs,
+    ErrorCode,
+    ErrorDomain,
+    Header,
+    MessageType,
+    NewArgs,
+    Owner,
+    Procedure,
+    ProtocolError,
+    RegisterArgs,
+    RemoteDomain,
+    RemoteError,
+    RemoteNetwork,
+    ResourceArgs,
+    RestrictArgs,
+    Status,
+    make_error,
+)
+from .xdr import Reader, Writer
 
 # ------------------------------------------------------------------------------------- framing
 
@@ -377,7 +84,7 @@ def frame_length(prefix: bytes, max_frame: int = MAX_REPLY_FRAME) -> int:
 
 def encode_frame(header: Header, payload: bytes = b"") -> bytes:
     """A whole frame (length word included) for ``header`` and an already-encoded payload."""
-    w = _Writer()
+    w = Writer()
     w.u32(LEN_SIZE + HEADER_SIZE + len(payload))
     w.u32(header.prog)
     w.u32(header.vers)
@@ -397,7 +104,7 @@ def decode_frame(frame: bytes, max_frame: int = MAX_REPLY_FRAME) -> tuple[Header
     length = frame_length(frame, max_frame)
     if length != len(frame):
         raise ProtocolError("length", f"frame length word says {length}, frame has {len(frame)} bytes")
-    r = _Reader(frame[LEN_SIZE:MIN_FRAME], None)
+    r = Reader(frame[LEN_SIZE:MIN_FRAME], None)
     prog = r.u32("prog")
     vers = r.u32("vers")
     proc = r.i32("proc")
@@ -432,7 +139,7 @@ def check_call_header(header: Header) -> Procedure:
 
 def encode_args(args: CallArgs) -> bytes:
     """The XDR payload of a call's arguments.  Raises ValueError for unencodable values."""
-    w = _Writer()
+    w = Writer()
     match args:
         case RegisterArgs(owner=owner, flags=flags):
             w.opaque_fixed(owner.uuid.bytes, UUID_LEN)
@@ -470,7 +177,7 @@ def decode_args(proc: Procedure, payload: bytes, header: Header | None = None) -
     """Decode and fully validate a call's argument payload (no trailing bytes allowed).
 
     ``header`` is only attached to a raised ProtocolError."""
-    r = _Reader(payload, header)
+    r = Reader(payload, header)
     result: CallArgs
     if proc == Procedure.REGISTER:
         raw_uuid = r.opaque_fixed(UUID_LEN, "owner uuid")
@@ -520,7 +227,7 @@ def encode_ok_reply(call: Header) -> bytes:
 
 def encode_error(err: RemoteError) -> bytes:
     """The XDR of a virNetMessageError."""
-    w = _Writer()
+    w = Writer()
     w.i32(err.code)
     w.i32(err.domain)
     w.optional_string(err.message, NET_STRING_MAX)
@@ -548,7 +255,7 @@ def encode_error(err: RemoteError) -> bytes:
 
 def decode_error(payload: bytes, header: Header | None = None) -> RemoteError:
     """Decode and validate a virNetMessageError payload (no trailing bytes allowed)."""
-    r = _Reader(payload, header)
+    r = Reader(payload, header)
     code = r.i32("code")
     domain = r.i32("domain")
     message = r.optional_string(NET_STRING_MAX, "message")
@@ -589,3 +296,14 @@ def decode_reply(frame: bytes, max_frame: int = MAX_REPLY_FRAME) -> tuple[Header
     if header.status == Status.ERROR:
         return header, decode_error(payload, header)
     raise ProtocolError("status", f"unexpected reply status {header.status}", header)
+
+__all__ = [  # the public names (``messages`` ones re-exported)
+    "ERROR_LEVEL_ERROR", "HEADER_SIZE", "LEN_SIZE", "LOCK_STRING_MAX", "MAX_CALL_FRAME",
+    "MAX_REPLY_FRAME", "MIN_FRAME", "NET_MESSAGE_MAX", "NET_STRING_MAX", "PROGRAM", "UUID_LEN",
+    "VERSION", "AcquireFlags", "CallArgs", "CreateLockSpaceArgs", "ErrorCode", "ErrorDomain",
+    "Header", "MessageType", "NewArgs", "Owner", "Procedure", "ProtocolError", "RegisterArgs",
+    "RemoteDomain", "RemoteError", "RemoteNetwork", "ResourceArgs", "RestrictArgs", "Status",
+    "check_call_header", "decode_args", "decode_call", "decode_error", "decode_frame",
+    "decode_reply", "encode_args", "encode_call", "encode_error", "encode_error_reply",
+    "encode_frame", "encode_ok_reply", "frame_length", "make_error",
+]

@@ -37,15 +37,24 @@ import itertools
 import logging
 import os
 import socket
-import stat
-import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
+from .lockapi import (
+    BACKEND_FAILED,
+    DENIED,
+    REREGISTERED,
+    UNREGISTERED,
+    Connection,
+    LockBackend,
+    LockError,
+    PeerCredentials,
+    ResourceBusy,
+    flag_error,
+)
 from .protocol import (
     MAX_CALL_FRAME,
     AcquireFlags,
@@ -65,138 +74,12 @@ from .protocol import (
     frame_length,
     make_error,
 )
+from .sockets import AgentSetupError, check_socket_dir, peer_credentials, remove_stale_socket
 
 log = logging.getLogger(__name__)
 
-_UCRED = struct.Struct("3i")
-
-
-class AgentSetupError(RuntimeError):
-    """The server cannot start safely (socket directory, stale or live socket); the message
-    says what to fix."""
-
-
-class LockError(Exception):
-    """Raised by a backend to refuse a call; becomes the error reply libvirt reports.
-
-    ``message`` is the detail libvirt shows after the code's prefix (e.g. "resource busy: ")."""
-
-    def __init__(
-        self, message: str, *, code: int = ErrorCode.INTERNAL_ERROR, domain: int = ErrorDomain.LOCKING
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.domain = domain
-
-    def to_remote(self) -> RemoteError:
-        """The virNetMessageError this refusal is sent as."""
-        return make_error(self.code, self.domain, self.message)
-
-
-class ResourceBusy(LockError):
-    """The resource is held elsewhere (or, on release, not held): VIR_ERR_RESOURCE_BUSY from
-    VIR_FROM_LOCKSPACE, exactly as virtlockd reports it.  Name holder host and domain in the
-    message: libvirt shows it to the user as "resource busy: <message>"."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code=ErrorCode.RESOURCE_BUSY, domain=ErrorDomain.LOCKSPACE)
-
-
-@dataclass(frozen=True, slots=True)
-class PeerCredentials:
-    """SO_PEERCRED of a connection: the connecting process as the kernel saw it at connect()."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
-@dataclass(eq=False, slots=True)
-class Connection:
-    """One client connection.  The server owns and updates it; a backend may read it and keep
-    it as a key (identity equality) but must not modify it.
-
-    ``owner`` is set once REGISTER succeeded, ``restricted`` once RESTRICT succeeded (libvirt
-    restricts the connection QEMU inherits, whose peer pid is the QEMU pid: its close is the
-    only signal of a destroyed or crashed VM)."""
-
-    id: int
-    peer: PeerCredentials
-    owner: Owner | None = None
-    restricted: bool = False
-
-
-class LockBackend(Protocol):
-    """What the server dispatches to.  Each method may be a plain function (run in the
-    server's thread pool) or a coroutine function (awaited on the loop; it must not block).
-    Refuse a call by raising :class:`LockError` (:class:`ResourceBusy` for a held disk)."""
-
-    def register(self, conn: Connection, owner: Owner) -> Awaitable[None] | None:
-        """``conn`` now acts for ``owner`` (first REGISTER on the connection)."""
-
-    def restrict(self, conn: Connection) -> Awaitable[None] | None:
-        """``conn`` (registered) is restricted: no further calls will come on it."""
-
-    def create_lockspace(self, conn: Connection, path: str) -> Awaitable[None] | None:
-        """CREATE_LOCKSPACE ``path`` (idempotent in virtlockd; may come unregistered)."""
-
-    def acquire(
-        self, conn: Connection, owner: Owner, lockspace: str, name: str, flags: AcquireFlags
-    ) -> Awaitable[None] | None:
-        """Acquire resource ``name`` in ``lockspace`` ("" = default/direct) for ``owner``."""
-
-    def release(self, conn: Connection, owner: Owner, lockspace: str, name: str) -> Awaitable[None] | None:
-        """Release resource ``name`` in ``lockspace`` held by ``owner``."""
-
-    def connection_closed(self, conn: Connection) -> Awaitable[None] | None:
-        """``conn`` is gone (EOF, error or shutdown); called once, after its last call.
-        Exceptions are logged and otherwise ignored."""
-
-
-def _flag_error(flags: int, supported: int, proc: Procedure) -> RemoteError | None:
-    extra = int(flags) & ~int(supported)
-    if not extra:
-        return None
-    fn = "virLockSpaceProtocolDispatch" + "".join(part.capitalize() for part in proc.name.split("_"))
-    return make_error(ErrorCode.INVALID_ARG, ErrorDomain.RPC, f"unsupported flags ({extra:#x}) in function {fn}")
-
-
-_DENIED = make_error(ErrorCode.OPERATION_DENIED, ErrorDomain.RPC, "lock manager connection has been restricted")
-_UNREGISTERED = make_error(
-    ErrorCode.OPERATION_INVALID, ErrorDomain.RPC, "lock owner details have not been registered"
-)
-_REREGISTERED = make_error(
-    ErrorCode.OPERATION_INVALID, ErrorDomain.RPC, "lock owner details have already been registered"
-)
-_BACKEND_FAILED = make_error(
-    ErrorCode.INTERNAL_ERROR, ErrorDomain.LOCKING, "the virtlease agent failed; see its log"
-)
-
-
-def check_socket_dir(directory: Path) -> None:
-    """Raise AgentSetupError unless ``directory`` is a directory owned by root and not
-    writable by group or others (so nobody else can replace the socket)."""
-    try:
-        st = os.stat(directory)
-    except FileNotFoundError:
-        raise AgentSetupError(f"socket directory {directory} does not exist") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise AgentSetupError(f"socket directory {directory} is not a directory")
-    if st.st_uid != 0:
-        raise AgentSetupError(f"socket directory {directory} is owned by uid {st.st_uid}, not root")
-    if st.st_mode & 0o022:
-        raise AgentSetupError(
-            f"socket directory {directory} has mode {stat.S_IMODE(st.st_mode):04o}: "
-            "it must not be writable by group or others"
-        )
-
-
-def peer_credentials(sock: socket.socket) -> PeerCredentials:
-    """SO_PEERCRED of a connected AF_UNIX socket."""
-    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return PeerCredentials(pid=pid, uid=uid, gid=gid)
-
+__all__ = ["AgentSetupError", "Connection", "LockBackend", "LockError", "LockdServer", "PeerCredentials",
+           "ResourceBusy", "check_socket_dir", "peer_credentials"]
 
 class LockdServer:
     """The server.  Use ``async with LockdServer(path, backend):`` or start()/close().
@@ -233,7 +116,7 @@ class LockdServer:
     async def start(self) -> None:
         """Check the directory, create the socket (0700) and start accepting."""
         check_socket_dir(self.path.parent)
-        await self._remove_stale_socket()
+        await remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(self.path))
@@ -247,25 +130,6 @@ class LockdServer:
             self._unlink_own_socket()
             raise
         log.info("virtlease agent listening on %s", self.path)
-
-    async def _remove_stale_socket(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise AgentSetupError(f"{self.path} exists and is not a socket; refusing to replace it")
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.path)), 2.0)
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale socket %s", self.path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            return
-        except (OSError, TimeoutError) as exc:
-            raise AgentSetupError(f"cannot tell whether {self.path} is in use: {exc}") from exc
-        writer.close()
-        raise AgentSetupError(f"{self.path} is in use by a running daemon (virtlockd or another agent)")
 
     def _unlink_own_socket(self) -> None:
         with contextlib.suppress(OSError):
@@ -398,17 +262,17 @@ class LockdServer:
         # plain ints: ~ of an IntFlag only complements its defined bits
         supported = int(AcquireFlags.SHARED | AcquireFlags.AUTOCREATE) if proc == Procedure.ACQUIRE_RESOURCE else 0
         flags = getattr(args, "flags", 0)
-        if (err := _flag_error(flags, supported, proc)) is not None:
+        if (err := flag_error(flags, supported, proc)) is not None:
             return err
         if conn.restricted:
-            return _DENIED
+            return DENIED
         if isinstance(args, RegisterArgs):
             return await self._register(conn, args.owner)
         if isinstance(args, CreateLockSpaceArgs):
             return await self._backend(self.backend.create_lockspace, conn, args.path)
         owner = conn.owner
         if owner is None:
-            return _UNREGISTERED
+            return UNREGISTERED
         if proc == Procedure.RESTRICT:
             err = await self._backend(self.backend.restrict, conn)
             if err is None:
@@ -424,9 +288,9 @@ class LockdServer:
 
     async def _register(self, conn: Connection, owner: Owner) -> RemoteError | None:
         if not owner.id:
-            return _UNREGISTERED  # virtlockd's (odd) message for an owner id of 0
+            return UNREGISTERED  # virtlockd's (odd) message for an owner id of 0
         if conn.owner is not None:
-            return None if conn.owner == owner else _REREGISTERED
+            return None if conn.owner == owner else REREGISTERED
         err = await self._backend(self.backend.register, conn, owner)
         if err is None:
             conn.owner = owner
@@ -443,5 +307,5 @@ class LockdServer:
             return exc.to_remote()
         except Exception:
             log.exception("lock backend %s failed", getattr(fn, "__name__", fn))
-            return _BACKEND_FAILED
+            return BACKEND_FAILED
         return None

@@ -1,0 +1,139 @@
+"""The agent's guard: a minimal process that stops the owners if no agent keeps the lease.
+
+Why: the agent's own fence thread dies with the agent.  After a SIGKILL (OOM, a crash, a
+service manager's final kill) the host's etcd lease runs out by itself and the disks go to
+other hosts while the QEMUs here still run.  The guard closes that hole from outside the agent.
+
+How: the agent starts it (``Guard.spawn``) before serving, runs it as a script with ``-I`` (only
+the standard library: nothing to import that could fail, a few MB of memory), and writes one JSON
+line to its stdin whenever the fence deadline or the owner list changes::
+
+    {"fence_at": <CLOCK_MONOTONIC seconds>, "grace": <s>,
+     "owners": [{"pid": 123, "start": <starttime from /proc/123/stat>, "sig": 9, "who": "..."}]}
+
+The guard opens a pidfd per owner (a reused pid is never signalled: the start time must match)
+and, at the deadline, sends each owner its signal (9 = poweroff, 19 = pause; "ignore" owners are
+not listed) and exits.  The deadline is ``fence_at`` once the agent is gone (its stdin hit EOF),
+or ``fence_at + grace`` while the agent lives but stopped sending (frozen: its own fence thread
+cannot run either; ``grace`` < the fence margin, so this is still before etcd can expire the
+lease).  Lines ``{"disarm": true}`` (the agent exits with nothing held) end it without signalling.
+
+A restarted agent that re-attached to the lease starts a guard of its own first, then sends the
+old guard SIGUSR1: it exits without signalling.  SIGTERM, SIGINT and SIGHUP are ignored (logged):
+stopping the guard while owners run must not silently drop their protection; only SIGKILL
+stops it, which the unit file never sends to it (KillMode=process, see deploy/libvirt/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks since boot), None if no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def say(msg: str) -> None:
+    print(f"virtlease-guard[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+class State:
+    def __init__(self) -> None:
+        self.fence_at: float | None = None
+        self.grace = 0.0
+        self.owners: dict[tuple[int, int], tuple[int, int, str]] = {}  # (pid, start) -> (pidfd, sig, who)
+        self.agent_gone = False
+        self.stand_down = False
+
+    def update(self, msg: dict[str, Any]) -> None:
+        self.fence_at = float(msg["fence_at"])
+        self.grace = float(msg.get("grace", 0.0))
+        want = {(int(o["pid"]), int(o["start"])): o for o in msg.get("owners", [])}
+        for key in [k for k in self.owners if k not in want]:
+            os.close(self.owners.pop(key)[0])
+        for key, o in want.items():
+            if key in self.owners or start_time(key[0]) != key[1]:
+                continue
+            try:
+                self.owners[key] = (os.pidfd_open(key[0]), int(o["sig"]), str(o.get("who", key[0])))
+            except ProcessLookupError:
+                continue
+
+    def deadline(self) -> float | None:
+        if self.fence_at is None:
+            return None
+        return self.fence_at if self.agent_gone else self.fence_at + self.grace
+
+    def fire(self) -> None:
+        for pidfd, sig, who in self.owners.values():
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+                say(f"no virtlease agent kept the lease up to the fence deadline: sent signal {sig} to {who}")
+            except ProcessLookupError:
+                say(f"{who} already gone")
+
+
+def main() -> int:
+    state = State()
+
+    def on_usr1(_sig: int, _frame: object) -> None:
+        state.stand_down = True
+
+    def on_ignored(sig: int, _frame: object) -> None:
+        say(f"ignoring signal {sig}: the owners it guards would lose their protection")
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_ignored)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    stdin = sys.stdin.buffer
+    buf = b""
+    print("ready", flush=True)
+    while True:
+        if state.stand_down:
+            say("a new agent took over: standing down")
+            return 0
+        if state.agent_gone and not state.owners:
+            return 0
+        deadline = state.deadline()
+        if deadline is not None and time.monotonic() >= deadline:
+            state.fire()
+            return 0
+        timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+        if state.agent_gone:
+            time.sleep(timeout)
+            continue
+        try:
+            ready, _, _ = select.select([stdin], [], [], timeout)
+        except InterruptedError:
+            continue
+        if not ready:
+            continue
+        chunk = os.read(stdin.fileno(), 65536)
+        if not chunk:
+            state.agent_gone = True
+            say(f"agent gone; owners stopped at the fence deadline unless a new agent takes over "
+                f"({len(state.owners)} guarded)")
+            continue
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if msg.get("disarm"):
+                return 0
+            state.update(msg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

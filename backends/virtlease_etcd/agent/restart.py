@@ -1,0 +1,207 @@
+"""Crash and restart safety: the agent never leaves a QEMU running without a lease.
+
+Three pieces, in the order the agent uses them:
+
+1. ``prepare`` (before the driver loads): if a previous agent of this host left a state file,
+   continue its etcd session (``reattach.adopt_session``: lease still > fence margin, host key
+   ours, one keepalive) and install it as the process's session, so the driver loads *on that
+   lease*.  If it cannot be continued, wait until the old lease is gone (its guard stopped the
+   owners before that) and stop any owner still running, then start fresh.
+2. ``Continuity.start`` (on the loop, before serving): spawn this agent's guard, re-adopt the
+   owners from the records on the lease (``reattach.readopt_owners``) and their QEMUs by pid and
+   start time (pidfd from then on; no lifeline, since the old connections died with the old agent),
+   arm the guard, write the state file, and only then tell the previous guard to stand down.
+3. ``Continuity.run``: re-arm the guard whenever the fence deadline moves (every keepalive) and
+   on every owner change (before the ACQUIRE reply, so the guard knows a QEMU before it can
+   start); rewrite the state file when the owners change.
+
+``handover`` (SIGUSR2: upgrade) leaves the lease unrevoked and the guard armed, so the next agent
+can take over before the fence deadline; ``leave`` (the agent exits) does the same while owners
+hold anything, and otherwise disarms the guard and removes the state file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from virtlease.abi import FailureAction
+
+from .. import reattach
+from ..client import EtcdClient
+from ..config import EtcdConfig
+from ..driver import EtcdDriver
+from ..sessions import install_session
+from . import statefile as sf
+from .guard import start_time
+from .tracking import OwnerTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prior:
+    """What a previous agent left, and whether its session was continued."""
+
+    state: sf.AgentState
+    adopted: bool
+
+
+def prepare(cfg: EtcdConfig, state_dir: str) -> Prior | None:
+    """Step 1 (see the module docstring).  Returns None when there was no previous agent."""
+    sf.ensure_dir(state_dir)
+    path = sf.state_path(state_dir, cfg.host_id)
+    prior = sf.load(path)
+    if prior is None:
+        return None
+    if prior.host != cfg.host_id or prior.prefix != cfg.prefix:
+        log.warning("state file %s is for host %s prefix %s, not %s %s: ignored", path, prior.host,
+                    prior.prefix, cfg.host_id, cfg.prefix)
+        return None
+    try:
+        adopted = reattach.adopt_session(cfg, prior.lease, prior.session)
+    except reattach.CannotReattach as exc:
+        log.error("cannot continue the previous agent's session: %s", exc)
+        wait_out(cfg, prior)
+        return Prior(prior, adopted=False)
+    install_session(adopted.session)
+    return Prior(prior, adopted=True)
+
+
+def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:
+    """The previous session cannot be continued: wait (at most a TTL) until its lease is gone,
+    then stop every owner of it still running -- it runs without a lease."""
+    client = EtcdClient(cfg)
+    try:
+        until = time.monotonic() + cfg.ttl + 1
+        while time.monotonic() < until:
+            try:
+                if client.lease_ttl(prior.lease, timeout=cfg.request_timeout) < 0:
+                    break
+            except Exception as exc:
+                log.warning("cannot read the previous lease %x (%s); waiting out its TTL", prior.lease, exc)
+            time.sleep(0.2)
+    finally:
+        client.close()
+    for o in prior.owners:
+        sig = sf.GUARD_SIGNALS.get(FailureAction[o.action.upper()])
+        if sig is not None and start_time(o.pid) == o.start:
+            log.error("domain %s (%s) QEMU pid %d still runs after its lease ended: sending %s", o.name,
+                      o.uuid, o.pid, sig.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(o.pid, sig)
+
+
+class Continuity:
+    """Guard and state file of one running agent (steps 2 and 3)."""
+
+    def __init__(self, backend: OwnerTracker, state_dir: str, *, poll: float = 0.1) -> None:
+        self.backend = backend
+        self.driver: EtcdDriver = backend.driver
+        self.path = sf.state_path(state_dir, self.driver.host_id)
+        self.poll = poll
+        self.guard: sf.Guard | None = None
+        self._saved: list[sf.OwnerEntry] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, prior: Prior | None) -> None:
+        self.guard = sf.Guard.spawn()
+        self.backend.on_change = self.push
+        if prior is not None and prior.adopted:
+            await self._readopt(prior.state)
+        self.push()
+        if prior is not None and prior.state.guard:
+            sf.stand_down(prior.state.guard.get("pid", 0), prior.state.guard.get("start", 0))
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def _readopt(self, prior: sf.AgentState) -> None:
+        session = self.driver.session
+        entries = {o.uuid: o for o in prior.owners}
+        actions = {u: FailureAction[o.action.upper()] for u, o in entries.items()}
+        owners = await asyncio.get_running_loop().run_in_executor(
+            None, reattach.readopt_owners, session, self.driver.policy, actions)
+        for owner in owners:
+            e = entries.get(owner.uuid)
+            pid, start = (e.pid, e.start) if e is not None else (owner.pid, None)
+            if e is not None:
+                owner.pid = e.pid
+            await self.backend.adopt_running(owner.uuid, owner.name, pid, start)
+
+    def snapshot(self) -> list[sf.OwnerEntry]:
+        """Every tracked, running QEMU, with its failure action."""
+        session = self.driver.session
+        out = []
+        for t in self.backend.owners():
+            owner = session.owners.peek(t.uuid)
+            action = owner.action if owner is not None else self.driver.policy.resolve(FailureAction.DEFAULT)
+            out.append(sf.OwnerEntry(t.uuid, t.name, t.pid, t.start, action.name.lower()))
+        return out
+
+    def guarded(self, entries: list[sf.OwnerEntry]) -> list[dict[str, Any]]:
+        """The owners the guard must stop: those holding anything on the lease."""
+        session = self.driver.session
+        out = []
+        for e in entries:
+            owner = session.owners.peek(e.uuid)
+            sig = sf.GUARD_SIGNALS.get(FailureAction[e.action.upper()])
+            if owner is not None and owner.active and sig is not None:
+                out.append({"pid": e.pid, "start": e.start, "sig": int(sig), "who": f"domain {e.name} ({e.uuid})"})
+        return out
+
+    def push(self) -> None:
+        """Re-arm the guard and, if the owners changed, rewrite the state file."""
+        entries = self.snapshot()
+        session = self.driver.session
+        if self.guard is not None:
+            try:
+                if self.guard.proc.poll() is not None:
+                    raise OSError(f"exited with {self.guard.proc.returncode}")
+                self.guard.send(session.fence_at, session.cfg.margin / 2, self.guarded(entries))
+            except (OSError, ValueError) as exc:
+                log.error("the guard process (pid %d) is gone (%s); starting a new one", self.guard.pid, exc)
+                self.guard = sf.Guard.spawn()
+                self.guard.send(session.fence_at, session.cfg.margin / 2, self.guarded(entries))
+                self._saved = None
+        if entries != self._saved:
+            guard = {"pid": self.guard.pid, "start": self.guard.start} if self.guard is not None else {}
+            sf.save(self.path, sf.AgentState(self.driver.host_id, session.cfg.prefix, session.lease_id,
+                                             session.session_id, os.getpid(), guard, entries))
+            self._saved = entries
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll)
+            try:
+                self.push()
+            except Exception:
+                log.exception("cannot update the guard / state file")
+
+    def _stop_task(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def handover(self) -> None:
+        """Leave for a successor: state file written, guard armed and on its own."""
+        self._stop_task()
+        self.push()
+        if self.guard is not None:
+            self.guard.abandon()
+        log.warning("handing over: lease %x stays, the guard stops %d owner(s) at the fence deadline "
+                    "(%.1fs from now) unless a new agent takes over", self.driver.session.lease_id,
+                    len(self._saved or []), self.driver.session.fence_at - time.monotonic())
+
+    def leave(self, *, busy: bool) -> None:
+        """The agent exits: with owners still holding, as a handover (guard armed); otherwise
+        disarm the guard and remove the state file."""
+        if busy:
+            self.handover()
+            return
+        self._stop_task()
+        if self.guard is not None:
+            self.guard.disarm()
+        sf.remove(self.path)

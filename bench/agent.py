@@ -1,0 +1,230 @@
+"""The virtlease agent: lock round trip on its socket, and what a crash costs.
+
+    python bench/agent.py [--quick] [--endpoints HOST:PORT] [--json OUT]   # standalone
+    (also the ``agent`` section of bench/run.py)
+
+* ``rtt``: ACQUIRE + RELEASE of one disk on one registered connection, over the agent's socket
+  (the agent as a real process, as libvirt talks to it), p50/p99.  The owner stays alive, so
+  after the first grant each RELEASE reserves the disk and each ACQUIRE resumes it (libvirt's
+  pause/resume): one etcd transaction each; beside it the same on stock
+  **virtlockd** on this machine (started in a private mount namespace, so it never touches the
+  host's /run/libvirt; skipped with the reason if virtlockd or unshare is missing or not root) and
+  the **etcd floor**: one compare-and-swap transaction (an ACQUIRE is one txn, a RELEASE one).
+* ``crash``: ``kill -9`` of the agent while a stand-in QEMU (``sleep``) holds a disk through it:
+  without a restart, seconds until the guard kills the QEMU (vs the TTL: it must be before the
+  lease can expire); with an immediate restart, seconds until the new agent serves and whether the
+  QEMU survived past the TTL.
+* ``virsh_start_s`` (full run, or ``--libvirt``): ``virsh start`` of a small TCG domain on the
+  two-host libvirt rig (tests/libvirt/rig.py) with stock virtlockd and with the agent (needs root
+  and deploy/libvirt/install.sh; skipped with the reason otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cluster import Cluster
+from contenders import Ceiling
+from measure import Latency, progress, time_calls
+from plan import Plan
+from virtlease_etcd.agent.client import LockdClient, make_owner
+
+
+def _agent_process_class() -> Any:
+    """tests/agent/agent_process.py's AgentProcess (loaded by path: ``agent`` is this module)."""
+    path = Path(__file__).resolve().parent.parent / "tests" / "agent" / "agent_process.py"
+    spec = importlib.util.spec_from_file_location("virtlease_bench_agent_process", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.AgentProcess
+
+
+AgentProcess = _agent_process_class()
+
+
+def _owner_process() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "3600"])
+
+
+def socket_rtt(path: Path, disk: str, owner_pid: int, n: int, budget: float) -> dict[str, Any]:
+    """ACQUIRE+RELEASE pairs on one connection; p50/p99 in ms."""
+    with LockdClient(path) as c:
+        c.register(make_owner("bench-rtt", pid=owner_pid, owner_uuid=uuid.uuid4()))
+
+        def pair() -> None:
+            c.acquire(disk)
+            c.release(disk)
+
+        return Latency.of(time_calls(pair, max_n=n, budget=budget, warmup=20)).as_dict()
+
+
+def virtlockd_rtt(tmp: Path, disk: str, owner_pid: int, n: int, budget: float) -> dict[str, Any]:
+    """The same pairs on a stock virtlockd in its own mount namespace."""
+    if os.geteuid() != 0 or not shutil.which("virtlockd") or not shutil.which("unshare"):
+        return {"skipped": "needs root, virtlockd and unshare"}
+    (tmp / "vl").mkdir()
+    script = ("mount -t tmpfs tmpfs /run/libvirt 2>/dev/null || { mkdir -p /run/libvirt && "
+              "mount -t tmpfs tmpfs /run/libvirt; } && exec virtlockd")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sock = Path(f"/proc/{proc.pid}/root/run/libvirt/virtlockd-sock")
+        until = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > until:
+                return {"skipped": f"virtlockd did not start (exit {proc.poll()})"}
+            time.sleep(0.05)
+        return socket_rtt(sock, disk, owner_pid, n, budget)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def etcd_floor(cluster: Cluster, n: int, budget: float) -> dict[str, Any]:
+    client = cluster.client()
+    try:
+        worker = Ceiling(client, f"/bench-{cluster.run_id}/agent/floor")
+        lat = Latency.of(time_calls(worker.op, max_n=n, budget=budget, warmup=20))
+        worker.close()
+        return lat.as_dict()
+    finally:
+        client.close()
+
+
+def _hold(agent: Any, disk: str, pid: int) -> None:
+    with LockdClient(agent.socket) as c:
+        c.register(make_owner("bench-crash", pid=pid, owner_uuid=uuid.uuid4()))
+        c.acquire(disk)
+
+
+def crash(cluster: Cluster, tmp: Path, disk: str, ttl: int) -> dict[str, Any]:
+    """kill -9 with and without a restart (see the module docstring)."""
+    out: dict[str, Any] = {"ttl_s": ttl}
+    for restart in (False, True):
+        run = tmp / f"crash-{int(restart)}"
+        run.mkdir(mode=0o700)
+        agents: list[Any] = [AgentProcess(run, cluster.endpoint, cluster.prefix, cluster.host_name(f"crash{int(restart)}"),
+                               ttl=ttl)]
+        owner = _owner_process()
+        try:
+            _hold(agents[0], f"{disk}.crash{int(restart)}", owner.pid)  # the first trial's disk stays held a TTL
+            killed = time.monotonic()
+            agents[0].proc.kill()
+            if not restart:
+                owner.wait(ttl + 5)
+                out["owner_killed_after_s"] = round(time.monotonic() - killed, 3)
+                continue
+            agents.append(AgentProcess(run, cluster.endpoint, cluster.prefix,
+                                       cluster.host_name(f"crash{int(restart)}"), ttl=ttl))
+            out["restart_serving_after_s"] = round(time.monotonic() - killed, 3)
+            time.sleep(max(0.0, killed + ttl + 1 - time.monotonic()))
+            out["owner_survived_restart"] = owner.poll() is None
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+            owner.wait(10)
+            for a in agents:
+                a.stop()
+    return out
+
+
+def libvirt_starts(cluster: Cluster, n: int) -> dict[str, Any]:
+    """``virsh start`` wall times (s) on the rig, virtlockd vs the agent."""
+    if os.geteuid() != 0 or not shutil.which("libvirtd"):
+        return {"skipped": "needs root and libvirt (deploy/libvirt/install.sh)"}
+    here = Path(__file__).resolve().parent.parent / "tests" / "libvirt"
+    sys.path.insert(0, str(here))
+    from etcd_relay import Relay
+    from rig import Rig
+
+    from virtlockd_baseline import measure_starts, summary
+
+    out: dict[str, Any] = {}
+    host, port = cluster.endpoint.rsplit(":", 1)
+    with tempfile.TemporaryDirectory(prefix="vl-bench-rig-", dir="/tmp") as name:
+        tmp = Path(name)
+        relay = Relay.unix_to_tcp(str(tmp / "etcd.sock"), host, int(port))
+        agent = [sys.executable, str(here / "agent_in_host.py"), str(tmp / "etcd.sock"), "23790", "--socket",
+                 "{socket}", "--endpoints", "127.0.0.1:23790", "--host-id", f"host{{host}}-{cluster.run_id}",
+                 "--prefix", cluster.prefix, "--ttl", "10"]
+        try:
+            for label, daemon in (("virtlockd", "virtlockd"), ("agent", agent)):
+                r = Rig(tmp / label, cache_dir=tmp / "cache", lock_daemon=daemon)
+                r.up()
+                try:
+                    out[label] = summary(measure_starts(r, n))
+                finally:
+                    r.down()
+                progress(f"virsh start with {label}: {out[label]}")
+        finally:
+            relay.close()
+    return out
+
+
+def agent_section(cluster: Cluster, plan: Plan, *, libvirt: bool | None = None) -> dict[str, Any]:
+    n, budget = (300, 1.5) if plan.quick else (3000, 8.0)
+    ttl = 4 if plan.quick else 10
+    res: dict[str, Any] = {"load_before": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="virtlease-bench-agent-") as name:
+        tmp = Path(name)
+        os.chmod(tmp, 0o700)
+        disk = tmp / "bench.img"
+        disk.write_bytes(b"")
+        owner = _owner_process()
+        run = tmp / "rtt"
+        run.mkdir(mode=0o700)
+        agent = AgentProcess(run, cluster.endpoint, cluster.prefix, cluster.host_name("agent"), ttl=10)
+        try:
+            res["agent_ms"] = socket_rtt(agent.socket, str(disk), owner.pid, n, budget)
+        finally:
+            owner.kill()  # a RELEASE from a live owner keeps the disk reserved until it exits
+            owner.wait()
+            agent.signal(signal.SIGTERM)  # exits once the reservation is released
+            agent.wait(15)
+            agent.stop()
+        progress(f"agent ACQUIRE+RELEASE: p50 {res['agent_ms']['p50_ms']:.3f} ms, p99 "
+                 f"{res['agent_ms']['p99_ms']:.3f} ms")
+        res["virtlockd_ms"] = virtlockd_rtt(tmp, str(disk), os.getpid(), n, budget)
+        progress(f"virtlockd ACQUIRE+RELEASE: {res['virtlockd_ms']}")
+        res["etcd_txn_ms"] = etcd_floor(cluster, n, budget)
+        progress(f"etcd floor (one txn; a pair is two): p50 {res['etcd_txn_ms']['p50_ms']:.3f} ms")
+        res["crash"] = crash(cluster, tmp, str(disk), ttl)
+        progress(f"agent crash: {res['crash']}")
+    if libvirt if libvirt is not None else not plan.quick:
+        res["virsh_start_s"] = libvirt_starts(cluster, 5 if plan.quick else 10)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--endpoints")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--libvirt", action="store_true", help="also virsh start on the rig (default: full run only)")
+    args = p.parse_args(argv)
+    cluster = Cluster.start(args.endpoints)
+    try:
+        res = agent_section(cluster, Plan.make(args.quick), libvirt=args.libvirt or None)
+    finally:
+        cluster.stop()
+    print(json.dumps(res, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

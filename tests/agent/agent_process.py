@@ -1,0 +1,78 @@
+"""The agent as a real process (``python -m virtlease_etcd.agent.main``) for restart tests:
+start it on a socket and state directory, signal or SIGKILL it, read its log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from virtlease_etcd.agent.guard import start_time
+from virtlease_etcd.agent.statefile import load, state_path
+
+
+class AgentProcess:
+    """One ``virtlease-agent`` process of ``host`` (TTL 4 s unless ``ttl`` says otherwise)."""
+
+    def __init__(self, run: Path, endpoints: str, prefix: str, host: str, *, ttl: int = 4,
+                 extra: tuple[str, ...] = (), via_virtlease: bool = False) -> None:
+        """``via_virtlease``: run it as ``virtlease --endpoints E agent ...`` (the subcommand,
+        etcd options before its name) instead of the ``virtlease-agent`` module."""
+        self.run, self.host = run, host
+        self.socket = run / "virtlockd-sock"
+        self.state_dir = run / "state"
+        self.log_path = run / f"agent-{time.monotonic_ns()}.log"
+        head = ([str(Path(sys.executable).with_name("virtlease")), "--endpoints", endpoints, "agent"]
+                if via_virtlease else [sys.executable, "-m", "virtlease_etcd.agent.main", "--endpoints", endpoints])
+        cmd = [*head, "--prefix", prefix, "--host-id", host, "--ttl", str(ttl), "--socket", str(self.socket), "--state-dir",
+               str(self.state_dir), "--reserve-grace", "0.3", *extra]
+        self.log = open(self.log_path, "w")  # closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 20.0) -> None:
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}: {self.text()}")
+            if "virtlease agent serving" in self.text():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"agent not serving after {timeout}s: {self.text()}")
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def guard_pid(self) -> int:
+        state = load(state_path(self.state_dir, self.host))
+        assert state is not None and state.guard
+        return state.guard["pid"]
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Teardown: SIGKILL the agent (and its guard, so nothing outlives the test)."""
+        try:
+            guard = self.guard_pid()
+        except (AssertionError, OSError):
+            guard = 0
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if guard and start_time(guard) is not None:
+            os.kill(guard, signal.SIGKILL)
+        self.log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

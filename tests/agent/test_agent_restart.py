@@ -1,0 +1,282 @@
+"""Crash and restart safety of the agent, with real etcd and real processes: the agent as a
+process (``AgentProcess``), a stand-in QEMU holding a disk through it, and a second host (a
+driver in this process) that wants the same disk.
+
+The property: whatever happens to the agent, the stand-in QEMU is never running while the
+second host holds its disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import virtlease as v
+from agent.agent_process import AgentProcess, free_port
+from agent.etcd_agent import StandinQemu, load
+from conftest import EtcdServer
+from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
+from virtlease.errors import ResourceBusyError
+from virtlease_etcd import reattach
+from virtlease_etcd.agent.client import LockdClient
+from virtlease_etcd.fencing import pid_alive
+
+TTL = 4
+
+
+@pytest.fixture
+def agents(etcd_process: EtcdServer, prefix: str, sock_dir: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """agents(*extra_options) -> an agent process of host hv-a on ``sock_dir`` (one at a time)."""
+    made: list[AgentProcess] = []
+
+    def start(*extra: str, via_virtlease: bool = False) -> AgentProcess:
+        a = AgentProcess(sock_dir, etcd_process.endpoints, prefix, "hv-a", ttl=TTL, extra=extra,
+                         via_virtlease=via_virtlease)
+        made.append(a)
+        return a
+
+    yield start
+    for a in reversed(made):
+        a.stop()
+
+
+@pytest.fixture
+def other_host(etcd_process: EtcdServer, prefix: str) -> Iterator[v.Plugin]:
+    plugin = load(etcd_process.endpoints, prefix, "hv-b")
+    yield plugin
+    plugin.driver.release_all()
+    plugin.unload()
+
+
+@pytest.fixture
+def qemus() -> Iterator[list[StandinQemu]]:
+    started: list[StandinQemu] = []
+    yield started
+    for q in started:
+        if q.alive():
+            q.kill()
+
+
+def start_vm(agent: AgentProcess, disk: str, qemus: list[StandinQemu]) -> StandinQemu:
+    q = StandinQemu(agent.socket, "web1")
+    qemus.append(q)
+    with LockdClient(agent.socket) as c:
+        c.register(q.owner())
+        c.acquire(disk)
+    return q
+
+
+def take(plugin: v.Plugin, disk: str) -> bool:
+    """The second host tries to take ``disk`` (no pid: nothing of ours is ever fenced)."""
+    obj = plugin.driver.new_object(ObjectSpec(ObjectType.DOMAIN, str(uuidlib.uuid4()), "intruder"))
+    try:
+        obj.acquire_resource(ResourceSpec(ResourceType.DISK, disk))
+        return True
+    except ResourceBusyError:
+        return False
+
+
+def death_watch(q: StandinQemu) -> dict[str, float]:
+    """``out["dead"]``: monotonic time the stand-in exited (set by a thread)."""
+    out: dict[str, float] = {}
+
+    def watch() -> None:
+        q.proc.wait()
+        out["dead"] = time.monotonic()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return out
+
+
+def wait_taken(plugin: v.Plugin, disk: str, seconds: float) -> float | None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        if take(plugin, disk):
+            return time.monotonic()
+        time.sleep(0.1)
+    return None
+
+
+def gone_soon(pid: int, seconds: float = 2.0) -> bool:
+    """``pid`` has exited (a zombie counts: init reaps orphans in its own time)."""
+    until = time.monotonic() + seconds
+    while pid_alive(pid):
+        if time.monotonic() > until:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> str:
+    p = tmp_path / "web1.img"
+    p.write_bytes(b"")
+    return str(p)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+def test_dead_or_frozen_agent_stops_the_owner_before_another_host_gets_the_disk(
+        how: str, agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str,
+        record_property: pytest.RecordProperty) -> None:
+    agent = agents()
+    q = start_vm(agent, disk, qemus)
+    assert not take(other_host, disk)
+    guard = agent.guard_pid()
+    died = death_watch(q)
+    killed_at = time.monotonic()
+    agent.signal(signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
+    taken_at = wait_taken(other_host, disk, TTL + 5)
+    assert taken_at is not None, "the disk never became free after the agent died"
+    assert "dead" in died, "the stand-in QEMU still runs while host hv-b holds its disk"
+    assert died["dead"] <= taken_at
+    assert q.proc.returncode == -signal.SIGKILL
+    kill_delay = died["dead"] - killed_at
+    assert kill_delay < TTL
+    record_property(f"{how}_owner_killed_after_s", round(kill_delay, 3))
+    record_property(f"{how}_disk_free_after_s", round(taken_at - killed_at, 3))
+    assert gone_soon(guard), "the guard outlived its job"
+    if how == "sigkill":  # an agent back too late starts a fresh session (the old lease is gone)
+        agent.stop()
+        again = agents()
+        assert "cannot continue the previous agent's session" in again.text()
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigusr2"])
+def test_restart_within_ttl_readopts_the_running_owner(
+        how: str, agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu],
+        disk: str) -> None:
+    first = agents(via_virtlease=True)  # the subcommand; the alias takes over from it
+    q = start_vm(first, disk, qemus)
+    old_guard = first.guard_pid()
+    if how == "sigkill":
+        first.proc.kill()
+        first.wait()
+    else:
+        first.signal(signal.SIGUSR2)
+        assert first.wait() == 75
+    second = agents()
+    assert "re-attached to lease" in second.text()
+    assert f"re-adopted running domain web1 ({q.uuid}) QEMU pid {q.pid}" in second.text()
+    time.sleep(TTL + 1)  # past the old fence deadline and the old lease's TTL
+    assert q.alive(), "the restarted agent let the old guard kill a QEMU it had re-adopted"
+    assert gone_soon(old_guard), "the old guard did not stand down"
+    assert not take(other_host, disk), "the disk went free while its QEMU runs"
+    died = death_watch(q)
+    q.kill()  # the QEMU exits: the new agent sees it by pidfd and releases its disk
+    taken_at = wait_taken(other_host, disk, 5)
+    assert taken_at is not None and taken_at >= died["dead"]
+
+
+def test_sigterm_with_a_vm_refuses_and_keeps_protection(
+        agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str) -> None:
+    agent = agents()
+    q = start_vm(agent, disk, qemus)
+    agent.signal(signal.SIGTERM)
+    time.sleep(TTL + 1)
+    assert agent.proc.poll() is None
+    assert "REFUSING TO EXIT: 1 domain(s)" in agent.text()
+    assert q.alive() and not take(other_host, disk)
+    q.kill()
+    assert agent.wait(10) == 0  # exits by itself once the last owner is gone
+    assert "exiting as requested" in agent.text()
+    assert wait_taken(other_host, disk, 5) is not None
+
+
+def test_metrics_endpoint(agents: Callable[..., AgentProcess], qemus: list[StandinQemu], disk: str,
+                          other_host: v.Plugin) -> None:
+    port = free_port()
+    agent = agents("--metrics", f"127.0.0.1:{port}")
+    start_vm(agent, disk, qemus)
+    other = StandinQemu(agent.socket, "db1")
+    qemus.append(other)
+    with LockdClient(agent.socket) as c:
+        c.register(other.owner())
+        with pytest.raises(Exception, match="resource busy"):
+            c.acquire(disk)
+    time.sleep(TTL / 3 + 0.5)  # one keepalive
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    metrics = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in body.splitlines() if line and not line.startswith("#")}
+    assert metrics['virtlease_agent_session_state{virtlease_agent_session_state="valid"}'] == 1
+    assert 0 < metrics["virtlease_agent_fence_deadline_seconds"] <= TTL
+    assert metrics['virtlease_agent_requests_total{op="acquire",result="granted"}'] == 1
+    assert metrics['virtlease_agent_requests_total{op="acquire",result="busy"}'] == 1
+    assert metrics["virtlease_agent_owners"] == 2
+    assert metrics["virtlease_agent_held_disks"] == 1
+    assert metrics["virtlease_agent_keepalive_rtt_seconds_count"] >= 1
+
+
+def test_reattach_refuses_a_lease_that_is_not_ours(etcd_process: EtcdServer, prefix: str) -> None:
+    plugin = load(etcd_process.endpoints, prefix, "hv-c")
+    try:
+        session = plugin.driver.session
+        with pytest.raises(reattach.CannotReattach, match="is not on lease"):
+            reattach.adopt_session(session.cfg, session.lease_id, "not-the-session")
+        with pytest.raises(reattach.CannotReattach, match="too late"):
+            reattach.adopt_session(session.cfg, session.lease_id + 12345, session.session_id)
+        assert session.lost is None  # the failed attempts did not touch the live session
+    finally:
+        plugin.unload()
+
+
+def test_a_second_agent_on_a_live_socket_touches_nothing(
+        agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str) -> None:
+    first = agents()
+    q = start_vm(first, disk, qemus)
+    guard = first.guard_pid()
+    with pytest.raises(RuntimeError, match="exited 2") as exc:
+        agents()
+    assert "is in use by a running daemon" in str(exc.value)
+    assert "re-attached" not in str(exc.value)
+    time.sleep(TTL + 1)
+    assert pid_alive(guard) and first.guard_pid() == guard, "the running agent's guard was touched"
+    assert q.alive() and not take(other_host, disk)
+
+
+def test_a_killed_guard_is_replaced_and_still_protects(
+        agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str) -> None:
+    agent = agents()
+    q = start_vm(agent, disk, qemus)
+    old = agent.guard_pid()
+    os.kill(old, signal.SIGKILL)
+    until = time.monotonic() + 5
+    while agent.guard_pid() == old and time.monotonic() < until:
+        time.sleep(0.05)
+    assert agent.guard_pid() != old and "is gone" in agent.text()
+    died = death_watch(q)
+    agent.proc.kill()
+    taken_at = wait_taken(other_host, disk, TTL + 5)
+    assert taken_at is not None and "dead" in died and died["dead"] <= taken_at
+
+
+def test_restart_releases_what_an_owner_that_died_meanwhile_held(
+        agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str) -> None:
+    first = agents()
+    q = start_vm(first, disk, qemus)
+    first.proc.kill()
+    first.wait()
+    q.kill()  # the QEMU exits while no agent runs
+    killed_at = time.monotonic()
+    second = agents()
+    assert "is no longer running: releasing what it held" in second.text()
+    taken_at = wait_taken(other_host, disk, TTL)
+    assert taken_at is not None and taken_at - killed_at < TTL - 1, "released by the new agent, not by expiry"
+
+
+def test_metrics_port_taken_the_agent_serves_without_metrics(agents: Callable[..., AgentProcess]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        agent = agents("--metrics", f"127.0.0.1:{busy.getsockname()[1]}")
+        assert "going on without them" in agent.text()
+        with LockdClient(agent.socket) as c:
+            c.create_lockspace("/var/lib/libvirt/lockd/files")  # it answers
