@@ -23,17 +23,14 @@ See docs/DESIGN.md §5 (The safety model).
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
 from collections.abc import Callable
 
-from etcd3 import transactions as tx
+from virtlease.errors import BackendUnavailableError, LeaseLostError
 
-from virtlease.errors import BackendUnavailableError, ConfigError, LeaseLostError
-
-from . import fencing
+from . import fencing, hostkey
 from . import keyspace as ks
 from .client import EtcdClient, LeaseNotFound, TransientError
 from .config import EtcdConfig
@@ -82,34 +79,12 @@ class HostSession:
 
         sent, self.lease_id, self.ttl = self.client.retrying(grant, deadline=deadline)
         self._valid_until = sent + self.ttl
-        host_key = self.keys.host(self.cfg.host_id)
-        record = ks.encode({"host": self.cfg.host_id, "lease": self.lease_id, "pid": os.getpid(),
-                            "ttl": self.ttl, "started": round(time.time(), 3), "session": self.session_id})
-        def register(timeout: float) -> object:
-            return self.client.txn([tx.Version(host_key) == 0],
-                                   [tx.Put(host_key, record, lease=self.lease_id)],
-                                   [tx.Get(host_key)], timeout=timeout)
-
-        def already(_: TransientError) -> object | None:
-            kvs, _rev = self.client.get_range(host_key, timeout=self.client.attempt_timeout(deadline))
-            if kvs and kvs[0].value == record:
-                return True
-            return None
-
         try:
-            resp = self.client.retrying(register, deadline=deadline, on_ambiguous=already)
+            hostkey.register(self.client, self.keys, self.cfg, lease_id=self.lease_id, ttl=self.ttl,
+                             session_id=self.session_id, deadline=deadline)
         except BaseException:
             self._revoke_quietly()
             raise
-        if resp is not True and not resp.succeeded:  # type: ignore[attr-defined]
-            kvs = resp.responses[0].response_range.kvs  # type: ignore[attr-defined]
-            other = ks.decode(kvs[0].value, host_key) if kvs else {}
-            self._revoke_quietly()
-            raise ConfigError(
-                f"host_id: {self.cfg.host_id!r} already has a live session (pid {other.get('pid')}, "
-                f"lease {other.get('lease')}); host_id must be unique per host. If that host died, "
-                f"its lease expires within {other.get('ttl', self.cfg.ttl)} s"
-            )
         return self.run(valid_until=sent + self.ttl)
 
     def run(self, *, valid_until: float) -> HostSession:
@@ -177,6 +152,10 @@ class HostSession:
             log.warning("could not revoke lease %x (it will expire in %ss): %s", self.lease_id, self.ttl, exc)
 
     # -- state -----------------------------------------------------------------
+
+    def clock(self) -> float:
+        """The session's monotonic clock (what every fence time is read from)."""
+        return self._clock()
 
     @property
     def fence_at(self) -> float:
