@@ -147,9 +147,34 @@ def _handoff(res: dict[str, Any]) -> list[str]:
                             "complete_migrate_out p50", "n"], rows)]
 
 
+def _agent(res: dict[str, Any]) -> list[str]:
+    a = res.get("agent")
+    if not a:
+        return []
+    rows = [[label, _ms(a[key]["p50_ms"]), _ms(a[key]["p99_ms"]), str(a[key]["n"])]
+            for label, key in (("virtlease agent (socket, 2 etcd txns)", "agent_ms"),
+                               ("virtlockd (local fcntl only)", "virtlockd_ms"),
+                               ("one etcd txn (the floor is two)", "etcd_txn_ms"))
+            if isinstance(a.get(key), dict) and "p50_ms" in a[key]]
+    lines = ["## Agent: the lockd socket", "",
+             "ACQUIRE + RELEASE of one disk over the lockd protocol (a REGISTERed owner, one connection).", "",
+             *_table(["daemon", "p50 ms", "p99 ms", "n"], rows)]
+    crash = a.get("crash")
+    if crash:
+        lines += [f"Agent `kill -9`, TTL {crash['ttl_s']} s: with no restart its guard killed the owner after "
+                  f"{crash['owner_killed_after_s']:.2f} s (before the lease could expire); restarted at once, "
+                  f"the new agent served after {crash['restart_serving_after_s']:.2f} s and the owner "
+                  f"{'survived' if crash['owner_survived_restart'] else 'did NOT survive'}.", ""]
+    starts = a.get("virsh_start_s")
+    if isinstance(starts, dict) and all("p50" in starts.get(k, {}) for k in ("agent", "virtlockd")):
+        lines += [f"`virsh start` on the two-host rig, p50: {starts['agent']['p50']:.3f} s with the agent, "
+                  f"{starts['virtlockd']['p50']:.3f} s with virtlockd.", ""]
+    return lines
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = ["# virtlease benchmarks", "", *_machine(res)]
-    for section in (_latency, _throughput, _keepalive, _scale, _failover, _handoff):
+    for section in (_latency, _throughput, _keepalive, _scale, _failover, _handoff, _agent):
         lines += section(res)
     if res.get("plots"):
         lines += ["Plots: " + ", ".join(f"`{p}`" for p in res["plots"]), ""]
