@@ -49,7 +49,7 @@ def acquire(d: Domain, resources: list[ResourceSpec], state: str | None, flags: 
                 handoff.claim(d, owner, rids, parsed)
                 return
         d.refuse_if_migrating(owner, "acquire")
-        again = [owner.held[r.rid] for r in rids if r.rid in owner.held]
+        again = [owner.held[r.rid] for r in rids if r.rid in owner.held and r.legacy_of is None]
         if again:
             raise ObjectStateError(
                 f"acquire: {d.where()} already holds {', '.join(h.rid.readable for h in again)} on host "
@@ -79,24 +79,54 @@ def check_identity(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -
         raise StaleStateError(f"state is from etcd cluster {parsed.cluster}, this is cluster {cluster}")
     if parsed.uuid != d.spec.uuid:
         raise StaleStateError(f"state is for domain {parsed.name} ({parsed.uuid}), not {d.where()}")
-    want = {(r.rid, r.mode) for r in rids}
-    have = {(r.rid, r.mode) for r in parsed.resources}
-    if want != have or len(parsed.resources) != len(have):
-        names = {r.rid: r.readable for r in rids} | {r.rid: r.res for r in parsed.resources}
-        missing = sorted(names[r] for r, _ in have - want)
-        extra = sorted(names[r] for r, _ in want - have)
-        raise StaleStateError(f"state does not describe the resources of {d.where()}: "
-                              f"only in state {missing}, only in object {extra}")
+    covering(d, parsed, rids)
+
+
+def covering(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -> dict[str, int]:
+    """Check that the state describes exactly the object's locked disks and
+    return, for every key of the object, the token of the state's entry that
+    covers it: the entry of the key itself, or (a key the state does not
+    list: this host's legacy path key, or a state of the previous release
+    that names a disk by its path key only) the entry of the disk's other key.
+
+    A disk is covered when the state lists its identity key, or lists its
+    legacy path key as a key of its own (the previous release's states); the
+    state's legacy entries of other paths need not match (the source reached
+    the disk under another path).  Raises StaleStateError naming both sides'
+    identities otherwise."""
+    entries = {(r.rid, r.mode): r for r in parsed.resources}
+    own = {(r.rid, r.mode) for r in rids}
+    disks: dict[str, list[ks.ResourceId]] = {}
+    for r in rids:
+        disks.setdefault(r.primary, []).append(r)
+    out: dict[str, int] = {}
+    uncovered: list[str] = []
+    for keys in disks.values():
+        token = next((entries[(k.rid, k.mode)].token for k in keys if (k.rid, k.mode) in entries
+                      and (k.legacy_of is None or entries[(k.rid, k.mode)].legacy is None)), None)
+        if token is None:
+            uncovered.append(keys[0].readable)
+            continue
+        for k in keys:
+            out[k.rid] = token
+    extra = sorted(r.res for r in parsed.resources if r.legacy is None and (r.rid, r.mode) not in own)
+    if uncovered or extra or len(entries) != len(parsed.resources):
+        raise StaleStateError(f"state does not describe the resources of {d.where()} (the disks' "
+                              f"identities differ): only in state {extra}, only in object {sorted(uncovered)}")
+    return out
 
 
 def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], resume: st.State | None) -> None:
     if not rids:
         return
     tokens = None if resume is None else {r.rid: r.token for r in resume.resources}
-    xgens = None
+    xgens = bounds = None
     if resume is not None:
         xgens = {r.rid: r.xgen for r in resume.resources}
-        unknown = [r.res for r in resume.resources if r.mode == ks.SHARED and (r.xgen is None or r.xgen < 0)]
+        bounds = covering(d, resume, rids)
+        listed = {r.rid for r in rids}
+        unknown = [r.res for r in resume.resources if r.mode == ks.SHARED and r.rid in listed
+                   and (r.xgen is None or r.xgen < 0)]
         if unknown:
             raise StaleStateError(f"cannot resume {d.where()}: the state does not record the last "
                                   f"exclusive grant of shared {', '.join(unknown)}; acquire without a state")
@@ -104,14 +134,15 @@ def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], resume: st.Sta
     def build(grants: list[txn.Grant]) -> tuple[list[Any], list[Any], list[Any]]:
         return txn.grant_ops(d.session, grants, uuid=d.spec.uuid, resume=resume is not None)
 
-    result = d.run_grant(rids, build, "resume" if resume is not None else "acquire", tokens=tokens, xgens=xgens)
+    result = d.run_grant(rids, build, "resume" if resume is not None else "acquire", tokens=tokens, xgens=xgens,
+                         bounds=bounds)
     if not result.committed:
         holders = txn.holders_from_failure(result.response.responses, list(rids), d.spec.uuid)
         if holders:
             raise ResourceBusyError(holders, what=f"acquire for {d.where()}")
         raise StaleStateError(
             f"cannot resume {d.where()}: another holder was granted "
-            f"{', '.join(r.readable for r in rids)} after the state's tokens "
+            f"{', '.join(r.readable for r in rids if r.legacy_of is None)} after the state's tokens "
             f"{sorted(tokens.values()) if tokens else []}; nothing was taken. Check the disks "
             "before acquiring without a state")
     d.commit(owner, result)
@@ -128,7 +159,7 @@ def release(d: Domain, resources: list[ResourceSpec]) -> str:
         if rids and not held and not owner.registered:
             d.session.owners.forget_if_idle(owner)
             raise ObjectStateError(f"release: {d.where()} holds none of "
-                                   f"{', '.join(r.readable for r in rids)} on host {d.host}")
+                                   f"{', '.join(r.readable for r in rids if r.legacy_of is None)} on host {d.host}")
         xgens = read_xgens(d, held)
         also_dom = owner.registered and len(held) == len(owner.held)
         try:
@@ -172,7 +203,7 @@ def held(d: Domain, resources: list[ResourceSpec]) -> list[HeldResource]:
     for res in resources:
         if res.readonly:
             continue
-        h = owner.held.get(ks.ResourceId.of(res).rid)
+        h = owner.held.get(d.names.primary(res).rid)
         if h is not None:
             out.append(HeldResource(res.type, res.name, h.rid.readable, h.rid.mode, h.token))
     return out
@@ -229,7 +260,7 @@ def _delete(d: Domain, held: Sequence[Held], *, also_dom: bool) -> int:
     if ours or also_dom:
         _delete(d, ours, also_dom=also_dom)
     raise StaleStateError(
-        f"release of {d.where()}: {', '.join(h.rid.readable for h in lost)} no longer held by this "
+        f"release of {d.where()}: {', '.join(sorted({h.rid.readable for h in lost}))} no longer held by this "
         "host (its record was replaced or expired); only this domain's own records were removed")
 
 
@@ -241,7 +272,7 @@ def acquire_resource(d: Domain, resource: ResourceSpec) -> None:
     owner = d.owner()
     with owner.lock:
         d.refuse_if_migrating(owner, "acquire_resource")
-        for rid in rids:
+        for rid in rids[:1]:
             if rid.rid in owner.held:
                 raise ValidationError("resource", f"{rid.readable} is already held by {d.where()}")
         grant(d, owner, rids, None)

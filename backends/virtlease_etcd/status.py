@@ -102,6 +102,8 @@ def _read(client: EtcdClient, keys: ks.Keys, deadline: float) -> ClusterStatus:
             status.hosts.append(HostInfo(host=str(rec.get("host")), lease=int(kv.lease), ttl_left=ttl,
                                          pid=rec.get("pid"), started=float(rec.get("started") or 0)))
         elif key.startswith(keys.res):
+            if rec.get("legacy") is not None:
+                continue  # a disk's legacy path key: its identity key's record names it
             tokens[f"{rec.get('uuid')}|{rec.get('res')}"] = int(kv.mod_revision)
             status.resources.append(HeldInfo(
                 resource=str(rec.get("res")), kind=str(rec.get("kind")), mode=str(rec.get("mode")),

@@ -1,0 +1,55 @@
+"""Naming disks: the driver's one identity resolver and the keys of a disk.
+
+A driver instance keeps one :class:`DiskNames` (one
+:class:`~virtlease_etcd.identity.Resolver`, so the mount table is parsed
+once per change of mounts, not per disk).  The resolver is not
+thread-safe: every call goes through one lock.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from virtlease.abi import ResourceSpec, ResourceType
+from virtlease.errors import ValidationError
+
+from . import keyspace as ks
+from .config import EtcdConfig
+from .identity import IdentityConfig, IdentityError, Resolver
+
+
+def identity_config(cfg: EtcdConfig) -> IdentityConfig:
+    """The resolver's configuration from the driver's."""
+    return IdentityConfig(aliases=dict(cfg.server_aliases), mappings=dict(cfg.identity_map),
+                          strict=cfg.strict_identity)
+
+
+class DiskNames:
+    """Resource specs to etcd keys for one driver instance."""
+
+    def __init__(self, cfg: EtcdConfig, resolver: Resolver | None = None) -> None:
+        self.legacy = cfg.legacy_path_keys
+        self.resolver = resolver or Resolver(identity_config(cfg))
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self.resolver.close()
+
+    def ids(self, spec: ResourceSpec) -> list[ks.ResourceId]:
+        """The keys that lock ``spec``: for a disk its identity key, then its
+        legacy path key (when ``legacy_path_keys`` and they differ)."""
+        if spec.type is not ResourceType.DISK:
+            return [ks.ResourceId.of(spec)]
+        with self._lock:
+            try:
+                found = self.resolver.resolve(spec.name)
+            except IdentityError as exc:
+                raise ValidationError(
+                    "resource", f"disk {spec.name!r}: {exc}. strict_identity is on: set identity_map "
+                    "(path prefix -> identity prefix) for it, or turn strict_identity off") from None
+        return ks.disk_ids(spec, found.key, found.readable, found.path, found.fallback, legacy=self.legacy)
+
+    def primary(self, spec: ResourceSpec) -> ks.ResourceId:
+        """The identity key of ``spec`` (what owners index held resources by)."""
+        return self.ids(spec)[0]
