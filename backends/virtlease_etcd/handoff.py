@@ -194,6 +194,9 @@ def _fates(d: Domain, owner: Owner) -> dict[str, str]:
             rec = {}
         claimed = rec.get("host") == owner.handoff.to and rec.get("uuid") == d.spec.uuid
         fates[h.rid.rid] = "claimed" if claimed else "gone"
+    for h in held:  # a legacy path key the destination does not use: its claim deleted it
+        if h.rid.legacy_of is not None and fates[h.rid.rid] == "gone" and fates.get(h.rid.legacy_of) == "claimed":
+            fates[h.rid.rid] = "claimed"
     return fates
 
 
