@@ -25,7 +25,7 @@ from . import keyspace as ks
 from . import state as st
 from . import transactions as txn
 from .config import EtcdConfig
-from .disks import DiskNames
+from .disks import DiskNames, for_config
 from .owners import Held, Owner, Policy
 from .session import HostSession
 
@@ -51,7 +51,7 @@ class Domain:
     def __init__(self, session: HostSession, cfg: EtcdConfig, policy: Policy, spec: ObjectSpec,
                  names: DiskNames | None = None) -> None:
         self.session = session
-        self.names = names or DiskNames(cfg)
+        self.names = names or for_config(cfg)
         """The driver instance's disk namer (one resolver, not one per disk)."""
         self.cfg = cfg
         self.policy = policy

@@ -29,7 +29,7 @@ from virtlease.abi import (
 )
 from virtlease.errors import LeaseLostError, PluginBusyError, PluginVersionError
 
-from . import grants, handoff
+from . import disks, grants, handoff
 from .config import EtcdConfig, load_config
 from .disks import DiskNames
 from .domain import Domain
@@ -68,8 +68,8 @@ class EtcdDriver:
                                      f"(offers {self.capabilities!r})")
         self.cfg = load_config(config)
         self.policy = Policy(self.cfg.default_action, self.cfg.restart_callback)
-        self.names = DiskNames(self.cfg)
         self._session = open_session(self.cfg)
+        self.names = disks.for_config(self.cfg)
         self._session.add_listener(self._on_lost)
 
     def unload(self) -> None:
@@ -90,8 +90,9 @@ class EtcdDriver:
         session.remove_listener(self._on_lost)
         close_session(session)
         self._session = None
-        if self.names is not None:
-            self.names.close()
+        if self.cfg is not None:
+            disks.forget(self.cfg)
+        self.names = None
 
     def release_all(self) -> int:
         """Release every domain this driver instance granted or registered

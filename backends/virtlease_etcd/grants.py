@@ -19,12 +19,12 @@ from etcd3 import transactions as tx
 from virtlease.abi import AcquireFlags, FailureAction, HeldResource, ResourceSpec
 from virtlease.errors import ObjectStateError, ResourceBusyError, StaleStateError, ValidationError
 
-from . import handoff
+from . import handoff, records, statecheck
 from . import keyspace as ks
 from . import state as st
 from . import transactions as txn
 from .domain import Domain
-from .owners import Held, Owner
+from .owners import Owner
 
 
 def acquire(d: Domain, resources: list[ResourceSpec], state: str | None, flags: AcquireFlags,
@@ -44,7 +44,7 @@ def acquire(d: Domain, resources: list[ResourceSpec], state: str | None, flags: 
             return
         parsed = None if state is None else st.decode(state)
         if parsed is not None:
-            check_identity(d, parsed, rids)
+            statecheck.check_identity(d, parsed, rids)
             if parsed.kind == st.HANDOFF:
                 handoff.claim(d, owner, rids, parsed)
                 return
@@ -66,56 +66,6 @@ def register(d: Domain, owner: Owner) -> None:
     owner.registered = True
 
 
-def check_identity(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -> None:
-    """The state must be of this cluster, prefix and domain and describe
-    exactly the object's locked resources.  Its host may be another one (the
-    state of a released domain resumes elsewhere: libvirt's migration cookie);
-    the transaction then checks that nobody holds the disks and nobody was
-    granted them since."""
-    if parsed.prefix != d.cfg.prefix:
-        raise StaleStateError(f"state is for prefix {parsed.prefix}, this driver uses {d.cfg.prefix}")
-    cluster = d.cluster()
-    if parsed.cluster != cluster:
-        raise StaleStateError(f"state is from etcd cluster {parsed.cluster}, this is cluster {cluster}")
-    if parsed.uuid != d.spec.uuid:
-        raise StaleStateError(f"state is for domain {parsed.name} ({parsed.uuid}), not {d.where()}")
-    covering(d, parsed, rids)
-
-
-def covering(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -> dict[str, int]:
-    """Check that the state describes exactly the object's locked disks and
-    return, for every key of the object, the token of the state's entry that
-    covers it: the entry of the key itself, or (a key the state does not
-    list: this host's legacy path key, or a state of the previous release
-    that names a disk by its path key only) the entry of the disk's other key.
-
-    A disk is covered when the state lists its identity key, or lists its
-    legacy path key as a key of its own (the previous release's states); the
-    state's legacy entries of other paths need not match (the source reached
-    the disk under another path).  Raises StaleStateError naming both sides'
-    identities otherwise."""
-    entries = {(r.rid, r.mode): r for r in parsed.resources}
-    own = {(r.rid, r.mode) for r in rids}
-    disks: dict[str, list[ks.ResourceId]] = {}
-    for r in rids:
-        disks.setdefault(r.primary, []).append(r)
-    out: dict[str, int] = {}
-    uncovered: list[str] = []
-    for keys in disks.values():
-        token = next((entries[(k.rid, k.mode)].token for k in keys if (k.rid, k.mode) in entries
-                      and (k.legacy_of is None or entries[(k.rid, k.mode)].legacy is None)), None)
-        if token is None:
-            uncovered.append(keys[0].readable)
-            continue
-        for k in keys:
-            out[k.rid] = token
-    extra = sorted(r.res for r in parsed.resources if r.legacy is None and (r.rid, r.mode) not in own)
-    if uncovered or extra or len(entries) != len(parsed.resources):
-        raise StaleStateError(f"state does not describe the resources of {d.where()} (the disks' "
-                              f"identities differ): only in state {extra}, only in object {sorted(uncovered)}")
-    return out
-
-
 def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], resume: st.State | None) -> None:
     if not rids:
         return
@@ -123,7 +73,7 @@ def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], resume: st.Sta
     xgens = bounds = None
     if resume is not None:
         xgens = {r.rid: r.xgen for r in resume.resources}
-        bounds = covering(d, resume, rids)
+        bounds = statecheck.covering(d, resume, rids)
         listed = {r.rid for r in rids}
         unknown = [r.res for r in resume.resources if r.mode == ks.SHARED and r.rid in listed
                    and (r.xgen is None or r.xgen < 0)]
@@ -160,10 +110,10 @@ def release(d: Domain, resources: list[ResourceSpec]) -> str:
             d.session.owners.forget_if_idle(owner)
             raise ObjectStateError(f"release: {d.where()} holds none of "
                                    f"{', '.join(r.readable for r in rids if r.legacy_of is None)} on host {d.host}")
-        xgens = read_xgens(d, held)
+        xgens = records.read_xgens(d, held)
         also_dom = owner.registered and len(held) == len(owner.held)
         try:
-            revision = delete_held(d, owner, held, also_dom=also_dom)
+            revision = records.delete_held(d, owner, held, also_dom=also_dom)
         finally:
             d.session.owners.forget_if_idle(owner)
         return d.state(st.RESUME, held, revision, xgens=xgens)
@@ -178,7 +128,7 @@ def release_owner(d: Domain, owner: Owner) -> None:
                     deadline=d.session.deadline(), read_back=lambda _t: txn.Committed({}))
             owner.handoff = None
         try:
-            delete_held(d, owner, list(owner.held.values()), also_dom=owner.registered)
+            records.delete_held(d, owner, list(owner.held.values()), also_dom=owner.registered)
         except StaleStateError:
             pass  # what was replaced or expired is not ours: nothing to drop
         finally:
@@ -192,7 +142,7 @@ def inquire(d: Domain, resources: list[ResourceSpec]) -> str:
         handoff.refresh_handed_back(d, owner)
         held = [owner.held[r.rid] for r in d.locked(resources) if r.rid in owner.held]
         d.session.owners.forget_if_idle(owner)
-        return d.state(st.RESUME, held, 0, xgens=read_xgens(d, held))
+        return d.state(st.RESUME, held, 0, xgens=records.read_xgens(d, held))
 
 
 def held(d: Domain, resources: list[ResourceSpec]) -> list[HeldResource]:
@@ -207,61 +157,6 @@ def held(d: Domain, resources: list[ResourceSpec]) -> list[HeldResource]:
         if h is not None:
             out.append(HeldResource(res.type, res.name, h.rid.readable, h.rid.mode, h.token))
     return out
-
-
-def read_xgens(d: Domain, held: Sequence[Held]) -> dict[str, int]:
-    """For each shared resource held: the revision of its last exclusive
-    grant (0: never).  Stable while we hold it shared, since no exclusive
-    grant can happen meanwhile; a resume requires it unchanged."""
-    shared = [h for h in held if h.rid.mode == ks.SHARED]
-    if not shared:
-        return {}
-    gets = [tx.Get(d.keys.gen_key(h.rid.rid, ks.EXCLUSIVE)) for h in shared]
-    resp = txn.run(d.session, [], gets, [], deadline=d.session.deadline())
-    out: dict[str, int] = {}
-    for h, r in zip(shared, resp.responses, strict=True):
-        kvs = r.response_range.kvs
-        out[h.rid.rid] = int(kvs[0].mod_revision) if kvs else 0
-    return out
-
-
-def delete_held(d: Domain, owner: Owner, held: Sequence[Held], *, also_dom: bool) -> int:
-    """Delete the owner's records that are still exactly ours (compare each
-    token).  Whatever happens, the owner no longer counts them as held: a
-    record that was replaced or expired is not ours any more."""
-    try:
-        return _delete(d, held, also_dom=also_dom)
-    finally:
-        for h in held:
-            owner.held.pop(h.rid.rid, None)
-        if also_dom:
-            owner.registered = False
-
-
-def _delete(d: Domain, held: Sequence[Held], *, also_dom: bool) -> int:
-    compare = [tx.Mod(h.key) == h.token for h in held]
-    success: list[Any] = [tx.Delete(h.key) for h in held]
-    if also_dom:
-        success.append(tx.Delete(d.keys.dom(d.host, d.spec.uuid)))
-    failure = [tx.Get(h.key) for h in held]
-    if not success:
-        return 0
-    d.check_size((compare, success, failure), "release", len(held))
-    resp = txn.run(d.session, compare, success, failure, deadline=d.session.deadline(),
-                   read_back=txn.deleted(d.session, [(h.key, h.token) for h in held]))
-    if isinstance(resp, txn.Committed):
-        return 0
-    if resp.succeeded:
-        return int(resp.header.revision)
-    ranges = [r.response_range for r in resp.responses]
-    ours = [h for h, rng in zip(held, ranges, strict=False)
-            if rng.kvs and int(rng.kvs[0].mod_revision) == h.token]
-    lost = [h for h in held if h not in ours]
-    if ours or also_dom:
-        _delete(d, ours, also_dom=also_dom)
-    raise StaleStateError(
-        f"release of {d.where()}: {', '.join(sorted({h.rid.readable for h in lost}))} no longer held by this "
-        "host (its record was replaced or expired); only this domain's own records were removed")
 
 
 def acquire_resource(d: Domain, resource: ResourceSpec) -> None:
@@ -286,7 +181,7 @@ def release_resource(d: Domain, resource: ResourceSpec) -> None:
         for rid in d.locked([resource]):
             h = owner.held.get(rid.rid)
             if h is not None:
-                delete_held(d, owner, [h], also_dom=False)
+                records.delete_held(d, owner, [h], also_dom=False)
 
 
 # -- the agent (one resource per lockd call; docs/DESIGN.md "Owners") ---------------------

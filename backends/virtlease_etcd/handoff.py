@@ -32,10 +32,9 @@ from . import keyspace as ks
 from . import state as st
 from . import transactions as txn
 from .domain import Domain, GrantResult
-from .owners import Handoff, Held, Owner
-
-RESERVED = "*"
-"""The ``to`` of a reservation marker: any host, for the same domain UUID."""
+from .markers import RESERVED as RESERVED  # re-exported: the agent names reservations by it
+from .markers import claim_failure, entry, read_marker
+from .owners import Handoff, Owner
 
 
 def prepare(d: Domain, dest_host: str) -> str:
@@ -62,7 +61,7 @@ def mark(d: Domain, owner: Owner, dest_host: str) -> str:
     marker = ks.encode({
         "from": d.host, "to": dest_host, "uuid": d.spec.uuid, "name": d.spec.name,
         "nonce": secrets.token_hex(16), "lease": d.session.lease_id, "since": round(time.time(), 3),
-        "res": [_entry(h) for h in held],
+        "res": [entry(h) for h in held],
     })
     compare = [tx.Mod(h.key) == h.token for h in held] + [tx.Version(marker_key) == 0]
     success = [tx.Put(marker_key, marker, lease=d.session.lease_id)]
@@ -80,39 +79,6 @@ def mark(d: Domain, owner: Owner, dest_host: str) -> str:
     return d.state(st.HANDOFF, held, revision, to=dest_host, marker=marker)
 
 
-def _entry(h: Held) -> dict[str, Any]:
-    entry: dict[str, Any] = {"res": h.rid.readable, "rid": h.rid.rid, "mode": h.rid.mode, "kind": h.rid.kind,
-                             "token": h.token}
-    if h.rid.legacy_of is not None:
-        entry["legacy"] = h.rid.legacy_of
-    return entry
-
-
-def read_marker(d: Domain, parsed: st.State) -> tuple[bytes, dict[str, int]]:
-    """The marker bytes the claim compares, checked to name this host, this
-    domain and the state's source, and the records' tokens it lists (every
-    record it marked, by rid: the claim moves those this host also locks and
-    drops the giver's legacy path keys it does not)."""
-    assert parsed.marker is not None
-    raw = parsed.marker.encode()
-    head = f"cannot claim the handoff of {d.where()}; nothing changed: "
-    try:
-        marker = ks.decode(raw, "handoff marker")
-        listed = {(str(r["rid"]), str(r["mode"])): int(r["token"]) for r in marker["res"]}
-        legacy = {(str(r["rid"]), str(r["mode"])) for r in marker["res"] if r.get("legacy") is not None}
-    except (ks.ForeignValue, KeyError, TypeError, ValueError):
-        raise StaleStateError(head + "the state's handoff marker is unreadable (tampered)") from None
-    if marker.get("to") not in (d.host, RESERVED) or parsed.to not in (d.host, RESERVED):
-        raise StaleStateError(head + f"the handoff is to host {marker.get('to')}, this host is {d.host}")
-    if marker.get("uuid") != d.spec.uuid or marker.get("from") != parsed.host:
-        raise StaleStateError(head + "the marker is of another domain or source host (tampered state)")
-    if {(r.rid, r.mode): r.token for r in parsed.resources} != listed:
-        raise StaleStateError(head + "the state's tokens differ from the marker's (tampered state)")
-    if {(r.rid, r.mode) for r in parsed.resources if r.legacy is not None} != legacy:
-        raise StaleStateError(head + "the state's legacy keys differ from the marker's (tampered state)")
-    return raw, {rid: token for (rid, _mode), token in listed.items()}
-
-
 def claim(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], parsed: st.State) -> None:
     """Take the marked records (``grants.check_identity`` checked that the
     state covers every disk of the object by its identity).  With legacy path
@@ -125,7 +91,7 @@ def claim(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], parsed: st.Sta
     drop = [(d.keys.holder(r.rid, r.mode, d.spec.uuid), r.token) for r in parsed.resources if r.rid not in mine]
     result = _send_claim(d, owner, rids, marker_key, marker, tokens, "migration claim", drop)
     if not result.committed:
-        raise StaleStateError(_claim_failure(d, result.response, marker_key, marker, parsed, rids, tokens))
+        raise StaleStateError(claim_failure(d, result.response, marker_key, marker, parsed, rids, tokens))
     _adopt_claim(d, owner, [*mine, *(r.rid for r in parsed.resources)], result, parsed.host)
 
 
@@ -147,32 +113,6 @@ def _adopt_claim(d: Domain, owner: Owner, taken: Sequence[str], result: GrantRes
     owner.claimed_from = from_host
     owner.handoff = None
     owner.handed_back = False
-
-
-def _claim_failure(d: Domain, resp: Any, marker_key: str, marker: bytes, parsed: st.State,
-                   rids: Sequence[ks.ResourceId], tokens: dict[str, int]) -> str:
-    ranges = [r.response_range for r in resp.responses if r.WhichOneof("response") == "response_range"]
-    marker_kv = [kv for kv in (ranges[-1].kvs if ranges else []) if kv.key.decode() == marker_key]
-    head = f"cannot claim the handoff of {d.where()} from host {parsed.host}; nothing changed: "
-    if not marker_kv:
-        return head + ("the handoff no longer exists (already claimed, cancelled, or the source's "
-                       "lease expired). If the source is dead its disks are free after its TTL: acquire "
-                       "without a state")
-    if marker_kv[0].value != marker:
-        return head + "the state does not match the handoff marker in etcd (tampered or from another handoff)"
-    changed: list[str] = []
-    busy: list[str] = []
-    for rng, rid in zip(ranges[:-1], rids, strict=False):
-        token = tokens.get(rid.rid)
-        if token is None:  # this host's legacy path key, taken fresh: someone holds it
-            busy.extend(txn.holder_of(kv, resource=rid.readable).describe() for kv in rng.kvs)
-        elif not rng.kvs or any(int(kv.mod_revision) != token for kv in rng.kvs):
-            changed.append(rid.readable)
-    if busy:
-        return head + ("this host's path key of the disk (legacy_path_keys) is held: "
-                       + "; ".join(sorted(set(busy))))
-    return head + (f"{', '.join(sorted(set(changed))) or 'the resources'} changed since the handoff was "
-                   "prepared (already claimed: a replayed or concurrent claim)")
 
 
 def _fates(d: Domain, owner: Owner) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """The etcd driver names disks by their cluster-wide identity (issue 13), on real etcd and real mounts.
 
-Each "host" of the multi-host tests is a child process in its own mount namespace
-(``hostrun.Host``) that mounts the shared storage where it likes; one-host tests run the driver in
-this process.  They need root, loop devices and the tools of README.md: without them each test
+Each "host" of the multi-host tests is a ``virtlease_etcd.hostproc`` process started under
+``unshare -m`` (its own mount namespace) after mounting the shared storage where it likes; one-host
+tests run the driver in this process.  They need root, loop devices and the tools of README.md: without them each test
 skips saying why.  Legacy path keys: a record the previous release wrote (path-only key, old
 record) must block a new host, and a new host's grant must be seen by the previous release's check.
 """
@@ -13,18 +13,19 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import etcd3
 import pytest
-from hostrun import Host
 from test_identity_system import filesystem, mounted, need, sshd, sshfs
 
 import virtlease as v
 from conftest import EtcdServer, dump, new_uuid
+from virtlease_etcd.hostproc import HostProcess
 
 __all__ = ["sshd"]  # the fixture, imported for the sshfs test
 
@@ -53,15 +54,17 @@ def ext4_disks(base: Path, *names: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def hosts(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[..., Host]]:
-    """Start child hosts: ``hosts("host-a", mounts=[[...mount argv...]], **driver settings)``."""
+def hosts(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., HostProcess]]:
+    """Start host processes, each in its own mount namespace after its mounts:
+    ``hosts("host-a", [(device, mount_point)], **driver settings)``."""
     need("unshare", "mount", "losetup", "mkfs.ext4")
-    started: list[Host] = []
+    started: list[HostProcess] = []
 
-    def start(host_id: str, mounts: list[list[str]], **settings: object) -> Host:
-        driver = {"endpoints": etcd_process.endpoints, "prefix": prefix, "host_id": host_id, "ttl": 3,
-                  **settings}
-        host = Host(driver, mounts)
+    def start(host_id: str, mounts: Sequence[tuple[str, Path]], **settings: object) -> HostProcess:
+        script = "".join(f"mkdir -p {shlex.quote(str(at))} && mount {shlex.quote(dev)} {shlex.quote(str(at))} && "
+                         for dev, at in mounts) + 'exec "$@"'
+        wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "host"]
+        host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **settings)
         started.append(host)
         return host
 
@@ -70,21 +73,23 @@ def hosts(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[..., Host]
         host.close()
 
 
-def two_hosts(tmp_path: Path, hosts: Callable[..., Host], device_a: str, device_b: str,
-              ) -> tuple[Host, Host, Path, Path]:
+def two_hosts(tmp_path: Path, hosts: Callable[..., HostProcess], device_a: str, device_b: str,
+              ) -> tuple[HostProcess, HostProcess, Path, Path]:
     """host-a mounting ``device_a`` at .../host-a/images, host-b ``device_b`` at .../host-b/pool."""
     a_mnt, b_mnt = tmp_path / "host-a" / "images", tmp_path / "host-b" / "pool"
-    return (hosts("host-a", [["mount", device_a, str(a_mnt)]]), hosts("host-b", [["mount", device_b, str(b_mnt)]]),
-            a_mnt, b_mnt)
+    return hosts("host-a", [(device_a, a_mnt)]), hosts("host-b", [(device_b, b_mnt)]), a_mnt, b_mnt
 
 
-def test_two_hosts_mounting_one_ext4_at_different_points(tmp_path: Path, hosts: Callable[..., Host],
+def test_two_hosts_mounting_one_ext4_at_different_points(tmp_path: Path, hosts: Callable[..., HostProcess],
                                                          kv: etcd3.Etcd3Client, prefix: str) -> None:
     with ext4_disks(tmp_path, "vm/web1.qcow2") as device:
         a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, device, device)
-        uuid = new_uuid()
-        assert a.call("acquire", uuid, "web1", [f"{a_mnt}/vm/web1.qcow2"]) == {"ok": True, "result": None}
-        refused = b.call("acquire", new_uuid(), "web1-copy", [f"{b_mnt}/vm/web1.qcow2"])
+        a.ok("new", obj="web1", uuid=new_uuid(), name="web1", disks=[f"{a_mnt}/vm/web1.qcow2"])
+        (token,) = a.ok("acquire", obj="web1")["tokens"]
+        assert token["name"] == f"{a_mnt}/vm/web1.qcow2"  # inquire(): the caller's path and the identity
+        assert token["resource"].startswith(f"{a_mnt}/vm/web1.qcow2 (ext4 ")
+        b.ok("new", obj="copy", uuid=new_uuid(), name="web1-copy", disks=[f"{b_mnt}/vm/web1.qcow2"])
+        refused = b.call("acquire", obj="copy")
         assert refused["error"] == "ResourceBusyError", refused
         assert "on host host-a" in refused["message"] and "domain web1" in refused["message"]
         assert f"{a_mnt}/vm/web1.qcow2 (ext4 " in refused["message"]  # the holder's path and identity
@@ -95,8 +100,8 @@ def test_two_hosts_mounting_one_ext4_at_different_points(tmp_path: Path, hosts: 
         assert sorted(k.rsplit("/", 2)[-2] for k in records) == sorted(
             [hashlib.sha256(b"disk\0" + next(iter(identity)).encode()).hexdigest(),
              legacy_rid(f"{a_mnt}/vm/web1.qcow2")])
-        assert a.call("release", uuid, "web1", [f"{a_mnt}/vm/web1.qcow2"])["ok"]
-        assert b.call("acquire", new_uuid(), "web1-copy", [f"{b_mnt}/vm/web1.qcow2"])["ok"]
+        a.ok("release", obj="web1")
+        b.ok("acquire", obj="copy")
 
 
 def test_hard_link_and_bind_mount_on_one_host_are_one_disk(tmp_path: Path,
@@ -257,34 +262,38 @@ def test_legacy_keys_halve_the_disks_per_transaction(tmp_path: Path,
         fits.free()
 
 
-def test_migration_claim_across_different_mount_paths(tmp_path: Path, hosts: Callable[..., Host],
+def test_migration_claim_across_different_mount_paths(tmp_path: Path, hosts: Callable[..., HostProcess],
                                                       kv: etcd3.Etcd3Client, prefix: str) -> None:
     with ext4_disks(tmp_path, "vm/web1.qcow2") as device:
         a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, device, device)
         uuid, a_disk, b_disk = new_uuid(), f"{a_mnt}/vm/web1.qcow2", f"{b_mnt}/vm/web1.qcow2"
-        assert a.call("acquire", uuid, "web1", [a_disk])["ok"]
-        state = a.call("prepare_migrate", uuid, "web1", [a_disk], dest="host-b")["result"]
-        claimed = b.call("acquire", uuid, "web1", [b_disk], state=state, migrate=True)
-        assert claimed == {"ok": True, "result": None}
-        assert a.call("complete_migrate_out", uuid, "web1", [a_disk])["ok"]
+        a.ok("new", obj="web1", uuid=uuid, name="web1", disks=[a_disk])
+        a.ok("acquire", obj="web1")
+        state = a.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
+        b.ok("new", obj="web1", uuid=uuid, name="web1", disks=[b_disk], migrate=True)
+        b.ok("acquire", obj="web1", state=state)
+        a.ok("complete_migrate_out", obj="web1")
         records = holder_keys(kv, prefix)
         assert {r["host"] for r in records.values()} == {"host-b"}
         assert {r["path"] for r in records.values()} == {b_disk}
         assert not old_scheme_busy(kv, prefix, a_disk) and old_scheme_busy(kv, prefix, b_disk)
-        resumed = b.call("release", uuid, "web1", [b_disk])["result"]
-        assert a.call("acquire", uuid, "web1", [a_disk], state=resumed)["ok"]  # resume under the other path
+        resumed = b.ok("release", obj="web1")["state"]
+        a.ok("new", obj="again", uuid=uuid, name="web1", disks=[a_disk])
+        a.ok("acquire", obj="again", state=resumed)  # resume under the other path
         assert old_scheme_busy(kv, prefix, a_disk) and not old_scheme_busy(kv, prefix, b_disk)
 
 
-def test_migration_claim_of_another_disk_is_refused_naming_both(tmp_path: Path, hosts: Callable[..., Host],
+def test_migration_claim_of_another_disk_is_refused_naming_both(tmp_path: Path, hosts: Callable[..., HostProcess],
                                                                 kv: etcd3.Etcd3Client, prefix: str) -> None:
     with (ext4_disks(tmp_path / "one", "web1.qcow2") as one, ext4_disks(tmp_path / "two", "web1.qcow2") as two):
         a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, one, two)
         uuid = new_uuid()
-        assert a.call("acquire", uuid, "web1", [f"{a_mnt}/web1.qcow2"])["ok"]
+        a.ok("new", obj="web1", uuid=uuid, name="web1", disks=[f"{a_mnt}/web1.qcow2"])
+        a.ok("acquire", obj="web1")
         before = dump(kv, prefix)
-        state = a.call("prepare_migrate", uuid, "web1", [f"{a_mnt}/web1.qcow2"], dest="host-b")["result"]
-        refused = b.call("acquire", uuid, "web1", [f"{b_mnt}/web1.qcow2"], state=state, migrate=True)
+        state = a.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
+        b.ok("new", obj="web1", uuid=uuid, name="web1", disks=[f"{b_mnt}/web1.qcow2"], migrate=True)
+        refused = b.call("acquire", obj="web1", state=state)
         assert refused["error"] == "StaleStateError", refused
         uuid_a, uuid_b = (subprocess.run(["blkid", "-o", "value", "-s", "UUID", dev], capture_output=True,
                                          text=True, check=True).stdout.strip() for dev in (one, two))
