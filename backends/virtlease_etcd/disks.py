@@ -12,6 +12,7 @@ thread-safe: every call goes through one lock.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from virtlease.abi import ResourceSpec, ResourceType
 from virtlease.errors import ValidationError
@@ -42,16 +43,27 @@ class DiskNames:
     def ids(self, spec: ResourceSpec) -> list[ks.ResourceId]:
         """The keys that lock ``spec``: for a disk its identity key, then its
         legacy path key (when ``legacy_path_keys`` and they differ)."""
-        if spec.type is not ResourceType.DISK:
-            return [ks.ResourceId.of(spec)]
+        return self.ids_many([spec])[0]
+
+    def ids_many(self, specs: Sequence[ResourceSpec]) -> list[list[ks.ResourceId]]:
+        """:meth:`ids` of each spec, resolved together (the mount table and
+        each directory looked at once: one lock operation's disks)."""
+        disks = [s for s in specs if s.type is ResourceType.DISK]
         with self._lock:
             try:
-                found = self.resolver.resolve(spec.name)
+                found = iter(self.resolver.resolve_many([s.name for s in disks]))
             except IdentityError as exc:
                 raise ValidationError(
-                    "resource", f"disk {spec.name!r}: {exc}. strict_identity is on: set identity_map "
+                    "resource", f"{exc}. strict_identity is on: set identity_map "
                     "(path prefix -> identity prefix) for it, or turn strict_identity off") from None
-        return ks.disk_ids(spec, found.key, found.readable, found.path, found.fallback, legacy=self.legacy)
+        out = []
+        for spec in specs:
+            if spec.type is not ResourceType.DISK:
+                out.append([ks.ResourceId.of(spec)])
+                continue
+            f = next(found)
+            out.append(ks.disk_ids(spec, f.key, f.readable, f.path, f.fallback, legacy=self.legacy))
+        return out
 
     def primary(self, spec: ResourceSpec) -> ks.ResourceId:
         """The identity key of ``spec`` (what owners index held resources by)."""

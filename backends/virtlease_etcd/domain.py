@@ -78,10 +78,9 @@ class Domain:
         their identity."""
         seen: dict[str, str] = {}
         out: list[ks.ResourceId] = []
-        for res in resources:
-            if res.readonly:
-                continue  # readonly disks are not locked (as libvirt's lockd and sanlock)
-            for rid in self.names.ids(res):
+        locking = [res for res in resources if not res.readonly]  # readonly: not locked (as lockd, sanlock)
+        for res, ids in zip(locking, self.names.ids_many(locking), strict=True):
+            for rid in ids:
                 if rid.rid in seen:
                     raise ValidationError("resource", f"{res.name!r} and {seen[rid.rid]!r} are the same "
                                           f"resource ({rid.readable}) of {self.where()}")

@@ -130,9 +130,8 @@ def disk_ids(spec: ResourceSpec, key: str, readable: str, real_path: str, fallba
     shown = spec.name if readable == spec.name else f"{spec.name} ({readable})"
     rid = identity_disk_rid(key, fallback=fallback, real_path=real_path)
     out = [ResourceId("disk", shown, rid, mode, key, spec.name)]
-    old = legacy_disk_rid(real_path)
-    if legacy and old != rid:
-        out.append(ResourceId("disk", shown, old, mode, key, spec.name, legacy_of=rid))
+    if legacy and not fallback:  # a fallback's identity key is its legacy key
+        out.append(ResourceId("disk", shown, legacy_disk_rid(real_path), mode, key, spec.name, legacy_of=rid))
     return out
 
 
