@@ -45,7 +45,7 @@ from typing import Any
 from etcd3 import transactions as tx
 
 import virtlease
-from measure import Latency
+from measure import Latency, progress
 from virtlease_etcd import keyspace as ks
 from virtlease_etcd.client import EtcdClient
 from virtlease_etcd.config import load_config
@@ -184,6 +184,51 @@ def driver_vs_hand(endpoint: str, cases: list[tuple[str, list[str], dict[str, An
     return rows
 
 
+def disk_files(directory: Path, suffix: str) -> list[str]:
+    """``DISKS`` empty files in ``directory``."""
+    directory.mkdir(exist_ok=True)
+    for n in range(DISKS):
+        (directory / f"disk{n}{suffix}").write_bytes(b"")
+    return [str(directory / f"disk{n}{suffix}") for n in range(DISKS)]
+
+
+def driver_cases(base: Path, ext4: list[str] | None) -> list[tuple[str, list[str], dict[str, Any]]]:
+    """The driver-vs-hand cases (see the module doc); ``ext4``: files on the loop mount, if any."""
+    cases: list[tuple[str, list[str], dict[str, Any]]] = []
+    if ext4 is not None:
+        kind = Resolver().resolve(ext4[0]).kind
+        cases.append((f"ext4 ({kind}), legacy keys off", ext4, {"legacy_path_keys": False}))
+        cases.append((f"ext4 ({kind}), legacy keys on", ext4[: DISKS // 2], {}))
+    cases.append(("no such files (path://)", [f"{base}/absent/disk{n}.qcow2" for n in range(DISKS)], {}))
+    return cases
+
+
+def print_driven(rows: list[dict[str, Any]]) -> None:
+    print("acquire+release of one domain's disks: driver vs the same etcd transactions by hand, p50 ms")
+    print(f"{'case':<40} {'disks':>5} {'keys':>5} {'driver':>8} {'hand':>8} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['case']:<40} {r['disks']:>5} {r['keys']:>5} {r['driver_p50_ms']:>8.2f} {r['hand_p50_ms']:>8.2f} "
+              f"{r['ratio']:>5.2f}x")
+
+
+def driven_rows(endpoint: str, cases: list[tuple[str, list[str], dict[str, Any]]],
+                budget: float) -> list[dict[str, Any]]:
+    return [{"case": name, "disks": disks, "keys": keys, "driver_p50_ms": round(driver, 3),
+             "hand_p50_ms": round(hand, 3), "ratio": round(driver / hand, 2)}
+            for name, disks, keys, driver, hand in driver_vs_hand(endpoint, cases, budget)]
+
+
+def driver_section(cluster: Any, plan: Any) -> list[dict[str, Any]]:
+    """bench/run.py's ``identity`` section: the driver-vs-hand rows on the run's etcd."""
+    with tempfile.TemporaryDirectory() as tmp, ext4_mount(Path(tmp)) as mnt:
+        ext4 = disk_files(mnt, ".qcow2") if mnt is not None else None
+        rows = driven_rows(cluster.endpoint, driver_cases(Path(tmp), ext4), 1.5 if plan.quick else 5.0)
+    for r in rows:
+        progress(f"identity {r['case']}: {r['disks']} disks, driver {r['driver_p50_ms']:.2f} ms vs by hand "
+                 f"{r['hand_p50_ms']:.2f} ms = {r['ratio']:.2f}x")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50)
@@ -191,31 +236,20 @@ def main() -> None:
     parser.add_argument("--endpoints", help="an etcd to use (default: start an embedded one)")
     args = parser.parse_args()
     rows = []
-    cases: list[tuple[str, list[str], dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        local = base / "local"
-        local.mkdir()
-        local_paths = []
-        for n in range(DISKS):
-            (local / f"disk{n}.img").write_bytes(b"")
-            local_paths.append(str(local / f"disk{n}.img"))
+        local_paths = disk_files(base / "local", ".img")
         with ext4_mount(base) as mnt:
-            if mnt is not None:
-                paths = []
-                for n in range(DISKS):
-                    (mnt / f"disk{n}.qcow2").write_bytes(b"")
-                    paths.append(str(mnt / f"disk{n}.qcow2"))
-                kind = Resolver().resolve(paths[0]).kind
-                rows.append((f"ext4 loop mount ({kind})", *per_resolve_us(Resolver, paths, args.rounds)))
-                cases.append((f"ext4 ({kind}), legacy keys off", paths, {"legacy_path_keys": False}))
-                cases.append((f"ext4 ({kind}), legacy keys on", paths[: DISKS // 2], {}))
-            cases.append(("no such files (path://)", [f"{base}/absent/disk{n}.qcow2" for n in range(DISKS)], {}))
+            ext4 = disk_files(mnt, ".qcow2") if mnt is not None else None
+            if ext4 is not None:
+                kind = Resolver().resolve(ext4[0]).kind
+                rows.append((f"ext4 loop mount ({kind})", *per_resolve_us(Resolver, ext4, args.rounds)))
+            cases = driver_cases(base, ext4)
             if args.endpoints:
-                driven = driver_vs_hand(args.endpoints.split(",")[0], cases, args.budget)
+                driven = driven_rows(args.endpoints.split(",")[0], cases, args.budget)
             else:
                 with EmbeddedEtcd(size=1) as etcd:
-                    driven = driver_vs_hand(etcd.endpoints, cases, args.budget)
+                    driven = driven_rows(etcd.endpoints, cases, args.budget)
         nfs = [f"/var/lib/libvirt/images/disk{n}.qcow2" for n in range(DISKS)]
         config = IdentityConfig(aliases={"filer1.example.com": "filer1"})
         rows.append(("nfs4 (mountinfo sample file)", *per_resolve_us(
@@ -226,10 +260,8 @@ def main() -> None:
     print(f"{'case':<34} {'cold':>8} {'warm':>8}  parses (warm resolver)")
     for name, cold, warm, parses in rows:
         print(f"{name:<34} {cold:>8.1f} {warm:>8.1f}  {parses}")
-    print("\nacquire+release of one domain's disks: driver vs the same etcd transactions by hand, p50 ms")
-    print(f"{'case':<40} {'disks':>5} {'keys':>5} {'driver':>8} {'hand':>8} {'ratio':>6}")
-    for name, disks, keys, driver, hand in driven:
-        print(f"{name:<40} {disks:>5} {keys:>5} {driver:>8.2f} {hand:>8.2f} {driver / hand:>5.2f}x")
+    print()
+    print_driven(driven)
 
 
 if __name__ == "__main__":
