@@ -300,3 +300,26 @@ def test_migration_claim_of_another_disk_is_refused_naming_both(tmp_path: Path, 
         assert f"{a_mnt}/web1.qcow2 (ext4 {uuid_a}:/web1.qcow2)" in refused["message"]
         assert f"{b_mnt}/web1.qcow2 (ext4 {uuid_b}:/web1.qcow2)" in refused["message"]
         assert {k: val for k, val in dump(kv, prefix).items() if "/handoff/" not in k} == before
+
+
+def test_a_lock_operation_checks_the_mount_table_once(tmp_path: Path, make_driver: Callable[..., v.Plugin],
+                                                      kv: etcd3.Etcd3Client, prefix: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    plugin = make_driver("host-a")
+    names = plugin.driver.names
+    checks: list[int] = []
+    refresh = names.resolver._refresh
+    monkeypatch.setattr(names.resolver, "_refresh", lambda: (checks.append(1), refresh())[1])
+    obj = plugin.new_object(uuid=new_uuid(), name="many")
+    for n in range(40):
+        (tmp_path / f"d{n}.img").write_bytes(b"")
+        obj.add_resource(D, str(tmp_path / f"d{n}.img"))
+    obj.acquire()
+    assert len(checks) == 1  # 40 disks, one look at the mount table
+    state = obj.release()
+    obj.acquire(state)
+    assert len(checks) == 3
+    assert len({r["identity"] for r in holder_keys(kv, prefix).values()}) == 40
+    assert make_driver("host-b").driver.names is not names  # one per driver configuration
+    obj.release()
+    obj.free()
