@@ -54,9 +54,12 @@ def prepare(d: Domain, dest_host: str) -> str:
 
 def mark(d: Domain, owner: Owner, dest_host: str) -> str:
     held = list(owner.held.values())
-    # the claim puts a holder and a gen key per record and deletes the marker: refuse now what
-    # the destination could not claim, rather than leave it a handoff it cannot take
-    txn.check_size([2 * len(held) + 1], d.cfg.max_txn_ops, "migration claim", len(held))
+    # the claim puts a holder and a gen key per record and deletes the marker, and a destination
+    # that reaches a disk by another path also deletes our legacy key of it: refuse now what the
+    # destination could not claim, rather than leave it a handoff it cannot take
+    legacy = sum(1 for h in held if h.rid.legacy_of is not None)
+    txn.check_size([2 * len(held) + legacy + 1], d.cfg.max_txn_ops, "migration claim",
+                   len(held) - legacy, legacy=d.cfg.legacy_path_keys)
     marker_key = d.keys.handoff(d.spec.uuid, d.host)
     marker = ks.encode({
         "from": d.host, "to": dest_host, "uuid": d.spec.uuid, "name": d.spec.name,

@@ -323,3 +323,26 @@ def test_a_lock_operation_checks_the_mount_table_once(tmp_path: Path, make_drive
     assert make_driver("host-b").driver.names is not names  # one per driver configuration
     obj.release()
     obj.free()
+
+
+def test_prepare_refuses_what_a_claim_by_another_path_could_not_take(tmp_path: Path,
+                                                                     hosts: Callable[..., HostProcess]) -> None:
+    # legacy keys on: a claim by another path writes 2 keys per disk (4 ops) and deletes the
+    # source's legacy key (1 op) + the marker: 25 disks need 126 of etcd's 128 operations, 26 need 131
+    names = [f"d{i}.img" for i in range(26)]
+    with ext4_disks(tmp_path, *names) as device:
+        a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, device, device)
+        too_many = new_uuid()
+        a.ok("new", obj="big", uuid=too_many, name="big", disks=[f"{a_mnt}/{n}" for n in names])
+        a.ok("acquire", obj="big")
+        refused = a.call("prepare_migrate", obj="big", dest="host-b")
+        assert refused["error"] == "TransactionTooLargeError", refused
+        assert "migration claim of 26 resource(s) needs 131 operations" in refused["message"]
+        a.ok("release", obj="big")
+        uuid = new_uuid()
+        a.ok("new", obj="fits", uuid=uuid, name="fits", disks=[f"{a_mnt}/{n}" for n in names[:25]])
+        a.ok("acquire", obj="fits")
+        state = a.ok("prepare_migrate", obj="fits", dest="host-b")["state"]
+        b.ok("new", obj="fits", uuid=uuid, name="fits", disks=[f"{b_mnt}/{n}" for n in names[:25]], migrate=True)
+        b.ok("acquire", obj="fits", state=state)
+        a.ok("complete_migrate_out", obj="fits")
