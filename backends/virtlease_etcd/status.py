@@ -117,7 +117,7 @@ def _read(client: EtcdClient, keys: ks.Keys, deadline: float) -> ClusterStatus:
                                              since=float(rec.get("since") or 0)))
     pending: dict[tuple[str, str], str] = {}
     for rec in handoff_recs:
-        res = rec.get("res") or []
+        res = [r for r in rec.get("res") or [] if r.get("legacy") is None]  # a legacy key: its disk is listed
         claimed = any(tokens.get(f"{rec.get('uuid')}|{r.get('res')}") != r.get("token") for r in res)
         if not claimed:
             pending[(str(rec.get("uuid")), str(rec.get("from")))] = str(rec.get("to"))

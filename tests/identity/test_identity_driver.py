@@ -263,13 +263,17 @@ def test_legacy_keys_halve_the_disks_per_transaction(tmp_path: Path,
 
 
 def test_migration_claim_across_different_mount_paths(tmp_path: Path, hosts: Callable[..., HostProcess],
-                                                      kv: etcd3.Etcd3Client, prefix: str) -> None:
+                                                      kv: etcd3.Etcd3Client, prefix: str,
+                                                      make_driver: Callable[..., v.Plugin]) -> None:
     with ext4_disks(tmp_path, "vm/web1.qcow2") as device:
         a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, device, device)
         uuid, a_disk, b_disk = new_uuid(), f"{a_mnt}/vm/web1.qcow2", f"{b_mnt}/vm/web1.qcow2"
         a.ok("new", obj="web1", uuid=uuid, name="web1", disks=[a_disk])
         a.ok("acquire", obj="web1")
         state = a.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
+        (handoff,) = make_driver("observer").driver.status().handoffs
+        (shown,) = handoff.resources  # the disk once (its legacy key is not listed), path and identity
+        assert shown.startswith(f"{a_disk} (ext4 ") and not handoff.claimed
         b.ok("new", obj="web1", uuid=uuid, name="web1", disks=[b_disk], migrate=True)
         b.ok("acquire", obj="web1", state=state)
         a.ok("complete_migrate_out", obj="web1")
