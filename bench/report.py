@@ -172,9 +172,19 @@ def _agent(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _identity(res: dict[str, Any]) -> list[str]:
+    rows = [[r["case"], str(r["disks"]), str(r["keys"]), _ms(r["driver_p50_ms"]), _ms(r["hand_p50_ms"]),
+             _x(r["ratio"])] for r in res.get("identity") or []]
+    head = ["## Disk identity: driver vs the same transactions by hand", "",
+            "One domain's acquire + release through the etcd driver (identity resolution included) and the "
+            "same two etcd transactions built by hand on the same client, called in turn (bench/identity.py; "
+            "issue 13's target: at most about 2.8x).", ""]
+    return [*head, *_table(["case", "disks", "keys", "driver p50 ms", "by hand p50 ms", "ratio"], rows)] if rows else []
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = ["# virtlease benchmarks", "", *_machine(res)]
-    for section in (_latency, _throughput, _keepalive, _scale, _failover, _handoff, _agent):
+    for section in (_latency, _throughput, _keepalive, _scale, _failover, _handoff, _identity, _agent):
         lines += section(res)
     if res.get("plots"):
         lines += ["Plots: " + ", ".join(f"`{p}`" for p in res["plots"]), ""]

@@ -23,6 +23,7 @@ from typing import Any
 import agent
 import failover
 import handoff
+import identity
 import keepalive
 import latency
 import machine
@@ -40,6 +41,7 @@ SECTIONS: list[tuple[str, Section]] = [
     ("ceiling", latency.ceiling_latency),
     ("latency", latency.vm_latency),
     ("handoff", handoff.handoff),
+    ("identity", identity.driver_section),
     ("throughput", throughput.throughput),
     ("keepalive", keepalive.keepalive_cost),
     ("scale", scale.scale),

@@ -56,6 +56,18 @@ class EtcdConfig:
     """Called (with a reason) once when the session is lost."""
     restart_callback: Callable[[Any], None] | None = None
     """Needed for FailureAction.RESTART: called with the ObjectSpec."""
+    identity_map: Mapping[str, str] = field(default_factory=dict)
+    """Disk identity: absolute path prefix -> identity prefix, e.g.
+    ``{"/mnt/pool": "san://pool1"}``; the longest matching prefix wins over
+    automatic resolution."""
+    server_aliases: Mapping[str, str] = field(default_factory=dict)
+    """Network storage server name or address -> the canonical server name,
+    e.g. ``{"10.0.0.5": "filer1"}`` (one name per server in identities)."""
+    strict_identity: bool = False
+    """Refuse a disk whose identity would fall back to this host's path."""
+    legacy_path_keys: bool = True
+    """Also lock each disk under the previous release's path key (mixed
+    clusters); halves the disks per transaction (``max_txn_ops // 4``)."""
 
     @property
     def margin(self) -> float:
@@ -76,6 +88,8 @@ _FLOATS = {"fence_margin", "request_timeout", "acquire_timeout"}
 _INTS = {"ttl", "max_txn_ops"}
 _STRS = {"prefix", "host_id", "ca_cert", "cert_cert", "cert_key", "user", "password"}
 _CALLABLES = {"on_lease_lost", "restart_callback"}
+_MAPS = {"identity_map", "server_aliases"}
+_BOOLS = {"strict_identity", "legacy_path_keys"}
 KNOWN_KEYS = {f.name for f in fields(EtcdConfig)} | {"config_file"}
 
 
@@ -111,9 +125,43 @@ def _parse_endpoints(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _parse_map(key: str, value: Any) -> dict[str, str]:
+    """A table (TOML/dict) or ``a=b,c=d`` (environment) of strings."""
+    if isinstance(value, str):
+        pairs = []
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            name, sep, target = item.partition("=")
+            if not sep:
+                raise ConfigError(f"{key}: {item.strip()!r} is not name=value (entries are comma-separated)")
+            pairs.append((name.strip(), target.strip()))
+        value = dict(pairs)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a table of strings, got {value!r}")
+    out: dict[str, str] = {}
+    for name, target in value.items():
+        if not isinstance(name, str) or not isinstance(target, str) or not name or not target:
+            raise ConfigError(f"{key}: {name!r} = {target!r}: names and values must be non-empty strings")
+        out[name] = target
+    return out
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return value.strip().lower() in ("true", "yes", "on", "1")
+    raise ConfigError(f"{key}: {value!r} is not a boolean (true or false)")
+
+
 def _coerce(key: str, value: Any) -> Any:
     if value is None:
         return None
+    if key in _MAPS:
+        return _parse_map(key, value)
+    if key in _BOOLS:
+        return _parse_bool(key, value)
     try:
         if key == "endpoints":
             return _parse_endpoints(value)
@@ -153,7 +201,7 @@ def _read_toml(path: str) -> dict[str, Any]:
     section = data.get("etcd", data)
     if not isinstance(section, dict):
         raise ConfigError(f"config_file: {path}: [etcd] must be a table")
-    return {k: v for k, v in section.items() if not isinstance(v, dict)}
+    return {k: v for k, v in section.items() if not isinstance(v, dict) or k in _MAPS}
 
 
 def load_config(raw: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None) -> EtcdConfig:
@@ -208,3 +256,21 @@ def _validate(cfg: EtcdConfig) -> None:
         path = getattr(cfg, key)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{key}: {path} does not exist")
+    _validate_identity(cfg)
+
+
+def _validate_identity(cfg: EtcdConfig) -> None:
+    for prefix, target in cfg.identity_map.items():
+        if not prefix.startswith("/") or "\x00" in prefix:
+            raise ConfigError(f"identity_map: {prefix!r} must be an absolute path prefix (starting with '/')")
+        scheme, sep, rest = target.partition("://")
+        if not sep or not scheme or not rest.strip("/") or "\x00" in target:
+            raise ConfigError(f"identity_map: {prefix!r} -> {target!r}: the identity prefix must look like "
+                              "scheme://name (e.g. 'san://pool1'), the same on every host")
+        if scheme == "path":
+            raise ConfigError(f"identity_map: {prefix!r} -> {target!r}: path:// is the local fallback, "
+                              "not a cluster-wide identity")
+    for name, canonical in cfg.server_aliases.items():
+        if any(c in name + canonical for c in "/ \t\r\n\x00"):
+            raise ConfigError(f"server_aliases: {name!r} -> {canonical!r}: server names may not contain "
+                              "'/' or whitespace")

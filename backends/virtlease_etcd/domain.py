@@ -25,6 +25,7 @@ from . import keyspace as ks
 from . import state as st
 from . import transactions as txn
 from .config import EtcdConfig
+from .disks import DiskNames, for_config
 from .owners import Held, Owner, Policy
 from .session import HostSession
 
@@ -47,8 +48,11 @@ class GrantResult:
 class Domain:
     """One domain's view of its host session (a lock object's working context)."""
 
-    def __init__(self, session: HostSession, cfg: EtcdConfig, policy: Policy, spec: ObjectSpec) -> None:
+    def __init__(self, session: HostSession, cfg: EtcdConfig, policy: Policy, spec: ObjectSpec,
+                 names: DiskNames | None = None) -> None:
         self.session = session
+        self.names = names or for_config(cfg)
+        """The driver instance's disk namer (one resolver, not one per disk)."""
         self.cfg = cfg
         self.policy = policy
         self.spec = spec
@@ -68,18 +72,20 @@ class Domain:
         return self.session.owners.get(self.spec.uuid, self.spec.name)
 
     def locked(self, resources: Sequence[ResourceSpec]) -> list[ks.ResourceId]:
-        """The resources that take a lock (readonly ones do not), each once."""
+        """The keys of the resources that take a lock (readonly ones do not),
+        each once: a disk's identity key, then its legacy path key if any
+        (``ResourceId.legacy_of`` set).  This is the one place disks get
+        their identity."""
         seen: dict[str, str] = {}
         out: list[ks.ResourceId] = []
-        for res in resources:
-            if res.readonly:
-                continue  # readonly disks are not locked (as libvirt's lockd and sanlock)
-            rid = ks.ResourceId.of(res)
-            if rid.rid in seen:
-                raise ValidationError("resource", f"{res.name!r} and {seen[rid.rid]!r} are the same "
-                                      f"resource ({rid.readable}) of {self.where()}")
-            seen[rid.rid] = res.name
-            out.append(rid)
+        locking = [res for res in resources if not res.readonly]  # readonly: not locked (as lockd, sanlock)
+        for res, ids in zip(locking, self.names.ids_many(locking), strict=True):
+            for rid in ids:
+                if rid.rid in seen:
+                    raise ValidationError("resource", f"{res.name!r} and {seen[rid.rid]!r} are the same "
+                                          f"resource ({rid.readable}) of {self.where()}")
+                seen[rid.rid] = res.name
+                out.append(rid)
         return out
 
     def refuse_if_migrating(self, owner: Owner, call: str) -> None:
@@ -96,12 +102,14 @@ class Domain:
             name=self.spec.name, pid=self.spec.pid, since=time.time(), grant=grant))
 
     def grants(self, rids: Sequence[ks.ResourceId], tokens: Mapping[str, int] | None = None,
-               xgens: Mapping[str, int | None] | None = None) -> list[txn.Grant]:
+               xgens: Mapping[str, int | None] | None = None,
+               bounds: Mapping[str, int] | None = None) -> list[txn.Grant]:
         """This attempt's records: one fresh grant id for all of them."""
         grant_id = secrets.token_hex(8)
         return [txn.Grant(rid, self.keys.holder(rid.rid, rid.mode, self.spec.uuid), self.record(rid, grant_id),
-                          expect_mod=None if tokens is None else tokens[rid.rid],
-                          expect_xgen=None if xgens is None else xgens.get(rid.rid)) for rid in rids]
+                          expect_mod=None if tokens is None else tokens.get(rid.rid),
+                          expect_xgen=None if xgens is None else xgens.get(rid.rid),
+                          granted_before=None if bounds is None else bounds.get(rid.rid)) for rid in rids]
 
     def state(self, kind: str, held: Sequence[Held], revision: int, *, to: str | None = None,
               marker: bytes | None = None, xgens: Mapping[str, int] | None = None) -> str:
@@ -110,18 +118,20 @@ class Domain:
             kind=kind, cluster=self.cluster(), prefix=self.cfg.prefix, host=self.host,
             uuid=self.spec.uuid, name=self.spec.name,
             resources=tuple(st.StateResource(h.rid.kind, h.rid.readable, h.rid.rid, h.rid.mode, h.token,
-                                             xg.get(h.rid.rid)) for h in held),
+                                             xg.get(h.rid.rid), h.rid.legacy_of) for h in held),
             revision=revision, to=to, marker=None if marker is None else marker.decode(),
         ).encode()
 
     def check_size(self, ops: Ops, what: str, n: int) -> None:
-        txn.check_size([len(x) for x in ops], self.cfg.max_txn_ops, what, n)
+        txn.check_size([len(x) for x in ops], self.cfg.max_txn_ops, what, n,
+                       legacy=self.cfg.legacy_path_keys)
 
     # -- granting ----------------------------------------------------------------------
 
     def run_grant(self, rids: Sequence[ks.ResourceId], build: Callable[[list[txn.Grant]], Ops], what: str, *,
                   tokens: Mapping[str, int] | None = None,
-                  xgens: Mapping[str, int | None] | None = None) -> GrantResult:
+                  xgens: Mapping[str, int | None] | None = None,
+                  bounds: Mapping[str, int] | None = None) -> GrantResult:
         """Send a grant/claim until it has a known outcome, a new grant id per
         attempt.  If the outcome stays unknown (etcd unreachable until the
         deadline, or the session lost meanwhile), every attempt's records are
@@ -131,10 +141,10 @@ class Domain:
 
         def attempt(timeout: float) -> GrantResult:
             session.check()
-            grants = self.grants(rids, tokens, xgens)
+            grants = self.grants(rids, tokens, xgens, bounds)
             ops = build(grants)
             if not sent:
-                self.check_size(ops, what, len(grants))
+                self.check_size(ops, what, len({g.rid.primary for g in grants}))
             sent.append(grants)
             resp = txn.lease_checked(session, lambda: session.client.txn(*ops, timeout=timeout))
             if resp.succeeded:

@@ -29,8 +29,9 @@ from virtlease.abi import (
 )
 from virtlease.errors import LeaseLostError, PluginBusyError, PluginVersionError
 
-from . import grants, handoff
+from . import disks, grants, handoff
 from .config import EtcdConfig, load_config
+from .disks import DiskNames
 from .domain import Domain
 from .owners import Policy
 from .session import HostSession
@@ -52,6 +53,8 @@ class EtcdDriver:
         self.policy = Policy(FailureAction.POWEROFF)
         self._session: HostSession | None = None
         self._lock = threading.Lock()
+        self.names: DiskNames | None = None
+        """This instance's disk namer: one identity resolver (under a lock) for all its objects."""
 
     # -- plugin hooks ------------------------------------------------------------
 
@@ -66,6 +69,7 @@ class EtcdDriver:
         self.cfg = load_config(config)
         self.policy = Policy(self.cfg.default_action, self.cfg.restart_callback)
         self._session = open_session(self.cfg)
+        self.names = disks.for_config(self.cfg)
         self._session.add_listener(self._on_lost)
 
     def unload(self) -> None:
@@ -76,7 +80,8 @@ class EtcdDriver:
             busy = [o for o in session.owners.all() if o.policy is self.policy and o.protects_a_vm]
             if busy:
                 names = "; ".join(f"domain {o.name} ({o.uuid}): "
-                                  + (", ".join(h.rid.readable for h in o.held.values()) or "registered")
+                                  + (", ".join(h.rid.readable for h in o.held.values() if h.rid.legacy_of is None)
+                                     or "registered")
                                   for o in busy)
                 raise PluginBusyError(
                     f"etcd driver of host {session.cfg.host_id}: {len(busy)} domain(s) still hold leases "
@@ -85,6 +90,9 @@ class EtcdDriver:
         session.remove_listener(self._on_lost)
         close_session(session)
         self._session = None
+        if self.cfg is not None:
+            disks.forget(self.cfg)
+        self.names = None
 
     def release_all(self) -> int:
         """Release every domain this driver instance granted or registered
@@ -97,7 +105,7 @@ class EtcdDriver:
         mine = [o for o in session.owners.all() if o.policy is self.policy and o.active]
         for owner in mine:
             spec = ObjectSpec(type=ObjectType.DOMAIN, uuid=owner.uuid, name=owner.name, pid=owner.pid)
-            grants.release_owner(Domain(session, self.cfg, self.policy, spec), owner)
+            grants.release_owner(Domain(session, self.cfg, self.policy, spec, self.names), owner)
         return len(mine)
 
     @property
@@ -140,7 +148,7 @@ class EtcdObject:
     def _domain(self) -> Domain:
         driver = self.driver
         assert driver.cfg is not None
-        return Domain(driver.session, driver.cfg, driver.policy, self.spec)
+        return Domain(driver.session, driver.cfg, driver.policy, self.spec, driver.names)
 
     def acquire(self, resources: list[ResourceSpec], state: str | None, flags: AcquireFlags,
                 action: FailureAction) -> None:

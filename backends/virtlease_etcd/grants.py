@@ -19,12 +19,12 @@ from etcd3 import transactions as tx
 from virtlease.abi import AcquireFlags, FailureAction, HeldResource, ResourceSpec
 from virtlease.errors import ObjectStateError, ResourceBusyError, StaleStateError, ValidationError
 
-from . import handoff
+from . import handoff, records, statecheck
 from . import keyspace as ks
 from . import state as st
 from . import transactions as txn
 from .domain import Domain
-from .owners import Held, Owner
+from .owners import Owner
 
 
 def acquire(d: Domain, resources: list[ResourceSpec], state: str | None, flags: AcquireFlags,
@@ -44,12 +44,12 @@ def acquire(d: Domain, resources: list[ResourceSpec], state: str | None, flags: 
             return
         parsed = None if state is None else st.decode(state)
         if parsed is not None:
-            check_identity(d, parsed, rids)
+            statecheck.check_identity(d, parsed, rids)
             if parsed.kind == st.HANDOFF:
                 handoff.claim(d, owner, rids, parsed)
                 return
         d.refuse_if_migrating(owner, "acquire")
-        again = [owner.held[r.rid] for r in rids if r.rid in owner.held]
+        again = [owner.held[r.rid] for r in rids if r.rid in owner.held and r.legacy_of is None]
         if again:
             raise ObjectStateError(
                 f"acquire: {d.where()} already holds {', '.join(h.rid.readable for h in again)} on host "
@@ -66,37 +66,17 @@ def register(d: Domain, owner: Owner) -> None:
     owner.registered = True
 
 
-def check_identity(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -> None:
-    """The state must be of this cluster, prefix and domain and describe
-    exactly the object's locked resources.  Its host may be another one (the
-    state of a released domain resumes elsewhere: libvirt's migration cookie);
-    the transaction then checks that nobody holds the disks and nobody was
-    granted them since."""
-    if parsed.prefix != d.cfg.prefix:
-        raise StaleStateError(f"state is for prefix {parsed.prefix}, this driver uses {d.cfg.prefix}")
-    cluster = d.cluster()
-    if parsed.cluster != cluster:
-        raise StaleStateError(f"state is from etcd cluster {parsed.cluster}, this is cluster {cluster}")
-    if parsed.uuid != d.spec.uuid:
-        raise StaleStateError(f"state is for domain {parsed.name} ({parsed.uuid}), not {d.where()}")
-    want = {(r.rid, r.mode) for r in rids}
-    have = {(r.rid, r.mode) for r in parsed.resources}
-    if want != have or len(parsed.resources) != len(have):
-        names = {r.rid: r.readable for r in rids} | {r.rid: r.res for r in parsed.resources}
-        missing = sorted(names[r] for r, _ in have - want)
-        extra = sorted(names[r] for r, _ in want - have)
-        raise StaleStateError(f"state does not describe the resources of {d.where()}: "
-                              f"only in state {missing}, only in object {extra}")
-
-
 def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], resume: st.State | None) -> None:
     if not rids:
         return
     tokens = None if resume is None else {r.rid: r.token for r in resume.resources}
-    xgens = None
+    xgens = bounds = None
     if resume is not None:
         xgens = {r.rid: r.xgen for r in resume.resources}
-        unknown = [r.res for r in resume.resources if r.mode == ks.SHARED and (r.xgen is None or r.xgen < 0)]
+        bounds = statecheck.covering(d, resume, rids)
+        listed = {r.rid for r in rids}
+        unknown = [r.res for r in resume.resources if r.mode == ks.SHARED and r.rid in listed
+                   and (r.xgen is None or r.xgen < 0)]
         if unknown:
             raise StaleStateError(f"cannot resume {d.where()}: the state does not record the last "
                                   f"exclusive grant of shared {', '.join(unknown)}; acquire without a state")
@@ -104,14 +84,15 @@ def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], resume: st.Sta
     def build(grants: list[txn.Grant]) -> tuple[list[Any], list[Any], list[Any]]:
         return txn.grant_ops(d.session, grants, uuid=d.spec.uuid, resume=resume is not None)
 
-    result = d.run_grant(rids, build, "resume" if resume is not None else "acquire", tokens=tokens, xgens=xgens)
+    result = d.run_grant(rids, build, "resume" if resume is not None else "acquire", tokens=tokens, xgens=xgens,
+                         bounds=bounds)
     if not result.committed:
         holders = txn.holders_from_failure(result.response.responses, list(rids), d.spec.uuid)
         if holders:
             raise ResourceBusyError(holders, what=f"acquire for {d.where()}")
         raise StaleStateError(
             f"cannot resume {d.where()}: another holder was granted "
-            f"{', '.join(r.readable for r in rids)} after the state's tokens "
+            f"{', '.join(r.readable for r in rids if r.legacy_of is None)} after the state's tokens "
             f"{sorted(tokens.values()) if tokens else []}; nothing was taken. Check the disks "
             "before acquiring without a state")
     d.commit(owner, result)
@@ -128,11 +109,11 @@ def release(d: Domain, resources: list[ResourceSpec]) -> str:
         if rids and not held and not owner.registered:
             d.session.owners.forget_if_idle(owner)
             raise ObjectStateError(f"release: {d.where()} holds none of "
-                                   f"{', '.join(r.readable for r in rids)} on host {d.host}")
-        xgens = read_xgens(d, held)
+                                   f"{', '.join(r.readable for r in rids if r.legacy_of is None)} on host {d.host}")
+        xgens = records.read_xgens(d, held)
         also_dom = owner.registered and len(held) == len(owner.held)
         try:
-            revision = delete_held(d, owner, held, also_dom=also_dom)
+            revision = records.delete_held(d, owner, held, also_dom=also_dom)
         finally:
             d.session.owners.forget_if_idle(owner)
         return d.state(st.RESUME, held, revision, xgens=xgens)
@@ -147,7 +128,7 @@ def release_owner(d: Domain, owner: Owner) -> None:
                     deadline=d.session.deadline(), read_back=lambda _t: txn.Committed({}))
             owner.handoff = None
         try:
-            delete_held(d, owner, list(owner.held.values()), also_dom=owner.registered)
+            records.delete_held(d, owner, list(owner.held.values()), also_dom=owner.registered)
         except StaleStateError:
             pass  # what was replaced or expired is not ours: nothing to drop
         finally:
@@ -161,7 +142,7 @@ def inquire(d: Domain, resources: list[ResourceSpec]) -> str:
         handoff.refresh_handed_back(d, owner)
         held = [owner.held[r.rid] for r in d.locked(resources) if r.rid in owner.held]
         d.session.owners.forget_if_idle(owner)
-        return d.state(st.RESUME, held, 0, xgens=read_xgens(d, held))
+        return d.state(st.RESUME, held, 0, xgens=records.read_xgens(d, held))
 
 
 def held(d: Domain, resources: list[ResourceSpec]) -> list[HeldResource]:
@@ -172,65 +153,10 @@ def held(d: Domain, resources: list[ResourceSpec]) -> list[HeldResource]:
     for res in resources:
         if res.readonly:
             continue
-        h = owner.held.get(ks.ResourceId.of(res).rid)
+        h = owner.held.get(d.names.primary(res).rid)
         if h is not None:
             out.append(HeldResource(res.type, res.name, h.rid.readable, h.rid.mode, h.token))
     return out
-
-
-def read_xgens(d: Domain, held: Sequence[Held]) -> dict[str, int]:
-    """For each shared resource held: the revision of its last exclusive
-    grant (0: never).  Stable while we hold it shared, since no exclusive
-    grant can happen meanwhile; a resume requires it unchanged."""
-    shared = [h for h in held if h.rid.mode == ks.SHARED]
-    if not shared:
-        return {}
-    gets = [tx.Get(d.keys.gen_key(h.rid.rid, ks.EXCLUSIVE)) for h in shared]
-    resp = txn.run(d.session, [], gets, [], deadline=d.session.deadline())
-    out: dict[str, int] = {}
-    for h, r in zip(shared, resp.responses, strict=True):
-        kvs = r.response_range.kvs
-        out[h.rid.rid] = int(kvs[0].mod_revision) if kvs else 0
-    return out
-
-
-def delete_held(d: Domain, owner: Owner, held: Sequence[Held], *, also_dom: bool) -> int:
-    """Delete the owner's records that are still exactly ours (compare each
-    token).  Whatever happens, the owner no longer counts them as held: a
-    record that was replaced or expired is not ours any more."""
-    try:
-        return _delete(d, held, also_dom=also_dom)
-    finally:
-        for h in held:
-            owner.held.pop(h.rid.rid, None)
-        if also_dom:
-            owner.registered = False
-
-
-def _delete(d: Domain, held: Sequence[Held], *, also_dom: bool) -> int:
-    compare = [tx.Mod(h.key) == h.token for h in held]
-    success: list[Any] = [tx.Delete(h.key) for h in held]
-    if also_dom:
-        success.append(tx.Delete(d.keys.dom(d.host, d.spec.uuid)))
-    failure = [tx.Get(h.key) for h in held]
-    if not success:
-        return 0
-    d.check_size((compare, success, failure), "release", len(held))
-    resp = txn.run(d.session, compare, success, failure, deadline=d.session.deadline(),
-                   read_back=txn.deleted(d.session, [(h.key, h.token) for h in held]))
-    if isinstance(resp, txn.Committed):
-        return 0
-    if resp.succeeded:
-        return int(resp.header.revision)
-    ranges = [r.response_range for r in resp.responses]
-    ours = [h for h, rng in zip(held, ranges, strict=False)
-            if rng.kvs and int(rng.kvs[0].mod_revision) == h.token]
-    lost = [h for h in held if h not in ours]
-    if ours or also_dom:
-        _delete(d, ours, also_dom=also_dom)
-    raise StaleStateError(
-        f"release of {d.where()}: {', '.join(h.rid.readable for h in lost)} no longer held by this "
-        "host (its record was replaced or expired); only this domain's own records were removed")
 
 
 def acquire_resource(d: Domain, resource: ResourceSpec) -> None:
@@ -241,7 +167,7 @@ def acquire_resource(d: Domain, resource: ResourceSpec) -> None:
     owner = d.owner()
     with owner.lock:
         d.refuse_if_migrating(owner, "acquire_resource")
-        for rid in rids:
+        for rid in rids[:1]:
             if rid.rid in owner.held:
                 raise ValidationError("resource", f"{rid.readable} is already held by {d.where()}")
         grant(d, owner, rids, None)
@@ -255,7 +181,7 @@ def release_resource(d: Domain, resource: ResourceSpec) -> None:
         for rid in d.locked([resource]):
             h = owner.held.get(rid.rid)
             if h is not None:
-                delete_held(d, owner, [h], also_dom=False)
+                records.delete_held(d, owner, [h], also_dom=False)
 
 
 # -- the agent (one resource per lockd call; docs/DESIGN.md "Owners") ---------------------

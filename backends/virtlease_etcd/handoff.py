@@ -32,10 +32,9 @@ from . import keyspace as ks
 from . import state as st
 from . import transactions as txn
 from .domain import Domain, GrantResult
+from .markers import RESERVED as RESERVED  # re-exported: the agent names reservations by it
+from .markers import claim_failure, entry, read_marker
 from .owners import Handoff, Owner
-
-RESERVED = "*"
-"""The ``to`` of a reservation marker: any host, for the same domain UUID."""
 
 
 def prepare(d: Domain, dest_host: str) -> str:
@@ -55,15 +54,17 @@ def prepare(d: Domain, dest_host: str) -> str:
 
 def mark(d: Domain, owner: Owner, dest_host: str) -> str:
     held = list(owner.held.values())
-    # the claim puts a holder and a gen key per record and deletes the marker: refuse now what
-    # the destination could not claim, rather than leave it a handoff it cannot take
-    txn.check_size([2 * len(held) + 1], d.cfg.max_txn_ops, "migration claim", len(held))
+    # the claim puts a holder and a gen key per record and deletes the marker, and a destination
+    # that reaches a disk by another path also deletes our legacy key of it: refuse now what the
+    # destination could not claim, rather than leave it a handoff it cannot take
+    legacy = sum(1 for h in held if h.rid.legacy_of is not None)
+    txn.check_size([2 * len(held) + legacy + 1], d.cfg.max_txn_ops, "migration claim",
+                   len(held) - legacy, legacy=d.cfg.legacy_path_keys)
     marker_key = d.keys.handoff(d.spec.uuid, d.host)
     marker = ks.encode({
         "from": d.host, "to": dest_host, "uuid": d.spec.uuid, "name": d.spec.name,
         "nonce": secrets.token_hex(16), "lease": d.session.lease_id, "since": round(time.time(), 3),
-        "res": [{"res": h.rid.readable, "rid": h.rid.rid, "mode": h.rid.mode, "kind": h.rid.kind, "token": h.token}
-                for h in held],
+        "res": [entry(h) for h in held],
     })
     compare = [tx.Mod(h.key) == h.token for h in held] + [tx.Version(marker_key) == 0]
     success = [tx.Put(marker_key, marker, lease=d.session.lease_id)]
@@ -81,74 +82,40 @@ def mark(d: Domain, owner: Owner, dest_host: str) -> str:
     return d.state(st.HANDOFF, held, revision, to=dest_host, marker=marker)
 
 
-def read_marker(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -> tuple[bytes, dict[str, int]]:
-    """The marker bytes the claim compares, checked to name this host, this
-    domain and the state's source, and the records' tokens it lists."""
-    assert parsed.marker is not None
-    raw = parsed.marker.encode()
-    head = f"cannot claim the handoff of {d.where()}; nothing changed: "
-    try:
-        marker = ks.decode(raw, "handoff marker")
-        listed = {(str(r["rid"]), str(r["mode"])): int(r["token"]) for r in marker["res"]}
-    except (ks.ForeignValue, KeyError, TypeError, ValueError):
-        raise StaleStateError(head + "the state's handoff marker is unreadable (tampered)") from None
-    if marker.get("to") not in (d.host, RESERVED) or parsed.to not in (d.host, RESERVED):
-        raise StaleStateError(head + f"the handoff is to host {marker.get('to')}, this host is {d.host}")
-    if marker.get("uuid") != d.spec.uuid or marker.get("from") != parsed.host:
-        raise StaleStateError(head + "the marker is of another domain or source host (tampered state)")
-    if set(listed) != {(r.rid, r.mode) for r in rids}:
-        raise StaleStateError(head + "the marker lists other resources than the object's")
-    if {(r.rid, r.mode): r.token for r in parsed.resources} != listed:
-        raise StaleStateError(head + "the state's tokens differ from the marker's (tampered state)")
-    return raw, {rid: token for (rid, _mode), token in listed.items()}
-
-
 def claim(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], parsed: st.State) -> None:
-    marker, tokens = read_marker(d, parsed, rids)
+    """Take the marked records (``grants.check_identity`` checked that the
+    state covers every disk of the object by its identity).  With legacy path
+    keys, a destination that reaches a disk under another path than the
+    source takes its own legacy key fresh and drops the source's."""
+    marker, listed = read_marker(d, parsed)
     marker_key = d.keys.handoff(d.spec.uuid, parsed.host)
-    result = _send_claim(d, owner, rids, marker_key, marker, tokens, "migration claim")
+    mine = {r.rid for r in rids}
+    tokens = {rid: token for rid, token in listed.items() if rid in mine}
+    drop = [(d.keys.holder(r.rid, r.mode, d.spec.uuid), r.token) for r in parsed.resources if r.rid not in mine]
+    result = _send_claim(d, owner, rids, marker_key, marker, tokens, "migration claim", drop)
     if not result.committed:
-        raise StaleStateError(_claim_failure(d, result.response, marker_key, marker, parsed))
-    _adopt_claim(d, owner, rids, result, parsed.host)
+        raise StaleStateError(claim_failure(d, result.response, marker_key, marker, parsed, rids, tokens))
+    _adopt_claim(d, owner, [*mine, *(r.rid for r in parsed.resources)], result, parsed.host)
 
 
 def _send_claim(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], marker_key: str, marker: bytes,
-                tokens: dict[str, int], what: str) -> GrantResult:
+                tokens: dict[str, int], what: str, drop: Sequence[tuple[str, int]] = ()) -> GrantResult:
     own = [owner.handoff.key] if owner.handoff is not None else []
 
     def build(grants: list[txn.Grant]) -> tuple[list[Any], list[Any], list[Any]]:
         return txn.claim_ops(d.session, grants, marker_key=marker_key, marker=marker, uuid=d.spec.uuid,
-                             also_delete=own)
+                             also_delete=own, drop=drop)
 
     return d.run_grant(rids, build, what, tokens=tokens)
 
 
-def _adopt_claim(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], result: GrantResult,
-                 from_host: str) -> None:
-    for rid in rids:  # a handback to us: our old entries are the records we take back
-        owner.held.pop(rid.rid, None)
+def _adopt_claim(d: Domain, owner: Owner, taken: Sequence[str], result: GrantResult, from_host: str) -> None:
+    for rid in taken:  # a handback to us: our old entries are the records we take back
+        owner.held.pop(rid, None)
     d.commit(owner, result)
     owner.claimed_from = from_host
     owner.handoff = None
     owner.handed_back = False
-
-
-def _claim_failure(d: Domain, resp: Any, marker_key: str, marker: bytes, parsed: st.State) -> str:
-    ranges = [r.response_range for r in resp.responses if r.WhichOneof("response") == "response_range"]
-    marker_kv = [kv for kv in (ranges[-1].kvs if ranges else []) if kv.key.decode() == marker_key]
-    head = f"cannot claim the handoff of {d.where()} from host {parsed.host}; nothing changed: "
-    if not marker_kv:
-        return head + ("the handoff no longer exists (already claimed, cancelled, or the source's "
-                       "lease expired). If the source is dead its disks are free after its TTL: acquire "
-                       "without a state")
-    if marker_kv[0].value != marker:
-        return head + "the state does not match the handoff marker in etcd (tampered or from another handoff)"
-    changed = []
-    for rng, res in zip(ranges[:-1], parsed.resources, strict=False):
-        if not rng.kvs or any(int(kv.mod_revision) != res.token for kv in rng.kvs):
-            changed.append(res.res)
-    return head + (f"{', '.join(changed) or 'the resources'} changed since the handoff was prepared "
-                   "(already claimed: a replayed or concurrent claim)")
 
 
 def _fates(d: Domain, owner: Owner) -> dict[str, str]:
@@ -170,6 +137,9 @@ def _fates(d: Domain, owner: Owner) -> dict[str, str]:
             rec = {}
         claimed = rec.get("host") == owner.handoff.to and rec.get("uuid") == d.spec.uuid
         fates[h.rid.rid] = "claimed" if claimed else "gone"
+    for h in held:  # a legacy path key the destination does not use: its claim deleted it
+        if h.rid.legacy_of is not None and fates[h.rid.rid] == "gone" and fates.get(h.rid.legacy_of) == "claimed":
+            fates[h.rid.rid] = "claimed"
     return fates
 
 
@@ -188,7 +158,7 @@ def complete_out(d: Domain, cancel: bool) -> None:
             raise StaleStateError(f"complete_migrate_out: the destination has not claimed {d.where()} yet; "
                                   "wait for its acquire, or cancel")
         to = owner.handoff.to
-        gone = [owner.held[r].rid.readable for r, fate in fates.items() if fate == "gone"]
+        gone = sorted({owner.held[r].rid.readable for r, fate in fates.items() if fate == "gone"})
         _forget(d, owner)
         if gone:
             raise StaleStateError(
@@ -315,7 +285,8 @@ def claim_reservation(d: Domain, owner: Owner, marker_key: str, raw: bytes) -> l
     head = f"cannot take over the reservation {marker_key} for {d.where()}; nothing changed: "
     try:
         marker = ks.decode(raw, marker_key)
-        rids = [ks.ResourceId(str(r.get("kind", "disk")), str(r["res"]), str(r["rid"]), str(r["mode"]))
+        rids = [ks.ResourceId(str(r.get("kind", "disk")), str(r["res"]), str(r["rid"]), str(r["mode"]),
+                              legacy_of=None if r.get("legacy") is None else str(r["legacy"]))
                 for r in marker["res"]]
         tokens = {str(r["rid"]): int(r["token"]) for r in marker["res"]}
     except (ks.ForeignValue, KeyError, TypeError, ValueError):
@@ -328,5 +299,5 @@ def claim_reservation(d: Domain, owner: Owner, marker_key: str, raw: bytes) -> l
     if not result.committed:
         raise StaleStateError(head + "the marker or its records changed meanwhile (claimed by another "
                               "host, cancelled by the source, or the source's lease expired)")
-    _adopt_claim(d, owner, rids, result, str(marker.get("from")))
+    _adopt_claim(d, owner, [r.rid for r in rids], result, str(marker.get("from")))
     return rids

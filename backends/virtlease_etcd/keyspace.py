@@ -10,9 +10,22 @@ Layout under the configured prefix ``P`` (format version 1)::
     P/v1/handoff/<uuid>/<from host>  migration in flight    on the giver's lease
     P/v1/dom/<host_id>/<uuid>        registered domain      on the host's lease
 
-``rid`` is the SHA-256 of the resource's identity: a disk's canonical real
-path, or a lease's lockspace and key, so every host maps the same disk to the
-same key.  The readable identity is kept in the value.
+``rid`` is the SHA-256 of the resource's identity, so every host maps the
+same disk to the same key: a disk's cluster-wide identity key
+(``sha256("disk\0" + key)``, the key of :mod:`virtlease_etcd.identity`, e.g.
+``nfs://filer1/export/vm/a.qcow2``), or a lease's lockspace and key.  A disk
+whose identity falls back to its path uses the previous release's key,
+``sha256("disk\0" + real path)``: the two schemes agree for it.
+
+Legacy path keys (``legacy_path_keys``, default on): the previous release
+keyed every disk by ``sha256("disk\0" + real path)``.  So that a host still
+running it and a new host never both get one disk, a new host locks each
+disk's identity key *and* its legacy path key in the same transaction (one
+key when they coincide).  The legacy key's record carries ``"legacy"`` (the
+identity rid it belongs to).  Holder records carry the readable form
+``<caller's path> (<identity>)`` in ``res`` and, since this release, the
+identity key in ``identity`` and the caller's path in ``path`` (added
+fields: format 1 readers ignore them).
 
 A grant's fencing token is the etcd revision of the transaction that made
 it, which is the holder key's ``mod_revision``: holder keys are only ever
@@ -56,6 +69,19 @@ def canonical_disk_path(path: str) -> str:
     return os.path.realpath(path)
 
 
+def legacy_disk_rid(real_path: str) -> str:
+    """The previous release's key of a disk: SHA-256 of its real path."""
+    return hashlib.sha256(b"disk\0" + real_path.encode()).hexdigest()
+
+
+def identity_disk_rid(key: str, *, fallback: bool, real_path: str) -> str:
+    """The key of a disk with cluster-wide identity ``key`` (see the module
+    doc); a ``path://`` fallback keeps the legacy key."""
+    if fallback:
+        return legacy_disk_rid(real_path)
+    return hashlib.sha256(b"disk\0" + key.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class ResourceId:
     """A resource's cluster-wide identity."""
@@ -68,17 +94,45 @@ class ResourceId:
     """SHA-256 hex of the identity: the key component."""
     mode: str
     """``exclusive`` or ``shared``."""
+    identity: str = ""
+    """Disks: the cluster-wide identity key (``path://…`` for a fallback)."""
+    path: str = ""
+    """Disks: the path the caller gave."""
+    legacy_of: str | None = None
+    """Set on a disk's legacy path key: the rid of its identity key."""
+
+    @property
+    def primary(self) -> str:
+        """The rid of the resource this key belongs to (itself, or the identity key)."""
+        return self.legacy_of or self.rid
 
     @staticmethod
     def of(spec: ResourceSpec) -> ResourceId:
+        """The previous release's identity (a disk by its real path).  The
+        driver names disks with :func:`disk_ids`; this remains for leases
+        and for computing legacy keys."""
         mode = SHARED if spec.shared else EXCLUSIVE
         if spec.type is ResourceType.DISK:
             path = canonical_disk_path(spec.name)
-            digest = hashlib.sha256(b"disk\0" + path.encode()).hexdigest()
-            return ResourceId("disk", path, digest, mode)
+            return ResourceId("disk", path, legacy_disk_rid(path), mode, f"path://{path}", spec.name)
         lockspace = str(spec.params["lockspace"])
         digest = hashlib.sha256(b"lease\0" + lockspace.encode() + b"\0" + spec.name.encode()).hexdigest()
         return ResourceId("lease", f"{lockspace}:{spec.name}", digest, mode)
+
+
+def disk_ids(spec: ResourceSpec, key: str, readable: str, real_path: str, fallback: bool, *,
+             legacy: bool) -> list[ResourceId]:
+    """A disk's keys: its identity key, then (``legacy``) its legacy path key
+    unless that is the same key."""
+    mode = SHARED if spec.shared else EXCLUSIVE
+    if fallback:
+        readable = real_path  # path://<real path> adds nothing for people
+    shown = spec.name if readable == spec.name else f"{spec.name} ({readable})"
+    rid = identity_disk_rid(key, fallback=fallback, real_path=real_path)
+    out = [ResourceId("disk", shown, rid, mode, key, spec.name)]
+    if legacy and not fallback:  # a fallback's identity key is its legacy key
+        out.append(ResourceId("disk", shown, legacy_disk_rid(real_path), mode, key, spec.name, legacy_of=rid))
+    return out
 
 
 class Keys:
@@ -144,8 +198,14 @@ def holder_record(rid: ResourceId, *, host: str, lease: int, uuid: str, name: st
                   pid: int | None, since: float, grant: str) -> dict[str, Any]:
     """The value of a holder key.  ``grant`` is a random id of this grant
     attempt, so a read-back after a lost reply recognises our own write."""
-    return {
+    record: dict[str, Any] = {
         "kind": rid.kind, "res": rid.readable, "mode": rid.mode, "host": host,
         "lease": lease, "uuid": uuid, "name": name, "pid": pid, "since": round(since, 3),
         "grant": grant,
     }
+    if rid.kind == "disk" and rid.identity:
+        record["identity"] = rid.identity
+        record["path"] = rid.path
+    if rid.legacy_of is not None:
+        record["legacy"] = rid.legacy_of
+    return record

@@ -37,12 +37,16 @@ class StateResource:
     xgen: int | None = None
     """Shared resources: the revision of the resource's last exclusive grant
     while we held it (resume requires it unchanged, exactly)."""
+    legacy: str | None = None
+    """A disk's legacy path key: the rid of the identity key it belongs to."""
 
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": self.kind, "res": self.res, "rid": self.rid, "mode": self.mode,
                                 "token": self.token}
         if self.xgen is not None:
             body["xgen"] = self.xgen
+        if self.legacy is not None:
+            body["legacy"] = self.legacy
         return body
 
 
@@ -90,7 +94,8 @@ def decode(text: str) -> State:
         data = json.loads(body)
         resources = tuple(
             StateResource(kind=str(r["kind"]), res=str(r["res"]), rid=str(r["rid"]), mode=str(r["mode"]),
-                          token=_int(r["token"]), xgen=None if r.get("xgen") is None else _int(r["xgen"]))
+                          token=_int(r["token"]), xgen=None if r.get("xgen") is None else _int(r["xgen"]),
+                          legacy=None if r.get("legacy") is None else str(r["legacy"]))
             for r in data["res"]
         )
         state = State(

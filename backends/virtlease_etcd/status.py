@@ -102,6 +102,8 @@ def _read(client: EtcdClient, keys: ks.Keys, deadline: float) -> ClusterStatus:
             status.hosts.append(HostInfo(host=str(rec.get("host")), lease=int(kv.lease), ttl_left=ttl,
                                          pid=rec.get("pid"), started=float(rec.get("started") or 0)))
         elif key.startswith(keys.res):
+            if rec.get("legacy") is not None:
+                continue  # a disk's legacy path key: its identity key's record names it
             tokens[f"{rec.get('uuid')}|{rec.get('res')}"] = int(kv.mod_revision)
             status.resources.append(HeldInfo(
                 resource=str(rec.get("res")), kind=str(rec.get("kind")), mode=str(rec.get("mode")),
@@ -115,7 +117,7 @@ def _read(client: EtcdClient, keys: ks.Keys, deadline: float) -> ClusterStatus:
                                              since=float(rec.get("since") or 0)))
     pending: dict[tuple[str, str], str] = {}
     for rec in handoff_recs:
-        res = rec.get("res") or []
+        res = [r for r in rec.get("res") or [] if r.get("legacy") is None]  # a legacy key: its disk is listed
         claimed = any(tokens.get(f"{rec.get('uuid')}|{r.get('res')}") != r.get("token") for r in res)
         if not claimed:
             pending[(str(rec.get("uuid")), str(rec.get("from")))] = str(rec.get("to"))

@@ -4,7 +4,9 @@ Each function builds the compare/success/failure lists of ONE transaction;
 ``run`` sends it with retries and resolves lost replies by reading back our
 own records (DESIGN.md point 5).  A grant writes, per resource, the holder
 key (on the session lease) and the resource's ``gen`` key: two operations,
-so one transaction holds ``max_txn_ops // 2`` resources.
+so one transaction holds ``max_txn_ops // 2`` resources.  With
+``legacy_path_keys`` a disk has two keys (identity and legacy path, see
+``keyspace``): four operations, ``max_txn_ops // 4`` disks.
 """
 
 from __future__ import annotations
@@ -38,16 +40,23 @@ class Grant:
     """For resume: our previous token; for claim: the giver's token."""
     expect_xgen: int | None = None
     """For a shared resume: the last exclusive grant's revision we saw."""
+    granted_before: int | None = None
+    """A key the state does not list (this host's legacy path key of a disk
+    the state names by identity): nobody may have been granted it after this
+    revision (the token of the state's entry for the disk)."""
 
 
-def check_size(op_counts: Sequence[int], limit: int, what: str, n: int) -> None:
+def check_size(op_counts: Sequence[int], limit: int, what: str, n: int, *, legacy: bool = False) -> None:
     worst = max(op_counts)
     if worst > limit:
+        cost = (" legacy_path_keys is on: each disk is locked under two keys (its identity and the "
+                f"previous release's path key), so one transaction holds about {limit // 4} disks "
+                f"instead of {limit // 2}; turn it off once no host runs the previous release.") if legacy else ""
         raise TransactionTooLargeError(
             f"{what} of {n} resource(s) needs {worst} operations in one etcd transaction, but the "
             f"cluster allows {limit} (etcd --max-txn-ops; set max_txn_ops if your cluster differs). "
             f"Nothing was taken: raise --max-txn-ops on every etcd member, or give the domain fewer "
-            f"locked disks (readonly disks are not locked)."
+            f"locked disks (readonly disks are not locked).{cost}"
         )
 
 
@@ -64,7 +73,13 @@ def grant_ops(session: HostSession, grants: Sequence[Grant], *, uuid: str, resum
     for g in grants:
         rid = g.rid.rid
         prefix = keys.resource(rid)
-        if g.rid.mode == ks.EXCLUSIVE:
+        if resume and g.expect_mod is None:  # a key the state does not list: no grant since its entry
+            fresh_compares(session, g, compare)
+            bound = int(g.granted_before or 0) + 1
+            gp = keys.gen_prefix(rid)
+            compare.append(tx.Mod(gp, ks.range_end(gp)) < bound if g.rid.mode == ks.EXCLUSIVE
+                           else tx.Mod(keys.gen_key(rid, ks.EXCLUSIVE)) < bound)
+        elif g.rid.mode == ks.EXCLUSIVE:
             compare.append(tx.Version(prefix, ks.range_end(prefix)) == 0)  # no holder of any mode now
             if resume:
                 # ...and nobody was granted it since our grant at token T: every grant and claim
@@ -85,19 +100,42 @@ def grant_ops(session: HostSession, grants: Sequence[Grant], *, uuid: str, resum
     return compare, success, failure
 
 
+def fresh_compares(session: HostSession, g: Grant, compare: list[Any]) -> None:
+    """What a fresh grant of ``g`` compares: no conflicting holder now."""
+    keys = session.keys
+    if g.rid.mode == ks.EXCLUSIVE:
+        prefix = keys.resource(g.rid.rid)
+        compare.append(tx.Version(prefix, ks.range_end(prefix)) == 0)
+    else:
+        compare.append(tx.Version(keys.exclusive(g.rid.rid)) == 0)
+        compare.append(tx.Version(g.key) == 0)
+
+
 def claim_ops(session: HostSession, grants: Sequence[Grant], *, marker_key: str, marker: bytes,
-              uuid: str, also_delete: Sequence[str] = ()) -> tuple[list[Any], list[Any], list[Any]]:
+              uuid: str, also_delete: Sequence[str] = (), drop: Sequence[tuple[str, int]] = (),
+              ) -> tuple[list[Any], list[Any], list[Any]]:
     """Take over records exactly as the giver marked them: the marker (which
     names this host and domain, checked by the caller from these very bytes)
     is byte-identical in etcd and every holder key still has the giver's
     token.  The marker is deleted in the same transaction, with any of our
-    own obsolete markers (``also_delete``): nothing is left to clean up."""
+    own obsolete markers (``also_delete``): nothing is left to clean up.
+
+    Legacy path keys: a grant without ``expect_mod`` is a key the marker does
+    not list (this host's legacy path key: it reaches the disk under another
+    path), taken fresh; ``drop`` are the giver's legacy keys this host does
+    not use, deleted if they still have the giver's token."""
     keys = session.keys
     compare: list[Any] = [tx.Value(marker_key) == marker]
     success: list[Any] = []
     failure: list[Any] = []
+    for key, token in drop:
+        compare.append(tx.Mod(key) == token)
+        success.append(tx.Delete(key))
     for g in grants:
-        compare.append(tx.Mod(g.key) == int(g.expect_mod or 0))
+        if g.expect_mod is None:
+            fresh_compares(session, g, compare)
+        else:
+            compare.append(tx.Mod(g.key) == int(g.expect_mod))
         success.append(tx.Put(g.key, g.value, lease=session.lease_id))
         success.append(tx.Put(keys.gen_key(g.rid.rid, g.rid.mode), ks.encode(
             {"res": g.rid.readable, "host": session.cfg.host_id, "uuid": uuid})))
@@ -122,12 +160,17 @@ def holders_from_failure(responses: Sequence[Any], rids: Sequence[ks.ResourceId]
             continue
         handoff_to[(str(rec.get("uuid")), str(rec.get("from")))] = str(rec.get("to"))
     holders: list[Holder] = []
+    seen: set[tuple[str, str, str, str, int]] = set()
     for rng, rid in zip(ranges[:-1], rids, strict=False):
         mode = rid.mode
         for kv in rng.kvs:
             holder = holder_of(kv, handoff_to, resource=rid.readable)
             if mode == ks.SHARED and holder.mode == ks.SHARED and holder.domain_uuid != uuid:
                 continue
+            once = (holder.resource, holder.host, holder.domain_uuid, holder.mode, holder.token)
+            if once in seen:  # one grant's identity and legacy path records: one holder
+                continue
+            seen.add(once)
             holders.append(holder)
     return holders
 

@@ -37,7 +37,7 @@ import os
 import posixpath
 import select
 import stat
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .blockdev import BlockKey, Roots, btrfs_subvolume, device_key, fs_uuid
@@ -182,6 +182,38 @@ class Resolver:
         """The identity of the disk at ``path`` (see the module doc)."""
         self._refresh()
         return self._resolve(os.path.realpath(path), 0)
+
+    def resolve_many(self, paths: Sequence[str]) -> list[DiskIdentity]:
+        """:meth:`resolve` of each path, for one lock operation's disks: the
+        mount table is checked once and each directory's real path found
+        once (a symlink in a path's last component is still followed).  An
+        :class:`IdentityError` names the path as given."""
+        self._refresh()
+        dirs: dict[str, str] = {}
+        out = []
+        for path in paths:
+            try:
+                out.append(self._resolve(self._realpath(path, dirs), 0))
+            except IdentityError as exc:
+                raise IdentityError(f"disk {path!r}: {exc}") from None
+        return out
+
+    @staticmethod
+    def _realpath(path: str, dirs: dict[str, str]) -> str:
+        """``os.path.realpath(path)``, the real path of its directory taken from ``dirs``."""
+        head, tail = posixpath.split(path)
+        if not path.startswith("/") or posixpath.normpath(path) != path or tail in ("", ".", ".."):
+            return os.path.realpath(path)
+        real_dir = dirs.get(head)
+        if real_dir is None:
+            real_dir = dirs[head] = os.path.realpath(head)
+        joined = posixpath.join(real_dir, tail)
+        try:
+            if stat.S_ISLNK(os.lstat(joined).st_mode):
+                return os.path.realpath(joined)
+        except OSError:
+            pass  # as realpath: a missing name is kept as it is
+        return joined
 
     def _resolve(self, real: str, depth: int) -> DiskIdentity:
         mapped = self._mapped(real)

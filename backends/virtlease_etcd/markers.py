@@ -1,0 +1,82 @@
+"""Handoff marker bytes: what a marker lists, checking a state's marker
+before a claim, and why a claim failed (docs/DESIGN.md "Migration").
+
+A marker's entry per record: ``res`` (readable: the giver's path and the
+disk's identity), ``rid``, ``mode``, ``kind``, ``token`` and, for a disk's
+legacy path key, ``legacy`` (the rid of its identity key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from virtlease.errors import StaleStateError
+
+from . import keyspace as ks
+from . import state as st
+from . import transactions as txn
+from .domain import Domain
+from .owners import Held
+
+RESERVED = "*"
+"""The ``to`` of a reservation marker: any host, for the same domain UUID."""
+
+
+def entry(h: Held) -> dict[str, Any]:
+    out: dict[str, Any] = {"res": h.rid.readable, "rid": h.rid.rid, "mode": h.rid.mode, "kind": h.rid.kind,
+                             "token": h.token}
+    if h.rid.legacy_of is not None:
+        out["legacy"] = h.rid.legacy_of
+    return out
+
+
+def read_marker(d: Domain, parsed: st.State) -> tuple[bytes, dict[str, int]]:
+    """The marker bytes the claim compares, checked to name this host, this
+    domain and the state's source, and the records' tokens it lists (every
+    record it marked, by rid: the claim moves those this host also locks and
+    drops the giver's legacy path keys it does not)."""
+    assert parsed.marker is not None
+    raw = parsed.marker.encode()
+    head = f"cannot claim the handoff of {d.where()}; nothing changed: "
+    try:
+        marker = ks.decode(raw, "handoff marker")
+        listed = {(str(r["rid"]), str(r["mode"])): int(r["token"]) for r in marker["res"]}
+        legacy = {(str(r["rid"]), str(r["mode"])) for r in marker["res"] if r.get("legacy") is not None}
+    except (ks.ForeignValue, KeyError, TypeError, ValueError):
+        raise StaleStateError(head + "the state's handoff marker is unreadable (tampered)") from None
+    if marker.get("to") not in (d.host, RESERVED) or parsed.to not in (d.host, RESERVED):
+        raise StaleStateError(head + f"the handoff is to host {marker.get('to')}, this host is {d.host}")
+    if marker.get("uuid") != d.spec.uuid or marker.get("from") != parsed.host:
+        raise StaleStateError(head + "the marker is of another domain or source host (tampered state)")
+    if {(r.rid, r.mode): r.token for r in parsed.resources} != listed:
+        raise StaleStateError(head + "the state's tokens differ from the marker's (tampered state)")
+    if {(r.rid, r.mode) for r in parsed.resources if r.legacy is not None} != legacy:
+        raise StaleStateError(head + "the state's legacy keys differ from the marker's (tampered state)")
+    return raw, {rid: token for (rid, _mode), token in listed.items()}
+
+
+def claim_failure(d: Domain, resp: Any, marker_key: str, marker: bytes, parsed: st.State,
+                   rids: Sequence[ks.ResourceId], tokens: dict[str, int]) -> str:
+    ranges = [r.response_range for r in resp.responses if r.WhichOneof("response") == "response_range"]
+    marker_kv = [kv for kv in (ranges[-1].kvs if ranges else []) if kv.key.decode() == marker_key]
+    head = f"cannot claim the handoff of {d.where()} from host {parsed.host}; nothing changed: "
+    if not marker_kv:
+        return head + ("the handoff no longer exists (already claimed, cancelled, or the source's "
+                       "lease expired). If the source is dead its disks are free after its TTL: acquire "
+                       "without a state")
+    if marker_kv[0].value != marker:
+        return head + "the state does not match the handoff marker in etcd (tampered or from another handoff)"
+    changed: list[str] = []
+    busy: list[str] = []
+    for rng, rid in zip(ranges[:-1], rids, strict=False):
+        token = tokens.get(rid.rid)
+        if token is None:  # this host's legacy path key, taken fresh: someone holds it
+            busy.extend(txn.holder_of(kv, resource=rid.readable).describe() for kv in rng.kvs)
+        elif not rng.kvs or any(int(kv.mod_revision) != token for kv in rng.kvs):
+            changed.append(rid.readable)
+    if busy:
+        return head + ("this host's path key of the disk (legacy_path_keys) is held: "
+                       + "; ".join(sorted(set(busy))))
+    return head + (f"{', '.join(sorted(set(changed))) or 'the resources'} changed since the handoff was "
+                   "prepared (already claimed: a replayed or concurrent claim)")
