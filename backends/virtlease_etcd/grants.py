@@ -19,7 +19,7 @@ from etcd3 import transactions as tx
 from virtlease.abi import AcquireFlags, FailureAction, HeldResource, ResourceSpec
 from virtlease.errors import ObjectStateError, ResourceBusyError, StaleStateError, ValidationError
 
-from . import handoff, records, statecheck
+from . import handoff, holders, records, statecheck
 from . import keyspace as ks
 from . import state as st
 from . import transactions as txn
@@ -87,9 +87,9 @@ def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], resume: st.Sta
     result = d.run_grant(rids, build, "resume" if resume is not None else "acquire", tokens=tokens, xgens=xgens,
                          bounds=bounds)
     if not result.committed:
-        holders = txn.holders_from_failure(result.response.responses, list(rids), d.spec.uuid)
-        if holders:
-            raise ResourceBusyError(holders, what=f"acquire for {d.where()}")
+        busy = holders.from_failure(result.response.responses, list(rids), d.spec.uuid)
+        if busy:
+            raise ResourceBusyError(busy, what=f"acquire for {d.where()}")
         raise StaleStateError(
             f"cannot resume {d.where()}: another holder was granted "
             f"{', '.join(r.readable for r in rids if r.legacy_of is None)} after the state's tokens "
@@ -125,7 +125,7 @@ def release_owner(d: Domain, owner: Owner) -> None:
         if owner.handoff is not None:
             marker = owner.handoff
             txn.run(d.session, [tx.Value(marker.key) == marker.value], [tx.Delete(marker.key)], [],
-                    deadline=d.session.deadline(), read_back=lambda _t: txn.Committed({}))
+                    deadline=d.session.deadline(), read_back=lambda _t: txn.Outcome.found())
             owner.handoff = None
         try:
             records.delete_held(d, owner, list(owner.held.values()), also_dom=owner.registered)
@@ -232,9 +232,9 @@ def acquire_one(d: Domain, resource: ResourceSpec, action: FailureAction) -> str
                 if rid.rid in owner.held:
                     return "claimed"
                 continue
-            holders = txn.holders_from_failure(responses, rids, d.spec.uuid)
-            if holders:
-                raise ResourceBusyError(holders, what=f"acquire for {d.where()}")
+            busy = holders.from_failure(responses, rids, d.spec.uuid)
+            if busy:
+                raise ResourceBusyError(busy, what=f"acquire for {d.where()}")
         raise StaleStateError(f"acquire for {d.where()}: {rid.readable} kept changing under three attempts "
                               "(a reservation claimed or released meanwhile); nothing was taken, retry")
 

@@ -72,12 +72,12 @@ def mark(d: Domain, owner: Owner, dest_host: str) -> str:
     d.check_size((compare, success, failure), "migration prepare", len(held))
     resp = txn.run(d.session, compare, success, failure, deadline=d.session.deadline(),
                    read_back=txn.written(d.session, [(marker_key, marker)]))
-    if not isinstance(resp, txn.Committed) and not resp.succeeded:
+    if not resp.succeeded:
         if resp.responses and resp.responses[0].response_range.kvs:
             raise StaleStateError(f"prepare_migrate: a handoff of {d.where()} from this host is "
                                   "already in flight; complete or cancel it first")
         raise StaleStateError(f"prepare_migrate: {d.where()} no longer holds all its records")
-    revision = 0 if isinstance(resp, txn.Committed) else int(resp.header.revision)
+    revision = resp.revision
     owner.handoff = Handoff(dest_host, marker_key, marker)
     return d.state(st.HANDOFF, held, revision, to=dest_host, marker=marker)
 
@@ -174,7 +174,7 @@ def _cancel(d: Domain, owner: Owner) -> None:
     marker = owner.handoff
     compare = [tx.Value(marker.key) == marker.value] + [tx.Mod(h.key) == h.token for h in held]
 
-    def cancelled(timeout: float) -> txn.Committed | None:
+    def cancelled(timeout: float) -> txn.Outcome | None:
         # a claim deletes the marker too: only "marker gone and every record still ours" is our cancel
         kvs, _ = d.session.client.get_range(marker.key, timeout=timeout)
         if kvs:
@@ -182,13 +182,12 @@ def _cancel(d: Domain, owner: Owner) -> None:
         for h in held:
             got, _ = d.session.client.get_range(h.key, timeout=timeout)
             if not got or int(got[0].mod_revision) != h.token:
-                return txn.Committed({"claimed": 1})
-        return txn.Committed({})
+                return txn.Outcome.found(succeeded=False)  # claimed: our cancel did not happen
+        return txn.Outcome.found()
 
     resp = txn.run(d.session, compare, [tx.Delete(marker.key)], [], deadline=d.session.deadline(),
                    read_back=cancelled)
-    done = not resp.revisions if isinstance(resp, txn.Committed) else resp.succeeded
-    if done:
+    if resp.succeeded:
         owner.handoff = None
         return
     fates = _fates(d, owner)

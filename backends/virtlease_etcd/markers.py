@@ -13,9 +13,9 @@ from typing import Any
 
 from virtlease.errors import StaleStateError
 
+from . import holders
 from . import keyspace as ks
 from . import state as st
-from . import transactions as txn
 from .domain import Domain
 from .owners import Held
 
@@ -72,7 +72,7 @@ def claim_failure(d: Domain, resp: Any, marker_key: str, marker: bytes, parsed: 
     for rng, rid in zip(ranges[:-1], rids, strict=False):
         token = tokens.get(rid.rid)
         if token is None:  # this host's legacy path key, taken fresh: someone holds it
-            busy.extend(txn.holder_of(kv, resource=rid.readable).describe() for kv in rng.kvs)
+            busy.extend(holders.holder_of(kv, resource=rid.readable).describe() for kv in rng.kvs)
         elif not rng.kvs or any(int(kv.mod_revision) != token for kv in rng.kvs):
             changed.append(rid.readable)
     if busy:

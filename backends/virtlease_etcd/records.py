@@ -59,10 +59,8 @@ def _delete(d: Domain, held: Sequence[Held], *, also_dom: bool) -> int:
     d.check_size((compare, success, failure), "release", len(held))
     resp = txn.run(d.session, compare, success, failure, deadline=d.session.deadline(),
                    read_back=txn.deleted(d.session, [(h.key, h.token) for h in held]))
-    if isinstance(resp, txn.Committed):
-        return 0
     if resp.succeeded:
-        return int(resp.header.revision)
+        return resp.revision  # 0 from a read-back
     ranges = [r.response_range for r in resp.responses]
     ours = [h for h, rng in zip(held, ranges, strict=False)
             if rng.kvs and int(rng.kvs[0].mod_revision) == h.token]

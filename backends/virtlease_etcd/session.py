@@ -163,6 +163,11 @@ class HostSession:
         return self._valid_until - self.cfg.margin
 
     @property
+    def closed(self) -> bool:
+        """True once ``close`` was called."""
+        return self._closed
+
+    @property
     def lost(self) -> str | None:
         """Why the session was lost, or None while it is valid."""
         return self._lost

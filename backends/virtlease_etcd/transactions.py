@@ -2,7 +2,7 @@
 
 Each function builds the compare/success/failure lists of ONE transaction;
 ``run`` sends it with retries and resolves lost replies by reading back our
-own records (DESIGN.md point 5).  A grant writes, per resource, the holder
+own records (docs/DESIGN.md §6).  A grant writes, per resource, the holder
 key (on the session lease) and the resource's ``gen`` key: two operations,
 so one transaction holds ``max_txn_ops // 2`` resources.  With
 ``legacy_path_keys`` a disk has two keys (identity and legacy path, see
@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from etcd3 import transactions as tx
 
-from virtlease.errors import Holder, TransactionTooLargeError
+from virtlease.errors import TransactionTooLargeError
 
 from . import keyspace as ks
 from .client import LeaseNotFound, TransientError
@@ -147,73 +147,48 @@ def claim_ops(session: HostSession, grants: Sequence[Grant], *, marker_key: str,
     return compare, success, failure
 
 
-def holders_from_failure(responses: Sequence[Any], rids: Sequence[ks.ResourceId], uuid: str) -> list[Holder]:
-    """The conflicting holders read by a failed grant: one range read per
-    resource (``rids``: what we asked for, in order) and the handoffs in flight
-    last.  Other shared holders do not conflict with a shared request."""
-    ranges = [r.response_range for r in responses if r.WhichOneof("response") == "response_range"]
-    handoff_to: dict[tuple[str, str], str] = {}
-    for kv in ranges[-1].kvs if ranges else []:
-        try:
-            rec = ks.decode(kv.value, kv.key.decode(errors="replace"))
-        except ks.ForeignValue:
-            continue
-        handoff_to[(str(rec.get("uuid")), str(rec.get("from")))] = str(rec.get("to"))
-    holders: list[Holder] = []
-    seen: set[tuple[str, str, str, str, int]] = set()
-    for rng, rid in zip(ranges[:-1], rids, strict=False):
-        mode = rid.mode
-        for kv in rng.kvs:
-            holder = holder_of(kv, handoff_to, resource=rid.readable)
-            if mode == ks.SHARED and holder.mode == ks.SHARED and holder.domain_uuid != uuid:
-                continue
-            once = (holder.resource, holder.host, holder.domain_uuid, holder.mode, holder.token)
-            if once in seen:  # one grant's identity and legacy path records: one holder
-                continue
-            seen.add(once)
-            holders.append(holder)
-    return holders
+@dataclass(frozen=True)
+class Outcome:
+    """What one transaction did: from etcd's reply, or found by a read-back
+    after the reply was lost (then there are no responses and no revision)."""
+
+    succeeded: bool
+    revision: int = 0
+    """The reply's header revision (the fencing token of what it wrote); 0 from a read-back."""
+    responses: Sequence[Any] = ()
+    """The reply's response ops, in request order (the failure branch's gets, say)."""
+    revisions: Mapping[str, int] = field(default_factory=dict)
+    """From a read-back: the mod revision of each key found written."""
+    read_back: bool = False
+
+    @classmethod
+    def of(cls, reply: Any) -> Outcome:
+        """From etcd's TxnResponse."""
+        return cls(bool(reply.succeeded), int(reply.header.revision), list(reply.responses))
+
+    @classmethod
+    def found(cls, revisions: Mapping[str, int] | None = None, *, succeeded: bool = True) -> Outcome:
+        """From a read-back: did the lost transaction take effect."""
+        return cls(succeeded, revisions=dict(revisions or {}), read_back=True)
 
 
-def holder_of(kv: Any, handoff_to: dict[tuple[str, str], str] | None = None, *,
-              resource: str | None = None) -> Holder:
-    """The holder recorded at ``kv``.  A value virtlease cannot read (foreign,
-    corrupt, another format) is still a holder — never overwritten — and is
-    reported under ``resource`` (the disk asked for) with its etcd key."""
-    key = kv.key.decode(errors="replace")
-    try:
-        rec = ks.decode(kv.value, key)
-        if not all(isinstance(rec.get(f), str) for f in ("res", "host", "uuid", "mode")):
-            raise ks.ForeignValue(f"{key}: record without res/host/uuid/mode")
-    except ks.ForeignValue as exc:
-        return Holder(resource=resource or key, host="unknown", domain_name="unknown", domain_uuid="unknown",
-                      mode=f"unreadable record at etcd key {key} ({exc}); remove it by hand if stale",
-                      token=int(kv.mod_revision), since=0.0)
-    uuid, host = str(rec.get("uuid")), str(rec.get("host"))
-    return Holder(
-        resource=str(rec.get("res")), host=host, domain_name=str(rec.get("name")), domain_uuid=uuid,
-        mode=str(rec.get("mode")), token=int(kv.mod_revision), since=float(rec.get("since") or 0.0),
-        handoff_to=(handoff_to or {}).get((uuid, host)),
-    )
-
-
-ReadBack = Callable[[float], Any]
+ReadBack = Callable[[float], "Outcome | None"]
 """Given a timeout, return the outcome of a transaction whose reply was
 lost, or None if it did not commit (then it is retried)."""
 
 
 def run(session: HostSession, compare: list[Any], success: list[Any], failure: list[Any], *,
-        deadline: float, read_back: ReadBack | None = None) -> Any:
+        deadline: float, read_back: ReadBack | None = None) -> Outcome:
     """Send one transaction with retries until ``deadline`` (never past the
     session's fence deadline).  A lost reply is resolved with ``read_back``
     before any retry, so a retry never conflicts with our own write."""
     client = session.client
 
-    def attempt(timeout: float) -> Any:
+    def attempt(timeout: float) -> Outcome:
         session.check()
-        return lease_checked(session, lambda: client.txn(compare, success, failure, timeout=timeout))
+        return Outcome.of(lease_checked(session, lambda: client.txn(compare, success, failure, timeout=timeout)))
 
-    def resolve(exc: TransientError) -> Any:
+    def resolve(exc: TransientError) -> Outcome | None:
         assert read_back is not None
         outcome = read_back(client.attempt_timeout(deadline))
         if outcome is not None:
@@ -221,7 +196,7 @@ def run(session: HostSession, compare: list[Any], success: list[Any], failure: l
         return outcome
 
     started = time.monotonic()
-    result = client.retrying(attempt, deadline=min(deadline, session.fence_at),
+    result: Outcome = client.retrying(attempt, deadline=min(deadline, session.fence_at),
                              on_ambiguous=resolve if read_back is not None else None)
     log.debug("txn of %d ops took %.1f ms", len(success), (time.monotonic() - started) * 1000)
     return result
@@ -242,23 +217,16 @@ def lease_checked(session: HostSession, request: Callable[[], T]) -> T:
         raise  # pragma: no cover - check() raised
 
 
-@dataclass
-class Committed:
-    """Outcome found by a read-back: the revisions of the keys we wrote."""
-
-    revisions: dict[str, int]
-
-
 def written(session: HostSession, records: list[tuple[str, bytes]]) -> ReadBack:
     """Read-back for a write: committed iff every record is there, byte-equal."""
-    def read(timeout: float) -> Committed | None:
+    def read(timeout: float) -> Outcome | None:
         found: dict[str, int] = {}
         for key, value in records:
             kvs, _ = session.client.get_range(key, timeout=timeout)
             if kvs and kvs[0].value == value:
                 found[key] = int(kvs[0].mod_revision)
         if len(found) == len(records):
-            return Committed(found)
+            return Outcome.found(found)
         if found:  # an atomic txn cannot half-commit: never guess, retry the read
             raise TransientError(f"read-back saw {len(found)}/{len(records)} records", ambiguous=True)
         return None
@@ -267,12 +235,12 @@ def written(session: HostSession, records: list[tuple[str, bytes]]) -> ReadBack:
 
 def deleted(session: HostSession, records: list[tuple[str, int]]) -> ReadBack:
     """Read-back for a delete: committed iff none of our (key, token) is left."""
-    def read(timeout: float) -> Committed | None:
+    def read(timeout: float) -> Outcome | None:
         for key, token in records:
             kvs, _ = session.client.get_range(key, timeout=timeout)
             if kvs and int(kvs[0].mod_revision) == token:
                 return None
-        return Committed({})
+        return Outcome.found()
     return read
 
 
@@ -285,7 +253,7 @@ def withdraw_in_background(session: HostSession, records: list[tuple[str, bytes]
     def work() -> None:
         compare = [tx.Value(key) == value for key, value in records]
         delete = [tx.Delete(key) for key, _ in records]
-        while session.lost is None and not getattr(session, "_closed", False):
+        while session.lost is None and not session.closed:
             try:
                 resp = session.client.txn(compare, delete, [], timeout=session.cfg.request_timeout)
             except Exception as exc:

@@ -1,0 +1,66 @@
+"""Holders, read out of etcd replies: who has a disk, for the busy error.
+
+A failed grant's failure branch reads each resource's holder range and the
+handoffs in flight; these turn those replies into ``virtlease.errors.Holder``
+values that name the host, the domain, the mode, the token and any handoff
+(docs/DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from virtlease.errors import Holder
+
+from . import keyspace as ks
+
+
+def from_failure(responses: Sequence[Any], rids: Sequence[ks.ResourceId], uuid: str) -> list[Holder]:
+    """The conflicting holders read by a failed grant: one range read per
+    resource (``rids``: what we asked for, in order) and the handoffs in flight
+    last.  Other shared holders do not conflict with a shared request."""
+    ranges = [r.response_range for r in responses if r.WhichOneof("response") == "response_range"]
+    handoff_to: dict[tuple[str, str], str] = {}
+    for kv in ranges[-1].kvs if ranges else []:
+        try:
+            rec = ks.decode(kv.value, kv.key.decode(errors="replace"))
+        except ks.ForeignValue:
+            continue
+        handoff_to[(str(rec.get("uuid")), str(rec.get("from")))] = str(rec.get("to"))
+    holders: list[Holder] = []
+    seen: set[tuple[str, str, str, str, int]] = set()
+    for rng, rid in zip(ranges[:-1], rids, strict=False):
+        mode = rid.mode
+        for kv in rng.kvs:
+            holder = holder_of(kv, handoff_to, resource=rid.readable)
+            if mode == ks.SHARED and holder.mode == ks.SHARED and holder.domain_uuid != uuid:
+                continue
+            once = (holder.resource, holder.host, holder.domain_uuid, holder.mode, holder.token)
+            if once in seen:  # one grant's identity and legacy path records: one holder
+                continue
+            seen.add(once)
+            holders.append(holder)
+    return holders
+
+
+def holder_of(kv: Any, handoff_to: dict[tuple[str, str], str] | None = None, *,
+              resource: str | None = None) -> Holder:
+    """The holder recorded at ``kv``.  A value virtlease cannot read (foreign,
+    corrupt, another format) is still a holder — never overwritten — and is
+    reported under ``resource`` (the disk asked for) with its etcd key."""
+    key = kv.key.decode(errors="replace")
+    try:
+        rec = ks.decode(kv.value, key)
+        if not all(isinstance(rec.get(f), str) for f in ("res", "host", "uuid", "mode")):
+            raise ks.ForeignValue(f"{key}: record without res/host/uuid/mode")
+    except ks.ForeignValue as exc:
+        return Holder(resource=resource or key, host="unknown", domain_name="unknown", domain_uuid="unknown",
+                      mode=f"unreadable record at etcd key {key} ({exc}); remove it by hand if stale",
+                      token=int(kv.mod_revision), since=0.0)
+    uuid, host = str(rec.get("uuid")), str(rec.get("host"))
+    return Holder(
+        resource=str(rec.get("res")), host=host, domain_name=str(rec.get("name")), domain_uuid=uuid,
+        mode=str(rec.get("mode")), token=int(kv.mod_revision), since=float(rec.get("since") or 0.0),
+        handoff_to=(handoff_to or {}).get((uuid, host)),
+    )
