@@ -80,6 +80,8 @@ class _Endpoint:
         self.maintenance = etcdrpc.MaintenanceStub(self.channel)
         self.auth = etcdrpc.AuthStub(self.channel)
         self.failed_at = 0.0
+        self.problem: str | None = None
+        """Why connecting failed last, in one line, when gRPC said (TLS, mostly)."""
 
     def failed(self) -> bool:
         return bool(self.failed_at) and time.monotonic() - self.failed_at < ENDPOINT_RETRY
@@ -182,7 +184,8 @@ class EtcdClient:
         details = exc.details() or code.name
         if code in _TRANSIENT:
             ep.fail()
-            return TransientError(f"etcd {ep.netloc}: {details}", ambiguous=write)
+            ep.problem = connect_problem(details, ep.netloc, self.cfg)
+            return TransientError(f"etcd {ep.netloc}: {ep.problem or details}", ambiguous=write)
         if "lease not found" in details:
             return LeaseNotFound(details)
         if "too many operations" in details:
@@ -300,10 +303,20 @@ class EtcdClient:
     def attempt_timeout(self, deadline: float) -> float:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise BackendUnavailableError(
-                f"etcd at {','.join(self.cfg.endpoints)} did not answer before the deadline"
-            )
+            raise self._unreachable("did not answer before the deadline")
         return min(self.cfg.request_timeout, left)
+
+    def _unreachable(self, what: str, cause: Exception | None = None) -> BackendUnavailableError:
+        """The error once the deadline passed: the connect problems seen (a TLS
+        refusal, say) rather than only "no answer"."""
+        problems = sorted({ep.problem for ep in self._endpoints if ep.problem})
+        if problems:
+            return BackendUnavailableError(f"etcd at {','.join(self.cfg.endpoints)} {what}: " + "; ".join(problems),
+                                           hint="fix the TLS settings (ca_cert, cert_cert, cert_key) or the "
+                                                "endpoint names; virtlease check shows each member")
+        return BackendUnavailableError(
+            f"etcd at {','.join(self.cfg.endpoints)} {what}" + (f": {cause}" if cause else ""),
+            hint="check the etcd cluster's health (virtlease check) and this host's network")
 
     def retrying(self, fn: Callable[[float], T], *, deadline: float,
                  on_ambiguous: Callable[[TransientError], T | None] | None = None) -> T:
@@ -330,10 +343,7 @@ class EtcdClient:
         try:
             return retryer(attempt)
         except TransientError as exc:
-            raise BackendUnavailableError(
-                f"etcd at {','.join(self.cfg.endpoints)} unreachable until the deadline: {exc}",
-                hint="check the etcd cluster's health (virtlease check) and this host's network",
-            ) from exc
+            raise self._unreachable("unreachable until the deadline", exc) from exc
 
     def _resolve(self, on_ambiguous: Callable[[TransientError], T | None], exc: TransientError,
                  deadline: float) -> T | None:
@@ -345,6 +355,32 @@ class EtcdClient:
                 if time.monotonic() + 0.1 >= deadline:
                     raise
                 time.sleep(0.1)
+
+
+_TLS_PROBLEMS = (
+    # (what gRPC's details contain, what it means) -- BoringSSL's names, as grpcio reports them
+    ("CERTIFICATE_REQUIRED", "refused the connection: it requires a client certificate and none was given "
+                             "(set cert_cert and cert_key)"),
+    ("ALERT_CERTIFICATE_EXPIRED", "refused this host's client certificate: it has expired (cert_cert)"),
+    ("ALERT_BAD_CERTIFICATE", "refused this host's client certificate: none given, not signed by the CA etcd "
+                              "trusts, or expired (cert_cert, cert_key)"),
+    ("ALERT_UNKNOWN_CA", "refused this host's client certificate: not signed by the CA etcd trusts (cert_cert)"),
+    ("certificate has expired", "has a server certificate that has expired"),
+    ("CERTIFICATE_VERIFY_FAILED", "has a server certificate not signed by ca_cert"),
+    ("Hostname Verification Check failed", "has a server certificate that does not name this endpoint "
+                                           "(use a host name or address from its subject alternative names)"),
+    ("WRONG_VERSION_NUMBER", "does not speak TLS on this port (remove ca_cert, or use its TLS port)"),
+)
+
+
+def connect_problem(details: str, netloc: str, cfg: EtcdConfig) -> str | None:
+    """One line for a connection gRPC could not make, when its details say why."""
+    for needle, meaning in _TLS_PROBLEMS:
+        if needle in details:
+            return f"{netloc} {meaning}"
+    if not cfg.tls and "Socket closed" in details:
+        return f"{netloc} closed the connection at once: does etcd require TLS there? (set ca_cert)"
+    return None
 
 
 def _read(path: str | None) -> bytes | None:
