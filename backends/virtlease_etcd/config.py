@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -192,6 +193,7 @@ def _read_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
+            mode = os.fstat(fh.fileno()).st_mode
     except FileNotFoundError:
         raise ConfigError(f"config_file: {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
@@ -201,6 +203,10 @@ def _read_toml(path: str) -> dict[str, Any]:
     section = data.get("etcd", data)
     if not isinstance(section, dict):
         raise ConfigError(f"config_file: {path}: [etcd] must be a table")
+    if section.get("password") and mode & 0o077:
+        raise ConfigError(f"config_file: {path} holds a password but others can read it (mode "
+                          f"{stat.S_IMODE(mode):04o}): chmod 600 {path}, or give the password in "
+                          f"{ENV_PREFIX}PASSWORD instead")
     return {k: v for k, v in section.items() if not isinstance(v, dict) or k in _MAPS}
 
 

@@ -3,6 +3,8 @@
 #   * user `root` with role `root` (needed before auth can be enabled);
 #   * role `virtlease`: readwrite on every key under the prefix /virtlease/ (and nothing else);
 #   * user `virtlease` with that role;
+#   * role `virtlease-monitor`: read on the prefix only, and user `virtlease-monitor` with it
+#     (for `virtlease status` from monitoring: it cannot take or drop a lease);
 #   * auth enable.
 # Idempotent: existing users/roles/permissions are kept, and it works whether auth is on or off.
 #
@@ -17,14 +19,17 @@
 #   ROOT_PASSWORD       if set, root gets this password and rbac.sh authenticates with it once
 #                       auth is on; if unset, root is created with --no-password (cert only).
 #   VIRTLEASE_PASSWORD  likewise for the virtlease user (unset: cert only, --no-password).
+#   MONITOR_PASSWORD    likewise for the virtlease-monitor user.
 #   VIRTLEASE_PREFIX    key prefix (default /virtlease/; must match the driver's prefix + "/").
-# Passwords given here are visible in the process list of this host while etcdctl runs.
+# Passwords never appear in a process's arguments: etcdctl gets root's through ETCDCTL_USER
+# (its environment) and new users' on its standard input.
 set -euo pipefail
 
 ETCDCTL="${ETCDCTL:-etcdctl}"
 PREFIX="${VIRTLEASE_PREFIX:-/virtlease/}"
 ROOT_PASSWORD="${ROOT_PASSWORD:-}"
 VIRTLEASE_PASSWORD="${VIRTLEASE_PASSWORD:-}"
+MONITOR_PASSWORD="${MONITOR_PASSWORD:-}"
 
 die() { echo "rbac.sh: ERROR: $*" >&2; exit 1; }
 log() { echo "rbac.sh: $*" >&2; }
@@ -49,7 +54,7 @@ fi
 
 ctl() {
     if [ "$auth_enabled" = true ] && [ -n "$ROOT_PASSWORD" ]; then
-        "$ETCDCTL" --user "root:$ROOT_PASSWORD" "$@"
+        ETCDCTL_USER="root:$ROOT_PASSWORD" "$ETCDCTL" "$@"
     else
         "$ETCDCTL" "$@"    # auth off, or root authenticated by its client certificate (CN=root)
     fi
@@ -63,7 +68,7 @@ add_user() {
     if ctl user list | has_line "$name"; then
         log "user $name exists"
     elif [ -n "$password" ]; then
-        ctl user add "$name" --new-user-password="$password" >/dev/null
+        printf '%s\n' "$password" | ctl user add "$name" --interactive=false >/dev/null
         log "user $name added (password)"
     else
         ctl user add "$name" --no-password >/dev/null
@@ -103,6 +108,12 @@ ctl role grant-permission virtlease --prefix=true readwrite "$PREFIX" >/dev/null
 log "role virtlease: readwrite on prefix $PREFIX"
 add_user virtlease "$VIRTLEASE_PASSWORD"
 grant_role virtlease virtlease
+
+add_role virtlease-monitor
+ctl role grant-permission virtlease-monitor --prefix=true read "$PREFIX" >/dev/null
+log "role virtlease-monitor: read on prefix $PREFIX"
+add_user virtlease-monitor "$MONITOR_PASSWORD"
+grant_role virtlease-monitor virtlease-monitor
 
 if [ "$auth_enabled" = true ]; then
     log "auth already enabled"

@@ -18,7 +18,8 @@ from virtlease_etcd.embedded import find_etcd_binary, free_port
 
 
 class TlsCluster:
-    def __init__(self, workdir: Path, pki: Path, *, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, pki: Path, *, client_certs: bool = True, extra: tuple[str, ...] = ()) -> None:
+        """``client_certs=False``: server TLS only, clients authenticate by password."""
         self.dir, self.pki = workdir, pki
         self.ports = [(free_port(), free_port()) for _ in range(3)]
         cluster = ",".join(f"m{i}=https://127.0.0.1:{p}" for i, (_, p) in enumerate(self.ports))
@@ -33,7 +34,7 @@ class TlsCluster:
                 "--initial-advertise-peer-urls", f"https://127.0.0.1:{peer}",
                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
                 "--cert-file", str(pki / f"m{i}-server.crt"), "--key-file", str(pki / f"m{i}-server.key"),
-                "--client-cert-auth", "--trusted-ca-file", str(pki / "ca.crt"),
+                *(["--client-cert-auth", "--trusted-ca-file", str(pki / "ca.crt")] if client_certs else []),
                 "--peer-cert-file", str(pki / f"m{i}-peer.crt"), "--peer-key-file", str(pki / f"m{i}-peer.key"),
                 "--peer-client-cert-auth", "--peer-trusted-ca-file", str(pki / "ca.crt"),
                 "--log-level", "warn", *extra,
@@ -51,6 +52,7 @@ class TlsCluster:
 
     def wait(self, timeout: float = 30.0) -> TlsCluster:
         cfg = load_config({"endpoints": self.endpoints, "host_id": "probe", **self.tls("root")}, environ={})
+        # (a server without client-certificate auth ignores the certificate)
         until = time.monotonic() + timeout
         while True:
             client = EtcdClient(cfg)

@@ -1,0 +1,213 @@
+"""etcd authentication and RBAC as deploy/etcd/rbac.sh sets them up, on a real etcd.
+
+rbac.sh runs twice (idempotent). A host user can do everything virtlease needs and
+nothing outside the prefix; the read-only monitoring user can run ``status`` but not
+``hold``; a denied operation gives one clear line and changes nothing; simple auth
+tokens that expire during a long hold do not make the host fence itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from etcd3 import transactions as tx
+from pki import make_pki
+from tls_cluster import TlsCluster
+
+import virtlease as v
+from virtlease_etcd.client import EtcdClient, PermissionDenied
+from virtlease_etcd.config import load_config
+from virtlease_etcd.embedded import find_etcd_binary
+
+REPO = Path(__file__).resolve().parents[2]
+VIRTLEASE = [str(Path(sys.executable).with_name("virtlease"))]
+PREFIX = "/vlrbac"
+PASSWORDS = {"root": "r00t-secret", "virtlease": "host-secret", "virtlease-monitor": "mon-secret"}
+TOKEN_TTL = 2
+
+
+def _rbac(etcd: TlsCluster) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ETCDCTL": str(Path(find_etcd_binary()).with_name("etcdctl")),
+           "ETCDCTL_ENDPOINTS": ",".join(f"https://{ep}" for ep in etcd.endpoints.split(",")),
+           "ETCDCTL_CACERT": str(etcd.pki / "ca.crt"), "VIRTLEASE_PREFIX": PREFIX + "/",
+           "ROOT_PASSWORD": PASSWORDS["root"], "VIRTLEASE_PASSWORD": PASSWORDS["virtlease"],
+           "MONITOR_PASSWORD": PASSWORDS["virtlease-monitor"]}
+    return subprocess.run(["bash", str(REPO / "deploy" / "etcd" / "rbac.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsCluster]:
+    # server TLS (etcd sends tokens only over TLS), passwords, and simple tokens that expire
+    # after TOKEN_TTL seconds: a long hold outlives many
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    server = TlsCluster(tmp_path_factory.mktemp("rbac-etcd"), pki, client_certs=False,
+                        extra=("--auth-token", "simple", "--auth-token-ttl", str(TOKEN_TTL)))
+    try:
+        server.wait()
+        first = _rbac(server)
+        assert first.returncode == 0, first.stderr
+        again = _rbac(server)  # idempotent, now with auth on
+        assert again.returncode == 0, again.stderr
+        assert "auth already enabled" in again.stderr and "user virtlease exists" in again.stderr
+        yield server
+    finally:
+        server.stop()
+
+
+def _cfg(etcd: TlsCluster, user: str, host: str = "host-a") -> dict[str, object]:
+    return {"endpoints": etcd.endpoints, "prefix": PREFIX, "host_id": host, "ttl": 5, "acquire_timeout": 3.0,
+            "ca_cert": str(etcd.pki / "ca.crt"), "user": user, "password": PASSWORDS[user]}
+
+
+def _root(etcd: TlsCluster) -> EtcdClient:
+    return EtcdClient(load_config(_cfg(etcd, "root", "root-admin"), environ={}))
+
+
+def _dump(etcd: TlsCluster) -> dict[bytes, bytes]:
+    root = _root(etcd)
+    try:
+        kvs, _ = root.get_range("\x00", "\x00", timeout=5)
+        return {kv.key: kv.value for kv in kvs}
+    finally:
+        root.close()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: val for k, val in os.environ.items() if not k.startswith("VIRTLEASE_")}
+    return {**env, **extra}
+
+
+def test_host_user_can_do_what_virtlease_needs(etcd: TlsCluster, tmp_path: Path) -> None:
+    disk = tmp_path / "web1.qcow2"
+    disk.write_bytes(b"")
+    a = v.load_driver("etcd", config=_cfg(etcd, "virtlease", "host-a"),
+                      capabilities=v.Capability.RESOURCES | v.Capability.MIGRATE)
+    b = v.load_driver("etcd", config=_cfg(etcd, "virtlease", "host-b"),
+                      capabilities=v.Capability.RESOURCES | v.Capability.MIGRATE)
+    try:
+        web1 = a.new_object(uuid=str(uuid.uuid4()), name="web1")
+        web1.add_resource(v.ResourceType.DISK, str(disk))
+        web1.acquire()
+        state = web1.prepare_migrate("host-b")  # mark, then claim on the other host
+        dest = b.new_object(uuid=web1.spec.uuid, name="web1", flags=v.NewFlags.MIGRATE)
+        dest.add_resource(v.ResourceType.DISK, str(disk))
+        dest.acquire(state=state)
+        web1.complete_migrate_out()
+        dest.release()
+        web1.free()
+        dest.free()
+    finally:
+        a.unload()
+        b.unload()
+
+
+@pytest.mark.parametrize("op", ["read", "write", "delete", "lease on a key"])
+def test_host_user_is_denied_outside_the_prefix_and_nothing_changes(etcd: TlsCluster, op: str) -> None:
+    root = _root(etcd)
+    root.txn([], [tx.Put("/other/secret", b"keep")], timeout=5)
+    root.close()
+    before = _dump(etcd)
+    client = EtcdClient(load_config(_cfg(etcd, "virtlease"), environ={}))
+    try:
+        with pytest.raises(PermissionDenied) as denied:
+            if op == "read":
+                client.get_range("/other/secret", timeout=2)
+            elif op == "write":
+                client.txn([], [tx.Put("/other/secret", b"mine")], timeout=2)
+            elif op == "delete":
+                client.txn([], [tx.Delete("/other/secret")], timeout=2)
+            else:
+                lease, _ = client.lease_grant(5, timeout=2)
+                client.txn([], [tx.Put("/other/x", b"x", lease=lease)], timeout=2)
+        assert "permission denied" in str(denied.value) and "\n" not in str(denied.value)
+    finally:
+        client.close()
+    assert _dump(etcd) == before
+
+
+def test_monitor_user_runs_status_but_not_hold(etcd: TlsCluster, tmp_path: Path) -> None:
+    disk = tmp_path / "db1.qcow2"
+    disk.write_bytes(b"")
+    holder = v.load_driver("etcd", config=_cfg(etcd, "virtlease", "host-a"), capabilities=v.Capability.RESOURCES)
+    try:
+        db1 = holder.new_object(uuid=str(uuid.uuid4()), name="db1")
+        db1.add_resource(v.ResourceType.DISK, str(disk))
+        db1.acquire()
+        env = _env(VIRTLEASE_ETCD_USER="virtlease-monitor", VIRTLEASE_ETCD_PASSWORD=PASSWORDS["virtlease-monitor"],
+                   VIRTLEASE_ETCD_CA_CERT=str(etcd.pki / "ca.crt"))
+        base = [*VIRTLEASE, "--endpoints", etcd.endpoints, "--prefix", PREFIX]
+        status = subprocess.run([*base, "status"], capture_output=True, text=True, env=env, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert "host-a" in status.stdout and "db1" in status.stdout
+        before = _dump(etcd)
+        hold = subprocess.run([*base, "--host-id", "monitor", "hold", "--name", "intruder", "--disk",
+                               str(tmp_path / "other.qcow2")], capture_output=True, text=True, env=env, timeout=60)
+        assert hold.returncode != 0
+        lines = [line for line in hold.stderr.splitlines() if line.strip()]
+        assert "Traceback" not in hold.stderr and lines[0].startswith("virtlease: error: "), hold.stderr
+        assert "permission denied" in lines[0], hold.stderr
+        after = _dump(etcd)
+        assert {k: val for k, val in after.items() if not k.endswith(b"/host/monitor")} == before
+        assert PASSWORDS["virtlease-monitor"] not in status.stdout + status.stderr + hold.stdout + hold.stderr
+        db1.release()
+        db1.free()
+    finally:
+        holder.unload()
+
+
+def test_hold_across_auth_token_expiry_does_not_fence(etcd: TlsCluster, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    disks = [tmp_path / f"d{i}.qcow2" for i in range(2)]
+    for d in disks:
+        d.write_bytes(b"")
+    caplog.set_level(logging.INFO, logger="virtlease_etcd.client")
+    config = {**_cfg(etcd, "virtlease", "host-t"), "ttl": 6}
+    plugin = v.load_driver("etcd", config=config, capabilities=v.Capability.RESOURCES)
+    try:
+        vm = plugin.new_object(uuid=str(uuid.uuid4()), name="long")
+        vm.add_resource(v.ResourceType.DISK, str(disks[0]))
+        vm.acquire()
+        session = plugin.driver.session
+        sent = session.keepalives_sent
+        time.sleep(3 * TOKEN_TTL)  # well past the token's TTL: keepalives need no token
+        assert session.lost is None, session.lost
+        assert session.keepalives_sent >= sent + 2
+        # a token etcd no longer knows (expired, or forgotten by a restarted member):
+        session.client._metadata = (("token", "forgotten.token"),)
+        other = plugin.new_object(uuid=str(uuid.uuid4()), name="later")
+        other.add_resource(v.ResourceType.DISK, str(disks[1]))
+        other.acquire()  # the write meets the invalid token, authenticates again, succeeds
+        renewals = [r for r in caplog.records if "authenticating again" in r.getMessage()]
+        assert renewals, "the client never met an invalid token: the test proves nothing"
+        other.release()
+        vm.release()
+        other.free()
+        vm.free()
+        assert session.lost is None
+    finally:
+        plugin.unload()
+
+
+def test_config_file_with_a_password_must_not_be_readable_by_others(etcd: TlsCluster, tmp_path: Path) -> None:
+    conf = tmp_path / "virtlease.toml"
+    conf.write_text(f'[etcd]\nendpoints = "{etcd.endpoints}"\nca_cert = "{etcd.pki / "ca.crt"}"\n'
+                    f'user = "virtlease"\npassword = "{PASSWORDS["virtlease"]}"\n')
+    os.chmod(conf, 0o644)
+    res = subprocess.run([*VIRTLEASE, "--config", str(conf), "--prefix", PREFIX, "status"], capture_output=True,
+                         text=True, env=_env(), timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert f"chmod 600 {conf}" in res.stderr and PASSWORDS["virtlease"] not in res.stderr
+    os.chmod(conf, 0o600)
+    res = subprocess.run([*VIRTLEASE, "--config", str(conf), "--prefix", PREFIX, "status"], capture_output=True,
+                         text=True, env=_env(), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert PASSWORDS["virtlease"] not in res.stdout + res.stderr
