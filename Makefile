@@ -26,6 +26,7 @@ safety: $(STAMP)
 
 safety-long: $(STAMP)
 	$(BIN)/python tests/safety/nemesis.py --duration 1800
+	VIRTLEASE_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -s tests/security/test_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -198,6 +198,8 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"config_file: {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config_file: {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # found by tests/security/test_fuzz.py: tomllib raises it as is
+        raise ConfigError(f"config_file: {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except OSError as exc:
         raise ConfigError(f"config_file: cannot read {path}: {exc.strerror}") from None
     section = data.get("etcd", data)
