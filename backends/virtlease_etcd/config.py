@@ -50,7 +50,7 @@ class EtcdConfig:
     cert_cert: str | None = None
     cert_key: str | None = None
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr, log or traceback
     default_action: FailureAction = FailureAction.POWEROFF
     """What FailureAction.DEFAULT means: poweroff, pause or ignore."""
     on_lease_lost: Callable[[str], None] | None = None

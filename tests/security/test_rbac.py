@@ -197,6 +197,15 @@ def test_hold_across_auth_token_expiry_does_not_fence(etcd: TlsCluster, tmp_path
         plugin.unload()
 
 
+def test_the_password_is_in_no_repr_and_no_debug_log(etcd: TlsCluster, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    cfg = load_config(_cfg(etcd, "virtlease", "host-log"), environ={})
+    assert PASSWORDS["virtlease"] not in repr(cfg)
+    plugin = v.load_driver("etcd", config=_cfg(etcd, "virtlease", "host-log"), capabilities=v.Capability.RESOURCES)
+    plugin.unload()
+    assert caplog.records and PASSWORDS["virtlease"] not in caplog.text
+
+
 def test_config_file_with_a_password_must_not_be_readable_by_others(etcd: TlsCluster, tmp_path: Path) -> None:
     conf = tmp_path / "virtlease.toml"
     conf.write_text(f'[etcd]\nendpoints = "{etcd.endpoints}"\nca_cert = "{etcd.pki / "ca.crt"}"\n'
