@@ -110,6 +110,29 @@ def test_cli_status_and_check_over_tls(cluster: TlsCluster, tmp_path: Path) -> N
         holder.unload()
 
 
+def test_cli_hold_and_demo_over_tls(cluster: TlsCluster, tmp_path: Path) -> None:
+    disk = tmp_path / "app1.qcow2"
+    disk.write_bytes(b"")
+    prefix = f"/tls-{uuid.uuid4().hex[:8]}"
+    conf = _toml(tmp_path / "virtlease.toml", _config(cluster, prefix, "host-hold", **cluster.tls()))
+    hold = subprocess.Popen([*VIRTLEASE, "--config", str(conf), "hold", "--name", "app1", "--disk", str(disk),
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert hold.stdout is not None
+        held = json.loads(hold.stdout.readline())
+        assert held, hold.stderr
+        status = subprocess.run([*VIRTLEASE, "--config", str(conf), "status", "--json"], capture_output=True,
+                                text=True, env=_env(), timeout=60)
+        assert [(r["host"], r["domain_name"]) for r in json.loads(status.stdout)["resources"]] == [("host-hold", "app1")]
+    finally:
+        hold.send_signal(signal.SIGTERM)
+        assert hold.wait(20) == 0
+    demo = subprocess.run([*VIRTLEASE, "--config", str(conf), "demo", "--endpoints", cluster.endpoints],
+                          capture_output=True, text=True, env=_env(), timeout=180)
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    assert "demo finished" in demo.stdout
+
+
 def test_agent_serves_over_tls(cluster: TlsCluster, tmp_path: Path) -> None:
     """The agent opens its session over TLS (the lockd protocol itself is tested in tests/agent)."""
     conf = _toml(tmp_path / "virtlease.toml", _config(cluster, f"/tls-{uuid.uuid4().hex[:8]}", "host-agent",
