@@ -27,11 +27,16 @@ from etcd_relay import Relay
 from rig import Rig, wait_for
 
 from conftest import EtcdServer
+from virtlease_etcd import keyspace as ks
+from virtlease_etcd.client import EtcdClient
+from virtlease_etcd.config import load_config
+from virtlease_etcd.status import HeldInfo, read_status
 
 pytestmark = pytest.mark.libvirt
 HERE = Path(__file__).resolve().parent
 PORT = 23790
 TTL = 5
+PREFIX = f"/vltest/{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,7 @@ def agent_rig(tmp_path_factory: pytest.TempPathFactory, etcd_process: EtcdServer
     relay_path = str(short / "etcd.sock")
     host, port = etcd_process.endpoints.split(",")[0].rsplit(":", 1)
     relay = Relay.unix_to_tcp(relay_path, host, int(port))
-    prefix = f"/vltest/{uuid.uuid4().hex[:12]}"
+    prefix = PREFIX
     command = [sys.executable, str(HERE / "agent_in_host.py"), relay_path, str(PORT),
                "--socket", "{socket}", "--endpoints", f"127.0.0.1:{PORT}", "--host-id", "host{host}",
                "--prefix", prefix, "--ttl", str(TTL), "--reserve-grace", "2"]
@@ -132,3 +137,118 @@ def test_agent_sigkill_and_restart_keeps_the_running_domain(agent_rig: Rig) -> N
     r.virsh("B", "destroy", "db2")
     log_text = (host.root / "log" / "lockdaemon-restarted.log").read_text()
     assert "re-attached to lease" in log_text and "re-adopted running domain web2" in log_text, log_text
+
+
+def _holders(etcd: EtcdServer, *domains: str) -> list[HeldInfo]:
+    """The records of ``domains`` under the rig's prefix, read from etcd."""
+    client = EtcdClient(load_config({"endpoints": etcd.endpoints, "host_id": "observer"}, environ={}))
+    try:
+        return [h for h in read_status(client, ks.Keys(PREFIX), timeout=5).resources if h.domain_name in domains]
+    finally:
+        client.close()
+
+
+def test_shareable_disk_on_both_hosts_and_an_exclusive_one_refused(agent_rig: Rig) -> None:
+    """Scenario 1, shared: <shareable/> on A and B both start; a third domain wanting it exclusive is refused."""
+    r = agent_rig
+    disk = r.image("agent-shareable.img")
+    r.define_domain("A", "sh-a", [disk], shareable=True)
+    r.define_domain("B", "sh-b", [disk], shareable=True)
+    r.define_domain("B", "excl", [disk])
+    r.start("A", "sh-a")
+    r.start("B", "sh-b")
+    cp, _ = r.start("B", "excl", check=False)
+    assert cp.returncode != 0 and "resource busy" in cp.stderr, cp.stderr
+    assert r.domstate("A", "sh-a") == "running" and r.domstate("B", "sh-b") == "running"
+    r.virsh("A", "destroy", "sh-a")
+    r.virsh("B", "destroy", "sh-b")
+
+
+def test_live_migration_never_two_holders_and_no_third_domain_gets_in(
+        agent_rig: Rig, etcd_process: EtcdServer, record_property: pytest.RecordProperty) -> None:
+    """Scenario 3: virsh migrate --live A->B with the agents. Sampled every few ms, etcd never shows
+    the disk on two hosts; a third domain started on B over and over during the migration never
+    runs; afterwards B holds the disk with a higher token. Guest downtime from QEMU's events."""
+    import threading
+
+    r = agent_rig
+    disk = r.image("agent-mig.img")
+    r.define_domain("A", "mig1", [disk])
+    r.define_domain("B", "intruder", [disk])
+    r.start("A", "mig1")
+    before = _holders(etcd_process, "mig1")
+    assert [h.host for h in before] == ["hostA"], before
+    stop = threading.Event()
+    samples: list[set[str]] = []
+    intruder_ran: list[str] = []
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append({h.host for h in _holders(etcd_process, "mig1", "intruder") if h.handoff_to is None
+                            or h.host == "hostB"})
+            time.sleep(0.005)
+
+    def intrude() -> None:
+        while not stop.is_set():
+            cp, _ = r.start("B", "intruder", check=False)
+            if cp.returncode == 0:
+                intruder_ran.append(cp.stdout)
+                r.virsh("B", "destroy", "intruder", check=False)
+
+    threads = [threading.Thread(target=sample, daemon=True), threading.Thread(target=intrude, daemon=True)]
+    for t in threads:
+        t.start()
+    t0 = time.time()
+    try:
+        seconds = r.migrate("mig1", "A", "B")
+    finally:
+        time.sleep(0.5)  # keep sampling and intruding just after the handover
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert r.domstate("B", "mig1") == "running" and r.domstate("A", "mig1") == "shut off"
+    assert not intruder_ran, "a third domain started on the disk during the migration"
+    two = [s for s in samples if len(s) > 1]
+    assert samples and not two, f"{len(two)} of {len(samples)} samples saw two holders: {two[:3]}"
+    after = _holders(etcd_process, "mig1")
+    assert [h.host for h in after] == ["hostB"] and after[0].token > before[0].token, after
+    stop_at, resume_at = r.qmp_events("A", "STOP", t0), r.qmp_events("B", "RESUME", t0)
+    assert stop_at and resume_at
+    downtime_ms = 1000 * (resume_at[-1] - stop_at[0])
+    record_property("migrate_s", round(seconds, 3))
+    record_property("downtime_ms", round(downtime_ms, 1))
+    print(f"agent rig, under the sampler and the intruder: migrate {seconds:.3f} s, guest downtime "
+          f"{downtime_ms:.1f} ms, {len(samples)} etcd samples, every intruder start refused")
+    t1 = time.time()  # and back, with nothing else running: the figure to compare with virtlockd's
+    seconds = r.migrate("mig1", "B", "A")
+    stop_at, resume_at = r.qmp_events("B", "STOP", t1), r.qmp_events("A", "RESUME", t1)
+    assert stop_at and resume_at and r.domstate("A", "mig1") == "running"
+    downtime_ms = 1000 * (resume_at[-1] - stop_at[0])
+    record_property("migrate_back_s", round(seconds, 3))
+    record_property("downtime_back_ms", round(downtime_ms, 1))
+    print(f"agent rig, quiet: migrate B->A {seconds:.3f} s, guest downtime {downtime_ms:.1f} ms")
+    r.virsh("A", "destroy", "mig1")
+
+
+def test_kill9_of_qemu_frees_the_disk_within_a_second(agent_rig: Rig, record_property: pytest.RecordProperty) -> None:
+    """Scenario 5: kill -9 of web1's QEMU on A; B starts a domain on the disk within a second."""
+    r = agent_rig
+    disk = r.image("agent-kill.img")
+    r.define_domain("A", "victim", [disk])
+    r.define_domain("B", "heir", [disk])
+    r.start("A", "victim")
+    pid = r.qemu_pid("A", "victim")
+    assert pid
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    while True:
+        cp, _ = r.start("B", "heir", check=False)
+        if cp.returncode == 0:
+            break
+        assert time.monotonic() - t0 < 1.0 + 0.5, f"B still refused {time.monotonic() - t0:.2f} s after the kill: " \
+            f"{cp.stderr}"
+    took = time.monotonic() - t0
+    record_property("kill9_to_start_b_s", round(took, 3))
+    print(f"agent rig: kill -9 of QEMU on A -> domain started on B after {took:.3f} s")
+    assert took < 1.0 + 0.5  # a second, plus one virsh start's own time
+    r.virsh("B", "destroy", "heir")
