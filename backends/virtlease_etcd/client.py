@@ -18,92 +18,19 @@ from typing import Any, TypeVar
 
 import grpc
 from etcd3 import etcdrpc
-from etcd3 import transactions as tx
 from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 
 from virtlease.errors import BackendUnavailableError, ConfigError, TransactionTooLargeError
 
 from .config import EtcdConfig
+from .endpoints import Endpoint, request_op
+from .etcderrors import TRANSIENT_CODES, connect_problem
+from .etcderrors import LeaseNotFound as LeaseNotFound  # re-exported: the driver's modules import them here
+from .etcderrors import PermissionDenied as PermissionDenied
+from .etcderrors import TransientError as TransientError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
-
-
-class TransientError(Exception):
-    """A request that may be retried.  ``ambiguous``: a write may have been
-    applied even though no reply arrived."""
-
-    def __init__(self, message: str, *, ambiguous: bool) -> None:
-        super().__init__(message)
-        self.ambiguous = ambiguous
-
-
-class LeaseNotFound(Exception):
-    """etcd says the lease is gone (expired or revoked)."""
-
-
-class PermissionDenied(ConfigError):
-    """etcd auth refused the request (user, role or RBAC prefix)."""
-
-
-_CHANNEL_OPTIONS = [
-    # gRPC's default reconnect backoff grows to 120 s: a member back after an outage
-    # would stay unused for minutes while the fence deadline runs
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-ENDPOINT_RETRY = 1.0
-"""Seconds a failed endpoint is skipped before it is tried again (monotonic)."""
-
-
-class _Endpoint:
-    """One etcd member: its channel and stubs, and when it last failed.
-
-    The failure mark uses the monotonic clock: python-etcd3's endpoints use
-    the wall clock, so a step back of the clock kept every endpoint that had
-    failed once blacklisted for as long as the step — and a healthy host
-    fenced itself."""
-
-    def __init__(self, netloc: str, creds: grpc.ChannelCredentials | None) -> None:
-        self.netloc = netloc
-        if creds is not None:
-            self.channel = grpc.secure_channel(netloc, creds, options=_CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.insecure_channel(netloc, options=_CHANNEL_OPTIONS)
-        self.kv = etcdrpc.KVStub(self.channel)
-        self.lease = etcdrpc.LeaseStub(self.channel)
-        self.watch = etcdrpc.WatchStub(self.channel)
-        self.maintenance = etcdrpc.MaintenanceStub(self.channel)
-        self.auth = etcdrpc.AuthStub(self.channel)
-        self.failed_at = 0.0
-        self.problem: str | None = None
-        """Why connecting failed last, in one line, when gRPC said (TLS, mostly)."""
-
-    def failed(self) -> bool:
-        return bool(self.failed_at) and time.monotonic() - self.failed_at < ENDPOINT_RETRY
-
-    def fail(self) -> None:
-        self.failed_at = time.monotonic()
-
-
-def _request_op(op: Any) -> Any:
-    """An etcd3.transactions Put/Get/Delete as the RequestOp etcd takes."""
-    key = op.key.encode() if isinstance(op.key, str) else op.key
-    end = op.range_end.encode() if isinstance(getattr(op, "range_end", None), str) else getattr(op, "range_end", None)
-    if isinstance(op, tx.Put):
-        value = op.value.encode() if isinstance(op.value, str) else op.value
-        lease = int(getattr(op.lease, "id", op.lease) or 0)
-        return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value, lease=lease))
-    if isinstance(op, tx.Get):
-        return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key, range_end=end or b""))
-    if isinstance(op, tx.Delete):
-        return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key, range_end=end or b""))
-    raise TypeError(f"not a transaction operation: {op!r}")
-
 
 class EtcdClient:
     """One connection to an etcd cluster (every member), shared by a host session.
@@ -119,7 +46,7 @@ class EtcdClient:
         if cfg.tls:
             creds = grpc.ssl_channel_credentials(
                 _read(cfg.ca_cert), _read(cfg.cert_key), _read(cfg.cert_cert))
-        self._endpoints = [_Endpoint(ep, creds) for ep in cfg.endpoints]
+        self._endpoints = [Endpoint(ep, creds) for ep in cfg.endpoints]
         self._current = random.randrange(len(self._endpoints))
         self._lock = threading.Lock()
         self._metadata: tuple[tuple[str, str], ...] = ()
@@ -138,7 +65,7 @@ class EtcdClient:
         """``host:port`` of the member requests go to now."""
         return self._endpoints[self._current].netloc
 
-    def _pick(self) -> _Endpoint:
+    def _pick(self) -> Endpoint:
         with self._lock:
             for i in range(len(self._endpoints)):
                 index = (self._current + i) % len(self._endpoints)
@@ -162,7 +89,7 @@ class EtcdClient:
             ) from None
         self._metadata = (("token", resp.token),)
 
-    def _call(self, request: Callable[[_Endpoint, tuple[tuple[str, str], ...]], T], *, write: bool) -> T:
+    def _call(self, request: Callable[[Endpoint, tuple[tuple[str, str], ...]], T], *, write: bool) -> T:
         """Send one request to the member in use; the one place gRPC errors
         are translated.  An expired auth token is renewed once (simple tokens
         expire; a long hold must not fail on it)."""
@@ -179,10 +106,10 @@ class EtcdClient:
                 raise self._translate(ep, exc, write=write) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _translate(self, ep: _Endpoint, exc: grpc.RpcError, *, write: bool) -> Exception:
+    def _translate(self, ep: Endpoint, exc: grpc.RpcError, *, write: bool) -> Exception:
         code = exc.code()
         details = exc.details() or code.name
-        if code in _TRANSIENT:
+        if code in TRANSIENT_CODES:
             ep.fail()
             ep.problem = connect_problem(details, ep.netloc, self.cfg)
             return TransientError(f"etcd {ep.netloc}: {ep.problem or details}", ambiguous=write)
@@ -208,8 +135,8 @@ class EtcdClient:
         """One transaction; returns etcd's TxnResponse (``succeeded``,
         ``header.revision``, ``responses``)."""
         request = etcdrpc.TxnRequest(compare=[c.build_message() for c in compare],
-                                     success=[_request_op(op) for op in success],
-                                     failure=[_request_op(op) for op in failure])
+                                     success=[request_op(op) for op in success],
+                                     failure=[request_op(op) for op in failure])
         resp = self._call(lambda ep, md: ep.kv.Txn(request, timeout, metadata=md),
                           write=bool(success) or bool(failure))
         self._header(resp.header)
@@ -274,7 +201,7 @@ class EtcdClient:
         """Refresh the lease once; return the new TTL (0: the lease is gone)."""
         request = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
 
-        def keepalive(ep: _Endpoint, md: tuple[tuple[str, str], ...]) -> int:
+        def keepalive(ep: Endpoint, md: tuple[tuple[str, str], ...]) -> int:
             for resp in ep.lease.LeaseKeepAlive(iter([request]), timeout, metadata=md):
                 return int(resp.TTL)
             raise TransientError("keepalive stream closed without a reply", ambiguous=False)
@@ -355,32 +282,6 @@ class EtcdClient:
                 if time.monotonic() + 0.1 >= deadline:
                     raise
                 time.sleep(0.1)
-
-
-_TLS_PROBLEMS = (
-    # (what gRPC's details contain, what it means) -- BoringSSL's names, as grpcio reports them
-    ("CERTIFICATE_REQUIRED", "refused the connection: it requires a client certificate and none was given "
-                             "(set cert_cert and cert_key)"),
-    ("ALERT_CERTIFICATE_EXPIRED", "refused this host's client certificate: it has expired (cert_cert)"),
-    ("ALERT_BAD_CERTIFICATE", "refused this host's client certificate: none given, not signed by the CA etcd "
-                              "trusts, or expired (cert_cert, cert_key)"),
-    ("ALERT_UNKNOWN_CA", "refused this host's client certificate: not signed by the CA etcd trusts (cert_cert)"),
-    ("certificate has expired", "has a server certificate that has expired"),
-    ("CERTIFICATE_VERIFY_FAILED", "has a server certificate not signed by ca_cert"),
-    ("Hostname Verification Check failed", "has a server certificate that does not name this endpoint "
-                                           "(use a host name or address from its subject alternative names)"),
-    ("WRONG_VERSION_NUMBER", "does not speak TLS on this port (remove ca_cert, or use its TLS port)"),
-)
-
-
-def connect_problem(details: str, netloc: str, cfg: EtcdConfig) -> str | None:
-    """One line for a connection gRPC could not make, when its details say why."""
-    for needle, meaning in _TLS_PROBLEMS:
-        if needle in details:
-            return f"{netloc} {meaning}"
-    if not cfg.tls and "Socket closed" in details:
-        return f"{netloc} closed the connection at once: does etcd require TLS there? (set ca_cert)"
-    return None
 
 
 def _read(path: str | None) -> bytes | None:
