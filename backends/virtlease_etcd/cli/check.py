@@ -10,12 +10,7 @@ deleted and revoked), what already lives under the prefix, and the clocks.
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import secrets
-import ssl
-import time
-import urllib.request
-from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -30,158 +25,9 @@ from virtlease.errors import BackendUnavailableError
 from ..client import EtcdClient, PermissionDenied, TransientError
 from ..config import EtcdConfig
 from .options import Settings, etcd_client, etcd_command, fetch_status
+from .probes import BAD_VERSIONS, FAIL, INFO, OK, WARN, EndpointReport, Report, check_endpoints, parse_version
 
-OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 _STYLE = {OK: ("✔ ok", "green"), INFO: ("• info", "cyan"), WARN: ("! warn", "yellow"), FAIL: ("✘ FAIL", "bold red")}
-
-#: etcd releases in which a member killed while applying entries can lose committed writes
-#: (etcd-io/etcd#13766, fixed in 3.5.3).
-BAD_VERSIONS = ((3, 5, 0), (3, 5, 1), (3, 5, 2))
-
-
-@dataclass
-class Finding:
-    """One line of the check report."""
-
-    check: str
-    level: str
-    detail: str
-
-
-@dataclass
-class EndpointReport:
-    """What one endpoint said."""
-
-    endpoint: str
-    healthy: bool
-    error: str | None = None
-    version: str | None = None
-    member_id: str | None = None
-    leader_id: str | None = None
-    is_leader: bool = False
-    raft_term: int | None = None
-    db_size: int | None = None
-    alarms: list[str] = field(default_factory=list)
-    latency_ms: float | None = None
-    cluster_id: str | None = None
-    clock_skew: float | None = None
-    """Seconds the member's wall clock is ahead of ours (from its HTTP Date header)."""
-
-
-@dataclass
-class Report:
-    findings: list[Finding] = field(default_factory=list)
-    endpoints: list[EndpointReport] = field(default_factory=list)
-
-    def add(self, check: str, level: str, detail: str) -> None:
-        self.findings.append(Finding(check, level, detail))
-
-    def worst(self) -> str:
-        levels = {f.level for f in self.findings}
-        return FAIL if FAIL in levels else WARN if WARN in levels else OK
-
-
-def parse_version(text: str) -> tuple[int, int, int] | None:
-    parts = text.split("-")[0].split(".")
-    try:
-        return int(parts[0]), int(parts[1]), int(parts[2])
-    except (IndexError, ValueError):
-        return None
-
-
-def _probe_endpoint(cfg: EtcdConfig, endpoint: str) -> EndpointReport:
-    single = dataclasses.replace(cfg, endpoints=(endpoint,))
-    report = EndpointReport(endpoint=endpoint, healthy=False)
-    try:
-        client = EtcdClient(single)
-    except Exception as exc:  # auth failure at connect: ConfigError / BackendUnavailableError
-        report.error = str(exc)
-        return report
-    try:
-        started = time.monotonic()
-        st = client.status(timeout=cfg.request_timeout)
-        # A linearizable read goes through the leader: it fails without quorum.
-        client.get_range(f"{cfg.prefix}/check-probe", timeout=cfg.request_timeout)
-        report.latency_ms = (time.monotonic() - started) * 1000
-        report.version = str(st.version)
-        report.member_id = f"{st.header.member_id:x}"
-        report.cluster_id = f"{st.header.cluster_id:x}"
-        report.leader_id = f"{st.leader:x}" if st.leader else None
-        report.is_leader = bool(st.leader) and st.leader == st.header.member_id
-        report.raft_term = int(st.raftTerm)
-        report.db_size = int(st.dbSize)
-        report.alarms = [str(e) for e in getattr(st, "errors", [])]
-        report.healthy = not report.alarms and bool(st.leader)
-        if not st.leader:
-            report.error = "no leader (no quorum?)"
-        elif report.alarms:
-            report.error = "alarm: " + "; ".join(report.alarms)
-    except (TransientError, BackendUnavailableError, PermissionDenied) as exc:
-        report.error = str(exc)
-    finally:
-        client.close()
-    if report.version is not None:
-        report.clock_skew = _clock_skew(cfg, endpoint)
-    return report
-
-
-def _clock_skew(cfg: EtcdConfig, endpoint: str) -> float | None:
-    """The member's wall clock minus ours, from the HTTP Date header of its
-    /version endpoint (one-second resolution); None if not measurable."""
-    scheme = "https" if cfg.tls else "http"
-    context = None
-    if cfg.tls:
-        context = ssl.create_default_context(cafile=cfg.ca_cert)
-        if cfg.cert_cert and cfg.cert_key:
-            context.load_cert_chain(cfg.cert_cert, cfg.cert_key)
-    try:
-        sent = time.time()
-        with urllib.request.urlopen(f"{scheme}://{endpoint}/version", timeout=cfg.request_timeout,
-                                    context=context) as resp:
-            date = resp.headers.get("Date")
-        received = time.time()
-    except Exception:
-        return None
-    if not date:
-        return None
-    try:
-        server = email.utils.parsedate_to_datetime(date).timestamp()
-    except (TypeError, ValueError):
-        return None
-    # Date is truncated to the second: its true value lies in [server, server + 1).
-    return server + 0.5 - (sent + received) / 2
-
-
-def _check_endpoints(report: Report, cfg: EtcdConfig) -> list[EndpointReport]:
-    reports = [_probe_endpoint(cfg, ep) for ep in cfg.endpoints]
-    report.endpoints = reports
-    healthy = [r for r in reports if r.healthy]
-    for r in reports:
-        if r.healthy:
-            role = "leader" if r.is_leader else f"follower of {r.leader_id}"
-            report.add(f"endpoint {r.endpoint}", OK,
-                       f"healthy, etcd {r.version}, member {r.member_id} ({role}), {r.latency_ms:.0f} ms")
-        else:
-            report.add(f"endpoint {r.endpoint}", FAIL, f"unhealthy: {r.error}")
-    if not healthy:
-        return healthy
-    clusters = {r.cluster_id for r in healthy}
-    leaders = {r.leader_id for r in healthy}
-    if len(clusters) > 1:
-        report.add("cluster", FAIL, f"endpoints belong to different etcd clusters ({', '.join(sorted(str(c) for c in clusters))}): "
-                   "list the members of one cluster only")
-    elif len(leaders) > 1:
-        report.add("cluster", WARN, f"members disagree on the leader ({', '.join(sorted(map(str, leaders)))}): "
-                   "an election is in progress or the cluster is partitioned")
-    else:
-        report.add("cluster", OK, f"cluster {next(iter(clusters))}, leader {next(iter(leaders))}, "
-                   f"{len(healthy)}/{len(reports)} listed endpoint(s) healthy")
-    if 1 < len(reports) and len(healthy) < len(reports):
-        report.add("redundancy", WARN, "some listed endpoints are down: requests fail over, but check them")
-    elif len(reports) == 1:
-        report.add("redundancy", INFO, "one endpoint listed: list every member so a member's loss is not "
-                   "every host's loss (each host would fence itself)")
-    return healthy
 
 
 def _check_version(report: Report, healthy: list[EndpointReport]) -> None:
@@ -347,7 +193,7 @@ def check(ctx: click.Context, settings: Settings, as_json: bool, election_timeou
                f"fence margin {cfg.margin:.1f}s, request timeout {cfg.request_timeout:g}s, "
                f"TLS {'on' if cfg.tls else 'off'}, auth {'user ' + cfg.user if cfg.user else 'none'}, "
                f"default action {cfg.default_action.name.lower()}")
-    healthy = _check_endpoints(report, cfg)
+    healthy = check_endpoints(report, cfg)
     if healthy:
         _check_version(report, healthy)
     _check_ttl(report, cfg, election_timeout)
