@@ -21,14 +21,11 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
@@ -43,6 +40,7 @@ from ..client import EtcdClient
 from ..config import ENV_PREFIX, EtcdConfig, load_config
 from ..embedded import EmbeddedEtcd
 from ..hostproc import LOG_ENV, HostCallError, HostProcess, spawn_vm, stop_vm
+from .narration import Interrupts, Timeline, token_set, tokens
 from .options import Settings, etcd_command, fetch_status, with_retries
 from .tables import status_tables
 
@@ -52,74 +50,6 @@ VM stand-ins), so a leftover can be recognised."""
 DEMO_TTL = 3
 """Session TTL of the demo's hosts unless --ttl is given (the driver's default is 10 s)."""
 POLL_INTERVAL = 0.2
-_ACTOR_STYLE = {"etcd": "magenta", "host-a": "cyan", "host-b": "green", "status": "blue", "cleanup": "dim",
-                "demo": "bold"}
-
-
-class Timeline:
-    """Narration: one line per event, stamped with the seconds since the start."""
-
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def say(self, actor: str, text: str | Text, style: str | None = None) -> None:
-        """Print one event; long text wraps under itself, not under the stamp."""
-        body = text if isinstance(text, Text) else Text(text, style=style or "")
-        head = Text.assemble((f"[{self.elapsed():6.2f}s] ", "dim"), (f"{actor:<8} ", _ACTOR_STYLE.get(actor, "")))
-        indent = len(head.plain)
-        lines = body.wrap(out, max(40, out.width - indent))
-        for i, line in enumerate(lines):
-            line.rstrip()
-            out.print(Text.assemble(head if i == 0 else " " * indent, line))
-
-
-class _Interrupts:
-    """SIGTERM and SIGINT become KeyboardInterrupt, so the clean-up always runs — but
-    never inside ``deferred()``, where a child is started and recorded for clean-up
-    (an interrupt between the fork and the bookkeeping would leak the child)."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.pending = False
-
-    def handler(self, _signum: int, _frame: FrameType | None) -> None:
-        if self.depth:
-            self.pending = True
-            return
-        raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-            if not self.depth and self.pending:
-                self.pending = False
-                raise KeyboardInterrupt
-
-
-def _tokens(reply: dict[str, Any]) -> str:
-    return ", ".join(f"{Path(t['resource']).name} token {t['token']}" for t in reply["tokens"])
-
-
-def _token_set(reply: dict[str, Any]) -> str:
-    return "/".join(str(t) for t in sorted({t["token"] for t in reply["tokens"]}))
-
-
 class Demo:
     """One run of the scenario; ``run()`` cleans up whatever happens."""
 
@@ -141,7 +71,7 @@ class Demo:
         self.prefix_wiped = False
         self.web1_vm: subprocess.Popen[bytes] | None = None
         self.etcd_pid: int | None = None
-        self.interrupts = _Interrupts()
+        self.interrupts = Interrupts()
 
     # -- set-up -------------------------------------------------------------------
 
@@ -288,7 +218,7 @@ class Demo:
             f"{', '.join(Path(d).name for d in disks)} in {disks_dir}")
         a.ok("new", obj="web1", uuid=web1, name="web1", pid=vm_a.pid, disks=disks)
         held = a.ok("acquire", obj="web1", action="POWEROFF")
-        say("host-a", Text.assemble(("✔ ", "green"), f"locked both disks in one etcd transaction: {_tokens(held)} "
+        say("host-a", Text.assemble(("✔ ", "green"), f"locked both disks in one etcd transaction: {tokens(held)} "
                                     "(token = revision of the grant)"))
 
         # 2. host-b may not start it too.
@@ -318,8 +248,8 @@ class Demo:
         b.ok("new", obj="web1", uuid=web1, name="web1", pid=vm_b.pid, disks=disks, migrate=True)
         claimed = b.ok("acquire", obj="web1", state=state, action="POWEROFF")
         say("host-b", Text.assemble(("✔ ", "green"), f"acquire(state) claims the handoff in one transaction "
-                                    f"(destination VM process {vm_b.pid}): tokens {_token_set(held)} → "
-                                    f"{_token_set(claimed)}: {_tokens(claimed)}"))
+                                    f"(destination VM process {vm_b.pid}): tokens {token_set(held)} → "
+                                    f"{token_set(claimed)}: {tokens(claimed)}"))
         b.ok("complete_migrate_in", obj="web1")
         say("host-b", "complete_migrate_in: web1 runs here now")
         a.ok("complete_migrate_out", obj="web1")
@@ -358,8 +288,8 @@ class Demo:
                 time.sleep(POLL_INTERVAL)
         say("host-a", Text.assemble(("✔ ", "green"), f"took the disks back {time.monotonic() - crashed:.2f} s after "
                                     f"the crash ({attempts} attempts, TTL {self.ttl} s): tokens "
-                                    f"{_token_set(claimed)} → {_token_set(back)}; a late write from host-b "
-                                    f"would carry the stale token {_token_set(claimed)}"))
+                                    f"{token_set(claimed)} → {token_set(back)}; a late write from host-b "
+                                    f"would carry the stale token {token_set(claimed)}"))
 
         # 5. The final picture.
         st = fetch_status(self.client, self.cfg)
