@@ -58,6 +58,12 @@ def _env() -> dict[str, str]:
     return {k: val for k, val in os.environ.items() if not k.startswith("VIRTLEASE_")}
 
 
+def _cli(conf: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``virtlease --config CONF ARGS...`` with no virtlease settings from our environment."""
+    return subprocess.run([*VIRTLEASE, "--config", str(conf), *args], capture_output=True, text=True, env=_env(),
+                          timeout=timeout)
+
+
 def test_driver_grants_refuses_and_releases_over_tls(cluster: TlsCluster, tmp_path: Path) -> None:
     disk = tmp_path / "web1.qcow2"
     disk.write_bytes(b"")
@@ -89,8 +95,7 @@ def test_cli_status_and_check_over_tls(cluster: TlsCluster, tmp_path: Path) -> N
     disk.write_bytes(b"")
     prefix = f"/tls-{uuid.uuid4().hex[:8]}"
     conf = _toml(tmp_path / "virtlease.toml", _config(cluster, prefix, "host-cli", **cluster.tls()))
-    check = subprocess.run([*VIRTLEASE, "--config", str(conf), "check"], capture_output=True, text=True,
-                           env=_env(), timeout=60)
+    check = _cli(conf, "check")
     assert check.returncode == 0, check.stdout + check.stderr
     assert "TLS on" in check.stdout
     holder = v.load_driver("etcd", config=_config(cluster, prefix, "host-a", **cluster.tls()),
@@ -99,8 +104,7 @@ def test_cli_status_and_check_over_tls(cluster: TlsCluster, tmp_path: Path) -> N
         db1 = holder.new_object(uuid=str(uuid.uuid4()), name="db1")
         db1.add_resource(v.ResourceType.DISK, str(disk))
         db1.acquire()
-        status = subprocess.run([*VIRTLEASE, "--config", str(conf), "status", "--json"], capture_output=True,
-                                text=True, env=_env(), timeout=60)
+        status = _cli(conf, "status", "--json")
         assert status.returncode == 0, status.stderr
         held = json.loads(status.stdout)["resources"]
         assert [(r["host"], r["domain_name"]) for r in held] == [("host-a", "db1")], held
@@ -121,14 +125,12 @@ def test_cli_hold_and_demo_over_tls(cluster: TlsCluster, tmp_path: Path) -> None
         assert hold.stdout is not None
         held = json.loads(hold.stdout.readline())
         assert held, hold.stderr
-        status = subprocess.run([*VIRTLEASE, "--config", str(conf), "status", "--json"], capture_output=True,
-                                text=True, env=_env(), timeout=60)
+        status = _cli(conf, "status", "--json")
         assert [(r["host"], r["domain_name"]) for r in json.loads(status.stdout)["resources"]] == [("host-hold", "app1")]
     finally:
         hold.send_signal(signal.SIGTERM)
         assert hold.wait(20) == 0
-    demo = subprocess.run([*VIRTLEASE, "--config", str(conf), "demo", "--endpoints", cluster.endpoints],
-                          capture_output=True, text=True, env=_env(), timeout=180)
+    demo = _cli(conf, "demo", "--endpoints", cluster.endpoints, timeout=180)
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     assert "demo finished" in demo.stdout
 
@@ -192,8 +194,7 @@ def test_refused_connection_says_why_in_one_line(case: str, cluster: TlsCluster,
     assert EXPECTED[case] in message and "\n" not in message, message
     assert "Traceback" not in message and "_InactiveRpcError" not in message
     conf = _toml(tmp_path / "virtlease.toml", settings)
-    check = subprocess.run([*VIRTLEASE, "--config", str(conf), "check"], capture_output=True, text=True,
-                           env=_env(), timeout=60)
+    check = _cli(conf, "check")
     assert check.returncode == 4, check.stdout + check.stderr
     assert EXPECTED[case] in check.stdout + check.stderr, check.stdout + check.stderr
     assert "Traceback" not in check.stderr
