@@ -1,8 +1,9 @@
-"""Start ``virtlease-agent`` inside a rig host with a relay to the test's etcd.
+"""Start ``virtlease-agent`` inside a rig host with relays to the test's etcd members.
 
-Usage: ``agent_in_host.py RELAY_UNIX_PATH PORT AGENT_ARGS...``: relays ``127.0.0.1:PORT`` (in
-this network namespace) to the UNIX socket ``RELAY_UNIX_PATH`` (served by the test in the root
-namespace, see ``etcd_relay.py``), then runs the agent in this process with ``AGENT_ARGS``.
+Usage: ``agent_in_host.py PATH@PORT[,PATH@PORT...] AGENT_ARGS...``: relays each
+``127.0.0.1:PORT`` (in this network namespace) to the UNIX socket ``PATH`` (served by the test
+in the root namespace, see ``etcd_relay.py``), then runs the agent in this process with
+``AGENT_ARGS``.
 """
 
 from __future__ import annotations
@@ -17,5 +18,7 @@ from etcd_relay import Relay
 from virtlease_etcd.agent.main import main
 
 if __name__ == "__main__":
-    Relay.tcp_to_unix(int(sys.argv[2]), sys.argv[1])
-    sys.exit(main(sys.argv[3:]))
+    for spec in sys.argv[1].split(","):
+        path, _, port = spec.rpartition("@")
+        Relay.tcp_to_unix(int(port), path)
+    sys.exit(main(sys.argv[2:]))

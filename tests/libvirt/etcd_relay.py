@@ -1,10 +1,15 @@
-"""A byte relay that carries etcd's client port into a rig host's network namespace.
+"""Byte relays that carry etcd's client ports into a rig host's network namespace.
 
 The rig's hosts have their own network namespaces (only a veth pair between them), but they
-see the machine's file system.  So the test runs :class:`Relay` ``unix PATH -> tcp etcd`` in
-the root namespace, and the agent launcher (``agent_in_host.py``) runs ``tcp 127.0.0.1:PORT ->
-unix PATH`` inside the host's namespace: the agent there reaches etcd at ``127.0.0.1:PORT``.
-Nothing leaves the machine.
+see the machine's file system.  So the test runs one :class:`Relay` ``unix PATH -> tcp member``
+per etcd member and host in the root namespace, and the agent launcher (``agent_in_host.py``)
+runs ``tcp 127.0.0.1:PORT -> unix PATH`` inside the host's namespace: the agent there reaches
+the members at ``127.0.0.1:PORT...``.  Nothing leaves the machine.
+
+:meth:`Relay.partition` cuts a host off the way a dead network does: bytes in flight are
+dropped, new connections are accepted and then hang, nothing is closed (the agent sees
+timeouts, not resets).  :meth:`Relay.heal` drops the connections the partition broke (TCP
+would have timed them out) and relays new ones again.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ class Relay:
         self.listener = listener
         self.connect = connect
         self._closed = False
+        self._cut = threading.Event()
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
         self.thread = threading.Thread(target=self._accept_loop, name="etcd-relay", daemon=True)
         self.thread.start()
 
@@ -54,6 +62,20 @@ class Relay:
 
         return cls(ls, connect)
 
+    def partition(self) -> None:
+        """From now on drop every byte both ways and leave new connections hanging."""
+        self._cut.set()
+
+    def heal(self) -> None:
+        """Close the connections the partition broke; relay new ones again."""
+        with self._lock:
+            broken, self._open = self._open, []
+            self._cut.clear()
+        for s in broken:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
     def close(self) -> None:
         """Stop accepting (open connections end with their peers)."""
         self._closed = True
@@ -67,20 +89,26 @@ class Relay:
                 a, _ = self.listener.accept()
             except OSError:
                 return
+            if self._cut.is_set():
+                with self._lock:
+                    self._open.append(a)  # hangs until heal() closes it
+                continue
             try:
                 b = self.connect()
             except OSError as exc:
                 log.warning("relay: cannot connect upstream: %s", exc)
                 a.close()
                 continue
+            with self._lock:
+                self._open += [a, b]
             for src, dst in ((a, b), (b, a)):
                 threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self._cut.is_set():
+                    dst.sendall(data)
         except OSError:
             pass
         finally:

@@ -1,0 +1,130 @@
+"""The rig with the virtlease agent on both hosts, over a three-member etcd.
+
+Each host's agent reaches every etcd member through its own relay (``etcd_relay.py``), so one
+host can be cut off from etcd (:meth:`AgentRig.cut`) while the other keeps it.  Helpers read
+who holds what from etcd, retry a start until the disk is free, and restart a killed agent the
+way systemd's ``Restart=always`` would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from etcd_relay import Relay
+from rig import HOSTS, Rig, wait_for
+
+from virtlease_etcd import keyspace as ks
+from virtlease_etcd.client import EtcdClient
+from virtlease_etcd.config import load_config
+from virtlease_etcd.embedded import EmbeddedEtcd
+from virtlease_etcd.status import HeldInfo, read_status
+
+HERE = Path(__file__).resolve().parent
+PORTS = (23790, 23791, 23792)  # the members, as each host's agent sees them (127.0.0.1 in its namespace)
+TTL = 5
+
+
+@dataclass
+class AgentRig:
+    """``rig`` with agents; ``etcd`` the cluster; ``relays[host]`` that host's links to it."""
+
+    rig: Rig
+    etcd: EmbeddedEtcd
+    relays: dict[str, list[Relay]]
+    prefix: str
+    ttl: int = TTL
+    logs: list[Path] = field(default_factory=list)
+
+    def cut(self, host: str) -> None:
+        """Cut ``host`` off from every etcd member (bytes dropped, nothing closed)."""
+        for relay in self.relays[host]:
+            relay.partition()
+
+    def heal(self, host: str) -> None:
+        for relay in self.relays[host]:
+            relay.heal()
+
+    def holders(self, *domains: str) -> list[HeldInfo]:
+        """The records of ``domains`` (all if none named) under the rig's prefix, from etcd."""
+        client = EtcdClient(load_config({"endpoints": self.etcd.endpoints, "host_id": "observer"}, environ={}))
+        try:
+            held = read_status(client, ks.Keys(self.prefix), timeout=5).resources
+        finally:
+            client.close()
+        return [h for h in held if not domains or h.domain_name in domains]
+
+    def start_once_free(self, host: str, name: str, since: float, within: float,
+                        pause: float = 0.1) -> tuple[float, float]:
+        """``virsh start`` until it works; fail if it still does not ``within`` seconds after
+        ``since`` (monotonic).  Returns the seconds from ``since`` to the beginning and to the
+        end of the attempt that worked: the grant came between the two."""
+        while True:
+            tried = time.monotonic()
+            cp, _ = self.rig.start(host, name, check=False)
+            if cp.returncode == 0:
+                return tried - since, time.monotonic() - since
+            assert time.monotonic() - since < within, \
+                f"{name} still refused on {host} {time.monotonic() - since:.2f} s later: {cp.stderr}"
+            time.sleep(pause)
+
+    def restart_agent(self, host: str) -> Path:
+        """Start a new agent in ``host``'s namespaces (after the old one was killed); return
+        the path of its log."""
+        h = self.rig.hosts[host]
+        wait_for(lambda: not serving(h.lockd_socket), 5.0, what="the old agent's socket to go dead")
+        log_path = h.root / "log" / f"lockdaemon-restarted-{len(self.logs)}.log"
+        self.logs.append(log_path)
+        with open(log_path, "ab") as log:
+            new = subprocess.Popen(["nsenter", "-t", str(h.pid("subreaper")), "-m", "-n", "-u", "--",
+                                    *self.rig._lock_command(h)],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        (h.run / "lockdaemon.pid").write_text(f"{new.pid}\n")
+        wait_for(lambda: serving(h.lockd_socket) or new.poll() is not None, 20.0, what="the new agent")
+        assert new.poll() is None, log_path.read_text()
+        return log_path
+
+
+def serving(path: Path) -> bool:
+    """Whether something accepts connections on UNIX socket ``path``."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+@contextlib.contextmanager
+def agent_rig(workdir: Path, *, reserve_grace: float = 2.0) -> Iterator[AgentRig]:
+    """Bring up a three-member etcd, the relays and the rig with an agent per host; take all down."""
+    short = Path(tempfile.mkdtemp(prefix="vl-relay-", dir="/tmp"))  # UNIX socket paths must be short
+    prefix = f"/vltest/{uuid.uuid4().hex[:12]}"
+    relays: dict[str, list[Relay]] = {}
+    (workdir / "etcd").mkdir(parents=True, exist_ok=True)
+    with EmbeddedEtcd(size=3, workdir=str(workdir / "etcd")) as etcd:
+        try:
+            for host in HOSTS:
+                relays[host] = [Relay.unix_to_tcp(str(short / f"{host}{i}.sock"), "127.0.0.1", m.client_port)
+                                for i, m in enumerate(etcd.members)]
+            links = ",".join(f"{short}/{{host}}{i}.sock@{port}" for i, port in enumerate(PORTS))
+            command = [sys.executable, str(HERE / "agent_in_host.py"), links,
+                       "--socket", "{socket}", "--endpoints", ",".join(f"127.0.0.1:{p}" for p in PORTS),
+                       "--host-id", "host{host}", "--prefix", prefix, "--ttl", str(TTL),
+                       "--reserve-grace", str(reserve_grace)]
+            with Rig(workdir / "rig", lock_daemon=command) as r:
+                yield AgentRig(r, etcd, relays, prefix)
+        finally:
+            for relay in (x for rs in relays.values() for x in rs):
+                relay.close()
+            shutil.rmtree(short, ignore_errors=True)
