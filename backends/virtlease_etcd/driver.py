@@ -94,6 +94,26 @@ class EtcdDriver:
             disks.forget(self.cfg)
         self.names = None
 
+    def renew_session(self) -> str | None:
+        """Replace a lost session by a new one (a new lease) for the grants that follow; return
+        why the old one was lost, or None when the session is valid (nothing done).
+
+        For a long-lived caller that fenced and goes on (the agent): every owner of the lost
+        session was already fenced, none of its holds carries over, and every later grant is
+        checked against etcd as always.  BackendUnavailableError if etcd does not answer: the
+        lost session stays in place."""
+        with self._lock:
+            old = self._session
+            if old is None or old.lost is None:
+                return None
+            assert self.cfg is not None
+            new = open_session(self.cfg)
+            old.remove_listener(self._on_lost)
+            close_session(old)
+            new.add_listener(self._on_lost)
+            self._session = new
+            return old.lost
+
     def release_all(self) -> int:
         """Release every domain this driver instance granted or registered
         (records, registrations, handoff markers), e.g. to shut a host down

@@ -255,3 +255,42 @@ def test_etcd_unreachable_is_an_error_reply_not_a_hang(etcd_process: EtcdServer,
             proxy.heal()
             plugin.driver.release_all()
             plugin.unload()
+
+
+def test_after_a_lost_session_the_next_acquire_opens_a_new_one(etcd_process: EtcdServer, prefix: str,
+                                                               tmp_path: Path) -> None:
+    """etcd out of reach past the fence deadline: the owner is fenced (killed) and the session
+    lost; once etcd answers, the next ACQUIRE opens a new session (a new lease) and is granted,
+    checked against etcd as always (the old owner's disk is free, the old lease revoked or gone)."""
+    from tcpproxy import TcpProxy
+
+    host, port = etcd_process.endpoints.split(",")[0].rsplit(":", 1)
+    with TcpProxy(f"{host}:{port}") as proxy:
+        plugin = load(proxy.endpoint, prefix, "host-r", request_timeout=0.5)
+        run = tmp_path / "r"
+        run.mkdir(mode=0o700)
+        server = ServerThread(run / "virtlockd-sock", backend(plugin))
+        try:
+            d1, d2 = images(tmp_path, "d1.img", "d2.img")
+            old = StandinQemu(server.path, "web1")
+            with LockdClient(server.path) as c:
+                c.register(old.owner())
+                c.acquire(d1)
+            old_lease = plugin.driver.session.lease_id
+            proxy.blackhole()
+            wait_for(lambda: not old.alive(), 10)  # fenced: poweroff
+            assert plugin.driver.session.lost is not None
+            proxy.heal()
+            new = StandinQemu(server.path, "web2")
+            with LockdClient(server.path) as c:
+                c.register(new.owner())
+                c.acquire(d1)  # the fenced owner's disk: free again, granted on the new lease
+                c.acquire(d2)
+            assert plugin.driver.session.lost is None and plugin.driver.session.lease_id != old_lease
+            assert any(b"web2" in value for value in holders(etcd_process, prefix).values())
+            new.kill()
+        finally:
+            server.stop()
+            proxy.heal()
+            plugin.driver.release_all()
+            plugin.unload()

@@ -101,8 +101,9 @@ class EtcdLockBackend(OwnerTracker):
                             "endpoints of the virtlease agent") from None
         except LeaseLostError as exc:
             self.count(op, "lost")
-            raise LockError(f"{what}: this host's virtlease session is lost ({exc}); restart the "
-                            "virtlease agent once etcd is reachable") from None
+            raise LockError(f"{what}: this host's virtlease session is lost ({exc}); its domains were "
+                            "fenced, and the agent opens a new session at the next acquire once etcd "
+                            "answers") from None
         except ObjectStateError as exc:
             self.count(op, "state")
             raise ResourceBusy(f"{what}: {exc}") from None
@@ -171,6 +172,8 @@ class EtcdLockBackend(OwnerTracker):
                       flags: AcquireFlags) -> None:
         t = self._check_alive(str(owner.uuid), owner.name)
         res = resource_spec(lockspace, name, flags)
+        if self.driver.session.lost is not None:
+            await self._renew_session(f"acquire of {name} for domain {owner.name} ({t.uuid})")
         d = self._domain(t.uuid, owner.name, t.pid)
         outcome = await self._driver_call("acquire", f"acquire of {name} for domain {owner.name} ({t.uuid})",
                                           grants.acquire_one, d, res, FailureAction.DEFAULT)
@@ -183,6 +186,22 @@ class EtcdLockBackend(OwnerTracker):
             t.released.clear()
         self.changed(strict=True)  # before the reply: the guard knows this QEMU before it may start
         log.info("acquire %s %s for %s: %s", lockspace or "-", name, t.who(), outcome)
+
+    async def _renew_session(self, what: str) -> None:
+        """The session was lost (its domains fenced): open a new one for this and later grants."""
+        lost: list[str] = []
+
+        def renew() -> str:
+            why = self.driver.renew_session()
+            if why is None:
+                return "valid"
+            lost.append(why)
+            return "renewed"
+
+        if await self._driver_call("renew", what, renew) == "renewed":
+            log.warning("the session lease was lost (%s); opened a new session, lease %x, for %s",
+                        lost[0], self.driver.session.lease_id, what)
+            self.changed()
 
     async def release(self, conn: Connection, owner: Owner, lockspace: str, name: str) -> None:
         t = self._check_alive(str(owner.uuid), owner.name)
