@@ -216,6 +216,18 @@ def acquire_one(d: Domain, resource: ResourceSpec, action: FailureAction) -> str
                 raise ValidationError("resource", f"{rid.readable} is held {have.rid.mode} by {d.where()} on "
                                       f"host {d.host}; release it before acquiring it {rid.mode}")
             return outcome
+        def claimed(found: tuple[str, bytes]) -> bool:
+            """Take over a reservation (or handoff) of this domain from another host."""
+            try:
+                handoff.claim_reservation(d, owner, *found)
+            except StaleStateError:
+                return False  # the reservation changed meanwhile: look again
+            return rid.rid in owner.held
+
+        # a migration's destination: one read finds the source's reservation, one claim takes it
+        found = handoff.reservation_of(d, rid.rid) if not owner.held else None
+        if found is not None and claimed(found):
+            return "claimed"
         for _ in range(3):
             result = d.run_grant(rids, lambda g: txn.grant_ops(d.session, g, uuid=d.spec.uuid, resume=False),
                                  "acquire")
@@ -225,11 +237,7 @@ def acquire_one(d: Domain, resource: ResourceSpec, action: FailureAction) -> str
             responses = result.response.responses
             found = handoff.reservation_in(d, responses, rid.rid)
             if found is not None:
-                try:
-                    handoff.claim_reservation(d, owner, *found)
-                except StaleStateError:
-                    continue  # the reservation changed meanwhile: look again
-                if rid.rid in owner.held:
+                if claimed(found):
                     return "claimed"
                 continue
             busy = holders.from_failure(responses, rids, d.spec.uuid)

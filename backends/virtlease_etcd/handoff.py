@@ -26,15 +26,19 @@ from typing import Any
 
 from etcd3 import transactions as tx
 
-from virtlease.errors import ObjectStateError, StaleStateError, ValidationError
+from virtlease.errors import BackendUnavailableError, ObjectStateError, StaleStateError, ValidationError
 
 from . import keyspace as ks
 from . import state as st
 from . import transactions as txn
 from .domain import Domain, GrantResult
+from .etcderrors import TransientError
 from .markers import RESERVED as RESERVED  # re-exported: the agent names reservations by it
 from .markers import claim_failure, entry, read_marker
 from .owners import Handoff, Owner
+
+HINT_TIMEOUT = 0.25
+"""Seconds the destination's look for a reservation may take before the plain grant goes on."""
 
 
 def prepare(d: Domain, dest_host: str) -> str:
@@ -263,7 +267,24 @@ def reservation_in(d: Domain, responses: Sequence[Any], rid: str) -> tuple[str, 
     another host for this very domain that lists ``rid`` and names this host
     or :data:`RESERVED`.  Returns its key and bytes."""
     ranges = [r.response_range for r in responses if r.WhichOneof("response") == "response_range"]
-    for kv in ranges[-1].kvs if ranges else []:
+    return _reservation_among(d, ranges[-1].kvs if ranges else [], rid)
+
+
+def reservation_of(d: Domain, rid: str) -> tuple[str, bytes] | None:
+    """One read of this domain's markers (no transaction): as :func:`reservation_in`.  Lets a
+    migration's destination claim with one transaction instead of a failed grant and a claim;
+    what it finds is only a hint, the claim compares the marker byte for byte.  None as well
+    when the read fails: the grant that follows retries, and reports, as always."""
+    prefix = d.keys.handoff(d.spec.uuid, "")
+    try:
+        kvs, _ = d.session.client.get_range(prefix, ks.range_end(prefix), timeout=HINT_TIMEOUT)
+    except (TransientError, BackendUnavailableError):
+        return None
+    return _reservation_among(d, kvs, rid)
+
+
+def _reservation_among(d: Domain, kvs: Sequence[Any], rid: str) -> tuple[str, bytes] | None:
+    for kv in kvs:
         try:
             marker = ks.decode(kv.value, kv.key.decode(errors="replace"))
         except ks.ForeignValue:
