@@ -9,14 +9,17 @@ way systemd's ``Restart=always`` would.
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +96,79 @@ class AgentRig:
         wait_for(lambda: serving(h.lockd_socket) or new.poll() is not None, 20.0, what="the new agent")
         assert new.poll() is None, log_path.read_text()
         return log_path
+
+
+class Watch:
+    """While entered: read etcd every ~5 ms (which hosts hold each disk of ``domains``) and, if
+    ``intruder`` = (host, domain) is given, keep starting that domain (a start that works is
+    recorded and the domain destroyed).  Leaving lingers ``linger`` s, then stops both."""
+
+    def __init__(self, env: AgentRig, domains: Sequence[str], intruder: tuple[str, str] | None = None,
+                 linger: float = 0.5) -> None:
+        self.env, self.domains, self.intruder, self.linger = env, tuple(domains), intruder, linger
+        self.samples: list[dict[str, set[str]]] = []
+        self.intruder_ran: list[float] = []
+        self.intruder_tries = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._sample, daemon=True)]
+        if intruder:
+            self._threads.append(threading.Thread(target=self._intrude, daemon=True))
+
+    def __enter__(self) -> Watch:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(self.linger)
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    @property
+    def two_holders(self) -> list[dict[str, set[str]]]:
+        """The samples in which some disk had records of two hosts."""
+        return [s for s in self.samples if any(len(hosts) > 1 for hosts in s.values())]
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            held: dict[str, set[str]] = {}
+            for h in self.env.holders(*self.domains, *(self.intruder[1:] if self.intruder else ())):
+                held.setdefault(h.resource, set()).add(h.host)
+            self.samples.append(held)
+            time.sleep(0.005)
+
+    def _intrude(self) -> None:
+        assert self.intruder
+        host, name = self.intruder
+        while not self._stop.is_set():
+            cp, _ = self.env.rig.start(host, name, check=False)
+            self.intruder_tries += 1
+            if cp.returncode == 0:
+                self.intruder_ran.append(time.monotonic())
+                self.env.rig.virsh(host, "destroy", name, check=False)
+
+
+class DeathWatch:
+    """The monotonic instant process ``pid`` exited (``dead_at``), from a pidfd."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.dead_at: float | None = None
+        self._fd = os.pidfd_open(pid)
+        self._thread = threading.Thread(target=self._wait, daemon=True)
+        self._thread.start()
+
+    def _wait(self) -> None:
+        try:
+            select.select([self._fd], [], [])
+            self.dead_at = time.monotonic()
+        finally:
+            os.close(self._fd)
+
+    def wait(self, timeout: float) -> float | None:
+        self._thread.join(timeout)
+        return self.dead_at
 
 
 def serving(path: Path) -> bool:

@@ -12,10 +12,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
-from agentrig import TTL, AgentRig, agent_rig
+from agentrig import TTL, AgentRig, DeathWatch, Watch, agent_rig
+from rig import wait_for
+
+from virtlease_etcd.embedded import Member, wait_serving
+from virtlease_etcd.status import HeldInfo
 
 pytestmark = pytest.mark.libvirt
 
@@ -108,38 +112,13 @@ def test_live_migration_never_two_holders_and_no_third_domain_gets_in(
     r.start("A", "mig1")
     before = env.holders("mig1")
     assert [h.host for h in before] == ["hostA"], before
-    stop = threading.Event()
-    samples: list[set[str]] = []
-    intruder_ran: list[str] = []
-
-    def sample() -> None:
-        while not stop.is_set():
-            samples.append({h.host for h in env.holders("mig1", "intruder") if h.handoff_to is None
-                            or h.host == "hostB"})
-            time.sleep(0.005)
-
-    def intrude() -> None:
-        while not stop.is_set():
-            cp, _ = r.start("B", "intruder", check=False)
-            if cp.returncode == 0:
-                intruder_ran.append(cp.stdout)
-                r.virsh("B", "destroy", "intruder", check=False)
-
-    threads = [threading.Thread(target=sample, daemon=True), threading.Thread(target=intrude, daemon=True)]
-    for t in threads:
-        t.start()
     t0 = time.time()
-    try:
+    with Watch(env, ["mig1"], intruder=("B", "intruder")) as watch:
         seconds = r.migrate("mig1", "A", "B")
-    finally:
-        time.sleep(0.5)  # keep sampling and intruding just after the handover
-        stop.set()
-        for t in threads:
-            t.join(30)
     assert r.domstate("B", "mig1") == "running" and r.domstate("A", "mig1") == "shut off"
-    assert not intruder_ran, "a third domain started on the disk during the migration"
-    two = [s for s in samples if len(s) > 1]
-    assert samples and not two, f"{len(two)} of {len(samples)} samples saw two holders: {two[:3]}"
+    assert not watch.intruder_ran and watch.intruder_tries, "a third domain started on the disk during the migration"
+    assert watch.samples and not watch.two_holders, \
+        f"{len(watch.two_holders)} of {len(watch.samples)} samples saw two holders: {watch.two_holders[:3]}"
     after = env.holders("mig1")
     assert [h.host for h in after] == ["hostB"] and after[0].token > before[0].token, after
     stop_at, resume_at = r.qmp_events("A", "STOP", t0), r.qmp_events("B", "RESUME", t0)
@@ -148,7 +127,7 @@ def test_live_migration_never_two_holders_and_no_third_domain_gets_in(
     record_property("migrate_s", round(seconds, 3))
     record_property("downtime_ms", round(downtime_ms, 1))
     print(f"agent rig, under the sampler and the intruder: migrate {seconds:.3f} s, guest downtime "
-          f"{downtime_ms:.1f} ms, {len(samples)} etcd samples, every intruder start refused")
+          f"{downtime_ms:.1f} ms, {len(watch.samples)} etcd samples, all {watch.intruder_tries} intruder starts refused")
     t1 = time.time()  # and back, with nothing else running: the figure to compare with virtlockd's
     seconds = r.migrate("mig1", "B", "A")
     stop_at, resume_at = r.qmp_events("B", "STOP", t1), r.qmp_events("A", "RESUME", t1)
@@ -176,3 +155,227 @@ def test_kill9_of_qemu_frees_the_disk_within_a_second(env: AgentRig, record_prop
     record_property("kill9_to_start_b_s", round(took, 3))
     print(f"agent rig: kill -9 of QEMU on A -> domain started on B after {took:.3f} s")
     r.virsh("B", "destroy", "heir")
+
+
+def _kill_when(pred: Callable[[], int | None], what: str, then: Callable[[int], None] | None = None,
+               timeout: float = 30.0) -> tuple[threading.Thread, list[float]]:
+    """In a thread: once ``pred()`` gives a pid, ``kill -9`` it (after ``then(pid)``, if given);
+    the monotonic kill instant is appended to the returned list (nothing if the pid had gone)."""
+    killed: list[float] = []
+
+    def run() -> None:
+        pid = wait_for(pred, timeout, interval=0.002, what=what)
+        if then:
+            then(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(time.monotonic())
+        except ProcessLookupError:
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, killed
+
+
+def _only_holder(env: AgentRig, domain: str, host: str) -> HeldInfo:
+    held = env.holders(domain)
+    assert [h.host for h in held] == [host] and held[0].handoff_to is None, held
+    return held[0]
+
+
+def test_migration_with_the_destination_qemu_killed_keeps_the_source_and_its_disk(env: AgentRig) -> None:
+    """Scenario 4a: B's incoming QEMU is killed -9 during the migration: virsh reports the failure,
+    web stays running on A, A still holds the disk (same token), B's agent keeps nothing, a domain
+    on B stays refused past the reserve grace, and the same migration works afterwards."""
+    r = env.rig
+    disk = r.image("agent-mfail.img")
+    r.define_domain("A", "mfail", [disk])
+    r.define_domain("B", "grabber", [disk])
+    r.start("A", "mfail")
+    before = _only_holder(env, "mfail", "hostA")
+    with Watch(env, ["mfail"], intruder=("B", "grabber")) as watch:
+        t, killed = _kill_when(lambda: r.qemu_pid("B", "mfail"), "the incoming QEMU on B",
+                               then=lambda _: time.sleep(0.15))  # into the transfer
+        cp = r.virsh("A", "migrate", "--live", "--unsafe", "mfail", r.hosts["B"].uri, check=False, timeout=120)
+        t.join(30)
+    assert killed, "the incoming QEMU was gone before it could be killed"
+    assert cp.returncode != 0, "the migration succeeded although its destination was killed"
+    print(f"migration with the destination killed: virsh said {cp.stderr.strip()!r}")
+    assert r.domstate("A", "mfail") == "running"
+    assert r.domstate("B", "mfail") == "absent"  # the incoming domain is gone with its QEMU
+    assert _only_holder(env, "mfail", "hostA").token == before.token
+    assert not watch.intruder_ran and not watch.two_holders
+    time.sleep(2.5)  # past the reserve grace of anything B's agent might have kept
+    cp, _ = r.start("B", "grabber", check=False)
+    assert cp.returncode != 0 and "domain mfail" in cp.stderr and "on host hostA" in cp.stderr, cp.stderr
+    r.migrate("mfail", "A", "B")
+    assert _only_holder(env, "mfail", "hostB").token > before.token
+    r.virsh("B", "destroy", "mfail")
+
+
+def test_source_qemu_killed_after_the_destination_resumed_leaves_the_destination_its_disk(env: AgentRig) -> None:
+    """Scenario 4b: the source QEMU is frozen (SIGSTOP) as soon as the destination claimed the
+    disk, so that libvirt's own clean-up cannot end it first, and killed -9 once the destination
+    runs: the destination keeps running and keeps the disk with its new token; the source's
+    lifeline EOF releases nothing of the destination's.  Libvirt's confirm step can still end
+    the source before the freeze lands: then the domain is migrated back and it is tried again."""
+    r = env.rig
+    disk = r.image("agent-mhalf.img")
+    r.define_domain("A", "mhalf", [disk])
+    r.define_domain("A", "grabber2", [disk])
+    r.define_domain("B", "grabber3", [disk])
+    r.start("A", "mhalf")
+    src, dst, attempt = "A", "B", 0
+    while True:
+        attempt += 1
+        assert attempt <= 5, "in 5 migrations libvirt always ended the source QEMU before it could be frozen"
+        source = r.qemu_pid(src, "mhalf")
+        assert source
+        before = _only_holder(env, "mhalf", f"host{src}")
+
+        def dst_holds(src_pid: int = source, dst: str = dst) -> int | None:
+            return src_pid if any(h.host == f"host{dst}" for h in env.holders("mhalf")) else None
+
+        def freeze_until_dst_runs(pid: int, dst: str = dst) -> None:
+            os.kill(pid, signal.SIGSTOP)  # ProcessLookupError if libvirt ended it first: not killed
+            wait_for(lambda: r.domstate(dst, "mhalf") == "running", 30, what=f"mhalf running on {dst}")
+
+        with Watch(env, ["mhalf"], intruder=(src, f"grabber{2 if src == 'A' else 3}")) as watch:
+            t, killed = _kill_when(dst_holds, f"host {dst}'s claim of the disk", then=freeze_until_dst_runs)
+            cp = r.virsh(src, "migrate", "--live", "--unsafe", "mhalf", r.hosts[dst].uri, check=False,
+                         timeout=120)
+            t.join(30)
+        assert r.domstate(dst, "mhalf") == "running", cp.stderr
+        assert _only_holder(env, "mhalf", f"host{dst}").token > before.token
+        assert not watch.intruder_ran and not watch.two_holders
+        if killed:
+            break
+        src, dst = dst, src
+    print(f"source QEMU killed -9 after the destination resumed (attempt {attempt}): virsh migrate exit "
+          f"{cp.returncode}")
+    wait_for(lambda: r.domstate(src, "mhalf") == "shut off", 10, what=f"mhalf shut off on {src}")
+    time.sleep(2.5)  # past the reserve grace
+    assert _only_holder(env, "mhalf", f"host{dst}").token > before.token
+    cp, _ = r.start(src, f"grabber{2 if src == 'A' else 3}", check=False)
+    assert cp.returncode != 0 and "domain mhalf" in cp.stderr and f"on host host{dst}" in cp.stderr, cp.stderr
+    r.virsh(dst, "destroy", "mhalf")
+
+
+def _fenced_before_granted(env: AgentRig, qemu: int, fault: Callable[[], object], repair: Callable[[], object],
+                           taker: str, tag: str, label: str, record_property: pytest.RecordProperty) -> None:
+    """``fault()`` on host A, then start ``taker`` on B until it works: A's QEMU ``qemu`` must
+    have exited before that start began (the grant came later still); then ``repair()``.
+    Records and prints when A's QEMU died, when B's start worked and the fence lead between."""
+    death = DeathWatch(qemu)
+    t0 = time.monotonic()
+    fault()
+    try:
+        tried, done = env.start_once_free("B", taker, t0, 3 * TTL, pause=0.05)
+        dead = death.wait(0)
+        assert dead is not None, "B was granted the disk while A's QEMU still ran"
+        assert dead - t0 < tried, f"A's QEMU died {dead - t0:.3f} s after the fault, B's start began at {tried:.3f} s"
+    finally:
+        repair()
+    lead = tried - (dead - t0)
+    record_property(f"{tag}_to_qemu_killed_s", round(dead - t0, 3))
+    record_property(f"{tag}_to_b_started_s", round(done, 3))
+    record_property(f"fence_lead_{tag}_s", round(lead, 3))
+    print(f"{label}: A's QEMU killed after {dead - t0:.2f} s, B started after {done:.2f} s, "
+          f"fence lead >= {lead:.2f} s")
+
+
+def test_agent_killed_and_not_restarted_stops_the_domain_before_b_gets_the_disk(
+        env: AgentRig, record_property: pytest.RecordProperty) -> None:
+    """Scenario 6, no restart: kill -9 of A's agent while a domain runs, no agent back: the
+    agent's guard kills the QEMU at the fence deadline, before B can be granted the disk; B
+    gets it once etcd expired A's lease."""
+    r = env.rig
+    disk = r.image("agent-orphan.img")
+    r.define_domain("A", "orphan", [disk])
+    r.define_domain("B", "taker", [disk])
+    r.start("A", "orphan")
+    qemu, agent = r.qemu_pid("A", "orphan"), r.hosts["A"].pid("lockdaemon")
+    assert qemu and agent
+    _fenced_before_granted(env, qemu, lambda: os.kill(agent, signal.SIGKILL), lambda: env.restart_agent("A"),
+                           "taker", "agent_kill", f"agent kill -9, no restart (TTL {TTL} s)", record_property)
+    assert r.domstate("A", "orphan") == "shut off"
+    r.virsh("B", "destroy", "taker")
+
+
+def test_host_cut_off_from_etcd_stops_its_domain_before_b_is_granted(
+        env: AgentRig, record_property: pytest.RecordProperty) -> None:
+    """Scenario 7: A's links to every etcd member go dead (bytes dropped, nothing closed): A's
+    agent kills its domain at the fence deadline; B is granted the disk only after that (the
+    fence lead); once the links are back, A's agent starts domains again."""
+    r = env.rig
+    disk = r.image("agent-island.img")
+    r.define_domain("A", "island", [disk])
+    r.define_domain("B", "mainland", [disk])
+    r.define_domain("A", "back", [r.image("agent-back.img")])
+    r.start("A", "island")
+    qemu = r.qemu_pid("A", "island")
+    assert qemu
+    _fenced_before_granted(env, qemu, lambda: env.cut("A"), lambda: env.heal("A"), "mainland", "cut",
+                           f"A cut off from etcd (TTL {TTL} s)", record_property)
+    assert r.domstate("A", "island") == "shut off"
+    healed = time.monotonic()
+    _, back = env.start_once_free("A", "back", healed, 3 * TTL, pause=0.5)
+    print(f"A's agent started a domain {back:.2f} s after its links came back")
+    r.virsh("A", "destroy", "back")
+    r.virsh("B", "destroy", "mainland")
+
+
+def _restart_member(env: AgentRig, member: Member) -> None:
+    member.start()
+    wait_serving(member.endpoint, 30)
+
+
+def test_etcd_leader_killed_during_a_start_and_during_a_migration(env: AgentRig) -> None:
+    """Scenario 8: the etcd leader is killed -9 while ``virsh start`` runs on A, then while a
+    migration A->B runs: each operation succeeds or fails cleanly (nothing half-held in etcd),
+    the disk is never held by two hosts, and a rival domain never starts on it."""
+    r = env.rig
+    disk = r.image("agent-leader.img")
+    r.define_domain("A", "ldr", [disk])
+    r.define_domain("B", "rival", [disk])
+    leader = env.etcd.leader()
+    assert leader is not None
+    killer = threading.Timer(0.1, leader.kill)
+    killer.start()
+    try:
+        cp, took = r.start("A", "ldr", check=False)
+        killer.join()
+    finally:
+        _restart_member(env, leader)
+    print(f"leader {leader.name} killed 0.1 s into virsh start: exit {cp.returncode} after {took:.2f} s "
+          f"{cp.stderr.strip()!r}")
+    if cp.returncode == 0:
+        assert r.domstate("A", "ldr") == "running"
+        _only_holder(env, "ldr", "hostA")
+    else:
+        assert r.domstate("A", "ldr") == "shut off" and env.holders("ldr") == []
+        r.start("A", "ldr")
+    before = _only_holder(env, "ldr", "hostA")
+
+    leader = env.etcd.leader()
+    assert leader is not None
+    with Watch(env, ["ldr"], intruder=("B", "rival")) as watch:
+        t, killed = _kill_when(lambda: leader.proc.pid if leader.proc and r.qemu_pid("B", "ldr") else None,
+                               "the incoming QEMU on B")
+        try:
+            cp = r.virsh("A", "migrate", "--live", "--unsafe", "ldr", r.hosts["B"].uri, check=False, timeout=120)
+        finally:
+            t.join(30)
+            _restart_member(env, leader)
+    assert killed, "the leader was not killed during the migration"
+    print(f"leader {leader.name} killed during migrate: exit {cp.returncode} {cp.stderr.strip()!r}; "
+          f"{len(watch.samples)} etcd samples, {watch.intruder_tries} rival starts refused")
+    assert not watch.intruder_ran and not watch.two_holders
+    states = {h: r.domstate(h, "ldr") for h in ("A", "B")}
+    running = [h for h, s in states.items() if s == "running"]
+    assert len(running) == 1, states
+    assert (cp.returncode == 0) == (running == ["B"]), (cp.returncode, states)
+    held = _only_holder(env, "ldr", f"host{running[0]}")
+    assert held.token >= before.token
+    r.virsh(running[0], "destroy", "ldr")
