@@ -81,19 +81,23 @@ class AgentRig:
             time.sleep(pause)
 
     def restart_agent(self, host: str) -> Path:
-        """Start a new agent in ``host``'s namespaces (after the old one was killed); return
-        the path of its log."""
+        """Start a new agent in ``host``'s namespaces (after the old one was killed), as
+        systemd's ``Restart=always`` would; return the path of its log."""
+        return self.start_lock_daemon(host, self.rig._lock_command(self.rig.hosts[host]))
+
+    def start_lock_daemon(self, host: str, command: Sequence[str]) -> Path:
+        """Serve ``host``'s virtlockd socket with ``command`` (the agent, or stock virtlockd)
+        once the previous daemon's socket is dead; return the path of its log."""
         h = self.rig.hosts[host]
-        wait_for(lambda: not serving(h.lockd_socket), 5.0, what="the old agent's socket to go dead")
+        wait_for(lambda: not serving(h.lockd_socket), 5.0, what="the old lock daemon's socket to go dead")
         log_path = h.root / "log" / f"lockdaemon-restarted-{len(self.logs)}.log"
         self.logs.append(log_path)
         with open(log_path, "ab") as log:
-            new = subprocess.Popen(["nsenter", "-t", str(h.pid("subreaper")), "-m", "-n", "-u", "--",
-                                    *self.rig._lock_command(h)],
+            new = subprocess.Popen(["nsenter", "-t", str(h.pid("subreaper")), "-m", "-n", "-u", "--", *command],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         (h.run / "lockdaemon.pid").write_text(f"{new.pid}\n")
-        wait_for(lambda: serving(h.lockd_socket) or new.poll() is not None, 20.0, what="the new agent")
+        wait_for(lambda: serving(h.lockd_socket) or new.poll() is not None, 20.0, what="the new lock daemon")
         assert new.poll() is None, log_path.read_text()
         return log_path
 

@@ -1,4 +1,4 @@
-"""The ``libvirt`` marker and the two-host rig fixture.
+"""The ``libvirt`` marker and the two-host rig fixtures (stock virtlockd, or the agent).
 
 Tests marked ``libvirt`` need root, libvirt and QEMU (``deploy/libvirt/install.sh``);
 without them they are skipped with a one-line reason.
@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from agentrig import AgentRig, agent_rig
 from rig import Rig, missing_requirements
 
 
@@ -54,6 +55,13 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     r = Rig(tmp_path_factory.mktemp("libvirt-rig"), lock_daemon="virtlockd")
     with r:
         yield r
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentRig]:
+    """Hosts A and B with the virtlease agent over a three-member etcd, up for the module."""
+    with agent_rig(tmp_path_factory.mktemp("agent")) as a:
+        yield a
 
 
 @pytest.fixture

@@ -12,22 +12,16 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
-from agentrig import TTL, AgentRig, DeathWatch, Watch, agent_rig
+from agentrig import TTL, AgentRig, DeathWatch, Watch
 from rig import wait_for
 
 from virtlease_etcd.embedded import Member, wait_serving
 from virtlease_etcd.status import HeldInfo
 
 pytestmark = pytest.mark.libvirt
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentRig]:
-    with agent_rig(tmp_path_factory.mktemp("agent")) as a:
-        yield a
 
 
 def test_start_busy_suspend_resume_destroy(env: AgentRig, record_property: pytest.RecordProperty) -> None:
