@@ -12,8 +12,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
+# `make demo LIBVIRT=1`: the agent on two real libvirt hosts (root, libvirt and QEMU needed)
 demo: $(STAMP)
+ifeq ($(LIBVIRT),1)
+	$(BIN)/python tests/libvirt/demo.py
+else
 	$(BIN)/virtlease demo
+endif
 
 test: $(STAMP)
 	$(BIN)/ruff check src backends tests bench
