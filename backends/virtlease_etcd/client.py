@@ -142,9 +142,12 @@ class EtcdClient:
         self._header(resp.header)
         return resp
 
-    def get_range(self, key: str, range_end: str | None = None, *, timeout: float) -> tuple[list[Any], int]:
-        """KeyValues in [key, range_end) (or the one key), and the revision read."""
-        request = etcdrpc.RangeRequest(key=key.encode(), range_end=(range_end or "").encode())
+    def get_range(self, key: str, range_end: str | None = None, *, timeout: float,
+                  serializable: bool = False) -> tuple[list[Any], int]:
+        """KeyValues in [key, range_end) (or the one key), and the revision read.  ``serializable``:
+        the member's local copy, without a quorum round (may lag: for hints only)."""
+        request = etcdrpc.RangeRequest(key=key.encode(), range_end=(range_end or "").encode(),
+                                       serializable=serializable)
         resp = self._call(lambda ep, md: ep.kv.Range(request, timeout, metadata=md), write=False)
         self._header(resp.header)
         return list(resp.kvs), int(resp.header.revision)

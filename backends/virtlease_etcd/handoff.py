@@ -273,11 +273,12 @@ def reservation_in(d: Domain, responses: Sequence[Any], rid: str) -> tuple[str, 
 def reservation_of(d: Domain, rid: str) -> tuple[str, bytes] | None:
     """One read of this domain's markers (no transaction): as :func:`reservation_in`.  Lets a
     migration's destination claim with one transaction instead of a failed grant and a claim;
-    what it finds is only a hint, the claim compares the marker byte for byte.  None as well
-    when the read fails: the grant that follows retries, and reports, as always."""
+    what it finds is only a hint (a serializable read: no quorum round, it may lag), the claim
+    compares the marker byte for byte.  None as well when the read fails: the grant that
+    follows retries, and reports, as always."""
     prefix = d.keys.handoff(d.spec.uuid, "")
     try:
-        kvs, _ = d.session.client.get_range(prefix, ks.range_end(prefix), timeout=HINT_TIMEOUT)
+        kvs, _ = d.session.client.get_range(prefix, ks.range_end(prefix), timeout=HINT_TIMEOUT, serializable=True)
     except (TransientError, BackendUnavailableError):
         return None
     return _reservation_among(d, kvs, rid)
