@@ -10,8 +10,10 @@ host's virtlockd socket, a three-member etcd), then, with stock ``virsh``:
    etcd before and after;
 3. kills web1's QEMU on B with ``kill -9``: a domain on A starts on the disk, and how soon.
 
-Needs root, libvirt and QEMU (``deploy/libvirt/install.sh``).  Takes the rig down at the end, on
-an error and on Ctrl-C; the first run on a machine probes QEMU's capabilities (~15 s).
+Needs root, libvirt and QEMU (``deploy/libvirt/install.sh``); without them it exits 2 with the
+reason.  Takes the rig down at the end, on an error and on Ctrl-C (a second Ctrl-C during the
+teardown is ignored); if the teardown itself fails the work directory is kept and the command
+that finishes the job is printed.  The first run on a machine probes QEMU's capabilities (~15 s).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from agentrig import AgentRig, agent_rig
-from rig import DEFAULT_CACHE, RigError, missing_requirements
+from rig import DEFAULT_CACHE, HOSTS, RigError, missing_requirements
 
 from virtlease_etcd.status import HeldInfo
 
@@ -45,6 +48,40 @@ def holder(env: AgentRig, domain: str) -> str:
 def held_text(held: list[HeldInfo]) -> str:
     return "; ".join(f"{Path(h.resource).name} held by {h.domain_name} on {h.host}, token {h.token}"
                      for h in held) or "nobody holds it"
+
+
+class Progress:
+    """While the rig comes up: every ``every`` s, say which daemons of each host have started
+    (from the pid files the rig writes under ``work``), so a person sees it is not stuck."""
+
+    DAEMONS = ("virtlogd", "lockdaemon", "libvirtd")
+
+    def __init__(self, work: Path, every: float = 2.0) -> None:
+        self.work, self.every = work, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            parts = []
+            for host in HOSTS:
+                run = self.work / "rig" / "hosts" / host / "run"
+                up = [d.replace("lockdaemon", "agent") for d in self.DAEMONS if (run / f"{d}.pid").exists()]
+                answering = (run / "libvirt-sock").exists()
+                parts.append(f"{host}: {'+'.join(up) or 'starting'}{', waiting for libvirtd' if up and not answering else ''}")
+            if not self._stop.is_set():
+                say("   ... still coming up (" + "; ".join(parts) + ")")
 
 
 def virsh_error(stderr: str) -> str:
@@ -66,6 +103,7 @@ def scenarios(env: AgentRig) -> list[str]:
     if cp.returncode == 0:
         raise RigError("db1 started on B on web1's disk")
     say(f"   refused: {virsh_error(cp.stderr)}")
+    say(f"   after the refusal: {holder(env, 'web1')}")
     summary = [f"start {took:.2f} s, second host refused"]
 
     say("2. virsh -c A migrate --live web1 B")
@@ -95,29 +133,59 @@ def scenarios(env: AgentRig) -> list[str]:
     return summary
 
 
+def interrupt_once(signum: int, frame: object) -> None:
+    """The first Ctrl-C stops the demo (the rig is then taken down); later ones are ignored so
+    they cannot cut the teardown short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = text.splitlines()
+    return lines[0] + (f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else "")
+
+
 def main() -> int:
     why = missing_requirements()
     if why:
         print(f"virtlease libvirt demo: cannot run here: {why}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGINT, interrupt_once)
     work = Path(tempfile.mkdtemp(prefix="virtlease-libvirt-demo-"))
     probe = "" if (DEFAULT_CACHE / "capabilities").exists() else " (first run: QEMU's capabilities probe, ~15 s)"
     say(f"bringing up hosts A and B with the virtlease agent and a three-member etcd in {work}{probe}")
+    rc, outcome, left_behind = 1, "", False
     try:
-        with agent_rig(work) as env:
+        with Progress(work) as progress, agent_rig(work) as env:
+            progress.stop()
             say(f"up: libvirtd + virtlogd + virtlease agent on each host, etcd at {env.etcd.endpoints}")
-            summary = scenarios(env)
-            say("taking the rig down")
-        say("done, nothing left behind: " + "; ".join(summary))
-        return 0
+            try:
+                summary = scenarios(env)
+            finally:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing may cut the teardown short
+                say("taking the rig down")
+        rc, outcome = 0, "done, nothing left behind: " + "; ".join(summary)
     except KeyboardInterrupt:
-        say("interrupted; the rig was taken down")
-        return 130
-    except RigError as exc:
-        say(f"failed: {exc}")
-        return 1
+        rc, outcome = 130, "interrupted"
+    except Exception as exc:  # a person watches: the details on stderr, then one line
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        outcome = f"failed: {one_line(exc)}"
+        left_behind = isinstance(exc, RigError) and "left things behind" in str(exc)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if left_behind:  # Rig.down() ran but its verification failed (the list is on stderr)
+            outcome += f"; work directory kept: {work}"
+        elif (work / "rig" / "rig.json").exists():
+            outcome += (f"; the rig is NOT fully down, its state is kept: take it down with "
+                        f"{sys.executable} {Path(__file__).resolve().parent / 'rig_cli.py'} --workdir {work / 'rig'} down")
+            rc = rc or 1
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            if rc:
+                outcome += "; the rig was taken down, nothing left behind"
+    say(outcome)
+    return rc
 
 
 if __name__ == "__main__":
