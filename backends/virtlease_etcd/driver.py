@@ -33,6 +33,7 @@ from . import disks, grants, handoff
 from .config import EtcdConfig, load_config
 from .disks import DiskNames
 from .domain import Domain
+from .hostkey import HostKeyTaken
 from .owners import Policy
 from .session import HostSession
 from .sessions import close_session, open_session
@@ -100,14 +101,24 @@ class EtcdDriver:
 
         For a long-lived caller that fenced and goes on (the agent): every owner of the lost
         session was already fenced, none of its holds carries over, and every later grant is
-        checked against etcd as always.  BackendUnavailableError if etcd does not answer: the
-        lost session stays in place."""
+        checked against etcd as always.  The lost session stays in place (nothing changed) if
+        etcd does not answer (BackendUnavailableError) or still has its lease (LeaseLostError:
+        a new session would be refused as a second live one of this host)."""
         with self._lock:
             old = self._session
             if old is None or old.lost is None:
                 return None
             assert self.cfg is not None
-            new = open_session(self.cfg)
+            try:
+                new = open_session(self.cfg)
+            except HostKeyTaken as exc:
+                if exc.lease != old.lease_id:
+                    raise
+                raise LeaseLostError(  # its host key still names it: this would be a second live session
+                    f"host {self.cfg.host_id}: the lost session's lease {old.lease_id:x} is still in etcd "
+                    f"(it expires within {old.ttl} s, or is revoked earlier once its fenced domains have "
+                    f"exited); a new session starts at the first acquire after that; nothing changed "
+                    f"({old.lost})") from None
             old.remove_listener(self._on_lost)
             close_session(old)
             new.add_listener(self._on_lost)

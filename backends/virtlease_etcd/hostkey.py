@@ -19,10 +19,18 @@ from .client import EtcdClient, TransientError
 from .config import EtcdConfig
 
 
+class HostKeyTaken(ConfigError):
+    """Another live session holds this host's key; ``lease`` is its lease id (0 if unknown)."""
+
+    def __init__(self, message: str, lease: int) -> None:
+        super().__init__(message)
+        self.lease = lease
+
+
 def register(client: EtcdClient, keys: ks.Keys, cfg: EtcdConfig, *, lease_id: int, ttl: int,
              session_id: str, deadline: float) -> None:
     """Write this session's host record, unless another live session has one:
-    then ConfigError naming it (the caller revokes its fresh lease)."""
+    then HostKeyTaken naming it (the caller revokes its fresh lease)."""
     host_key = keys.host(cfg.host_id)
     record = ks.encode({"host": cfg.host_id, "lease": lease_id, "pid": os.getpid(),
                         "ttl": ttl, "started": round(time.time(), 3), "session": session_id})
@@ -40,8 +48,10 @@ def register(client: EtcdClient, keys: ks.Keys, cfg: EtcdConfig, *, lease_id: in
         return
     kvs = resp.responses[0].response_range.kvs  # type: ignore[attr-defined]
     other = ks.decode(kvs[0].value, host_key) if kvs else {}
-    raise ConfigError(
+    lease = other.get("lease")
+    raise HostKeyTaken(
         f"host_id: {cfg.host_id!r} already has a live session (pid {other.get('pid')}, "
-        f"lease {other.get('lease')}); host_id must be unique per host. If that host died, "
-        f"its lease expires within {other.get('ttl', cfg.ttl)} s"
+        f"lease {lease}); host_id must be unique per host. If that host died, "
+        f"its lease expires within {other.get('ttl', cfg.ttl)} s",
+        lease if isinstance(lease, int) else 0,
     )

@@ -4,6 +4,7 @@ owns the lifeline; other connections REGISTER and ACQUIRE/RELEASE per disk."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -257,40 +258,77 @@ def test_etcd_unreachable_is_an_error_reply_not_a_hang(etcd_process: EtcdServer,
             plugin.unload()
 
 
-def test_after_a_lost_session_the_next_acquire_opens_a_new_one(etcd_process: EtcdServer, prefix: str,
-                                                               tmp_path: Path) -> None:
-    """etcd out of reach past the fence deadline: the owner is fenced (killed) and the session
-    lost; once etcd answers, the next ACQUIRE opens a new session (a new lease) and is granted,
-    checked against etcd as always (the old owner's disk is free, the old lease revoked or gone)."""
+@contextlib.contextmanager
+def _agent_behind_proxy(etcd_process: EtcdServer, prefix: str, tmp_path: Path, host: str,
+                        **config: Any) -> Iterator[tuple[Any, v.Plugin, ServerThread]]:
+    """An agent of ``host`` reaching etcd through a TCP proxy the test can blackhole."""
     from tcpproxy import TcpProxy
 
-    host, port = etcd_process.endpoints.split(",")[0].rsplit(":", 1)
-    with TcpProxy(f"{host}:{port}") as proxy:
-        plugin = load(proxy.endpoint, prefix, "host-r", request_timeout=0.5)
-        run = tmp_path / "r"
+    ep_host, port = etcd_process.endpoints.split(",")[0].rsplit(":", 1)
+    with TcpProxy(f"{ep_host}:{port}") as proxy:
+        plugin = load(proxy.endpoint, prefix, host, request_timeout=0.5, **config)
+        run = tmp_path / host
         run.mkdir(mode=0o700)
         server = ServerThread(run / "virtlockd-sock", backend(plugin))
         try:
-            d1, d2 = images(tmp_path, "d1.img", "d2.img")
-            old = StandinQemu(server.path, "web1")
-            with LockdClient(server.path) as c:
-                c.register(old.owner())
-                c.acquire(d1)
-            old_lease = plugin.driver.session.lease_id
-            proxy.blackhole()
-            wait_for(lambda: not old.alive(), 10)  # fenced: poweroff
-            assert plugin.driver.session.lost is not None
-            proxy.heal()
-            new = StandinQemu(server.path, "web2")
-            with LockdClient(server.path) as c:
-                c.register(new.owner())
-                c.acquire(d1)  # the fenced owner's disk: free again, granted on the new lease
-                c.acquire(d2)
-            assert plugin.driver.session.lost is None and plugin.driver.session.lease_id != old_lease
-            assert any(b"web2" in value for value in holders(etcd_process, prefix).values())
-            new.kill()
+            yield proxy, plugin, server
         finally:
             server.stop()
             proxy.heal()
             plugin.driver.release_all()
             plugin.unload()
+
+
+def _hold_then_cut(proxy: Any, plugin: v.Plugin, server: ServerThread, disk: str) -> tuple[StandinQemu, int]:
+    """A stand-in QEMU holding ``disk``, then etcd blackholed; the owner and the session's lease."""
+    old = StandinQemu(server.path, "web1")
+    with LockdClient(server.path) as c:
+        c.register(old.owner())
+        c.acquire(disk)
+    lease = plugin.driver.session.lease_id
+    proxy.blackhole()
+    return old, lease
+
+
+def test_after_a_lost_session_the_next_acquire_opens_a_new_one(etcd_process: EtcdServer, prefix: str,
+                                                               tmp_path: Path) -> None:
+    """etcd out of reach past the fence deadline: the owner is fenced (killed) and the session
+    lost; once etcd answers, the next ACQUIRE opens a new session (a new lease) and is granted,
+    checked against etcd as always (the old owner's disk is free, the old lease revoked or gone)."""
+    with _agent_behind_proxy(etcd_process, prefix, tmp_path, "host-r") as (proxy, plugin, server):
+        d1, d2 = images(tmp_path, "d1.img", "d2.img")
+        old, old_lease = _hold_then_cut(proxy, plugin, server, d1)
+        wait_for(lambda: not old.alive(), 10)  # fenced: poweroff
+        assert plugin.driver.session.lost is not None
+        proxy.heal()
+        new = StandinQemu(server.path, "web2")
+        with LockdClient(server.path) as c:
+            c.register(new.owner())
+            c.acquire(d1)  # the fenced owner's disk: free again, granted on the new lease
+            c.acquire(d2)
+        assert plugin.driver.session.lost is None and plugin.driver.session.lease_id != old_lease
+        assert any(b"web2" in value for value in holders(etcd_process, prefix).values())
+        new.kill()
+
+
+def test_no_new_session_while_the_lost_one_is_still_in_etcd(etcd_process: EtcdServer, prefix: str,
+                                                             tmp_path: Path) -> None:
+    """A paused (fenced) domain keeps the lost lease from early revocation: until etcd expires
+    it, an ACQUIRE is refused saying so (a new session then would be a second live session of
+    this host); after that it opens a new session and is granted."""
+    with _agent_behind_proxy(etcd_process, prefix, tmp_path, "host-s", default_action="pause", ttl=6,
+                             fence_margin=2.9) as (proxy, plugin, server):  # a wide window: fence -> expiry
+        (d2,) = images(tmp_path, "d2.img")
+        old, old_lease = _hold_then_cut(proxy, plugin, server, d2)
+        wait_for(lambda: plugin.driver.session.lost is not None, 10)  # fenced: paused, still alive
+        proxy.heal()
+        new = StandinQemu(server.path, "web2")
+        with LockdClient(server.path) as c:
+            c.register(new.owner())
+            msg = error_of(lambda: c.acquire(d2))
+            assert f"lease {old_lease:x} is still in etcd" in msg and "nothing changed" in msg, msg
+            wait_for(lambda: etcd_process.client().get_lease_info(old_lease).TTL < 0, 10)
+            c.acquire(d2)  # the paused domain's disk: its lease expired, granted on the new session
+        assert plugin.driver.session.lease_id != old_lease
+        new.kill()
+        old.kill()
