@@ -14,9 +14,10 @@
   without a restart, seconds until the guard kills the QEMU (vs the TTL: it must be before the
   lease can expire); with an immediate restart, seconds until the new agent serves and whether the
   QEMU survived past the TTL.
-* ``virsh_start_s`` (full run, or ``--libvirt``): ``virsh start`` of a small TCG domain on the
-  two-host libvirt rig (tests/libvirt/rig.py) with stock virtlockd and with the agent (needs root
-  and deploy/libvirt/install.sh; skipped with the reason otherwise).
+* ``libvirt`` (full run, or ``--libvirt``): ``virsh start`` of a small TCG domain and live
+  migrations back and forth (wall time, guest downtime) on the two-host libvirt rig
+  (tests/libvirt/rig.py) with stock virtlockd and with the agent over this etcd (needs root and
+  deploy/libvirt/install.sh; skipped with the reason otherwise).
 """
 
 from __future__ import annotations
@@ -141,8 +142,10 @@ def crash(cluster: Cluster, tmp: Path, disk: str, ttl: int) -> dict[str, Any]:
     return out
 
 
-def libvirt_starts(cluster: Cluster, n: int) -> dict[str, Any]:
-    """``virsh start`` wall times (s) on the rig, virtlockd vs the agent."""
+def libvirt_rig(cluster: Cluster, n: int) -> dict[str, Any]:
+    """On the two-host rig, stock virtlockd vs the agent: ``virsh start`` wall times (s) and
+    ``virsh migrate --live`` back and forth: wall time (s) and guest downtime (ms, QEMU's STOP on
+    the source to RESUME on the destination)."""
     if os.geteuid() != 0 or not shutil.which("libvirtd"):
         return {"skipped": "needs root and libvirt (deploy/libvirt/install.sh)"}
     here = Path(__file__).resolve().parent.parent / "tests" / "libvirt"
@@ -150,14 +153,14 @@ def libvirt_starts(cluster: Cluster, n: int) -> dict[str, Any]:
     from etcd_relay import Relay
     from rig import Rig
 
-    from virtlockd_baseline import measure_starts, summary
+    from virtlockd_baseline import measure_migrations, measure_starts, summary
 
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"start_s": {}, "migrate_s": {}, "downtime_ms": {}}
     host, port = cluster.endpoint.rsplit(":", 1)
     with tempfile.TemporaryDirectory(prefix="vl-bench-rig-", dir="/tmp") as name:
         tmp = Path(name)
         relay = Relay.unix_to_tcp(str(tmp / "etcd.sock"), host, int(port))
-        agent = [sys.executable, str(here / "agent_in_host.py"), str(tmp / "etcd.sock"), "23790", "--socket",
+        agent = [sys.executable, str(here / "agent_in_host.py"), f"{tmp / 'etcd.sock'}@23790", "--socket",
                  "{socket}", "--endpoints", "127.0.0.1:23790", "--host-id", f"host{{host}}-{cluster.run_id}",
                  "--prefix", cluster.prefix, "--ttl", "10"]
         try:
@@ -165,10 +168,15 @@ def libvirt_starts(cluster: Cluster, n: int) -> dict[str, Any]:
                 r = Rig(tmp / label, cache_dir=tmp / "cache", lock_daemon=daemon)
                 r.up()
                 try:
-                    out[label] = summary(measure_starts(r, n))
+                    out["start_s"][label] = summary(measure_starts(r, n))
+                    mig = measure_migrations(r, n)
+                    out["migrate_s"][label] = summary(mig["wall"])
+                    out["downtime_ms"][label] = summary(mig["downtime"], 1000.0)
                 finally:
                     r.down()
-                progress(f"virsh start with {label}: {out[label]}")
+                progress(f"{label} on the rig: virsh start p50 {out['start_s'][label]['p50']:.3f} s, migrate p50 "
+                         f"{out['migrate_s'][label]['p50']:.3f} s, guest downtime p50 "
+                         f"{out['downtime_ms'][label]['p50']:.1f} ms (max {out['downtime_ms'][label]['max']:.1f})")
         finally:
             relay.close()
     return out
@@ -204,7 +212,7 @@ def agent_section(cluster: Cluster, plan: Plan, *, libvirt: bool | None = None) 
         res["crash"] = crash(cluster, tmp, str(disk), ttl)
         progress(f"agent crash: {res['crash']}")
     if libvirt if libvirt is not None else not plan.quick:
-        res["virsh_start_s"] = libvirt_starts(cluster, 5 if plan.quick else 10)
+        res["libvirt"] = libvirt_rig(cluster, 5 if plan.quick else 10)
     return res
 
 
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--endpoints")
     p.add_argument("--json", type=Path)
-    p.add_argument("--libvirt", action="store_true", help="also virsh start on the rig (default: full run only)")
+    p.add_argument("--libvirt", action="store_true", help="also virsh start and migrate on the rig (default: full run only)")
     args = p.parse_args(argv)
     cluster = Cluster.start(args.endpoints)
     try:

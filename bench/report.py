@@ -165,10 +165,15 @@ def _agent(res: dict[str, Any]) -> list[str]:
                   f"{crash['owner_killed_after_s']:.2f} s (before the lease could expire); restarted at once, "
                   f"the new agent served after {crash['restart_serving_after_s']:.2f} s and the owner "
                   f"{'survived' if crash['owner_survived_restart'] else 'did NOT survive'}.", ""]
-    starts = a.get("virsh_start_s")
-    if isinstance(starts, dict) and all("p50" in starts.get(k, {}) for k in ("agent", "virtlockd")):
-        lines += [f"`virsh start` on the two-host rig, p50: {starts['agent']['p50']:.3f} s with the agent, "
-                  f"{starts['virtlockd']['p50']:.3f} s with virtlockd.", ""]
+    rig = a.get("libvirt") or {}
+    rows = [[what, *(f"{rig[key][d]['p50']:.{digits}f} ({rig[key][d]['max']:.{digits}f})" for d in ("agent", "virtlockd")),
+             str(rig[key]["agent"]["n"])]
+            for what, key, digits in (("`virsh start`, s", "start_s", 3), ("`virsh migrate --live`, s", "migrate_s", 3),
+                                      ("guest downtime, ms", "downtime_ms", 1))
+            if all("p50" in rig.get(key, {}).get(d, {}) for d in ("agent", "virtlockd"))]
+    if rows:
+        lines += ["On the two-host libvirt rig (one etcd member; p50, max in brackets):", "",
+                  *_table(["", "agent", "virtlockd", "n"], rows)]
     return lines
 
 
