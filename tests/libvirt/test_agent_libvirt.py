@@ -52,15 +52,24 @@ def test_start_busy_suspend_resume_destroy(env: AgentRig, record_property: pytes
     r.virsh("B", "destroy", "db1")
 
 
+def _one_disk(env: AgentRig, image: str, on_a: str, on_b: str) -> int:
+    """Domain ``on_a`` on host A and ``on_b`` on host B, both on the disk ``image``; ``on_a``
+    started.  Returns its QEMU's pid."""
+    r = env.rig
+    disk = r.image(image)
+    r.define_domain("A", on_a, [disk])
+    r.define_domain("B", on_b, [disk])
+    r.start("A", on_a)
+    pid = r.qemu_pid("A", on_a)
+    assert pid
+    return pid
+
+
 def test_agent_sigkill_and_restart_keeps_the_running_domain(env: AgentRig) -> None:
     r = env.rig
-    disk = r.image("agent-restart.img")
-    r.define_domain("A", "web2", [disk])
-    r.define_domain("B", "db2", [disk])
-    r.start("A", "web2")
-    qemu = r.qemu_pid("A", "web2")
+    qemu = _one_disk(env, "agent-restart.img", "web2", "db2")
     old_agent = r.hosts["A"].pid("lockdaemon")
-    assert qemu and old_agent
+    assert old_agent
     os.kill(old_agent, signal.SIGKILL)
     log = env.restart_agent("A")
     time.sleep(TTL + 1)  # past the old agent's fence deadline and its lease's TTL
@@ -100,10 +109,7 @@ def test_live_migration_never_two_holders_and_no_third_domain_gets_in(
     the disk on two hosts; a third domain started on B over and over during the migration never
     runs; afterwards B holds the disk with a higher token. Guest downtime from QEMU's events."""
     r = env.rig
-    disk = r.image("agent-mig.img")
-    r.define_domain("A", "mig1", [disk])
-    r.define_domain("B", "intruder", [disk])
-    r.start("A", "mig1")
+    _one_disk(env, "agent-mig.img", "mig1", "intruder")
     before = env.holders("mig1")
     assert [h.host for h in before] == ["hostA"], before
     t0 = time.time()
@@ -136,12 +142,7 @@ def test_live_migration_never_two_holders_and_no_third_domain_gets_in(
 def test_kill9_of_qemu_frees_the_disk_within_a_second(env: AgentRig, record_property: pytest.RecordProperty) -> None:
     """Scenario 5: kill -9 of web1's QEMU on A; B starts a domain on the disk within a second."""
     r = env.rig
-    disk = r.image("agent-kill.img")
-    r.define_domain("A", "victim", [disk])
-    r.define_domain("B", "heir", [disk])
-    r.start("A", "victim")
-    pid = r.qemu_pid("A", "victim")
-    assert pid
+    pid = _one_disk(env, "agent-kill.img", "victim", "heir")
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     _, took = env.start_once_free("B", "heir", t0, 1.0, pause=0)
@@ -184,10 +185,7 @@ def test_migration_with_the_destination_qemu_killed_keeps_the_source_and_its_dis
     web stays running on A, A still holds the disk (same token), B's agent keeps nothing, a domain
     on B stays refused past the reserve grace, and the same migration works afterwards."""
     r = env.rig
-    disk = r.image("agent-mfail.img")
-    r.define_domain("A", "mfail", [disk])
-    r.define_domain("B", "grabber", [disk])
-    r.start("A", "mfail")
+    _one_disk(env, "agent-mfail.img", "mfail", "grabber")
     before = _only_holder(env, "mfail", "hostA")
     with Watch(env, ["mfail"], intruder=("B", "grabber")) as watch:
         t, killed = _kill_when(lambda: r.qemu_pid("B", "mfail"), "the incoming QEMU on B",
@@ -287,12 +285,9 @@ def test_agent_killed_and_not_restarted_stops_the_domain_before_b_gets_the_disk(
     agent's guard kills the QEMU at the fence deadline, before B can be granted the disk; B
     gets it once etcd expired A's lease."""
     r = env.rig
-    disk = r.image("agent-orphan.img")
-    r.define_domain("A", "orphan", [disk])
-    r.define_domain("B", "taker", [disk])
-    r.start("A", "orphan")
-    qemu, agent = r.qemu_pid("A", "orphan"), r.hosts["A"].pid("lockdaemon")
-    assert qemu and agent
+    qemu = _one_disk(env, "agent-orphan.img", "orphan", "taker")
+    agent = r.hosts["A"].pid("lockdaemon")
+    assert agent
     _fenced_before_granted(env, qemu, lambda: os.kill(agent, signal.SIGKILL), lambda: env.restart_agent("A"),
                            "taker", "agent_kill", f"agent kill -9, no restart (TTL {TTL} s)", record_property)
     assert r.domstate("A", "orphan") == "shut off"
@@ -305,13 +300,8 @@ def test_host_cut_off_from_etcd_stops_its_domain_before_b_is_granted(
     agent kills its domain at the fence deadline; B is granted the disk only after that (the
     fence lead); once the links are back, A's agent starts domains again."""
     r = env.rig
-    disk = r.image("agent-island.img")
-    r.define_domain("A", "island", [disk])
-    r.define_domain("B", "mainland", [disk])
+    qemu = _one_disk(env, "agent-island.img", "island", "mainland")
     r.define_domain("A", "back", [r.image("agent-back.img")])
-    r.start("A", "island")
-    qemu = r.qemu_pid("A", "island")
-    assert qemu
     _fenced_before_granted(env, qemu, lambda: env.cut("A"), lambda: env.heal("A"), "mainland", "cut",
                            f"A cut off from etcd (TTL {TTL} s)", record_property)
     assert r.domstate("A", "island") == "shut off"
