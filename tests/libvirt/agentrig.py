@@ -26,6 +26,7 @@ from pathlib import Path
 from etcd_relay import Relay
 from rig import HOSTS, Rig, wait_for
 
+from virtlease.errors import VirtleaseError
 from virtlease_etcd import keyspace as ks
 from virtlease_etcd.client import EtcdClient
 from virtlease_etcd.config import load_config
@@ -39,12 +40,14 @@ TTL = 5
 
 @dataclass
 class AgentRig:
-    """``rig`` with agents; ``etcd`` the cluster; ``relays[host]`` that host's links to it."""
+    """``rig`` with agents; ``etcd`` the cluster; ``relays[host]`` that host's links to it;
+    ``observer`` the tests' own client of it (thread-safe: the samplers share it)."""
 
     rig: Rig
     etcd: EmbeddedEtcd
     relays: dict[str, list[Relay]]
     prefix: str
+    observer: EtcdClient
     ttl: int = TTL
     logs: list[Path] = field(default_factory=list)
 
@@ -59,11 +62,7 @@ class AgentRig:
 
     def holders(self, *domains: str) -> list[HeldInfo]:
         """The records of ``domains`` (all if none named) under the rig's prefix, from etcd."""
-        client = EtcdClient(load_config({"endpoints": self.etcd.endpoints, "host_id": "observer"}, environ={}))
-        try:
-            held = read_status(client, ks.Keys(self.prefix), timeout=5).resources
-        finally:
-            client.close()
+        held = read_status(self.observer, ks.Keys(self.prefix), timeout=5).resources
         return [h for h in held if not domains or h.domain_name in domains]
 
     def start_once_free(self, host: str, name: str, since: float, within: float,
@@ -113,6 +112,7 @@ class Watch:
         self.samples: list[dict[str, set[str]]] = []
         self.intruder_ran: list[float] = []
         self.intruder_tries = 0
+        self.read_errors = 0
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._sample, daemon=True)]
         if intruder:
@@ -137,7 +137,12 @@ class Watch:
     def _sample(self) -> None:
         while not self._stop.is_set():
             held: dict[str, set[str]] = {}
-            for h in self.env.holders(*self.domains, *(self.intruder[1:] if self.intruder else ())):
+            try:
+                found = self.env.holders(*self.domains, *(self.intruder[1:] if self.intruder else ()))
+            except VirtleaseError:  # etcd unavailable for a moment (a leader killed): sample on
+                self.read_errors += 1
+                continue
+            for h in found:
                 held.setdefault(h.resource, set()).add(h.host)
             self.samples.append(held)
             time.sleep(0.005)
@@ -202,8 +207,12 @@ def agent_rig(workdir: Path, *, reserve_grace: float = 2.0) -> Iterator[AgentRig
                        "--socket", "{socket}", "--endpoints", ",".join(f"127.0.0.1:{p}" for p in PORTS),
                        "--host-id", "host{host}", "--prefix", prefix, "--ttl", str(TTL),
                        "--reserve-grace", str(reserve_grace)]
-            with Rig(workdir / "rig", lock_daemon=command) as r:
-                yield AgentRig(r, etcd, relays, prefix)
+            observer = EtcdClient(load_config({"endpoints": etcd.endpoints, "host_id": "observer"}, environ={}))
+            try:
+                with Rig(workdir / "rig", lock_daemon=command) as r:
+                    yield AgentRig(r, etcd, relays, prefix, observer)
+            finally:
+                observer.close()
         finally:
             for relay in (x for rs in relays.values() for x in rs):
                 relay.close()
