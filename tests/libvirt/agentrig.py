@@ -102,16 +102,22 @@ class AgentRig:
 
 
 class Watch:
-    """While entered: read etcd every ~5 ms (which hosts hold each disk of ``domains``) and, if
+    """While entered: read etcd every ~5 ms (who holds each disk of ``domains``) and, if
     ``intruder`` = (host, domain) is given, keep starting that domain (a start that works is
     recorded and the domain destroyed).  Leaving lingers ``linger`` s, then stops both."""
 
     def __init__(self, env: AgentRig, domains: Sequence[str], intruder: tuple[str, str] | None = None,
                  linger: float = 0.5) -> None:
         self.env, self.domains, self.intruder, self.linger = env, tuple(domains), intruder, linger
-        self.samples: list[dict[str, set[str]]] = []
+        self.samples: list[dict[str, set[tuple[str, str, str]]]] = []
+        """Per sample: disk -> its holders as (host, domain, mode) (a disk's identity key and its
+        legacy path key are one holder)."""
+        self.records: list[frozenset[tuple[str, str, str, int, int]]] = []
+        """Per sample: the records as (domain, disk, host, lease, token)."""
         self.intruder_ran: list[float] = []
         self.intruder_tries = 0
+        self.refusals: list[str] = []
+        """virsh's stderr of every refused intruder start."""
         self.read_errors = 0
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._sample, daemon=True)]
@@ -130,21 +136,24 @@ class Watch:
             t.join(30)
 
     @property
-    def two_holders(self) -> list[dict[str, set[str]]]:
-        """The samples in which some disk had records of two hosts."""
-        return [s for s in self.samples if any(len(hosts) > 1 for hosts in s.values())]
+    def two_holders(self) -> list[dict[str, set[tuple[str, str, str]]]]:
+        """The samples in which some disk had two holders, one of them exclusive: two domains
+        holding it, on one host or on two."""
+        return [s for s in self.samples
+                if any(len(recs) > 1 and any(m == ks.EXCLUSIVE for *_, m in recs) for recs in s.values())]
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            held: dict[str, set[str]] = {}
+            held: dict[str, set[tuple[str, str, str]]] = {}
             try:
                 found = self.env.holders(*self.domains, *(self.intruder[1:] if self.intruder else ()))
             except VirtleaseError:  # etcd unavailable for a moment (a leader killed): sample on
                 self.read_errors += 1
                 continue
             for h in found:
-                held.setdefault(h.resource, set()).add(h.host)
+                held.setdefault(h.resource, set()).add((h.host, h.domain_name, h.mode))
             self.samples.append(held)
+            self.records.append(frozenset((h.domain_name, h.resource, h.host, h.lease, h.token) for h in found))
             time.sleep(0.005)
 
     def _intrude(self) -> None:
@@ -153,7 +162,9 @@ class Watch:
         while not self._stop.is_set():
             cp, _ = self.env.rig.start(host, name, check=False)
             self.intruder_tries += 1
-            if cp.returncode == 0:
+            if cp.returncode != 0:
+                self.refusals.append(cp.stderr)
+            else:
                 self.intruder_ran.append(time.monotonic())
                 self.env.rig.virsh(host, "destroy", name, check=False)
 

@@ -29,12 +29,10 @@ import time
 from pathlib import Path
 
 import pytest
-from agentrig import AgentRig, DeathWatch, serving
+from agentrig import AgentRig, DeathWatch, Watch, serving
 from rig import STOCK_VIRTLOCKD, wait_for
 
 from virtlease_etcd import keyspace as ks
-from virtlease_etcd.client import EtcdClient
-from virtlease_etcd.config import load_config
 from virtlease_etcd.status import read_status
 
 pytestmark = pytest.mark.libvirt
@@ -46,11 +44,7 @@ def _comm(pid: int) -> str:
 
 def _session_hosts(env: AgentRig) -> set[str]:
     """The hosts with a session (host key) in etcd: what ``virtlease status`` lists under Hosts."""
-    client = EtcdClient(load_config({"endpoints": env.etcd.endpoints, "host_id": "observer"}, environ={}))
-    try:
-        return {h.host for h in read_status(client, ks.Keys(env.prefix), timeout=5).hosts}
-    finally:
-        client.close()
+    return {h.host for h in read_status(env.observer, ks.Keys(env.prefix), timeout=5).hosts}
 
 
 def _restart_libvirtd(env: AgentRig, host: str) -> None:
@@ -115,65 +109,6 @@ def test_switching_a_host_from_virtlockd_to_the_agent(env: AgentRig) -> None:
     r.virsh("A", "destroy", "legacy")
 
 
-class Records:
-    """Read the records of ``domains`` from etcd every few ms (one client kept open)."""
-
-    def __init__(self, env: AgentRig, domains: tuple[str, ...]) -> None:
-        self.env, self.domains = env, domains
-        self.samples: list[tuple[float, frozenset[tuple[str, str, str, int, int]]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Records:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        client = EtcdClient(load_config({"endpoints": self.env.etcd.endpoints, "host_id": "observer"}, environ={}))
-        keys = ks.Keys(self.env.prefix)
-        try:
-            while not self._stop.is_set():
-                held = read_status(client, keys, timeout=5).resources
-                self.samples.append((time.monotonic(), frozenset(
-                    (h.domain_name, h.resource, h.host, h.lease, h.token) for h in held if h.domain_name in self.domains)))
-                self._stop.wait(0.005)
-        finally:
-            client.close()
-
-
-class Rival:
-    """Start ``name`` on ``host`` over and over; every attempt kept as (began, ended, rc, stderr)."""
-
-    def __init__(self, env: AgentRig, host: str, name: str) -> None:
-        self.env, self.host, self.name = env, host, name
-        self.tries: list[tuple[float, float, int, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def once(self) -> None:
-        t0 = time.monotonic()
-        cp, _ = self.env.rig.start(self.host, self.name, check=False)
-        self.tries.append((t0, time.monotonic(), cp.returncode, cp.stderr))
-        if cp.returncode == 0:
-            self.env.rig.virsh(self.host, "destroy", self.name, check=False)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.once()
-
-    def __enter__(self) -> Rival:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(60)
-
-
 def test_upgrading_the_agent_with_domains_running(env: AgentRig, record_property: pytest.RecordProperty) -> None:
     r = env.rig
     disks = [r.image(f"ops-up{i}.img") for i in range(2)]
@@ -188,35 +123,40 @@ def test_upgrading_the_agent_with_domains_running(env: AgentRig, record_property
     assert old and all(pids.values()) and len(before) == 2 and {x[2] for x in before} == {"hostA"}
     old_log = env.logs[-1] if env.logs else r.hosts["A"].log / "lockdaemon.log"
 
-    gap_rival = Rival(env, "B", "rival2")
-    with Records(env, ("up0", "up1", "rival", "rival2")) as records, Rival(env, "B", "rival") as rival:
+    in_gap: list[tuple[float, subprocess.CompletedProcess[str]]] = []
+
+    def start_in_gap() -> None:  # a start on B while nothing serves A's socket
+        began = time.monotonic()
+        in_gap.append((began, r.start("B", "rival2", check=False)[0]))
+
+    with Watch(env, ["up0", "up1"], intruder=("B", "rival"), linger=env.ttl + 1) as watch:
         time.sleep(1)
         death = DeathWatch(old)
         t0 = time.monotonic()
         os.kill(old, signal.SIGUSR2)  # what `systemctl kill --kill-whom=main --signal=SIGUSR2` sends
         dead_at = death.wait(10)
         assert dead_at is not None, "the old agent did not exit on SIGUSR2"
-        in_gap = threading.Thread(target=gap_rival.once)  # a start on B while nothing serves A's socket
-        in_gap.start()
+        gap_start = threading.Thread(target=start_in_gap)
+        gap_start.start()
         log = env.restart_agent("A")  # Restart=always
         serving_at = time.monotonic()
-        in_gap.join(60)
-        time.sleep(env.ttl + 1)  # past the old agent's fence deadline and its lease's TTL
+        gap_start.join(60)
+        # leaving lingers past the old agent's fence deadline and its lease's TTL
     handover, gap = serving_at - t0, serving_at - dead_at
     record_property("upgrade_sigusr2_to_serving_s", round(handover, 3))
     record_property("upgrade_no_agent_s", round(gap, 3))
-    during = [t for t in rival.tries if t[0] < serving_at and t[1] > dead_at]
-    same = sum(1 for _, s in records.samples if s == before)
+    watched = watch.records
+    same = sum(1 for rec in watched if rec == before)
     print(f"\nupgrade: SIGUSR2 -> old agent exited {dead_at - t0:.2f} s -> new agent serving {handover:.2f} s "
-          f"(no agent on A's socket for {gap:.2f} s); {len(rival.tries)} rival starts on B + 1 begun in the gap "
-          f"{gap_rival.tries[0][0] - dead_at:.2f} s after the old agent exited, "
-          f"{sum(t[2] != 0 for t in rival.tries + gap_rival.tries)} refused; {len(during)} of the loop's overlap "
-          f"the gap; {len(records.samples)} etcd samples, {same} identical to the records before")
-    assert rival.tries and len(gap_rival.tries) == 1 and gap_rival.tries[0][0] < serving_at
-    for began, _, rc, err in rival.tries + gap_rival.tries:
-        assert rc != 0 and "resource busy" in err and "domain up0" in err and "on host hostA" in err, (began, err)
-    assert all(s == before for _, s in records.samples), [s for _, s in records.samples if s != before][:3]
-    assert len(records.samples) > 100
+          f"(no agent on A's socket for {gap:.2f} s); {watch.intruder_tries} rival starts on B + 1 begun in the gap "
+          f"{in_gap[0][0] - dead_at:.2f} s after the old agent exited; {len(watched)} etcd samples, {same} "
+          "identical to the records before")
+    assert not watch.intruder_ran and watch.intruder_tries and len(in_gap) == 1 and in_gap[0][0] < serving_at
+    for err in [*watch.refusals, in_gap[0][1].stderr]:
+        assert "resource busy" in err and "domain up0" in err and "on host hostA" in err, err
+    assert in_gap[0][1].returncode != 0
+    assert all(rec == before for rec in watched), [rec for rec in watched if rec != before][:3]
+    assert len(watched) > 100
     assert {n: r.qemu_pid("A", n) for n in pids} == pids
     assert frozenset((h.domain_name, h.resource, h.host, h.lease, h.token)
                      for h in env.holders("up0", "up1")) == before

@@ -3,91 +3,28 @@
 Each of the 40 domains uses one disk of the pool, drawn with a fixed seed so that disks are
 wanted by several domains on the same host and across hosts (asserted).  All 40 ``virsh start``
 run concurrently; then a random half of the running ones are destroyed concurrently and every
-shut-off one is started again, concurrently.  Throughout, a separate process reads every record
-from etcd about every 10 ms: no disk ever has two records of which one is exclusive (two domains,
-on one host or on two).  After each round, from both hosts' ``virsh list``: the running domains
-are exactly those whose start worked, no disk is used by two of them, etcd's holders are exactly
-the running domains, every refused start said "resource busy" and named the domain (and host)
-holding its disk, and at least one start worked and one was refused."""
+shut-off one is started again, concurrently.  Throughout, etcd is read every few ms: no disk
+ever has two holders of which one is exclusive (two domains, on one host or on two).  After each
+round, from both hosts' ``virsh list``: the running domains are exactly those whose start
+worked, no disk is used by two of them, etcd's holders are exactly the running domains, every
+refused start said "resource busy" and named the domain (and host) holding its disk, and at
+least one start worked and one was refused."""
 
 from __future__ import annotations
 
-import json
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from agentrig import AgentRig
+from agentrig import AgentRig, Watch
 from rig import wait_for
 
 pytestmark = pytest.mark.libvirt
 PER_HOST, DISKS, SEED = 20, 30, 9
 
 Dom = tuple[str, str]  # (host, domain name)
-
-
-SAMPLER = """
-import json, select, sys, time
-from virtlease_etcd import keyspace as ks
-from virtlease_etcd.client import EtcdClient
-from virtlease_etcd.config import load_config
-endpoints, prefix, every = sys.argv[1], sys.argv[2], float(sys.argv[3])
-client = EtcdClient(load_config({"endpoints": endpoints, "host_id": "sampler"}, environ={}))
-keys = ks.Keys(prefix)
-while True:
-    held = {}
-    kvs, _ = client.get_range(keys.res, ks.range_end(keys.res), timeout=2)  # one linearizable read
-    for kv in kvs:
-        rec = ks.decode(kv.value, kv.key.decode())
-        if rec.get("legacy") is None:  # a legacy path key: the identity key's record names the disk
-            held.setdefault(rec["res"], []).append((rec["host"], rec["name"], rec["mode"]))
-    bad = {r: recs for r, recs in held.items() if len(recs) > 1 and any(m == ks.EXCLUSIVE for _, _, m in recs)}
-    modes = sorted({m for recs in held.values() for _, _, m in recs})
-    print(json.dumps([time.monotonic(), sum(map(len, held.values())), bad, modes]), flush=True)
-    if select.select([sys.stdin], [], [], every)[0]:  # stdin closed: stop
-        break
-client.close()
-"""
-
-
-class Sampler:
-    """While entered, read every record under the rig's prefix from etcd every ``every`` s and
-    keep each sample in which some disk had two records, one of them exclusive: two domains
-    holding one disk, whether on one host or on two.  It runs in its own process at nice -10
-    (one client kept open, one range read of the records per sample), so that neither this process's threads nor the 40 QEMUs starting
-    on two cores space the samples out much."""
-
-    def __init__(self, env: AgentRig, every: float = 0.01) -> None:
-        self.env, self.every = env, every
-        self.times: list[float] = []
-        self.bad: list[dict[str, list[list[str]]]] = []
-        self.max_records = 0
-        self.modes: set[str] = set()
-
-    def __enter__(self) -> Sampler:
-        self.proc = subprocess.Popen(
-            ["nice", "-n", "-10", sys.executable, "-c", SAMPLER, self.env.etcd.endpoints,
-             self.env.prefix, str(self.every)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        out, _ = self.proc.communicate(input="", timeout=30)  # stdin closed: the sampler stops
-        assert self.proc.returncode == 0, f"the sampler failed ({self.proc.returncode})"
-        for line in out.splitlines():
-            t, n, bad, modes = json.loads(line)
-            self.modes.update(modes)
-            self.times.append(t)
-            self.max_records = max(self.max_records, n)
-            if bad:
-                self.bad.append(bad)
-
-    @property
-    def gaps(self) -> list[float]:
-        return sorted(b - a for a, b in zip(self.times, self.times[1:], strict=False))
 
 
 def _start_all(env: AgentRig, doms: list[Dom]) -> tuple[dict[Dom, str], float]:
@@ -138,7 +75,7 @@ def test_forty_domains_on_thirty_disks_never_two_holders(env: AgentRig) -> None:
     assert within and across, "the seed must make disks contended within a host and across hosts"
     print(f"\n{len(within)} (host, disk) pairs wanted by 2+ domains of that host, {len(across)} disks wanted "
           "from both hosts")
-    with Sampler(env) as watch:
+    with Watch(env, [n for _, n in doms]) as watch:
         refused, took = _start_all(env, doms)
         running = _check_round(env, disk_of, refused, "round 1")
         assert running == set(doms) - set(refused), "round 1: the running domains are not the started ones"
@@ -161,10 +98,7 @@ def test_forty_domains_on_thirty_disks_never_two_holders(env: AgentRig) -> None:
               f"{len(stopped) - len(refused)} started, {len(refused)} refused, {took:.1f} s; "
               f"{len(running)} running")
         assert len(refused) < len(stopped) and refused
-    gaps = watch.gaps
-    print(f"{len(watch.times)} etcd samples, up to {watch.max_records} records in one (every {1000 * sum(gaps) / len(gaps):.0f} ms on average, median "
-          f"{1000 * gaps[len(gaps) // 2]:.0f} ms, longest gap {1000 * gaps[-1]:.0f} ms), "
-          f"{len(watch.bad)} with a disk held by two domains")
-    assert watch.modes == {"exclusive"}, watch.modes  # what the two-holder check looks for
-    assert len(watch.times) > 100 and not watch.bad, watch.bad[:3]
+    print(f"{len(watch.samples)} etcd samples ({watch.read_errors} failed reads), "
+          f"{len(watch.two_holders)} with a disk held by two domains")
+    assert len(watch.samples) > 100 and not watch.two_holders, watch.two_holders[:3]
     r.reset()
