@@ -90,11 +90,16 @@ def test_driver_grants_refuses_and_releases_over_tls(cluster: TlsCluster, tmp_pa
         b.unload()
 
 
-def test_cli_status_and_check_over_tls(cluster: TlsCluster, tmp_path: Path) -> None:
-    disk = tmp_path / "db1.qcow2"
+def _cli_setup(cluster: TlsCluster, tmp_path: Path, disk_name: str, host: str) -> tuple[Path, str, Path]:
+    """An empty disk image, a fresh prefix and a TLS config file for ``host``."""
+    disk = tmp_path / disk_name
     disk.write_bytes(b"")
     prefix = f"/tls-{uuid.uuid4().hex[:8]}"
-    conf = _toml(tmp_path / "virtlease.toml", _config(cluster, prefix, "host-cli", **cluster.tls()))
+    return disk, prefix, _toml(tmp_path / "virtlease.toml", _config(cluster, prefix, host, **cluster.tls()))
+
+
+def test_cli_status_and_check_over_tls(cluster: TlsCluster, tmp_path: Path) -> None:
+    disk, prefix, conf = _cli_setup(cluster, tmp_path, "db1.qcow2", "host-cli")
     check = _cli(conf, "check")
     assert check.returncode == 0, check.stdout + check.stderr
     assert "TLS on" in check.stdout
@@ -115,10 +120,7 @@ def test_cli_status_and_check_over_tls(cluster: TlsCluster, tmp_path: Path) -> N
 
 
 def test_cli_hold_and_demo_over_tls(cluster: TlsCluster, tmp_path: Path) -> None:
-    disk = tmp_path / "app1.qcow2"
-    disk.write_bytes(b"")
-    prefix = f"/tls-{uuid.uuid4().hex[:8]}"
-    conf = _toml(tmp_path / "virtlease.toml", _config(cluster, prefix, "host-hold", **cluster.tls()))
+    disk, _, conf = _cli_setup(cluster, tmp_path, "app1.qcow2", "host-hold")
     hold = subprocess.Popen([*VIRTLEASE, "--config", str(conf), "hold", "--name", "app1", "--disk", str(disk),
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
