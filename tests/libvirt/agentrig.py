@@ -109,11 +109,8 @@ class Watch:
     def __init__(self, env: AgentRig, domains: Sequence[str], intruder: tuple[str, str] | None = None,
                  linger: float = 0.5) -> None:
         self.env, self.domains, self.intruder, self.linger = env, tuple(domains), intruder, linger
-        self.samples: list[dict[str, set[tuple[str, str, str]]]] = []
-        """Per sample: disk -> its holders as (host, domain, mode) (a disk's identity key and its
-        legacy path key are one holder)."""
-        self.records: list[frozenset[tuple[str, str, str, int, int]]] = []
-        """Per sample: the records as (domain, disk, host, lease, token)."""
+        self.samples: list[frozenset[HeldInfo]] = []
+        """Per sample: the records read."""
         self.intruder_ran: list[float] = []
         self.intruder_tries = 0
         self.refusals: list[str] = []
@@ -138,22 +135,25 @@ class Watch:
     @property
     def two_holders(self) -> list[dict[str, set[tuple[str, str, str]]]]:
         """The samples in which some disk had two holders, one of them exclusive: two domains
-        holding it, on one host or on two."""
-        return [s for s in self.samples
-                if any(len(recs) > 1 and any(m == ks.EXCLUSIVE for *_, m in recs) for recs in s.values())]
+        holding it, on one host or on two; each as disk -> its holders (host, domain, mode) (a
+        disk's identity key and its legacy path key are one holder)."""
+        out = []
+        for sample in self.samples:
+            held: dict[str, set[tuple[str, str, str]]] = {}
+            for h in sample:
+                held.setdefault(h.resource, set()).add((h.host, h.domain_name, h.mode))
+            if any(len(hs) > 1 and any(m == ks.EXCLUSIVE for *_, m in hs) for hs in held.values()):
+                out.append(held)
+        return out
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            held: dict[str, set[tuple[str, str, str]]] = {}
             try:
                 found = self.env.holders(*self.domains, *(self.intruder[1:] if self.intruder else ()))
             except VirtleaseError:  # etcd unavailable for a moment (a leader killed): sample on
                 self.read_errors += 1
                 continue
-            for h in found:
-                held.setdefault(h.resource, set()).add((h.host, h.domain_name, h.mode))
-            self.samples.append(held)
-            self.records.append(frozenset((h.domain_name, h.resource, h.host, h.lease, h.token) for h in found))
+            self.samples.append(frozenset(found))
             time.sleep(0.005)
 
     def _intrude(self) -> None:
