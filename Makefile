@@ -6,22 +6,23 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint safety safety-long bench bench-quick clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml lab/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench]' -e ./lab
 	touch $(STAMP)
 
 # `make demo LIBVIRT=1`: the agent on two real libvirt hosts (root, libvirt and QEMU needed)
 demo: $(STAMP)
 ifeq ($(LIBVIRT),1)
-	$(BIN)/python tests/libvirt/demo.py
+	$(BIN)/python -m virtlease_lab.libvirt.demo
 else
 	$(BIN)/virtlease demo
 endif
 
 test: $(STAMP)
-	$(BIN)/ruff check src backends tests bench
+	$(BIN)/ruff check src backends tests bench lab
+	$(BIN)/lint-imports
 	$(BIN)/mypy src/virtlease backends/virtlease_nop backends/virtlease_etcd
 	$(BIN)/pytest -m "not safety" tests
 
@@ -40,7 +41,8 @@ bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick $(if $(BENCH_OUT),--out $(BENCH_OUT))
 
 lint: $(STAMP)
-	$(BIN)/ruff check src backends tests bench
+	$(BIN)/ruff check src backends tests bench lab
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info backends/*.egg-info .pytest_cache

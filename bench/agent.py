@@ -40,7 +40,7 @@ from cluster import Cluster
 from contenders import Ceiling
 from measure import Latency, progress, time_calls
 from plan import Plan
-from virtlease_etcd.agent.client import LockdClient, make_owner
+from virtlease_etcd.agent.lockdclient import LockdClient, make_owner
 
 
 def _agent_process_class() -> Any:
@@ -148,11 +148,8 @@ def libvirt_rig(cluster: Cluster, n: int) -> dict[str, Any]:
     the source to RESUME on the destination)."""
     if os.geteuid() != 0 or not shutil.which("libvirtd"):
         return {"skipped": "needs root and libvirt (deploy/libvirt/install.sh)"}
-    here = Path(__file__).resolve().parent.parent / "tests" / "libvirt"
-    sys.path.insert(0, str(here))
-    from etcd_relay import Relay
-    from rig import Rig
-
+    from virtlease_lab.libvirt.relay import Relay
+    from virtlease_lab.libvirt.rig import Rig
     from virtlockd_baseline import measure_migrations, measure_starts, summary
 
     out: dict[str, Any] = {"start_s": {}, "migrate_s": {}, "downtime_ms": {}}
@@ -160,7 +157,7 @@ def libvirt_rig(cluster: Cluster, n: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vl-bench-rig-", dir="/tmp") as name:
         tmp = Path(name)
         relay = Relay.unix_to_tcp(str(tmp / "etcd.sock"), host, int(port))
-        agent = [sys.executable, str(here / "agent_in_host.py"), f"{tmp / 'etcd.sock'}@23790", "--socket",
+        agent = [sys.executable, "-m", "virtlease_lab.libvirt.agent_in_host", f"{tmp / 'etcd.sock'}@23790", "--socket",
                  "{socket}", "--endpoints", "127.0.0.1:23790", "--host-id", f"host{{host}}-{cluster.run_id}",
                  "--prefix", cluster.prefix, "--ttl", "10"]
         try:

@@ -16,7 +16,7 @@ from etcd3 import etcdrpc
 
 import virtlease
 from virtlease import Capability, Plugin
-from virtlease_etcd.embedded import EmbeddedEtcd
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd
 
 CAPS = Capability.RESOURCES | Capability.MIGRATE
 

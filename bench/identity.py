@@ -46,11 +46,11 @@ from etcd3 import transactions as tx
 
 import virtlease
 from measure import Latency, progress
-from virtlease_etcd import keyspace as ks
-from virtlease_etcd.client import EtcdClient
 from virtlease_etcd.config import load_config
-from virtlease_etcd.embedded import EmbeddedEtcd
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd
+from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.identity import IdentityConfig, Resolver
+from virtlease_etcd.model import keyspace as ks
 
 DISKS = 64
 SAMPLE = Path(__file__).resolve().parent.parent / "tests" / "identity" / "samples" / "mountinfo-nfs"

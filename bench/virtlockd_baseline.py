@@ -29,9 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "libvirt"))
-
-from rig import Rig, RigError, wait_for
+from virtlease_lab.libvirt.rig import Rig, RigError, wait_for
 
 # ---------------------------------------------------------------- lockd protocol
 LOCKD_PROGRAM = 0x0EA7BEEF

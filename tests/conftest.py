@@ -20,7 +20,7 @@ import etcd3
 import pytest
 
 import virtlease as v
-from virtlease_etcd.embedded import EmbeddedEtcd
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd
 
 
 @dataclass

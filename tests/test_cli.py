@@ -28,7 +28,7 @@ import pytest
 
 from conftest import EtcdServer
 from virtlease_etcd.config import EtcdConfig, load_config
-from virtlease_etcd.embedded import EmbeddedEtcd, free_port
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd, free_port
 
 _SCRIPT = shutil.which("virtlease", path=os.path.dirname(sys.executable))
 VIRTLEASE: list[str] = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "virtlease.cli"]

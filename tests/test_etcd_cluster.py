@@ -15,8 +15,8 @@ from etcd3 import etcdrpc
 
 import virtlease as v
 from conftest import new_uuid, shut
-from virtlease_etcd.embedded import EmbeddedEtcd
-from virtlease_etcd.hostproc import HostProcess, process_state
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd
+from virtlease_etcd.devtools.hostprocess import HostProcess, process_state
 
 D = v.ResourceType.DISK
 

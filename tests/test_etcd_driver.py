@@ -15,8 +15,8 @@ import pytest
 
 import virtlease as v
 from conftest import EtcdServer, dump, new_uuid, shut
-from tcpproxy import TcpProxy
-from virtlease_etcd.hostproc import HostProcess
+from virtlease_etcd.devtools.hostprocess import HostProcess
+from virtlease_lab.tcpproxy import TcpProxy
 
 D = v.ResourceType.DISK
 MakeDriver = Callable[..., v.Plugin]

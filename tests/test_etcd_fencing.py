@@ -11,8 +11,8 @@ import pytest
 
 import virtlease as v
 from conftest import EtcdServer, new_uuid, shut
-from tcpproxy import TcpProxy
-from virtlease_etcd.hostproc import HostProcess, process_state
+from virtlease_etcd.devtools.hostprocess import HostProcess, process_state
+from virtlease_lab.tcpproxy import TcpProxy
 
 D = v.ResourceType.DISK
 

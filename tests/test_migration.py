@@ -14,7 +14,7 @@ import pytest
 
 import virtlease as v
 from conftest import EtcdServer, dump, new_uuid, shut
-from virtlease_etcd.hostproc import HostProcess
+from virtlease_etcd.devtools.hostprocess import HostProcess
 
 D = v.ResourceType.DISK
 DISKS = ["/srv/mig/root.img", "/srv/mig/data.img"]

@@ -16,7 +16,7 @@ import pytest
 
 from virtlease.errors import LeaseLostError
 from virtlease_etcd.config import load_config
-from virtlease_etcd.session import HostSession
+from virtlease_etcd.session.hostsession import HostSession
 
 
 class FakeClock:

@@ -285,7 +285,7 @@ def test_retry_after_a_late_commit_recognises_its_own_grant(make_driver: MakeDri
     attempt commits, the retry then meets the caller's own record: it raised
     ResourceBusyError naming the caller's own domain and left the record on the
     lease after free()."""
-    from virtlease_etcd.client import TransientError
+    from virtlease_etcd.etcd.client import TransientError
 
     a = make_driver("host-a")
     client = a.driver.session.client
@@ -441,8 +441,8 @@ def test_a_wall_clock_step_back_does_not_blacklist_endpoints(etcd_process: EtcdS
     """Bug 8e: an endpoint was marked failed with the wall clock; after a step back
     of the clock every endpoint that had failed once (a short outage) stayed
     blacklisted for as long as the step, so a healthy host fenced itself."""
-    from virtlease_etcd.client import EtcdClient
     from virtlease_etcd.config import load_config
+    from virtlease_etcd.etcd.client import EtcdClient
 
     client = EtcdClient(load_config({"endpoints": etcd_process.endpoints}))
     try:
@@ -457,7 +457,7 @@ def test_a_wall_clock_step_back_does_not_blacklist_endpoints(etcd_process: EtcdS
         stepped = types.SimpleNamespace(time=lambda: time.time() - 3600, monotonic=time.monotonic,
                                         sleep=time.sleep)
         monkeypatch.setattr(sys.modules["etcd3.client"], "time", stepped)
-        monkeypatch.setattr(sys.modules["virtlease_etcd.client"], "time", stepped)
+        monkeypatch.setattr(sys.modules["virtlease_etcd.etcd.client"], "time", stepped)
         kvs, revision = client.get_range(prefix + "/x", timeout=2.0)
         assert kvs == [] and revision > 0
     finally:

@@ -13,9 +13,10 @@ grant revisions (``keyspace``); mark-then-claim migration handoff
 (``driver``).  Configuration: ``config``.
 """
 
+from virtlease_etcd.ops.status import ClusterStatus, read_status
+
 from .config import EtcdConfig, load_config
 from .driver import EtcdDriver, EtcdObject
-from .status import ClusterStatus, read_status
 
 LOCK_DRIVER = EtcdDriver
 

@@ -28,16 +28,16 @@ from virtlease.abi import (
     version_major,
 )
 from virtlease.errors import LeaseLostError, PluginBusyError, PluginVersionError
+from virtlease_etcd.ops import disks, grants, handoff
+from virtlease_etcd.ops.disks import DiskNames
+from virtlease_etcd.ops.domain import Domain
+from virtlease_etcd.ops.status import ClusterStatus, read_status
+from virtlease_etcd.session.hostrecord import HostKeyTaken
+from virtlease_etcd.session.hostsession import HostSession
+from virtlease_etcd.session.owners import Policy
+from virtlease_etcd.session.registry import close_session, open_session
 
-from . import disks, grants, handoff
 from .config import EtcdConfig, load_config
-from .disks import DiskNames
-from .domain import Domain
-from .hostkey import HostKeyTaken
-from .owners import Policy
-from .session import HostSession
-from .sessions import close_session, open_session
-from .status import ClusterStatus, read_status
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from virtlease_etcd.agent.guard import start_time
-from virtlease_etcd.agent.statefile import load, state_path
+from virtlease_etcd.agent.runfile import load, state_path
 
 
 class AgentProcess:

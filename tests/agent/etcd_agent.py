@@ -13,7 +13,7 @@ from typing import Any
 import virtlease as v
 from virtlease.abi import ObjectSpec, ObjectType
 from virtlease_etcd.agent.backend import EtcdLockBackend
-from virtlease_etcd.domain import Domain
+from virtlease_etcd.ops.domain import Domain
 
 STANDIN = Path(__file__).with_name("standin_qemu.py")
 
@@ -52,7 +52,7 @@ class StandinQemu:
         self.pid = self.proc.pid
 
     def owner(self, owner_id: int = 1) -> Any:
-        from virtlease_etcd.agent.client import make_owner
+        from virtlease_etcd.agent.lockdclient import make_owner
         return make_owner(self.name, owner_id=owner_id, pid=self.pid, owner_uuid=uuidlib.UUID(self.uuid))
 
     def kill(self) -> None:

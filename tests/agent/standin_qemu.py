@@ -11,7 +11,7 @@ import os
 import sys
 import uuid
 
-from virtlease_etcd.agent.client import LockdClient, make_owner
+from virtlease_etcd.agent.lockdclient import LockdClient, make_owner
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import virtlease as v
 from agent.agent_harness import MALFORMED, ServerThread
 from agent.etcd_agent import StandinQemu, backend, load
 from conftest import EtcdServer, dump
-from virtlease_etcd.agent.client import LockdClient, RemoteCallError, make_owner
+from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError, make_owner
 from virtlease_etcd.agent.protocol import ErrorCode
 
 Agent = tuple[ServerThread, v.Plugin]
@@ -231,7 +231,7 @@ def test_malformed_frames_change_nothing(agents: Callable[..., Agent], qemus: Ca
 def test_etcd_unreachable_is_an_error_reply_not_a_hang(etcd_process: EtcdServer, prefix: str,
                                                        tmp_path: Path) -> None:
     """An agent whose etcd goes away answers within its deadline (ttl 4 s here)."""
-    from tcpproxy import TcpProxy
+    from virtlease_lab.tcpproxy import TcpProxy
 
     host, port = etcd_process.endpoints.split(",")[0].rsplit(":", 1)
     with TcpProxy(f"{host}:{port}") as proxy:
@@ -262,7 +262,7 @@ def test_etcd_unreachable_is_an_error_reply_not_a_hang(etcd_process: EtcdServer,
 def _agent_behind_proxy(etcd_process: EtcdServer, prefix: str, tmp_path: Path, host: str,
                         **config: Any) -> Iterator[tuple[Any, v.Plugin, ServerThread]]:
     """An agent of ``host`` reaching etcd through a TCP proxy the test can blackhole."""
-    from tcpproxy import TcpProxy
+    from virtlease_lab.tcpproxy import TcpProxy
 
     ep_host, port = etcd_process.endpoints.split(",")[0].rsplit(":", 1)
     with TcpProxy(f"{ep_host}:{port}") as proxy:

@@ -26,9 +26,9 @@ from agent.etcd_agent import StandinQemu, load
 from conftest import EtcdServer
 from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
 from virtlease.errors import ResourceBusyError
-from virtlease_etcd import reattach
-from virtlease_etcd.agent.client import LockdClient
-from virtlease_etcd.fencing import pid_alive
+from virtlease_etcd.agent.lockdclient import LockdClient
+from virtlease_etcd.session import reattach
+from virtlease_etcd.session.fencing import pid_alive
 
 TTL = 4
 

@@ -19,7 +19,7 @@ import pytest
 
 from agent.agent_harness import MALFORMED, RecordingBackend, ServerThread, Vector, frame
 from virtlease_etcd.agent import protocol as p
-from virtlease_etcd.agent.client import LockdClient, RemoteCallError, make_owner
+from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError, make_owner
 from virtlease_etcd.agent.server import AgentSetupError, Connection, LockdServer, ResourceBusy
 
 Start = Callable[..., ServerThread]

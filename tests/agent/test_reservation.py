@@ -16,7 +16,7 @@ from agent.etcd_agent import domain, load
 from conftest import EtcdServer, dump
 from virtlease.abi import FailureAction, ResourceSpec, ResourceType
 from virtlease.errors import ResourceBusyError, StaleStateError
-from virtlease_etcd import grants, handoff
+from virtlease_etcd.ops import grants, handoff
 
 ACT = FailureAction.DEFAULT
 

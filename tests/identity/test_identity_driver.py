@@ -1,6 +1,6 @@
 """The etcd driver names disks by their cluster-wide identity (issue 13), on real etcd and real mounts.
 
-Each "host" of the multi-host tests is a ``virtlease_etcd.hostproc`` process started under
+Each "host" of the multi-host tests is a ``virtlease_etcd.devtools.hostprocess`` process started under
 ``unshare -m`` (its own mount namespace) after mounting the shared storage where it likes; one-host
 tests run the driver in this process.  They need root, loop devices and the tools of README.md: without them each test
 skips saying why.  Legacy path keys: a record the previous release wrote (path-only key, old
@@ -25,7 +25,7 @@ from test_identity_system import filesystem, mounted, need, sshd, sshfs
 
 import virtlease as v
 from conftest import EtcdServer, dump, new_uuid
-from virtlease_etcd.hostproc import HostProcess
+from virtlease_etcd.devtools.hostprocess import HostProcess
 
 __all__ = ["sshd"]  # the fixture, imported for the sshfs test
 

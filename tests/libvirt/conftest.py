@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from agentrig import AgentRig, agent_rig
-from rig import Rig, missing_requirements
+from virtlease_lab.libvirt.agentrig import AgentRig, agent_rig
+from virtlease_lab.libvirt.rig import Rig, missing_requirements
 
 
 def pytest_plugin_registered(plugin: object, manager: pytest.PytestPluginManager) -> None:

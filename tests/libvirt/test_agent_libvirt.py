@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from agentrig import TTL, AgentRig, DeathWatch, Watch
-from rig import wait_for
 
-from virtlease_etcd.embedded import Member, wait_serving
-from virtlease_etcd.status import HeldInfo
+from virtlease_etcd.devtools.embedded import Member, wait_serving
+from virtlease_etcd.ops.status import HeldInfo
+from virtlease_lab.libvirt.agentrig import TTL, AgentRig, DeathWatch, Watch
+from virtlease_lab.libvirt.rig import wait_for
 
 pytestmark = pytest.mark.libvirt
 

@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 
 import pytest
-from agentrig import AgentRig, DeathWatch, Watch, serving
-from rig import STOCK_VIRTLOCKD, wait_for
 
-from virtlease_etcd import keyspace as ks
-from virtlease_etcd.status import read_status
+from virtlease_etcd.model import keyspace as ks
+from virtlease_etcd.ops.status import read_status
+from virtlease_lab.libvirt.agentrig import AgentRig, DeathWatch, Watch, serving
+from virtlease_lab.libvirt.rig import STOCK_VIRTLOCKD, wait_for
 
 pytestmark = pytest.mark.libvirt
 

@@ -1,4 +1,4 @@
-"""``make demo LIBVIRT=1`` (tests/libvirt/demo.py) runs its three scenarios and leaves nothing behind.
+"""``make demo LIBVIRT=1`` (lab/virtlease_lab/libvirt/demo.py) runs its three scenarios and leaves nothing behind.
 
 One subprocess run of the script (~10 s once QEMU's capabilities are cached, ~25 s on a first
 run), asserting on what a person watching it would read.
@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from rig import Rig
+
+from virtlease_lab.libvirt.rig import Rig
 
 pytestmark = pytest.mark.libvirt
-DEMO = Path(__file__).resolve().parent / "demo.py"
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -33,7 +33,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_libvirt_demo_runs_the_three_scenarios() -> None:
-    cp = subprocess.run([sys.executable, str(DEMO)], capture_output=True, text=True, timeout=120)
+    cp = subprocess.run([sys.executable, "-m", "virtlease_lab.libvirt.demo"], capture_output=True, text=True, timeout=120)
     out = cp.stdout
     print(out)
     assert cp.returncode == 0, out + cp.stderr

@@ -12,7 +12,8 @@ import signal
 import time
 
 import pytest
-from rig import Rig, RigError, wait_for
+
+from virtlease_lab.libvirt.rig import Rig, RigError, wait_for
 
 pytestmark = pytest.mark.libvirt
 

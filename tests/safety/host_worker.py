@@ -1,7 +1,7 @@
 """One nemesis "host": a separate process running an etcd driver instance.
 
 Started by ``nemesis.py`` as ``python host_worker.py``, its configuration the first
-line on stdin (the harness wire, ``virtlease_etcd.hostwire``).  It
+line on stdin (the harness wire, ``virtlease_etcd.devtools.jsonwire``).  It
 
 * loads the etcd driver with its own ``host_id`` (through the harness's TCP
   proxies), retrying while the previous incarnation's lease is still alive;
@@ -41,7 +41,7 @@ from typing import Any
 from misuse import Gossip, Misuser
 
 import virtlease as v
-from virtlease_etcd.hostwire import Replier
+from virtlease_etcd.devtools.jsonwire import Replier
 
 mono = time.monotonic
 

@@ -46,14 +46,13 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # run as a script (make safety-long): tests/ for tcpproxy
 
 import etcd3  # noqa: E402
 from storage_model import StorageServer, Write  # noqa: E402
 
-from tcpproxy import TcpProxy  # noqa: E402
-from virtlease_etcd.embedded import EmbeddedEtcd, Member  # noqa: E402
-from virtlease_etcd.hostwire import Channel, launch, python_argv  # noqa: E402
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd, Member  # noqa: E402
+from virtlease_etcd.devtools.jsonwire import Channel, launch, python_argv  # noqa: E402
+from virtlease_lab.tcpproxy import TcpProxy  # noqa: E402
 
 mono = time.monotonic
 RESULTS = HERE / "results"

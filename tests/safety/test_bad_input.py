@@ -34,7 +34,7 @@ import pytest
 
 import virtlease as v
 from conftest import EtcdServer, dump, shut
-from virtlease_etcd import keyspace as ks
+from virtlease_etcd.model import keyspace as ks
 
 CAPS = v.Capability.RESOURCES | v.Capability.MIGRATE | v.Capability.HOTPLUG | v.Capability.USES_STATE
 DISK = "/vm/bad-input/disk0.img"

@@ -20,7 +20,7 @@ import pytest
 
 import virtlease as v
 from conftest import shut
-from virtlease_etcd.client import TransientError
+from virtlease_etcd.etcd.client import TransientError
 
 
 def _vm() -> subprocess.Popen[bytes]:

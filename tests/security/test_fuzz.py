@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtlease.errors import ConfigError, StaleStateError, ValidationError
-from virtlease_etcd import state as vstate
 from virtlease_etcd.agent import protocol
 from virtlease_etcd.agent.messages import ProtocolError
 from virtlease_etcd.config import KNOWN_KEYS, EtcdConfig, load_config
+from virtlease_etcd.model import statestring as vstate
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = int(os.environ.get("VIRTLEASE_FUZZ_EXAMPLES", "400"))

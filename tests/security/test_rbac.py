@@ -23,9 +23,9 @@ from pki import make_pki
 from tls_cluster import TlsCluster
 
 import virtlease as v
-from virtlease_etcd.client import EtcdClient, PermissionDenied
 from virtlease_etcd.config import load_config
-from virtlease_etcd.embedded import find_etcd_binary
+from virtlease_etcd.devtools.embedded import find_etcd_binary
+from virtlease_etcd.etcd.client import EtcdClient, PermissionDenied
 
 REPO = Path(__file__).resolve().parents[2]
 VIRTLEASE = [str(Path(sys.executable).with_name("virtlease"))]
@@ -169,7 +169,7 @@ def test_hold_across_auth_token_expiry_does_not_fence(etcd: TlsCluster, tmp_path
     disks = [tmp_path / f"d{i}.qcow2" for i in range(2)]
     for d in disks:
         d.write_bytes(b"")
-    caplog.set_level(logging.INFO, logger="virtlease_etcd.client")
+    caplog.set_level(logging.INFO, logger="virtlease_etcd.etcd.client")
     config = {**_cfg(etcd, "virtlease", "host-t"), "ttl": 6}
     plugin = v.load_driver("etcd", config=config, capabilities=v.Capability.RESOURCES)
     try:

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from virtlease.errors import VirtleaseError
-from virtlease_etcd.client import EtcdClient, TransientError
 from virtlease_etcd.config import load_config
-from virtlease_etcd.embedded import find_etcd_binary, free_port
+from virtlease_etcd.devtools.embedded import find_etcd_binary, free_port
+from virtlease_etcd.etcd.client import EtcdClient, TransientError
 
 
 class TlsCluster:

@@ -11,7 +11,7 @@ with a small XDR RPC program (0x0EA7BEEF).  This package speaks that protocol:
 * ``client``: a small blocking client for tests and benchmarks.
 
 The etcd side: ``backend`` (lockd calls on the etcd driver), ``tracking`` (owner QEMU processes
-by pidfd), ``restart`` + ``statefile`` + ``guard`` (crash/restart safety: a restarted agent
+by pidfd), ``restart`` + ``runfile`` + ``guard`` (crash/restart safety: a restarted agent
 continues the lease; a guard process stops the owners if none does), ``metrics`` (Prometheus),
 ``main`` + ``command`` (``virtlease agent`` / ``virtlease-agent``).
 """

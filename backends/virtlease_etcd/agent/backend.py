@@ -3,7 +3,7 @@
 The agent owns the host's session (one etcd lease for the host).  What it guarantees:
 
 * **Owners.**  REGISTER names the owner (domain uuid, name, id, QEMU pid).  Holds belong to
-  the owner (the driver's :class:`~virtlease_etcd.owners.Owner`, by UUID), not to a
+  the owner (the driver's :class:`~virtlease_etcd.session.owners.Owner`, by UUID), not to a
   connection: libvirt acquires on a short-lived connection and closes it.
 * **Resources.**  Direct mode (lockspace ``""``): the name is the disk path, locked as a
   DISK (canonical path).  Indirect mode (``file_lockspace_dir``): lockspace = that directory,
@@ -48,8 +48,8 @@ from virtlease.errors import (
     ResourceBusyError,
     VirtleaseError,
 )
+from virtlease_etcd.ops import grants, handoff
 
-from .. import grants, handoff
 from .lockapi import Connection, LockError, ResourceBusy
 from .protocol import AcquireFlags, ErrorCode, Owner
 from .tracking import OwnerTracker, Tracked

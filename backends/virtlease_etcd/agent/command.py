@@ -10,10 +10,11 @@ import sys
 
 import click
 
-from ..cli.options import Settings, etcd_command
+from virtlease_etcd.cli.options import Settings, etcd_command
+
 from .main import DEFAULT_SOCKET, AgentOptions, run_agent
 from .metrics import parse_addr
-from .statefile import DEFAULT_STATE_DIR
+from .runfile import DEFAULT_STATE_DIR
 
 
 @click.command()

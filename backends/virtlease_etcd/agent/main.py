@@ -43,14 +43,14 @@ import click
 
 import virtlease
 from virtlease.errors import VirtleaseError
+from virtlease_etcd.config import load_config
 
-from ..config import load_config
 from .backend import EtcdLockBackend
 from .metrics import start_metrics
 from .restart import Continuity, Prior, prepare
+from .runfile import DEFAULT_STATE_DIR
 from .server import LockdServer
 from .sockets import AgentSetupError, check_socket_dir, remove_stale_socket
-from .statefile import DEFAULT_STATE_DIR
 
 log = logging.getLogger(__name__)
 

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtlease.abi import FailureAction
+from virtlease_etcd.config import EtcdConfig
+from virtlease_etcd.driver import EtcdDriver
+from virtlease_etcd.etcd.client import EtcdClient
+from virtlease_etcd.session import reattach
+from virtlease_etcd.session.registry import install_session
 
-from .. import reattach
-from ..client import EtcdClient
-from ..config import EtcdConfig
-from ..driver import EtcdDriver
-from ..sessions import install_session
-from . import statefile as sf
+from . import runfile as sf
 from .guard import start_time
 from .tracking import OwnerTracker
 

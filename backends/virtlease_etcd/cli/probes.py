@@ -16,9 +16,8 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from virtlease.errors import BackendUnavailableError
-
-from ..client import EtcdClient, PermissionDenied, TransientError
-from ..config import EtcdConfig
+from virtlease_etcd.config import EtcdConfig
+from virtlease_etcd.etcd.client import EtcdClient, PermissionDenied, TransientError
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 

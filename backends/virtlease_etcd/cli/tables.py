@@ -12,8 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from virtlease.cli.output import ago
-
-from ..status import ClusterStatus
+from virtlease_etcd.ops.status import ClusterStatus
 
 
 def _section(title: str, table: Table | None, empty: str) -> RenderableType:

@@ -18,13 +18,14 @@ from etcd3 import transactions as tx
 
 from virtlease.abi import AcquireFlags, FailureAction, HeldResource, ResourceSpec
 from virtlease.errors import ObjectStateError, ResourceBusyError, StaleStateError, ValidationError
+from virtlease_etcd.model import holders
+from virtlease_etcd.model import keyspace as ks
+from virtlease_etcd.model import statestring as st
+from virtlease_etcd.session.owners import Owner
 
-from . import handoff, holders, records, statecheck
-from . import keyspace as ks
-from . import state as st
+from . import coverage, handoff, records
 from . import transactions as txn
 from .domain import Domain
-from .owners import Owner
 
 
 def acquire(d: Domain, resources: list[ResourceSpec], state: str | None, flags: AcquireFlags,
@@ -44,7 +45,7 @@ def acquire(d: Domain, resources: list[ResourceSpec], state: str | None, flags: 
             return
         parsed = None if state is None else st.decode(state)
         if parsed is not None:
-            statecheck.check_identity(d, parsed, rids)
+            coverage.check_identity(d, parsed, rids)
             if parsed.kind == st.HANDOFF:
                 handoff.claim(d, owner, rids, parsed)
                 return
@@ -73,7 +74,7 @@ def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], resume: st.Sta
     xgens = bounds = None
     if resume is not None:
         xgens = {r.rid: r.xgen for r in resume.resources}
-        bounds = statecheck.covering(d, resume, rids)
+        bounds = coverage.covering(d, resume, rids)
         listed = {r.rid for r in rids}
         unknown = [r.res for r in resume.resources if r.mode == ks.SHARED and r.rid in listed
                    and (r.xgen is None or r.xgen < 0)]

@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable
 
 from virtlease.errors import BackendUnavailableError, LeaseLostError
+from virtlease_etcd.config import EtcdConfig
+from virtlease_etcd.etcd.client import EtcdClient, LeaseNotFound, TransientError
+from virtlease_etcd.model import keyspace as ks
 
-from . import fencing, hostkey
-from . import keyspace as ks
-from .client import EtcdClient, LeaseNotFound, TransientError
-from .config import EtcdConfig
+from . import fencing, hostrecord
 from .owners import Owner, Owners
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class HostSession:
         sent, self.lease_id, self.ttl = self.client.retrying(grant, deadline=deadline)
         self._valid_until = sent + self.ttl
         try:
-            hostkey.register(self.client, self.keys, self.cfg, lease_id=self.lease_id, ttl=self.ttl,
+            hostrecord.register(self.client, self.keys, self.cfg, lease_id=self.lease_id, ttl=self.ttl,
                              session_id=self.session_id, deadline=deadline)
         except BaseException:
             self._revoke_quietly()

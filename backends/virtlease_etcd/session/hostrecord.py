@@ -13,10 +13,9 @@ import time
 from etcd3 import transactions as tx
 
 from virtlease.errors import ConfigError
-
-from . import keyspace as ks
-from .client import EtcdClient, TransientError
-from .config import EtcdConfig
+from virtlease_etcd.config import EtcdConfig
+from virtlease_etcd.etcd.client import EtcdClient, TransientError
+from virtlease_etcd.model import keyspace as ks
 
 
 class HostKeyTaken(ConfigError):

@@ -24,12 +24,12 @@ import logging
 from dataclasses import dataclass
 
 from virtlease.abi import FailureAction
+from virtlease_etcd.config import EtcdConfig
+from virtlease_etcd.etcd.client import LeaseNotFound
+from virtlease_etcd.model import keyspace as ks
 
-from . import keyspace as ks
-from .client import LeaseNotFound
-from .config import EtcdConfig
+from .hostsession import HostSession
 from .owners import Handoff, Held, Owner, Policy
-from .session import HostSession
 
 log = logging.getLogger(__name__)
 

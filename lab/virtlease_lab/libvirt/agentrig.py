@@ -1,6 +1,6 @@
 """The rig with the virtlease agent on both hosts, over a three-member etcd.
 
-Each host's agent reaches every etcd member through its own relay (``etcd_relay.py``), so one
+Each host's agent reaches every etcd member through its own relay (``relay.py``), so one
 host can be cut off from etcd (:meth:`AgentRig.cut`) while the other keeps it.  Helpers read
 who holds what from etcd, retry a start until the disk is free, and restart a killed agent the
 way systemd's ``Restart=always`` would.
@@ -23,15 +23,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from etcd_relay import Relay
-from rig import HOSTS, Rig, wait_for
-
 from virtlease.errors import VirtleaseError
-from virtlease_etcd import keyspace as ks
-from virtlease_etcd.client import EtcdClient
 from virtlease_etcd.config import load_config
-from virtlease_etcd.embedded import EmbeddedEtcd
-from virtlease_etcd.status import HeldInfo, read_status
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd
+from virtlease_etcd.etcd.client import EtcdClient
+from virtlease_etcd.model import keyspace as ks
+from virtlease_etcd.ops.status import HeldInfo, read_status
+from virtlease_lab.libvirt.relay import Relay
+from virtlease_lab.libvirt.rig import HOSTS, Rig, wait_for
 
 HERE = Path(__file__).resolve().parent
 PORTS = (23790, 23791, 23792)  # the members, as each host's agent sees them (127.0.0.1 in its namespace)

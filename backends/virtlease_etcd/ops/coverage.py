@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from virtlease.errors import StaleStateError
+from virtlease_etcd.model import keyspace as ks
+from virtlease_etcd.model import statestring as st
 
-from . import keyspace as ks
-from . import state as st
 from .domain import Domain
 
 

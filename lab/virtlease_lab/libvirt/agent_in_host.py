@@ -2,20 +2,16 @@
 
 Usage: ``agent_in_host.py PATH@PORT[,PATH@PORT...] AGENT_ARGS...``: relays each
 ``127.0.0.1:PORT`` (in this network namespace) to the UNIX socket ``PATH`` (served by the test
-in the root namespace, see ``etcd_relay.py``), then runs the agent in this process with
+in the root namespace, see ``relay.py``), then runs the agent in this process with
 ``AGENT_ARGS``.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from etcd_relay import Relay
 
 from virtlease_etcd.agent.main import main
+from virtlease_lab.libvirt.relay import Relay
 
 if __name__ == "__main__":
     for spec in sys.argv[1].split(","):

@@ -27,15 +27,15 @@ from typing import Any
 from etcd3 import transactions as tx
 
 from virtlease.errors import BackendUnavailableError, ObjectStateError, StaleStateError, ValidationError
+from virtlease_etcd.etcd.errors import TransientError
+from virtlease_etcd.model import keyspace as ks
+from virtlease_etcd.model import statestring as st
+from virtlease_etcd.session.owners import Handoff, Owner
 
-from . import keyspace as ks
-from . import state as st
 from . import transactions as txn
 from .domain import Domain, GrantResult
-from .etcderrors import TransientError
-from .markers import RESERVED as RESERVED  # re-exported: the agent names reservations by it
+from .markers import RESERVED as RESERVED
 from .markers import claim_failure, entry, read_marker
-from .owners import Handoff, Owner
 
 HINT_TIMEOUT = 0.25
 """Seconds the destination's look for a reservation may take before the plain grant goes on."""

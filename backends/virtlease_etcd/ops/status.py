@@ -10,8 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import keyspace as ks
-from .client import EtcdClient
+from virtlease_etcd.etcd.client import EtcdClient
+from virtlease_etcd.model import keyspace as ks
 
 
 @dataclass(frozen=True)

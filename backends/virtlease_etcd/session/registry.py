@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 
 from virtlease.errors import ConfigError
+from virtlease_etcd.config import EtcdConfig
 
-from .config import EtcdConfig
-from .session import HostSession
+from .hostsession import HostSession
 
 _sessions: dict[tuple[tuple[str, ...], str, str], tuple[HostSession, int]] = {}
 _sessions_lock = threading.Lock()

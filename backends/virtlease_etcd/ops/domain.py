@@ -20,14 +20,14 @@ from typing import Any
 
 from virtlease.abi import ObjectSpec, ResourceSpec
 from virtlease.errors import BackendUnavailableError, LeaseLostError, ObjectStateError, ValidationError
+from virtlease_etcd.config import EtcdConfig
+from virtlease_etcd.model import keyspace as ks
+from virtlease_etcd.model import statestring as st
+from virtlease_etcd.session.hostsession import HostSession
+from virtlease_etcd.session.owners import Held, Owner, Policy
 
-from . import keyspace as ks
-from . import state as st
 from . import transactions as txn
-from .config import EtcdConfig
 from .disks import DiskNames, for_config
-from .owners import Held, Owner, Policy
-from .session import HostSession
 
 log = logging.getLogger(__name__)
 

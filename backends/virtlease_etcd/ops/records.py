@@ -12,11 +12,11 @@ from typing import Any
 from etcd3 import transactions as tx
 
 from virtlease.errors import StaleStateError
+from virtlease_etcd.model import keyspace as ks
+from virtlease_etcd.session.owners import Held, Owner
 
-from . import keyspace as ks
 from . import transactions as txn
 from .domain import Domain
-from .owners import Held, Owner
 
 
 def read_xgens(d: Domain, held: Sequence[Held]) -> dict[str, int]:

@@ -1,9 +1,9 @@
 """Drive the two-host libvirt rig by hand.
 
-    python tests/libvirt/rig_cli.py [--workdir DIR] [--lock-daemon CMD] up
-    python tests/libvirt/rig_cli.py [--workdir DIR] status
-    python tests/libvirt/rig_cli.py [--workdir DIR] virsh A|B ARGS...
-    python tests/libvirt/rig_cli.py [--workdir DIR] down
+    python -m virtlease_lab.libvirt.rig_cli [--workdir DIR] [--lock-daemon CMD] up
+    python -m virtlease_lab.libvirt.rig_cli [--workdir DIR] status
+    python -m virtlease_lab.libvirt.rig_cli [--workdir DIR] virsh A|B ARGS...
+    python -m virtlease_lab.libvirt.rig_cli [--workdir DIR] down
 
 ``--lock-daemon`` is ``virtlockd`` (default) or a command line (one string,
 split like a shell would) with ``{host}``, ``{socket}``, ``{ip}``... placeholders.
@@ -17,9 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from rig import Rig, RigError
+from virtlease_lab.libvirt.rig import Rig, RigError
 
 DEFAULT_WORKDIR = Path("/tmp/virtlease-libvirt-rig")
 

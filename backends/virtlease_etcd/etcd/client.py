@@ -21,13 +21,13 @@ from etcd3 import etcdrpc
 from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 
 from virtlease.errors import BackendUnavailableError, ConfigError, TransactionTooLargeError
+from virtlease_etcd.config import EtcdConfig
 
-from .config import EtcdConfig
 from .endpoints import Endpoint, request_op
-from .etcderrors import TRANSIENT_CODES, connect_problem
-from .etcderrors import LeaseNotFound as LeaseNotFound  # re-exported: the driver's modules import them here
-from .etcderrors import PermissionDenied as PermissionDenied
-from .etcderrors import TransientError as TransientError
+from .errors import TRANSIENT_CODES, connect_problem
+from .errors import LeaseNotFound as LeaseNotFound
+from .errors import PermissionDenied as PermissionDenied
+from .errors import TransientError as TransientError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -10,8 +10,7 @@ from __future__ import annotations
 import grpc
 
 from virtlease.errors import ConfigError
-
-from .config import EtcdConfig
+from virtlease_etcd.config import EtcdConfig
 
 __all__ = ["TRANSIENT_CODES", "LeaseNotFound", "PermissionDenied", "TransientError", "connect_problem"]
 

@@ -1,6 +1,6 @@
 """The JSON-lines channel between a harness and a host process.
 
-Every harness that runs a "host" as a real process (``hostproc`` for the demo
+Every harness that runs a "host" as a real process (``hostprocess`` for the demo
 and the tests, the nemesis workers in tests/safety) uses this one wire:
 
 * ``launch`` starts the child and writes its configuration as the first line

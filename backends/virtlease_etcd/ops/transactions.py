@@ -21,10 +21,9 @@ from typing import Any, TypeVar
 from etcd3 import transactions as tx
 
 from virtlease.errors import TransactionTooLargeError
-
-from . import keyspace as ks
-from .client import LeaseNotFound, TransientError
-from .session import HostSession
+from virtlease_etcd.etcd.client import LeaseNotFound, TransientError
+from virtlease_etcd.model import keyspace as ks
+from virtlease_etcd.session.hostsession import HostSession
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The one harness for everything that needs a host to be a real, separate
 process — a second host, a crash (``kill -9``), a pause (SIGSTOP): the demo
-(``virtlease demo``) and the tests.  The wire (``hostwire``) is shared with
+(``virtlease demo``) and the tests.  The wire (``jsonwire``) is shared with
 the nemesis workers of tests/safety, which run a workload instead of commands.
 
 Protocol: the parent writes the driver configuration as one JSON line on
@@ -29,7 +29,7 @@ Commands act on lock objects by a name of the caller's choosing::
 A failed command answers ``{"ok": false, "error": TYPE, "message": ...,
 "hint": ..., "conflicts": [Holder fields...]}``.
 
-The child is ``python -m virtlease_etcd.hostproc``; the parent side is
+The child is ``python -m virtlease_etcd.devtools.hostprocess``; the parent side is
 :class:`HostProcess`::
 
     with HostProcess(endpoints, prefix, "host-a", ttl=3) as a:
@@ -57,7 +57,7 @@ from typing import IO, Any
 
 import virtlease as v
 
-from .hostwire import Channel, Replier, launch, python_argv
+from .jsonwire import Channel, Replier, launch, python_argv
 
 LOG_ENV = "VIRTLEASE_HOSTPROC_LOG"
 """The child's log level (default WARNING); its log goes to stderr."""
@@ -202,7 +202,7 @@ class HostProcess:
         self.lease = 0
         self.ttl = 0
         self._log = open(log_path, "ab") if log_path is not None else None
-        self.proc = launch([*(wrapper or []), *python_argv("virtlease_etcd.hostproc")], cfg,
+        self.proc = launch([*(wrapper or []), *python_argv("virtlease_etcd.devtools.hostprocess")], cfg,
                            env=env, stderr=self._log)
         self._wire = Channel(self.proc)
         if wait:

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 
 from virtlease.abi import ResourceSpec, ResourceType
 from virtlease.errors import ValidationError
-
-from . import keyspace as ks
-from .config import EtcdConfig
-from .identity import IdentityConfig, IdentityError, Resolver
+from virtlease_etcd.config import EtcdConfig
+from virtlease_etcd.identity import IdentityConfig, IdentityError, Resolver
+from virtlease_etcd.model import keyspace as ks
 
 
 def identity_config(cfg: EtcdConfig) -> IdentityConfig:

@@ -1,6 +1,6 @@
 """``make demo LIBVIRT=1``: the virtlease agent on two real libvirt hosts, for a person to watch.
 
-    python tests/libvirt/demo.py
+    python -m virtlease_lab.libvirt.demo
 
 Brings up the rig of this directory (two libvirt hosts A and B in namespaces, the agent on each
 host's virtlockd socket, a three-member etcd), then, with stock ``virsh``:
@@ -27,12 +27,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from agentrig import AgentRig, agent_rig
-from rig import DEFAULT_CACHE, HOSTS, RigError, missing_requirements
-
-from virtlease_etcd.status import HeldInfo
+from virtlease_etcd.ops.status import HeldInfo
+from virtlease_lab.libvirt.agentrig import AgentRig, agent_rig
+from virtlease_lab.libvirt.rig import DEFAULT_CACHE, HOSTS, RigError, missing_requirements
 
 T0 = time.monotonic()
 
@@ -178,7 +175,7 @@ def main() -> int:
             outcome += f"; work directory kept: {work}"
         elif (work / "rig" / "rig.json").exists():
             outcome += (f"; the rig is NOT fully down, its state is kept: take it down with "
-                        f"{sys.executable} {Path(__file__).resolve().parent / 'rig_cli.py'} --workdir {work / 'rig'} down")
+                        f"{sys.executable} -m virtlease_lab.libvirt.rig_cli --workdir {work / 'rig'} down")
             rc = rc or 1
         else:
             shutil.rmtree(work, ignore_errors=True)

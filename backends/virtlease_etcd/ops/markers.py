@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from virtlease.errors import StaleStateError
+from virtlease_etcd.model import holders
+from virtlease_etcd.model import keyspace as ks
+from virtlease_etcd.model import statestring as st
+from virtlease_etcd.session.owners import Held
 
-from . import holders
-from . import keyspace as ks
-from . import state as st
 from .domain import Domain
-from .owners import Held
 
 RESERVED = "*"
 """The ``to`` of a reservation marker: any host, for the same domain UUID."""

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virtlease.abi import FailureAction
-
-from . import keyspace as ks
+from virtlease_etcd.model import keyspace as ks
 
 
 @dataclass(frozen=True)

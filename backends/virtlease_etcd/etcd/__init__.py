@@ -1,0 +1,1 @@
+"""The gRPC connection to etcd: deadlines, error translation, endpoint failover."""

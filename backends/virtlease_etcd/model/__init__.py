@@ -1,0 +1,1 @@
+"""What virtlease stores in etcd: key layout, value encoding, state strings, holders (pure)."""

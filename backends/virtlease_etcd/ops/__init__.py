@@ -1,0 +1,1 @@
+"""Lock operations over a session: grants, releases, migration handoff, records, status."""

@@ -1,0 +1,1 @@
+"""The host session: one lease, keepalive, fence clock, host record, owners, fencing."""

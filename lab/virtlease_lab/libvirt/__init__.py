@@ -1,0 +1,1 @@
+"""Two libvirt hosts on one machine, driven by stock ``virsh`` (README: "With libvirt")."""
