@@ -9,6 +9,10 @@ run instead of skipping.  Every test gets its own key prefix.
 
 from __future__ import annotations
 
+# isort: off
+import virtlease_etcd  # noqa: F401  (first: it quiets gRPC's C core before etcd3 imports grpc)
+
+# isort: on
 import os
 import uuid
 from collections.abc import Callable, Iterator

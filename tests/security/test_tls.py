@@ -55,7 +55,7 @@ def _toml(path: Path, settings: dict[str, object]) -> Path:
 
 
 def _env() -> dict[str, str]:
-    return {k: val for k, val in os.environ.items() if not k.startswith("VIRTLEASE_")}
+    return {k: val for k, val in os.environ.items() if not k.startswith(("VIRTLEASE_", "GRPC_"))}
 
 
 def _cli(conf: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -200,3 +200,40 @@ def test_refused_connection_says_why_in_one_line(case: str, cluster: TlsCluster,
     assert check.returncode == 4, check.stdout + check.stderr
     assert EXPECTED[case] in check.stdout + check.stderr, check.stdout + check.stderr
     assert "Traceback" not in check.stderr
+
+
+def _stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_no_grpc_log_line_reaches_the_terminal_on_a_failed_handshake(cluster: TlsCluster, refusals: dict[
+        str, dict[str, str]], tmp_path: Path) -> None:
+    """gRPC's C core logs every failed handshake (dozens of lines per command); only the one
+    error line and its hint may reach stderr -- unless --debug asks for gRPC's own lines."""
+    conf = _toml(tmp_path / "virtlease.toml", {**_config(cluster, "/tls-quiet", "host-quiet"),
+                                                **refusals["server certificate from another CA"]})
+    quiet = _cli(conf, "status")
+    assert quiet.returncode == 4
+    lines = _stderr_lines(quiet)
+    assert len(lines) == 2 and lines[0].startswith("virtlease: error: ") and lines[1].startswith("hint: "), lines
+    assert "server certificate not signed by ca_cert" in lines[0]
+    debug = _cli(conf, "--debug", "status")  # the control: gRPC does log here when asked
+    assert "ssl_transport_security" in debug.stderr and "Handshake failed" in debug.stderr, debug.stderr[-2000:]
+
+
+def test_a_key_that_is_not_the_certificates_gets_its_own_line(cluster: TlsCluster, pki: Path, tmp_path: Path) -> None:
+    mismatched = {"ca_cert": str(pki / "ca.crt"), "cert_cert": str(pki / "virtlease.crt"),
+                  "cert_key": str(pki / "root.key")}
+    conf = _toml(tmp_path / "virtlease.toml", {**_config(cluster, "/tls-mismatch", "host-mm"), **mismatched})
+    for command in (["status"], ["hold", "--name", "web1", "--disk", str(tmp_path / "web1.qcow2")], ["check"]):
+        result = _cli(conf, *command, timeout=30)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        lines = _stderr_lines(result)
+        assert len(lines) == 2 and lines[1].startswith("hint: "), (command, lines)
+        assert lines[0] == (f"virtlease: error: cert_key: {pki / 'root.key'} is not the private key of cert_cert "
+                            f"{pki / 'virtlease.crt'} (they do not match): give the key that certificate was "
+                            "issued with"), lines
+        assert result.stdout == "", result.stdout
+    with pytest.raises(v.ConfigError, match="is not the private key of cert_cert"):
+        v.load_driver("etcd", config={**_config(cluster, "/tls-mismatch", "host-mm"), **mismatched},
+                      capabilities=v.Capability.RESOURCES)
