@@ -37,9 +37,10 @@ log() { echo "rbac.sh: $*" >&2; }
 command -v "$ETCDCTL" >/dev/null 2>&1 || die "etcdctl not found (set ETCDCTL)"
 case "$PREFIX" in /*/) ;; *) die "VIRTLEASE_PREFIX must start and end with '/': $PREFIX" ;; esac
 
-# Is auth already enabled? (`auth status` exists since etcd 3.5.)
+# Is auth already enabled? (`auth status` exists since etcd 3.5; 3.4's etcdctl prints its help
+# for it and exits 0, so only its answer line counts.)
 auth_enabled=false
-if status="$("$ETCDCTL" auth status 2>/dev/null)"; then
+if status="$("$ETCDCTL" auth status 2>/dev/null)" && grep -qi 'Authentication Status:' <<<"$status"; then
     grep -qi 'Authentication Status: true' <<<"$status" && auth_enabled=true
 else
     # Older etcdctl or access denied: probe with a read that needs no permission when auth is off.
