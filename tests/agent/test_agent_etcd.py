@@ -194,6 +194,27 @@ def test_reservation_taken_over_by_same_uuid_on_another_host(
         {k: val for k, val in after.items() if "/res/" in k}
 
 
+def test_a_release_etcd_did_not_answer_is_retried_until_it_does(
+        etcd_process: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    """The QEMU exits while etcd is out of reach for longer than the release deadline (not long
+    enough to lose the session): the agent keeps its records and frees the disk once etcd answers.
+    Before the fix the failed release forgot them, and the disk stayed held on a live lease."""
+    with _agent_behind_proxy(etcd_process, prefix, tmp_path, "host-f", ttl=12, acquire_timeout=1.0) \
+            as (proxy, plugin, server):
+        (d1,) = images(tmp_path, "d1.img")
+        web = StandinQemu(server.path, "web1")
+        with LockdClient(server.path) as c:
+            c.register(web.owner())
+            c.acquire(d1)
+        lease = plugin.driver.session.lease_id
+        proxy.blackhole()
+        web.kill()
+        time.sleep(2.5)  # the release (deadline 1 s) has failed at least once
+        proxy.heal()
+        wait_for(lambda: not holders(etcd_process, prefix), 6)
+        assert plugin.driver.session.lost is None and plugin.driver.session.lease_id == lease
+
+
 def test_unclaimed_reservation_freed_after_grace(agents: Callable[..., Agent], qemus: Callable[..., StandinQemu],
                                                  tmp_path: Path, etcd_process: EtcdServer, prefix: str) -> None:
     a = agents("host-a", reserve_grace=1.0)
