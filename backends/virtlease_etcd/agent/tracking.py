@@ -24,8 +24,8 @@ from virtlease.errors import VirtleaseError
 from virtlease_etcd.driver import EtcdDriver
 from virtlease_etcd.ops import grants, handoff
 from virtlease_etcd.ops.domain import Domain
+from virtlease_etcd.session.guard import start_time
 
-from .guard import start_time
 from .lockapi import Connection, LockError
 from .protocol import ErrorCode
 
