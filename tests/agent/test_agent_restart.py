@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -145,10 +146,26 @@ def test_dead_or_frozen_agent_stops_the_owner_before_another_host_gets_the_disk(
     record_property(f"{how}_owner_killed_after_s", round(kill_delay, 3))
     record_property(f"{how}_disk_free_after_s", round(taken_at - killed_at, 3))
     assert gone_soon(guard), "the guard outlived its job"
+    # the guard's lines are in the agent's log, in its format
+    assert f"sent signal 9 to domain web1 ({q.uuid})" in agent.text(), agent.text()
+    assert_log_format(agent.text())
     if how == "sigkill":  # an agent back too late starts a fresh session (the old lease is gone)
         agent.stop()
         again = agents()
-        assert "cannot continue the previous agent's session" in again.text()
+        (line,) = [x for x in again.text().splitlines() if "cannot continue the previous agent's session" in x]
+        assert "is gone from etcd" in line and "-1s" not in line, line
+        assert f"domain web1 ({q.uuid}) QEMU pid {q.pid} has exited (fenced by the previous agent's guard" in line
+        assert_log_format(again.text())
+
+
+LOG_LINE = re.compile(r'ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=(debug|info|warning|error|critical) '
+                      r'logger=[\w.]+ msg=".*"')
+
+
+def assert_log_format(text: str) -> None:
+    """Every line of an agent's log (its guard's included) is one event in the agent's format."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines and all(LOG_LINE.fullmatch(line) for line in lines), text
 
 
 @pytest.mark.parametrize("how", ["sigkill", "sigusr2"])

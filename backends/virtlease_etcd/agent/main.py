@@ -28,12 +28,10 @@ every VM) on a stop request turns a routine ``systemctl stop`` into an outage.  
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ import click
 import virtlease
 from virtlease.errors import VirtleaseError
 from virtlease_etcd.config import load_config
+from virtlease_etcd.session.guard import log_line
 
 from .backend import EtcdLockBackend
 from .metrics import start_metrics
@@ -60,14 +59,14 @@ HANDOVER_EXIT = 75
 
 
 class LineFormatter(logging.Formatter):
-    """``ts=<iso> level=<level> logger=<name> msg=<json string>`` on one line."""
+    """``ts=<iso> level=<level> logger=<name> msg=<json string>`` on one line (``guard.log_line``:
+    the guard writes its own lines the same way)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         msg = record.getMessage()
         if record.exc_info:
             msg += " | " + self.formatException(record.exc_info).replace("\n", " | ")
-        return f"ts={ts} level={record.levelname.lower()} logger={record.name} msg={json.dumps(msg)}"
+        return log_line(record.levelname.lower(), record.name, msg, record.created)
 
 
 @dataclass
