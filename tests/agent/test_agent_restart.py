@@ -19,16 +19,19 @@ import urllib.request
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import etcd3
 import pytest
 
 import virtlease as v
-from agent.agent_process import AgentProcess, free_port
+from agent.agent_process import LISTENING, SERVING, AgentProcess, free_port
 from agent.etcd_agent import StandinQemu, load
 from conftest import EtcdServer
 from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
 from virtlease.errors import ResourceBusyError
 from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd
 from virtlease_etcd.session import reattach
 from virtlease_etcd.session.fencing import pid_alive
 
@@ -239,7 +242,7 @@ def test_reattach_refuses_a_lease_that_is_not_ours(etcd_process: EtcdServer, pre
         session = plugin.driver.session
         with pytest.raises(reattach.CannotReattach, match="is not on lease"):
             reattach.adopt_session(session.cfg, session.lease_id, "not-the-session")
-        with pytest.raises(reattach.CannotReattach, match="too late"):
+        with pytest.raises(reattach.CannotReattach, match="is gone from etcd"):
             reattach.adopt_session(session.cfg, session.lease_id + 12345, session.session_id)
         assert session.lost is None  # the failed attempts did not touch the live session
     finally:
@@ -340,3 +343,52 @@ def test_after_a_network_cut_the_fenced_domain_starts_again_on_this_host(
             assert restarts <= 1, f"the guard was restarted {restarts} times:\n{agent.text()[-3000:]}"
         finally:
             agent.stop()
+
+
+def test_an_agent_started_before_etcd_serves_at_once_and_grants_once_etcd_answers(
+        sock_dir: Path, prefix: str, disk: str, qemus: list[StandinQemu]) -> None:
+    """A site-wide power-on where the hypervisors boot first: the agent listens at once, refuses
+    ACQUIREs with 'etcd unreachable' (saying why) while it retries, and grants once etcd is up --
+    for a domain registered before that too (its registration and lifeline carry over)."""
+    etcd = EmbeddedEtcd()  # its ports chosen; not started yet
+    agent = None
+    try:
+        agent = AgentProcess(sock_dir, etcd.endpoints, prefix, "hv-a", ready=LISTENING)
+        early = StandinQemu(agent.socket, "web0")  # REGISTER + RESTRICT: accepted, nothing held
+        qemus.append(early)
+        with LockdClient(agent.socket) as c:
+            c.register(early.owner())
+            with pytest.raises(RemoteCallError) as refused:
+                c.acquire(disk)
+        msg = refused.value.error.message or ""
+        assert "etcd unreachable, nothing changed: the virtlease agent has no etcd session yet" in msg, msg
+        assert "connection refused" in msg, msg
+        assert "no etcd session yet" in agent.text() and agent.proc.poll() is None
+        etcd.start()
+        agent.wait_ready(SERVING)
+        with LockdClient(agent.socket) as c:
+            c.register(early.owner())
+            c.acquire(disk)  # granted on the session opened after the start
+        dump = etcd_dump(etcd.endpoints, prefix)
+        assert [(r["host"], r["name"]) for r in dump] == [("hv-a", "web0")], dump
+        early.kill()  # its lifeline, opened before the session, is watched: the disk goes free
+        until = time.monotonic() + 10
+        while etcd_dump(etcd.endpoints, prefix) and time.monotonic() < until:
+            time.sleep(0.05)
+        assert etcd_dump(etcd.endpoints, prefix) == []
+        assert_log_format(agent.text())
+    finally:
+        if agent is not None:
+            agent.stop()
+        etcd.stop()
+
+
+def etcd_dump(endpoints: str, prefix: str) -> list[dict[str, Any]]:
+    """The holder records under ``prefix``."""
+    host, port = endpoints.rsplit(":", 1)
+    client = etcd3.client(host=host, port=int(port))
+    try:
+        return [json.loads(value) for value, meta in client.get_prefix(prefix + "/")
+                if b"/res/" in meta.key and b"legacy" not in value]
+    finally:
+        client.close()

@@ -237,3 +237,31 @@ def test_a_key_that_is_not_the_certificates_gets_its_own_line(cluster: TlsCluste
     with pytest.raises(v.ConfigError, match="is not the private key of cert_cert"):
         v.load_driver("etcd", config={**_config(cluster, "/tls-mismatch", "host-mm"), **mismatched},
                       capabilities=v.Capability.RESOURCES)
+
+
+def test_the_agents_log_has_no_grpc_line_and_says_why_it_has_no_session(cluster: TlsCluster, refusals: dict[
+        str, dict[str, str]], tmp_path: Path) -> None:
+    """An agent whose CA does not match the members' serves its socket, retries, and logs why in
+    its own format: not one line of gRPC's own in its log."""
+    settings = {**_config(cluster, "/tls-agent-quiet", "host-aq"), **refusals["server certificate from another CA"]}
+    conf = _toml(tmp_path / "virtlease.toml", settings)
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    log = tmp_path / "agent.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*VIRTLEASE, "--config", str(conf), "agent", "--socket", str(run / "sock"),
+                                 "--state-dir", str(run / "state")], stdout=out, stderr=subprocess.STDOUT, env=_env())
+    try:
+        for _ in range(400):
+            if "no etcd session yet" in log.read_text() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(1.5)  # a few more attempts, each a failed handshake per member
+        text = log.read_text()
+        assert "no etcd session yet" in text and "server certificate not signed by ca_cert" in text, text
+        lines = [line for line in text.splitlines() if line.strip()]
+        assert all(line.startswith("ts=") and " logger=virtlease_etcd." in line for line in lines), text
+        assert "ssl_transport_security" not in text and "Handshake failed" not in text, text
+    finally:
+        proc.send_signal(signal.SIGTERM)  # no session, nothing held: it exits at once
+        assert proc.wait(20) == 0, log.read_text()

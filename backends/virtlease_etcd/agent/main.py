@@ -42,14 +42,16 @@ import click
 import virtlease
 from virtlease.errors import VirtleaseError
 from virtlease_etcd.config import load_config
+from virtlease_etcd.etcd.tlsfiles import check_tls_files
 from virtlease_etcd.session.guard import log_line
 
 from .backend import EtcdLockBackend
 from .metrics import start_metrics
 from .restart import Continuity, Prior, prepare
-from .runfile import DEFAULT_STATE_DIR
+from .runfile import DEFAULT_STATE_DIR, ensure_dir
 from .server import LockdServer
 from .sockets import AgentSetupError, check_socket_dir, remove_stale_socket
+from .startup import StartingBackend, open_driver
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +89,10 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | None = None) -> int:
-    """Serve until a stop request finds no owner holding anything (or a handover)."""
-    backend = EtcdLockBackend(plugin.driver, reserve_grace=opts.reserve_grace, kill_grace=opts.kill_grace)
-    server = LockdServer(opts.socket, backend)
-    continuity = Continuity(backend, opts.state_dir)
+async def serve(opts: AgentOptions, config: dict[str, Any]) -> int:
+    """Listen at once, open the etcd session in the background (``startup``: ACQUIREs refused as
+    'etcd unreachable' until then), then serve until a stop request finds no owner holding
+    anything (or a handover)."""
     stop, handover = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -102,18 +103,53 @@ async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | Non
         stop.set()
 
     loop.add_signal_handler(signal.SIGUSR2, hand_over)
-    await continuity.start(prior)
+    gate = StartingBackend()
+    server = LockdServer(opts.socket, gate)
+    await server.start()
+    cfg = load_config(config)
+    prepared: list[Prior | None] = []
+
+    def load() -> virtlease.Plugin:
+        if not prepared:  # once: continue a previous agent's session, or wait it out
+            prepared.append(prepare(cfg, opts.state_dir))
+        return virtlease.load_driver("etcd", config=config, capabilities=virtlease.Capability.RESOURCES)
+
+    opening = loop.create_task(open_driver(load, gate, endpoints=",".join(cfg.endpoints)))
+    waiting = loop.create_task(stop.wait())
+    await asyncio.wait({opening, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if not opening.done():  # stopped before etcd answered: nothing is held, nothing to hand over
+        opening.cancel()
+        waiting.cancel()
+        await server.close()
+        log.info("stop requested before the etcd session opened: exiting")
+        return HANDOVER_EXIT if handover.is_set() else 0
+    waiting.cancel()
+    try:
+        plugin = opening.result()
+    except BaseException:
+        await server.close()
+        raise
+    try:
+        return await _serve(opts, plugin, prepared[0], server, gate, stop, handover)
+    finally:
+        try:
+            plugin.unload()
+        except VirtleaseError as exc:
+            log.error("unload: %s", exc)
+
+
+async def _serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | None, server: LockdServer,
+                 gate: StartingBackend, stop: asyncio.Event, handover: asyncio.Event) -> int:
+    backend = EtcdLockBackend(plugin.driver, reserve_grace=opts.reserve_grace, kill_grace=opts.kill_grace)
+    continuity = Continuity(backend, opts.state_dir)
+    await continuity.start(prior)  # the guard armed before any lease can be granted
     metrics = None
     if opts.metrics:
         try:
             metrics = start_metrics(opts.metrics, backend)
         except OSError as exc:  # no metrics is no reason to leave the VMs unprotected
             log.error("cannot serve metrics on %s: %s; going on without them", opts.metrics, exc)
-    try:
-        await server.start()
-    except BaseException:
-        continuity.leave(busy=bool(backend.busy_owners()))
-        raise
+    await gate.switch(backend, server.connections)
     log.info("virtlease agent serving %s for host %s", opts.socket, plugin.driver.host_id)
     try:
         while True:
@@ -151,7 +187,8 @@ async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | Non
 
 
 def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
-    """Load the driver (continuing a previous agent's session if it left one) and serve."""
+    """Check the configuration, then serve (``serve``: the socket at once, the session when etcd
+    answers).  Exit 2 on a configuration or setup error, which no retry could fix."""
     setup_logging(opts.log_level)
     try:  # before touching a previous agent's lease: refuse if one still serves the socket
         check_socket_dir(Path(opts.socket).parent)
@@ -160,21 +197,20 @@ def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
         log.error("cannot serve %s: %s", opts.socket, exc)
         return 2
     try:
-        prior = prepare(load_config(config), opts.state_dir)
-        plugin = virtlease.load_driver("etcd", config=config, capabilities=virtlease.Capability.RESOURCES)
+        cfg = load_config(config)
+        check_tls_files(cfg)
+        ensure_dir(opts.state_dir)
     except (VirtleaseError, OSError) as exc:
         log.error("cannot start the etcd driver: %s", exc)
         return 2
     try:
-        return asyncio.run(serve(opts, plugin, prior))
+        return asyncio.run(serve(opts, config))
     except AgentSetupError as exc:
         log.error("cannot serve %s: %s", opts.socket, exc)
         return 2
-    finally:
-        try:
-            plugin.unload()
-        except VirtleaseError as exc:
-            log.error("unload: %s", exc)
+    except (VirtleaseError, OSError) as exc:
+        log.error("cannot start the etcd driver: %s", exc)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
