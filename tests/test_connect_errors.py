@@ -35,9 +35,12 @@ def _slow_config(tmp_path: Path, endpoints: str) -> Path:
     return conf
 
 
-@pytest.mark.parametrize("command", [["status"], ["check"], ["hold", "--name", "web1", "--disk", "/img/web1.qcow2"]])
+@pytest.mark.parametrize("command", [["status"], ["check"], ["hold", "--name", "web1", "--disk"]])
 def test_a_wrong_port_says_connection_refused_at_once(command: list[str], tmp_path: Path) -> None:
     conf = _slow_config(tmp_path, f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}")
+    if command[0] == "hold":
+        (tmp_path / "web1.qcow2").write_bytes(b"")
+        command = [*command, str(tmp_path / "web1.qcow2")]
     result = run("--config", str(conf), *command, timeout=20)  # the deadlines are 60-120 s
     assert result.returncode == 4, result.stdout + result.stderr
     if command == ["check"]:

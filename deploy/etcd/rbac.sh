@@ -61,12 +61,14 @@ ctl() {
     fi
 }
 
-has_line() { grep -qxF "$1"; }
+# has_line LINE TEXT: whether TEXT has LINE (the listing is read whole first: `etcdctl ... | grep -q`
+# breaks the pipe when grep exits at the first match, and with pipefail the test then fails at random)
+has_line() { grep -qxF "$1" <<<"$2"; }
 
 # add_user NAME PASSWORD
 add_user() {
     local name="$1" password="$2"
-    if ctl user list | has_line "$name"; then
+    if has_line "$name" "$(ctl user list)"; then
         log "user $name exists"
     elif [ -n "$password" ]; then
         printf '%s\n' "$password" | ctl user add "$name" --interactive=false >/dev/null
@@ -79,7 +81,7 @@ add_user() {
 
 # add_role NAME
 add_role() {
-    if ctl role list | has_line "$1"; then
+    if has_line "$1" "$(ctl role list)"; then
         log "role $1 exists"
     else
         ctl role add "$1" >/dev/null

@@ -225,6 +225,7 @@ def test_a_key_that_is_not_the_certificates_gets_its_own_line(cluster: TlsCluste
     mismatched = {"ca_cert": str(pki / "ca.crt"), "cert_cert": str(pki / "virtlease.crt"),
                   "cert_key": str(pki / "root.key")}
     conf = _toml(tmp_path / "virtlease.toml", {**_config(cluster, "/tls-mismatch", "host-mm"), **mismatched})
+    (tmp_path / "web1.qcow2").write_bytes(b"")
     for command in (["status"], ["hold", "--name", "web1", "--disk", str(tmp_path / "web1.qcow2")], ["check"]):
         result = _cli(conf, *command, timeout=30)
         assert result.returncode == 2, (command, result.stdout, result.stderr)
