@@ -157,7 +157,7 @@ def libvirt_rig(cluster: Cluster, n: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vl-bench-rig-", dir="/tmp") as name:
         tmp = Path(name)
         relay = Relay.unix_to_tcp(str(tmp / "etcd.sock"), host, int(port))
-        agent = [sys.executable, "-m", "virtlease_lab.libvirt.agent_in_host", f"{tmp / 'etcd.sock'}@23790", "--socket",
+        agent = [sys.executable, "-P", "-m", "virtlease_lab.libvirt.agent_in_host", f"{tmp / 'etcd.sock'}@23790", "--socket",
                  "{socket}", "--endpoints", "127.0.0.1:23790", "--host-id", f"host{{host}}-{cluster.run_id}",
                  "--prefix", cluster.prefix, "--ttl", "10"]
         try:

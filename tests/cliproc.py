@@ -20,9 +20,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+        cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*VIRTLEASE, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env if env is not None else clean_env())
+                          env=env if env is not None else clean_env(), cwd=cwd)
 
 
 def assert_one_line_error(stderr: str, *needles: str) -> None:

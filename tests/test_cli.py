@@ -28,6 +28,7 @@ from cliproc import VIRTLEASE, assert_one_line_error, clean_env, run
 from conftest import EtcdServer
 from virtlease_etcd.config import EtcdConfig, load_config
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd, free_port
+from virtlease_etcd.devtools.hostprocess import HostCallError, HostProcess
 
 
 def opts(etcd: EtcdServer, prefix: str, host: str = "host-t", ttl: int | None = None) -> list[str]:
@@ -406,15 +407,32 @@ def test_demo_runs_end_to_end_on_its_own_etcd_and_cleans_up() -> None:
     client.close()
 
 
-def test_demo_against_given_endpoints_leaves_the_prefix_empty(etcd_process: EtcdServer, prefix: str) -> None:
+def test_demo_against_given_endpoints_leaves_the_prefix_empty(etcd_process: EtcdServer, prefix: str,
+                                                              tmp_path: Path) -> None:
     # `demo --endpoints` (as deploy/compose-check.sh calls it) is the same as the global option.
-    result = run("--prefix", prefix, "demo", "--endpoints", etcd_process.endpoints, timeout=90)
+    # Run next to a folder named like the package (a clone's parent): its host processes must
+    # not import that folder as `virtlease` (they start with python -P).
+    (tmp_path / "virtlease" / "src").mkdir(parents=True)
+    result = run("--prefix", prefix, "demo", "--endpoints", etcd_process.endpoints, timeout=90, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     demo_prefix = re.search(rf"keys live under ({re.escape(prefix)}/demo-[0-9a-f]+)", result.stdout)
     assert demo_prefix is not None, result.stdout
     assert "throwaway" not in result.stdout
     assert f"prefix {demo_prefix.group(1)} is empty" in result.stdout
     assert keys_under(etcd_process, prefix) == []
+
+
+def test_a_host_process_that_dies_before_its_session_says_why(etcd_process: EtcdServer, prefix: str,
+                                                              tmp_path: Path) -> None:
+    """The child's last stderr line (its exception) reaches the caller, not only its exit status."""
+    broken = tmp_path / "broken"
+    (broken / "virtlease").mkdir(parents=True)
+    (broken / "virtlease" / "__init__.py").write_text("raise ImportError('this virtlease is broken on purpose')\n")
+    with pytest.raises(HostCallError) as exc:
+        HostProcess(etcd_process.endpoints, prefix, "host-x", env=clean_env(PYTHONPATH=str(broken)),
+                    log_path=tmp_path / "host-x.log")
+    assert exc.value.message.startswith("host process exited (status 1): ImportError: this virtlease is broken "
+                                        "on purpose"), exc.value.message
 
 
 # -- check and etcd -------------------------------------------------------------------

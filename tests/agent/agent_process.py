@@ -33,7 +33,7 @@ class AgentProcess:
         self.state_dir = run / "state"
         self.log_path = run / f"agent-{time.monotonic_ns()}.log"
         head = ([str(Path(sys.executable).with_name("virtlease")), "--endpoints", endpoints, "agent"]
-                if via_virtlease else [sys.executable, "-m", "virtlease_etcd.agent.main", "--endpoints", endpoints])
+                if via_virtlease else [sys.executable, "-P", "-m", "virtlease_etcd.agent.main", "--endpoints", endpoints])
         cmd = [*head, "--prefix", prefix, "--host-id", host, "--ttl", str(ttl), "--socket", str(self.socket), "--state-dir",
                str(self.state_dir), "--reserve-grace", "0.3", *extra]
         self.log = open(self.log_path, "w")  # closed in stop()

@@ -42,7 +42,7 @@ class StandinQemu:
     def __init__(self, socket: Path, name: str, owner_uuid: str | None = None, *, close: bool = False) -> None:
         self.uuid = owner_uuid or str(uuidlib.uuid4())
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, str(STANDIN), str(socket), self.uuid, name, *(["close"] if close else [])],
+        self.proc = subprocess.Popen([sys.executable, "-P", str(STANDIN), str(socket), self.uuid, name, *(["close"] if close else [])],
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()

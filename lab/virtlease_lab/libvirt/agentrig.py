@@ -234,7 +234,7 @@ def agent_rig(workdir: Path, *, reserve_grace: float = 2.0) -> Iterator[AgentRig
                 relays[host] = [Relay.unix_to_tcp(str(short / f"{host}{i}.sock"), "127.0.0.1", m.client_port)
                                 for i, m in enumerate(etcd.members)]
             links = ",".join(f"{short}/{{host}}{i}.sock@{port}" for i, port in enumerate(PORTS))
-            command = [sys.executable, str(HERE / "agent_in_host.py"), links,
+            command = [sys.executable, "-P", str(HERE / "agent_in_host.py"), links,
                        "--socket", "{socket}", "--endpoints", ",".join(f"127.0.0.1:{p}" for p in PORTS),
                        "--host-id", "host{host}", "--prefix", prefix, "--ttl", str(TTL),
                        "--reserve-grace", str(reserve_grace)]
