@@ -145,10 +145,81 @@ def test_status_json_parses_and_shows_the_holder_with_its_token(etcd_process: Et
         assert printed["/img/cdrom.iso"] is None
         assert [h["host"] for h in st["hosts"]] == ["host-a"] and st["hosts"][0]["ttl_left"] > 0
 
-        table = run(*opts(etcd_process, prefix), "status")
+        table = run(*opts(etcd_process, prefix), "status", "--wide")
         assert table.returncode == 0, table.stderr
         assert "/img/shared.raw" in table.stdout and "host-a" in table.stdout and uuid in table.stdout
+        # one lease-id format: hold's line, status --json and the table print the same hex id
+        assert st["hosts"][0]["lease"] == info["lease"] == disk["lease"] and info["lease"] in table.stdout
         held.stop()
+
+
+def _column(text: str, title: str) -> str:
+    """The cells of the column headed ``title`` in a rich table (box drawing), concatenated
+    without spaces: what a folded cell said, whole."""
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if title in line and line.startswith("┃"))
+    bars = [i for i, ch in enumerate(lines[head]) if ch in "┃│"]
+    col = next(j for j in range(len(bars) - 1) if title in lines[head][bars[j]:bars[j + 1]])
+    out = []
+    for line in lines[head + 1:]:
+        if line.startswith("└"):
+            break
+        if line.startswith("│"):
+            out.append(line[bars[col] + 1:bars[col + 1]].strip())
+    return "".join(out).replace(" ", "")
+
+
+def test_status_fits_80_columns_without_cutting_path_host_or_domain(etcd_process: EtcdServer, prefix: str,
+                                                                   tmp_path: Path) -> None:
+    deep = tmp_path / "images" / "production-cluster-07" / "very-long-directory-name-for-the-disks"
+    deep.mkdir(parents=True)
+    disk = deep / "webserver-production-01-root-disk.qcow2"
+    disk.write_bytes(b"")
+    host, domain = "hypervisor-07.rack-12.example.internal", "webserver-production-frontend-01"
+    with holding(*opts(etcd_process, prefix, host), "hold", "--json", "--name", domain, "--disk", str(disk)) as held:
+        narrow = run(*opts(etcd_process, prefix), "status", env=clean_env(COLUMNS="80"))
+        assert narrow.returncode == 0, narrow.stderr
+        assert max(len(line) for line in narrow.stdout.splitlines()) <= 80, narrow.stdout
+        holders, resources = _column(narrow.stdout, "holder"), _column(narrow.stdout, "resource")
+        assert host + domain in holders, narrow.stdout
+        assert str(disk) in resources, narrow.stdout
+        wide = run(*opts(etcd_process, prefix), "status", "--wide", env=clean_env(COLUMNS="80"))
+        (row,) = [line for line in wide.stdout.splitlines() if str(disk) in line]
+        assert host in row and domain in row and held.json()["uuid"] in row, wide.stdout
+        held.stop()
+
+
+def test_status_filters_by_host_and_domain(etcd_process: EtcdServer, prefix: str) -> None:
+    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--allow-missing", "--name", "web1",
+                 "--disk", "/img/f-web1.qcow2") as a, \
+            holding(*opts(etcd_process, prefix, "host-b"), "hold", "--allow-missing", "--name", "db1",
+                    "--disk", "/img/f-db1.qcow2") as b:
+        for args, host in ((["--host", "host-a"], "host-a"), (["--domain", "db1"], "host-b")):
+            st = json.loads(run(*opts(etcd_process, prefix), "status", "--json", *args).stdout)
+            assert {r["host"] for r in st["resources"]} == {host}, st
+            text = run(*opts(etcd_process, prefix), "status", *args).stdout
+            other = "host-b" if host == "host-a" else "host-a"
+            assert host in text and other not in text.split("\n", 1)[1], text
+        uuid = json.loads(run(*opts(etcd_process, prefix), "status", "--json").stdout)["resources"][0]["domain_uuid"]
+        by_uuid = json.loads(run(*opts(etcd_process, prefix), "status", "--json", "--domain", uuid).stdout)
+        assert [r["domain_uuid"] for r in by_uuid["resources"]] == [uuid]
+        a.stop()
+        b.stop()
+
+
+def test_a_busy_hold_under_json_prints_json(etcd_process: EtcdServer, prefix: str) -> None:
+    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--allow-missing", "--name", "web1",
+                 "--disk", "/img/j-web1.qcow2") as first:
+        second = run(*opts(etcd_process, prefix, "host-b"), "hold", "--allow-missing", "--json", "--name", "web2",
+                     "--disk", "/img/j-web1.qcow2")
+        assert second.returncode == 3
+        busy = json.loads(second.stdout)
+        assert busy["held"] is False and busy["busy"] is True and busy["domain"] == "web2"
+        (holder,) = busy["conflicts"]
+        assert (holder["host"], holder["domain_name"], holder["resource"]) == ("host-a", "web1", "/img/j-web1.qcow2")
+        assert busy["error"].startswith("busy: /img/j-web1.qcow2 held exclusive by domain web1")
+        assert_one_line_error(second.stderr, "busy")
+        first.stop()
 
 
 def test_hold_exits_5_and_fences_the_vm_when_the_lease_is_lost(prefix: str) -> None:
@@ -300,9 +371,9 @@ def test_bad_arguments_give_a_one_line_error_and_exit_2(args: list[str], needle:
 
 
 def test_debug_adds_the_traceback() -> None:
-    result = run("--debug", "--ttl", "1", "status")
+    result = run("--debug", "--prefix", "relative", "status")
     assert result.returncode == 2
-    assert "Traceback" in result.stderr and "virtlease: error: ttl" in result.stderr
+    assert "Traceback" in result.stderr and "virtlease: error: prefix" in result.stderr
 
 
 def test_sample_configuration_documents_every_setting_and_loads(tmp_path: Path) -> None:
