@@ -4,7 +4,7 @@ Usage (``virtlease agent`` takes the same options)::
 
     virtlease-agent --endpoints 10.0.0.1:2379 --host-id hv-07 \\
         [--socket /run/libvirt/virtlockd-sock] [--metrics 127.0.0.1:9477] [--state-dir /run/virtlease] \\
-        [--prefix /virtlease] [--ttl 10] [--config /etc/virtlease.toml] \\
+        [--prefix /virtlease] [--ttl 10] [--config /etc/virtlease/virtlease.toml] \\
         [--failure-action poweroff|pause|ignore] [--reserve-grace 2] [--kill-grace 5] [--log-level info]
 
 The etcd settings are the driver's (``VIRTLEASE_ETCD_*`` environment variables and
