@@ -392,3 +392,20 @@ def etcd_dump(endpoints: str, prefix: str) -> list[dict[str, Any]]:
                 if b"/res/" in meta.key and b"legacy" not in value]
     finally:
         client.close()
+
+
+def test_the_agents_log_says_when_a_disk_is_locked_by_this_hosts_path_only(
+        agents: Callable[..., AgentProcess], qemus: list[StandinQemu]) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm (tmpfs)")
+    disk = shm / f"vl-agent-host-only-{os.getpid()}.img"
+    disk.write_bytes(b"")
+    try:
+        agent = agents()
+        start_vm(agent, str(disk), qemus)
+        (line,) = [x for x in agent.text().splitlines() if "has no cluster-wide identity" in x]
+        assert f"disk {disk} has no cluster-wide identity: it is locked as path://{disk} [path://, this host only]" \
+            in line and "level=warning" in line, line
+    finally:
+        disk.unlink()

@@ -38,6 +38,7 @@ from .probes import (
     judge_version,
     parse_version,
 )
+from .storage import storage_roots
 
 _STYLE = {OK: ("✔ ok", "green"), INFO: ("• info", "cyan"), WARN: ("! warn", "yellow"), FAIL: ("✘ FAIL", "bold red")}
 
@@ -183,6 +184,7 @@ def check(ctx: click.Context, settings: Settings, as_json: bool, election_timeou
         _check_version(report, healthy)
     if not read_only:
         _check_ttl(report, cfg, election_timeout)
+        _check_storage(report, cfg)
     if healthy:
         try:
             with etcd_client(dataclasses.replace(cfg, endpoints=tuple(r.endpoint for r in healthy))) as client:
@@ -209,6 +211,21 @@ def check(ctx: click.Context, settings: Settings, as_json: bool, election_timeou
         ctx.exit(ExitCode.UNREACHABLE)
     if not ok:
         ctx.exit(ExitCode.FAILED)
+
+
+def _check_storage(report: Report, cfg: EtcdConfig) -> None:
+    """One row per storage root this host sees: how a disk there is named (``storage``)."""
+    try:
+        roots = storage_roots(cfg)
+    except OSError as exc:
+        report.add("storage", WARN, f"cannot read this host's mount table: {exc}")
+        return
+    for root in roots:
+        where = f"{root.fstype} {root.source}" if root.fstype != "identity_map" else "identity_map"
+        report.add(f"storage {root.path}", INFO, f"{where}: {root.naming}"
+                   + ("" if root.cluster_wide or cfg.strict_identity else
+                      "; a host reaching a disk there by another path is not excluded: set identity_map for "
+                      "shared storage (strict_identity refuses such disks)"))
 
 
 def _check_certificate(report: Report, cert: ClientCertificate) -> None:

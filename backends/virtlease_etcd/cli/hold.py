@@ -35,11 +35,12 @@ import click
 
 import virtlease as v
 from virtlease.cli.exitcodes import CommandFailed, ExitCode, describe_busy, exit_codes_help
-from virtlease.cli.output import err, print_line
+from virtlease.cli.output import err, print_line, warn
 from virtlease_etcd.session.failure import GUARD_SIGNALS
 from virtlease_etcd.session.guard import Guard, start_time
 
 from .options import Settings, etcd_command
+from .storage import host_only_disks
 
 _MODES = {"": v.ResourceFlags(0), "exclusive": v.ResourceFlags(0), "shared": v.ResourceFlags.SHARED,
           "readonly": v.ResourceFlags.READONLY}
@@ -277,6 +278,11 @@ def _hold(settings: Settings, name: str, domain_uuid: str, wanted: list[Wanted],
                 if as_json:  # the script reading stdout gets JSON either way; stderr keeps the one line
                     print_line(json.dumps(busy_summary(exc, name, domain_uuid, host), sort_keys=True))
                 raise
+            for found in host_only_disks(plugin.driver.cfg, [w.name for w in wanted if w.type is v.ResourceType.DISK
+                                                             and not w.flags & v.ResourceFlags.READONLY]):
+                warn(f"disk {found.path} has no cluster-wide identity: held as path://{found.path}, this host's "
+                     "path only; a host reaching it by another path is not excluded (set identity_map for its "
+                     "storage, or strict_identity to refuse such disks)")
             summary = held_summary(obj, wanted, host, plugin.driver.session.lease_id)
             print_line(json.dumps(summary, sort_keys=True) if as_json else held_line(summary))
             stopper.wait()

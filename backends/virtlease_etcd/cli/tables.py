@@ -23,9 +23,9 @@ from rich.table import Table
 from rich.text import Text
 
 from virtlease.cli.output import ago
+from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.ops.status import ClusterStatus, HeldInfo
 
-HOST_ONLY = "this host only"
 HOST_ONLY_NOTE = ("path:// = locked by this host's path only (no cluster-wide identity: tmpfs, overlay, a local "
                   "file system without a UUID...): a host that reaches the same file by another path is not "
                   "excluded. Give its storage an identity_map entry, or keep strict_identity on to refuse such "
@@ -39,12 +39,12 @@ def lease_id(lease: int) -> str:
 
 def host_only(r: HeldInfo) -> bool:
     """Whether ``r`` is a disk locked under this host's path only (``path://``)."""
-    return r.kind == "disk" and r.identity.startswith("path://")
+    return r.kind == "disk" and ks.host_only(r.identity)
 
 
 def resource_text(r: HeldInfo) -> str:
     """The resource as a person reads it, ``[path://, this host only]`` added for a host-only disk."""
-    return f"{r.resource} [path://, {HOST_ONLY}]" if host_only(r) else r.resource
+    return f"{r.resource} {ks.HOST_ONLY}" if host_only(r) else r.resource
 
 
 def _section(title: str, table: Table | None, empty: str, note: str | None = None) -> RenderableType:
