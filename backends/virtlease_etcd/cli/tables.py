@@ -44,7 +44,7 @@ def host_only(r: HeldInfo) -> bool:
 
 def resource_text(r: HeldInfo) -> str:
     """The resource as a person reads it, ``[path://, this host only]`` added for a host-only disk."""
-    return f"{r.resource} {ks.HOST_ONLY}" if host_only(r) else r.resource
+    return f"{r.resource} [{ks.HOST_ONLY}]" if host_only(r) else r.resource
 
 
 def _section(title: str, table: Table | None, empty: str, note: str | None = None) -> RenderableType:

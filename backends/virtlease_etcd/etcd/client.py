@@ -83,23 +83,27 @@ class EtcdClient:
                     return self._endpoints[index]
         raise TransientError("no etcd endpoint available", ambiguous=False)
 
-    def _authenticate(self) -> None:
-        ep = self._pick()
+    def _authenticate(self, seconds: float | None = None) -> None:
+        """Get an auth token, retrying transient failures (a loaded member can take seconds to
+        answer a TLS handshake) for ``seconds`` (default the acquire deadline).  ConfigError if
+        etcd refuses the user or password."""
         request = etcdrpc.AuthenticateRequest(name=self.cfg.user, password=self.cfg.password)
-        try:
-            resp = ep.auth.Authenticate(request, self.cfg.request_timeout)
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-                        grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
-                raise ConfigError(f"user/password: etcd at {ep.netloc} refused to authenticate user "
-                                  f"{self.cfg.user}: {exc.details()}",
-                                  hint="check user and password (deploy/etcd/rbac.sh creates the users)") from None
-            problem = connect_problem(exc.details() or code.name, ep.netloc, self.cfg)
-            raise BackendUnavailableError(
-                f"cannot reach etcd at {','.join(self.cfg.endpoints)} to authenticate: "
-                f"{problem.text if problem else exc.details()}",
-                hint=HINTS[problem.kind] if problem else None) from None
+
+        def attempt(timeout: float) -> Any:
+            ep = self._pick()
+            try:
+                return ep.auth.Authenticate(request, timeout)
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise ConfigError(f"user/password: etcd at {ep.netloc} refused to authenticate user "
+                                      f"{self.cfg.user}: {exc.details()}",
+                                      hint="check user and password (deploy/etcd/rbac.sh creates the users)"
+                                      ) from None
+                raise self._translate(ep, exc, write=False) from exc
+
+        seconds = self.cfg.deadline if seconds is None else seconds
+        resp = self.retrying(attempt, deadline=time.monotonic() + seconds)
         self.answered = True
         self._metadata = (("token", resp.token),)
 
@@ -115,7 +119,7 @@ class EtcdClient:
                 details = exc.details() or exc.code().name
                 if not renewed and self.cfg.user is not None and "auth token" in details:
                     log.info("etcd auth token expired (%s); authenticating again", details)
-                    self._authenticate()
+                    self._authenticate(self.cfg.request_timeout)
                     continue
                 raise self._translate(ep, exc, write=write) from exc
             ep.problem = None

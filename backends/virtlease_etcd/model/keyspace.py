@@ -74,7 +74,7 @@ def legacy_disk_rid(real_path: str) -> str:
     return hashlib.sha256(b"disk\0" + real_path.encode()).hexdigest()
 
 
-HOST_ONLY = "[path://, this host only]"
+HOST_ONLY = "path://, this host only"
 """Said next to a disk locked under ``path://<real path>``: no cluster-wide identity (tmpfs,
 overlay, a local file system without a UUID, ``strict_identity`` off), so a host that reaches
 the same file by another path is not excluded."""

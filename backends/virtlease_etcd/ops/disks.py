@@ -67,9 +67,10 @@ class DiskNames:
             f = next(found)
             if f.fallback and f.path not in self._warned:
                 self._warned.add(f.path)
-                log.warning("disk %s has no cluster-wide identity: it is locked as path://%s %s; a host that "
-                            "reaches the same file by another path is not excluded (set identity_map for its "
-                            "storage, or strict_identity to refuse such disks)", spec.name, f.path, ks.HOST_ONLY)
+                log.warning("disk %s has no cluster-wide identity: it is locked as path://%s, this host's path "
+                            "only; a host that reaches the same file by another path is not excluded (set "
+                            "identity_map for its storage, or strict_identity to refuse such disks)", spec.name,
+                            f.path)
             out.append(ks.disk_ids(spec, f.key, f.readable, f.path, f.fallback, legacy=self.legacy))
         return out
 
