@@ -102,13 +102,27 @@ def dump(client: etcd3.Etcd3Client, prefix: str) -> dict[str, tuple[bytes, int, 
             for value, meta in client.get_prefix(prefix + "/")}
 
 
+STEADY_TTL = 30
+"""The session TTL of tests that must never be fenced: a loaded machine (load 25 on 2 cores)
+delays keepalives by seconds, and a 3 s TTL (fenced 2.4 s after the last keepalive) turned that
+into 'session lost' failures of tests about something else.  Tests of expiry, failover and
+fencing set a short TTL themselves, with bounds that allow for such delays."""
+FAST_TTL = 3
+"""The TTL of a host a test kills or cuts off, to see its lease run out in a few seconds."""
+EXPIRY_SLACK = 5.0
+"""How late after its TTL a dead host's lease may still be in etcd before a test calls it a failure:
+etcd expires leases in a background pass that a loaded machine delays (a liveness bound; the
+safety bound, never before the lease could expire, is asserted without slack)."""
+
+
 @pytest.fixture
 def make_driver(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., v.Plugin]]:
-    """Load an etcd driver instance for a host: ``make_driver("host-a", ttl=3)``."""
+    """Load an etcd driver instance for a host: ``make_driver("host-a", ttl=3)`` (default
+    ``STEADY_TTL``)."""
     plugins: list[v.Plugin] = []
 
     def make(host_id: str, **config: Any) -> v.Plugin:
-        cfg = {"endpoints": etcd.endpoints, "prefix": prefix, "host_id": host_id, "ttl": 3, **config}
+        cfg = {"endpoints": etcd.endpoints, "prefix": prefix, "host_id": host_id, "ttl": STEADY_TTL, **config}
         plugin = v.load_driver("etcd", config=cfg, capabilities=v.Capability.RESOURCES)
         plugins.append(plugin)
         return plugin

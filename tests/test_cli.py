@@ -218,7 +218,8 @@ def test_a_busy_hold_under_json_prints_json(etcd_process: EtcdServer, prefix: st
         assert busy["held"] is False and busy["busy"] is True and busy["domain"] == "web2"
         (holder,) = busy["conflicts"]
         assert (holder["host"], holder["domain_name"], holder["resource"]) == ("host-a", "web1", "/img/j-web1.qcow2")
-        assert busy["error"].startswith("busy: /img/j-web1.qcow2 held exclusive by domain web1")
+        assert busy["error"].startswith("busy: /img/j-web1.qcow2 [path://, this host only] held exclusive by "
+                                        "domain web1"), busy["error"]
         assert_one_line_error(second.stderr, "busy")
         first.stop()
 

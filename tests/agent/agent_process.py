@@ -40,7 +40,7 @@ class AgentProcess:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_ready(ready)
 
-    def wait_ready(self, line: str = SERVING, timeout: float = 20.0) -> None:
+    def wait_ready(self, line: str = SERVING, timeout: float = 60.0) -> None:
         """Wait until the log says ``line``."""
         until = time.monotonic() + timeout
         while time.monotonic() < until:

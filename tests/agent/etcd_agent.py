@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import virtlease as v
+from conftest import STEADY_TTL
 from virtlease.abi import ObjectSpec, ObjectType
 from virtlease_etcd.agent.backend import EtcdLockBackend
 from virtlease_etcd.ops.domain import Domain
@@ -19,8 +20,8 @@ STANDIN = Path(__file__).with_name("standin_qemu.py")
 
 
 def load(endpoints: str, prefix: str, host: str, **config: Any) -> v.Plugin:
-    """An etcd driver for ``host``."""
-    cfg = {"endpoints": endpoints, "prefix": prefix, "host_id": host, "ttl": 4, **config}
+    """An etcd driver for ``host`` (TTL ``STEADY_TTL`` unless ``config`` says otherwise)."""
+    cfg = {"endpoints": endpoints, "prefix": prefix, "host_id": host, "ttl": STEADY_TTL, **config}
     return v.load_driver("etcd", config=cfg, capabilities=v.Capability.RESOURCES)
 
 
