@@ -103,10 +103,10 @@ async def serve(opts: AgentOptions, config: dict[str, Any]) -> int:
         stop.set()
 
     loop.add_signal_handler(signal.SIGUSR2, hand_over)
-    gate = StartingBackend()
+    cfg = load_config(config)
+    gate = StartingBackend(wait=cfg.deadline)
     server = LockdServer(opts.socket, gate)
     await server.start()
-    cfg = load_config(config)
     prepared: list[Prior | None] = []
 
     def load() -> virtlease.Plugin:

@@ -6,10 +6,12 @@ agent that exited would leave nothing at all); so the agent listens at once and 
 session in the background, retrying (``open_driver``).  Meanwhile :class:`StartingBackend`
 answers libvirt:
 
-* ACQUIRE and RELEASE: refused, ``etcd unreachable, nothing changed``, with the reason the last
-  attempt gave (connection refused, a TLS refusal, another live session of this host_id...) --
-  so ``virsh start`` fails with a message that says what to fix, and no lease is ever granted
-  before the session and the guard exist;
+* ACQUIRE and RELEASE: held until the session opens, for at most the acquire deadline (an agent
+  just started answers its first calls as soon as its session is up), then refused, ``etcd
+  unreachable, nothing changed``, with the reason the last attempt gave (connection refused, a
+  TLS refusal, another live session of this host_id...) -- so ``virsh start`` fails with a
+  message that says what to fix, and no lease is ever granted before the session and the guard
+  exist;
 * REGISTER, RESTRICT, CREATE_LOCKSPACE: accepted, as they touch no lease.  When the session
   opens, the backend switches to the real one and replays every live registration into it (a
   diskless domain started meanwhile is tracked from then on, its lifeline included), under a
@@ -46,7 +48,10 @@ class StartingBackend:
     """A :class:`~.lockapi.LockBackend` that refuses leases until ``switch`` gives it the real
     backend, and delegates every call to it from then on (the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, wait: float = 0.0) -> None:
+        """``wait``: how long an ACQUIRE or RELEASE waits for the session before it is refused."""
+        self.wait = wait
+        self._ready = asyncio.Event()
         self.inner: LockBackend | None = None
         self.reason = "the agent is opening its etcd session"
         """Why there is no session yet (the last attempt's error), for the refusals."""
@@ -67,6 +72,17 @@ class StartingBackend:
                     log.warning("connection %d: its registration of domain %s could not be carried over: %s",
                                 conn.id, conn.owner.name, exc.message)
             self.inner = backend
+            self._ready.set()
+
+    async def _inner(self) -> LockBackend | None:
+        """The real backend, waiting up to ``wait`` seconds for it."""
+        if self.inner is None and self.wait > 0:
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.wait)
+            except TimeoutError:
+                pass
+        async with self._lock:
+            return self.inner
 
     def _refuse(self, what: str) -> LockError:
         return LockError(f"{what}: etcd unreachable, nothing changed: the virtlease agent has no etcd session yet "
@@ -88,15 +104,13 @@ class StartingBackend:
                 await _maybe(self.inner.create_lockspace(conn, path))
 
     async def acquire(self, conn: Connection, owner: Owner, lockspace: str, name: str, flags: AcquireFlags) -> None:
-        async with self._lock:
-            inner = self.inner
+        inner = await self._inner()
         if inner is None:
             raise self._refuse(f"acquire of {name} for domain {owner.name} ({owner.uuid})")
         await _maybe(inner.acquire(conn, owner, lockspace, name, flags))
 
     async def release(self, conn: Connection, owner: Owner, lockspace: str, name: str) -> None:
-        async with self._lock:
-            inner = self.inner
+        inner = await self._inner()
         if inner is None:
             raise self._refuse(f"release of {name} for domain {owner.name} ({owner.uuid})")
         await _maybe(inner.release(conn, owner, lockspace, name))
