@@ -139,7 +139,7 @@ def render(report: Report, cfg: EtcdConfig) -> None:
         out.print(Text("Endpoints", style="bold"), eps)
     table = Table()
     table.add_column("result", no_wrap=True)
-    table.add_column("check", no_wrap=True)
+    table.add_column("check", overflow="fold", max_width=32)
     table.add_column("detail")
     for f in report.findings:
         label, style = _STYLE[f.level]
