@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 import urllib.request
-import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,10 +22,8 @@ import pytest
 
 import virtlease as v
 from agent.agent_process import AgentProcess, free_port
-from agent.etcd_agent import StandinQemu, load
+from agent.etcd_agent import StandinQemu, load, take
 from conftest import EtcdServer
-from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
-from virtlease.errors import ResourceBusyError
 from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError
 from virtlease_etcd.session import reattach
 from virtlease_etcd.session.fencing import pid_alive
@@ -74,16 +71,6 @@ def start_vm(agent: AgentProcess, disk: str, qemus: list[StandinQemu]) -> Standi
         c.register(q.owner())
         c.acquire(disk)
     return q
-
-
-def take(plugin: v.Plugin, disk: str) -> bool:
-    """The second host tries to take ``disk`` (no pid: nothing of ours is ever fenced)."""
-    obj = plugin.driver.new_object(ObjectSpec(ObjectType.DOMAIN, str(uuidlib.uuid4()), "intruder"))
-    try:
-        obj.acquire_resource(ResourceSpec(ResourceType.DISK, disk))
-        return True
-    except ResourceBusyError:
-        return False
 
 
 def death_watch(q: StandinQemu) -> dict[str, float]:

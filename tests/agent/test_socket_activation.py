@@ -22,11 +22,9 @@ from pathlib import Path
 import pytest
 
 import virtlease as v
-from agent.etcd_agent import StandinQemu, load
+from agent.etcd_agent import StandinQemu, load, take
 from agent.socket_unit import SocketUnit
 from conftest import EtcdServer
-from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
-from virtlease.errors import ResourceBusyError
 from virtlease_etcd.agent.lockdclient import ConnectionClosed, LockdClient, make_owner
 from virtlease_etcd.agent.runfile import load as load_state
 from virtlease_etcd.agent.runfile import state_path
@@ -74,16 +72,6 @@ def holders(plugin: v.Plugin, prefix: str) -> set[tuple[str, str, int, int]]:
     """(host, domain, lease, token) of every record under ``prefix``, from etcd."""
     status = read_status(plugin.driver.session.client, ks.Keys(prefix), timeout=5)
     return {(h.host, h.domain_name, h.lease, h.token) for h in status.resources}
-
-
-def take(plugin: v.Plugin, disk: str) -> bool:
-    """The other host tries to take ``disk``."""
-    obj = plugin.driver.new_object(ObjectSpec(ObjectType.DOMAIN, str(uuidlib.uuid4()), "intruder"))
-    try:
-        obj.acquire_resource(ResourceSpec(ResourceType.DISK, disk))
-        return True
-    except ResourceBusyError:
-        return False
 
 
 def test_under_systemd_socket_activate(etcd_process: EtcdServer, prefix: str, sock_dir: Path, tmp_path: Path,
