@@ -9,6 +9,7 @@
 # unsigned).  The Python environment is filled from deploy/debian/requirements.lock, every hash
 # checked (debian/rules); pip reaches the package index for files not in its cache.
 # Needs: dpkg-dev, debhelper, python3.11, python3-pip (deploy/packaging-tools.sh).
+# DEB_COMPRESSION=gzip builds faster than the default xz (lintian accepts both, not zstd).
 # SOURCE_DATE_EPOCH (default: the last commit's time, else now) dates the changelog and the
 # files.  Prints the path of the .deb on its last line.
 set -euo pipefail

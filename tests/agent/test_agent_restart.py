@@ -180,8 +180,9 @@ def test_sigterm_with_a_vm_refuses_and_keeps_protection(
 
 
 def test_metrics_endpoint(agents: Callable[..., AgentProcess], qemus: list[StandinQemu], disk: str,
-                          other_host: v.Plugin) -> None:
+                          other_host: v.Plugin, etcd_process: EtcdServer) -> None:
     port = free_port()
+    etcd_endpoint = etcd_process.endpoints.split(",")[0]
     agent = agents("--metrics", f"127.0.0.1:{port}")
     start_vm(agent, disk, qemus)
     other = StandinQemu(agent.socket, "db1")
@@ -194,8 +195,15 @@ def test_metrics_endpoint(agents: Callable[..., AgentProcess], qemus: list[Stand
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     metrics = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in body.splitlines() if line and not line.startswith("#")}
-    assert metrics['virtlease_agent_session_state{virtlease_agent_session_state="valid"}'] == 1
+    assert metrics['virtlease_agent_session_state{state="valid"}'] == 1
+    assert metrics['virtlease_agent_session_state{state="lost"}'] == 0
+    assert metrics["virtlease_agent_session_losses_total"] == 0
     assert 0 < metrics["virtlease_agent_fence_deadline_seconds"] <= TTL
+    assert metrics["virtlease_agent_ttl_seconds"] == TTL
+    assert metrics[f'virtlease_agent_etcd_endpoint_up{{endpoint="{etcd_endpoint}"}}'] == 1
+    assert metrics['virtlease_agent_acquire_seconds_count{result="ok"}'] == 1
+    assert metrics['virtlease_agent_acquire_seconds_count{result="refused"}'] == 1
+    assert [k for k in metrics if k.startswith("virtlease_build_info{") and f'version="{v.__version__}"' in k]
     assert metrics['virtlease_agent_requests_total{op="acquire",result="granted"}'] == 1
     assert metrics['virtlease_agent_requests_total{op="acquire",result="busy"}'] == 1
     assert metrics["virtlease_agent_owners"] == 2

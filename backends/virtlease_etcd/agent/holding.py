@@ -4,7 +4,9 @@
 QEMU still runs and that an agent's state file (``runfile``) lists as an owner, and exits 1 when
 there is any, 0 when there is none (2 when the directory cannot be read).  The package's prerm
 runs it to refuse a removal that would leave running VMs without their agent, and
-``switch-from-virtlockd --back`` to refuse switching such a host back.
+``switch-from-virtlockd --back`` to refuse switching such a host back.  With ``--agents`` it
+prints the pid of each running agent the state files name instead (the maintainer scripts
+signal them when no systemd runs).
 
 A caller may rely on: only local files are read (it answers with etcd unreachable and with no
 agent running: a crashed agent's guard still protects the domains its file lists); an owner
@@ -61,12 +63,33 @@ def holding(state_dir: str | Path = DEFAULT_STATE_DIR) -> list[Holding]:
     return found
 
 
+def agents(state_dir: str | Path = DEFAULT_STATE_DIR) -> list[int]:
+    """The pids of the running agents the state files in ``state_dir`` name (a pid counts only
+    while its command line is virtlease's); unreadable files are skipped."""
+    pids = []
+    for path in sorted(Path(state_dir).glob("agent-*.json")):
+        state = load(path)
+        if state is None:
+            continue
+        try:
+            cmdline = Path(f"/proc/{state.agent_pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"virtlease" in cmdline:
+            pids.append(state.agent_pid)
+    return pids
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m virtlease_etcd.agent.holding",
                                      description="List the domains holding leases through an agent here.")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    parser.add_argument("--agents", action="store_true", help="print the running agents' pids instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.agents:
+        print(*agents(args.state_dir))
+        return 0
     try:
         found = holding(args.state_dir)
     except (UnreadableState, OSError) as exc:
