@@ -6,11 +6,11 @@ here is skipped with the reason; in CI such a skip is a failure (tests/conftest.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from debroot import (
@@ -20,11 +20,13 @@ from debroot import (
     cached_root,
     depends_names,
     export_tree,
+    kill_processes_in,
     missing_tools,
     next_version,
-    processes_in,
     tree_version,
 )
+
+from virtlease_lab.libvirt.rig import missing_requirements
 
 HERE = Path(__file__).resolve().parent
 ROOT_EXTRAS = ("systemd",)
@@ -33,20 +35,30 @@ so that ``systemd-analyze verify --root`` sees a host's unit tree."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    why = missing_tools()
-    if why is None:
-        return
+    """Skip, with the reason, where the tools or (for the ``libvirt`` tests) the rig are missing."""
+    why, why_rig = missing_tools(), missing_requirements()
     for item in items:
-        if Path(str(item.fspath)).parent == HERE:
-            item.add_marker(pytest.mark.skip(reason=why))
+        if Path(str(item.fspath)).parent != HERE:
+            continue
+        reason = why or (why_rig if "libvirt" in item.keywords else None)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    """Version N: wheel, sdist and .deb of the repository as a clone would have it.  lintian
-    starts on the .deb at once, in the background (``lintian_run``): it takes half a minute."""
+    """Version N: wheel, sdist and .deb of the repository as a clone would have it.  Version
+    N+1 (``built_next``) is built meanwhile in a thread, and lintian starts on the .deb at once,
+    in the background (``lintian_run``): together they take about a minute."""
     base = tmp_path_factory.mktemp("build")
-    result = build(export_tree(base / "tree"), base / "dist")
+    tree = export_tree(base / "tree")
+    nxt = tmp_path_factory.mktemp("build-next")
+    next_tree = export_tree(nxt / "tree")
+    thread = threading.Thread(target=_build_next, args=(next_tree, nxt / "dist", next_version(tree_version(tree))),
+                              daemon=True)
+    thread.start()
+    result = build(tree, base / "dist")
+    _next["thread"] = thread
     with open(base / "lintian.out", "w") as out, open(base / "lintian.err", "w") as err:
         proc = subprocess.Popen(["lintian", "--tag-display-limit", "0", "--show-overrides", str(result.deb)],
                                 stdout=out, stderr=err)
@@ -69,13 +81,25 @@ def lintian_run(built: Built) -> subprocess.CompletedProcess[str]:
                                        (base / "lintian.err").read_text())
 
 
+_next: dict[str, Any] = {}
+
+
+def _build_next(tree: Path, out: Path, version: str) -> None:
+    try:
+        _next["built"] = build(tree, out, version=version)
+    except BaseException as exc:  # reported by built_next
+        _next["error"] = exc
+
+
 @pytest.fixture(scope="session")
-def built_next(tmp_path_factory: pytest.TempPathFactory, built: Built) -> Built:
+def built_next(built: Built) -> Built:
     """Version N+1 (``next_version``) of the same tree: what an upgrade installs."""
-    base = tmp_path_factory.mktemp("build-next")
-    tree = export_tree(base / "tree")
-    assert tree_version(tree) == built.version
-    return build(tree, base / "dist", version=next_version(built.version))
+    _next["thread"].join(1200)
+    if "error" in _next:
+        raise _next["error"]
+    result: Built = _next["built"]
+    assert result.version == next_version(built.version)
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -124,10 +148,3 @@ def root(cached: Path, installed_layer: Path, tmp_path: Path) -> Iterator[DebRoo
         yield root
 
 
-def kill_processes_in(path: Path) -> list[int]:
-    """SIGKILL every process chrooted into ``path`` (an agent, its guard); their pids."""
-    killed = processes_in(path)
-    for pid in killed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return killed

@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -164,6 +165,15 @@ def processes_in(path: Path) -> list[int]:
                 if os.readlink(entry / "root") == str(path):
                     found.append(int(entry.name))
     return found
+
+
+def kill_processes_in(path: Path) -> list[int]:
+    """SIGKILL every process chrooted into ``path`` (an agent, its guard); their pids."""
+    killed = processes_in(path)
+    for pid in killed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return killed
 
 
 class DebRoot:

@@ -1,11 +1,11 @@
 """Start ``virtlease-agent`` inside a rig host with relays to the test's etcd members.
 
-Usage: ``agent_in_host.py PATH@PORT[,PATH@PORT...] [--exec PROGRAM ARG... --] AGENT_ARGS...``:
+Usage: ``agent_in_host.py PATH@PORT[,PATH@PORT...] [--exec N PROGRAM ARG...] AGENT_ARGS...``:
 relays each ``127.0.0.1:PORT`` (in this network namespace) to the UNIX socket ``PATH`` (served
 by the test in the root namespace, see ``relay.py``), then runs the agent with ``AGENT_ARGS``:
-in this process (the agent of this checkout), or, with ``--exec``, by exec'ing ``PROGRAM ARG...
-AGENT_ARGS`` (another agent, e.g. an installed package's).  Either way the agent keeps this
-process's pid (the rig's ``lockdaemon.pid``); with ``--exec`` the relays run in a child that
+in this process (the agent of this checkout), or, with ``--exec``, by exec'ing the ``N`` words
+``PROGRAM ARG...`` followed by ``AGENT_ARGS`` (another agent, e.g. an installed package's).
+Either way the agent keeps this process's pid (the rig's ``lockdaemon.pid``); with ``--exec`` the relays run in a child that
 dies with it (``PR_SET_PDEATHSIG``), so that a restarted agent brings its own.
 """
 
@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 
-from virtlease_etcd.agent.main import main
 from virtlease_lab.libvirt.relay import Relay
 
 PR_SET_PDEATHSIG = 1
@@ -52,7 +51,9 @@ def exec_with_relays(links: str, argv: list[str]) -> None:
 if __name__ == "__main__":
     links, rest = sys.argv[1], sys.argv[2:]
     if rest[:1] == ["--exec"]:
-        end = rest.index("--")
-        exec_with_relays(links, rest[1:end] + rest[end + 1:])
+        count = int(rest[1])
+        exec_with_relays(links, rest[2:2 + count] + rest[2 + count:])
     start_relays(links)
+    from virtlease_etcd.agent.main import main  # not before --exec: a restart must be quick
+
     sys.exit(main(rest))
