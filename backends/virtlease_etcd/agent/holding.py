@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .guard import start_time
+from virtlease_etcd.session.guard import start_time
+
 from .runfile import DEFAULT_STATE_DIR, load
 
 log = logging.getLogger(__name__)
