@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "virtlease-debroot"
 SUITE = "bookworm"
 TOOLS = ("git", "dpkg-buildpackage", "dh", "debootstrap", "lintian", "unshare", "chroot", "systemd-analyze",
-         "systemd-socket-activate", "promtool", "man")
+         "systemd-socket-activate", "promtool", "man", "pipx")
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
 
 

@@ -4,6 +4,7 @@ everywhere."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -43,24 +44,25 @@ def test_wheel_holds_the_product_only(built: Built) -> None:
     assert not [n for n in names if "/tests/" in n or "/lab/" in n]
 
 
-def test_wheel_installs_into_a_clean_venv(built: Built, tmp_path: Path) -> None:
-    """pip install of the wheel (its dependencies from the index, within the stated ranges) into
-    a new virtual environment of the system's Python."""
-    venv = tmp_path / "venv"
-    run(["/usr/bin/python3", "-m", "venv", str(venv)])
-    run([str(venv / "bin/pip"), "install", "--quiet", str(built.wheel)], timeout=600)
-    version = run([str(venv / "bin/virtlease"), "--version"]).stdout
+def test_wheel_installs_with_pipx(built: Built, tmp_path: Path) -> None:
+    """``pipx install`` of the wheel (its dependencies from the index, within the stated ranges):
+    a virtual environment of its own, both commands on PATH, every backend registered."""
+    env = {**os.environ, "PIPX_HOME": str(tmp_path / "pipx"), "PIPX_BIN_DIR": str(tmp_path / "bin")}
+    env.pop("VIRTUAL_ENV", None)
+    run(["pipx", "install", "--python", "/usr/bin/python3", str(built.wheel)], env=env, timeout=600)
+    bin_dir, venv = tmp_path / "bin", tmp_path / "pipx/venvs/virtlease"
+    version = run([str(bin_dir / "virtlease"), "--version"]).stdout
     assert version.strip() == f"virtlease, version {built.version}"
-    listed = run([str(venv / "bin/virtlease"), "--help"]).stdout
+    listed = run([str(bin_dir / "virtlease"), "--help"]).stdout
     assert all(f"  {name} " in listed for name in COMMANDS), listed
-    assert "--socket PATH" in run([str(venv / "bin/virtlease-agent"), "--help"]).stdout
+    assert "--socket PATH" in run([str(bin_dir / "virtlease-agent"), "--help"]).stdout
     drivers = run([str(venv / "bin/python"), "-c",
                    "import virtlease; "
                    "from importlib.metadata import entry_points; "
                    "names = sorted(e.name for e in entry_points(group='virtlease.drivers')); "
                    "print(names, virtlease.load_driver('nop').name)"]).stdout
     assert drivers.strip() == "['etcd', 'nop'] nop"
-    broken = subprocess.run([str(venv / "bin/pip"), "check"], capture_output=True, text=True)
+    broken = subprocess.run([str(venv / "bin/python"), "-m", "pip", "check"], capture_output=True, text=True)
     assert broken.returncode == 0, broken.stdout
 
 
