@@ -318,3 +318,33 @@ def test_after_a_network_cut_the_fenced_domain_starts_again_on_this_host(
             assert restarts <= 1, f"the guard was restarted {restarts} times:\n{agent.text()[-3000:]}"
         finally:
             agent.stop()
+
+
+def test_a_handover_renews_the_lease_first_so_the_successor_has_a_whole_ttl(
+        etcd_process: EtcdServer, prefix: str, sock_dir: Path, disk: str, qemus: list[StandinQemu]) -> None:
+    """SIGUSR2 just before a keepalive was due: the old agent renews the lease once more before it
+    hands over, so its guard's deadline (and the successor's time to re-attach) is a whole
+    ``ttl - margin`` away, not what was left of the keepalive rhythm (as little as two thirds of
+    the TTL minus the margin: a successor slow to start under load found the VMs fenced)."""
+    from virtlease_etcd.config import load_config
+    from virtlease_etcd.etcd.client import EtcdClient
+
+    ttl = 9
+    agent = AgentProcess(sock_dir, etcd_process.endpoints, prefix, "hv-h", ttl=ttl)
+    client = EtcdClient(load_config({"endpoints": etcd_process.endpoints}, environ={}))
+    try:
+        start_vm(agent, disk, qemus)
+        lease = json.loads(agent.state_dir.joinpath("agent-hv-h.json").read_text())["lease"]
+        until = time.monotonic() + 2 * ttl
+        while client.lease_ttl(lease, timeout=2) > ttl * 2 // 3:  # the next keepalive is 0-1 s away
+            assert time.monotonic() < until
+            time.sleep(0.05)
+        agent.signal(signal.SIGUSR2)
+        assert agent.wait() == 75
+        line = next(x for x in agent.text().splitlines() if "handing over: lease" in x)
+        left = float(line.split("fence deadline (")[1].split("s from now")[0])
+        margin = load_config({"endpoints": etcd_process.endpoints, "ttl": ttl}, environ={}).margin
+        assert left >= ttl - margin - 1.0, line
+    finally:
+        client.close()
+        agent.stop()
