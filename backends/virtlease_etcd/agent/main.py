@@ -11,6 +11,12 @@ The etcd settings are the driver's (``VIRTLEASE_ETCD_*`` environment variables a
 ``VIRTLEASE_CONFIG`` apply as everywhere); options given here override the file.  Logs are one
 line per event on stderr (``ts=... level=... logger=... msg="..."``).
 
+Socket activation: started by a service manager with ``LISTEN_FDS`` (systemd's
+``virtlockd.socket`` through the package's drop-in for ``virtlockd.service``, or
+``systemd-socket-activate``), the agent serves the passed socket bound to ``--socket`` and
+neither creates nor removes it (``sockets.take_activation``); other passed sockets (virtlockd's
+admin socket) get their connections closed at once.
+
 Signals -- the trade-off (docs/DESIGN.md section 9).  While any domain holds or reserves a lease
 through this agent, exiting would end the host's etcd session: its lease expires after the TTL
 and the disks become free to other hosts *while the QEMUs here still run*.  Fencing them (killing
@@ -28,11 +34,13 @@ every VM) on a stop request turns a routine ``systemctl stop`` into an outage.  
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,14 +51,13 @@ import virtlease
 from virtlease.errors import VirtleaseError
 from virtlease_etcd.config import load_config
 from virtlease_etcd.etcd.tlsfiles import check_tls_files
-from virtlease_etcd.session.guard import log_line
 
 from .backend import EtcdLockBackend
 from .metrics import start_metrics
 from .restart import Continuity, Prior, prepare
 from .runfile import DEFAULT_STATE_DIR, ensure_dir
 from .server import LockdServer
-from .sockets import AgentSetupError, check_socket_dir, remove_stale_socket
+from .sockets import Activation, AgentSetupError, check_socket_dir, remove_stale_socket, take_activation
 from .startup import StartingBackend, open_driver
 
 log = logging.getLogger(__name__)
@@ -61,14 +68,14 @@ HANDOVER_EXIT = 75
 
 
 class LineFormatter(logging.Formatter):
-    """``ts=<iso> level=<level> logger=<name> msg=<json string>`` on one line (``guard.log_line``:
-    the guard writes its own lines the same way)."""
+    """``ts=<iso> level=<level> logger=<name> msg=<json string>`` on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         msg = record.getMessage()
         if record.exc_info:
             msg += " | " + self.formatException(record.exc_info).replace("\n", " | ")
-        return log_line(record.levelname.lower(), record.name, msg, record.created)
+        return f"ts={ts} level={record.levelname.lower()} logger={record.name} msg={json.dumps(msg)}"
 
 
 @dataclass
@@ -89,10 +96,11 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-async def serve(opts: AgentOptions, config: dict[str, Any]) -> int:
-    """Listen at once, open the etcd session in the background (``startup``: ACQUIREs refused as
-    'etcd unreachable' until then), then serve until a stop request finds no owner holding
-    anything (or a handover)."""
+async def serve(opts: AgentOptions, config: dict[str, Any], activation: Activation | None = None) -> int:
+    """Listen at once (on the socket the service manager passed when ``activation`` is given),
+    open the etcd session in the background (``startup``: ACQUIREs wait for it, then are refused
+    as 'etcd unreachable'), then serve until a stop request finds no owner holding anything (or a
+    handover)."""
     stop, handover = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,8 +113,10 @@ async def serve(opts: AgentOptions, config: dict[str, Any]) -> int:
     loop.add_signal_handler(signal.SIGUSR2, hand_over)
     cfg = load_config(config)
     gate = StartingBackend(wait=cfg.deadline)
-    server = LockdServer(opts.socket, gate)
+    server = LockdServer(opts.socket, gate, sock=activation.lockd if activation else None)
     await server.start()
+    refusers = [await asyncio.start_unix_server(_refuse(label), sock=sock)
+                for label, sock in (activation.others if activation else [])]
     prepared: list[Prior | None] = []
 
     def load() -> virtlease.Plugin:
@@ -120,6 +130,8 @@ async def serve(opts: AgentOptions, config: dict[str, Any]) -> int:
     if not opening.done():  # stopped before etcd answered: nothing is held, nothing to hand over
         opening.cancel()
         waiting.cancel()
+        for refuser in refusers:
+            refuser.close()
         await server.close()
         log.info("stop requested before the etcd session opened: exiting")
         return HANDOVER_EXIT if handover.is_set() else 0
@@ -132,6 +144,8 @@ async def serve(opts: AgentOptions, config: dict[str, Any]) -> int:
     try:
         return await _serve(opts, plugin, prepared[0], server, gate, stop, handover)
     finally:
+        for refuser in refusers:
+            refuser.close()
         try:
             plugin.unload()
         except VirtleaseError as exc:
@@ -150,7 +164,8 @@ async def _serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | No
         except OSError as exc:  # no metrics is no reason to leave the VMs unprotected
             log.error("cannot serve metrics on %s: %s; going on without them", opts.metrics, exc)
     await gate.switch(backend, server.connections)
-    log.info("virtlease agent serving %s for host %s", opts.socket, plugin.driver.host_id)
+    log.info("virtlease agent serving %s for host %s (virtlease %s)", opts.socket, plugin.driver.host_id,
+             virtlease.__version__)
     try:
         while True:
             await stop.wait()
@@ -186,13 +201,26 @@ async def _serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | No
             metrics.close()
 
 
+def _refuse(label: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A connection handler that closes at once: for the sockets the service manager passes
+    besides the lockd one (virtlockd's admin socket), so that their clients are not left hanging."""
+
+    async def close_at_once(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        log.info("closing a connection to %s: the virtlease agent serves no admin protocol", label)
+        writer.close()
+
+    return close_at_once
+
+
 def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
     """Check the configuration, then serve (``serve``: the socket at once, the session when etcd
     answers).  Exit 2 on a configuration or setup error, which no retry could fix."""
     setup_logging(opts.log_level)
     try:  # before touching a previous agent's lease: refuse if one still serves the socket
-        check_socket_dir(Path(opts.socket).parent)
-        asyncio.run(remove_stale_socket(Path(opts.socket)))
+        activation = take_activation(opts.socket)
+        if activation is None:  # no socket activation: the agent makes the socket itself
+            check_socket_dir(Path(opts.socket).parent)
+            asyncio.run(remove_stale_socket(Path(opts.socket)))
     except AgentSetupError as exc:
         log.error("cannot serve %s: %s", opts.socket, exc)
         return 2
@@ -204,7 +232,7 @@ def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
         log.error("cannot start the etcd driver: %s", exc)
         return 2
     try:
-        return asyncio.run(serve(opts, config))
+        return asyncio.run(serve(opts, config, activation))
     except AgentSetupError as exc:
         log.error("cannot serve %s: %s", opts.socket, exc)
         return 2

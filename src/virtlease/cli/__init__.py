@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import click
 
+from .._version import __version__
 from .exitcodes import ExitCode, describe, exit_code_for
 from .output import error, warn
 from .registry import PluginGroup
@@ -51,7 +52,7 @@ class Run:
 @click.option("--debug", is_flag=True, envvar=DEBUG_ENV,
               help=f"Log at debug level to stderr (the backends' own libraries too); show tracebacks on "
                    f"errors. Env {DEBUG_ENV}=1.")
-@click.version_option(package_name="virtlease", prog_name="virtlease")
+@click.version_option(version=__version__, prog_name="virtlease")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Cluster-wide VM disk leases.
