@@ -35,6 +35,8 @@ def test_a_lost_session_is_counted_once_and_the_state_comes_back(etcd_process: E
         assert sample("virtlease_agent_session_state", state="lost") == 1
         assert sample("virtlease_agent_session_state", state="valid") == 0
         proxy.heal()
+        # the fenced lease is revoked once etcd answers; until then an ACQUIRE is refused
+        wait_for(lambda: etcd_process.client().get_lease_info(old_lease).TTL < 0, 10)
         new = StandinQemu(server.path, "web2")
         try:
             with LockdClient(server.path) as c:
