@@ -25,6 +25,7 @@ from test_identity_system import filesystem, mounted, need, sshd, sshfs
 
 import virtlease as v
 from conftest import EtcdServer, dump, new_uuid
+from virtlease_etcd.agent.backend import EtcdLockBackend
 from virtlease_etcd.devtools.hostprocess import HostProcess
 
 __all__ = ["sshd"]  # the fixture, imported for the sshfs test
@@ -324,7 +325,12 @@ def test_a_lock_operation_checks_the_mount_table_once(tmp_path: Path, make_drive
     obj.acquire(state)
     assert len(checks) == 3
     assert len({r["identity"] for r in holder_keys(kv, prefix).values()}) == 40
-    assert make_driver("host-b").driver.names is not names  # one per driver configuration
+    assert make_driver("host-b").driver.names is not names  # one per driver instance
+    agent = EtcdLockBackend(plugin.driver)  # the agent's lock contexts are handed the driver's namer
+    try:
+        assert agent._domain(new_uuid(), "web1", None).names is names
+    finally:
+        agent._pool.shutdown()
     obj.release()
     obj.free()
 

@@ -94,7 +94,7 @@ class OwnerTracker:
         drv = self.driver
         assert drv.cfg is not None
         spec = ObjectSpec(type=ObjectType.DOMAIN, uuid=uuid, name=name, pid=pid)
-        return Domain(drv.session, drv.cfg, drv.policy, spec)
+        return Domain(drv.session, drv.cfg, drv.policy, spec, drv.names)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -1,12 +1,13 @@
-r"""Naming disks: the driver's one identity resolver and the keys of a disk.
+"""Naming disks: a driver instance's one identity resolver and the keys of a disk.
 
-A driver instance keeps one :class:`DiskNames` (one
+A driver instance makes one :class:`DiskNames` when it loads and closes it
+when it unloads; every lock operation of that instance (its lock objects,
+the agent's lock contexts, ``release_all``) is handed that one explicitly
+(``Domain(..., names)``).  It keeps one
 :class:`~virtlease_etcd.identity.Resolver`, so the mount table is parsed
 once per change of mounts and each mount's facts are found once, not per
-disk or per call).  :func:`for_config` hands every ``Domain`` of one
-configuration object the same instance (the agent builds its own Domains);
-the driver's unload :func:`forget`\ s it.  The resolver is not
-thread-safe: every call goes through one lock.
+disk or per call.  The resolver is not thread-safe: every call goes
+through one lock.
 """
 
 from __future__ import annotations
@@ -67,24 +68,3 @@ class DiskNames:
     def primary(self, spec: ResourceSpec) -> ks.ResourceId:
         """The identity key of ``spec`` (what owners index held resources by)."""
         return self.ids(spec)[0]
-
-
-_BY_CONFIG: dict[int, tuple[EtcdConfig, DiskNames]] = {}
-_BY_CONFIG_LOCK = threading.Lock()
-
-
-def for_config(cfg: EtcdConfig) -> DiskNames:
-    """The one :class:`DiskNames` of the configuration object ``cfg``."""
-    with _BY_CONFIG_LOCK:
-        found = _BY_CONFIG.get(id(cfg))
-        if found is None:  # the entry keeps cfg alive: its id is not reused while it is listed
-            found = _BY_CONFIG[id(cfg)] = (cfg, DiskNames(cfg))
-        return found[1]
-
-
-def forget(cfg: EtcdConfig) -> None:
-    """Close and drop the :class:`DiskNames` of ``cfg`` (the driver unloads)."""
-    with _BY_CONFIG_LOCK:
-        found = _BY_CONFIG.pop(id(cfg), None)
-    if found is not None:
-        found[1].close()
