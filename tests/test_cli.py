@@ -323,7 +323,8 @@ def test_demo_runs_end_to_end_on_its_own_etcd_and_cleans_up() -> None:
              "starting web1 here too is refused", "held exclusive by domain web1", "on host host-a",
              "prepare_migrate", "claims the handoff", "complete_migrate_in", "complete_migrate_out",
              "kill -9", "took the disks back", "Final status", "is empty", "demo finished"]
-    positions = [text.find(step) for step in steps]
+    flat = " ".join(text.split())  # the console wraps long lines anywhere
+    positions = [flat.find(" ".join(step.split())) for step in steps]
     assert all(p >= 0 for p in positions), [s for s, p in zip(steps, positions, strict=True) if p < 0]
     assert positions == sorted(positions), "the story is told in order"
     # Tokens only grow: start < migration claim < failover.

@@ -211,7 +211,7 @@ def test_metrics_endpoint(agents: Callable[..., AgentProcess], qemus: list[Stand
     assert metrics['virtlease_agent_requests_total{op="acquire",result="granted"}'] == 1
     assert metrics['virtlease_agent_requests_total{op="acquire",result="busy"}'] == 1
     assert metrics["virtlease_agent_owners"] == 2
-    assert metrics["virtlease_agent_held_disks"] == 1
+    assert metrics["virtlease_agent_held_disks"] == 1  # one disk (locked under its directory id and its name)
     assert metrics["virtlease_agent_keepalive_rtt_seconds_count"] >= 1
 
 

@@ -9,7 +9,8 @@
                                                     refusals: busy, unavailable, lost, state,
                                                     error)
 ``virtlease_agent_owners``                 gauge    QEMUs tracked (running) by this agent
-``virtlease_agent_held_disks``             gauge    records held on this host's lease
+``virtlease_agent_held_disks``             gauge    disks held on this host's lease (each
+                                                    locked under one or more keys)
 =========================================  =======  ==========================================
 
 Values are read when scraped (nothing is updated on the lock path except one counter
@@ -58,8 +59,8 @@ class Metrics:
                                 ["op", "result"], registry=r)
         Gauge("virtlease_agent_owners", "QEMUs tracked by this agent",
               registry=r).set_function(lambda: len(backend.owners()))
-        Gauge("virtlease_agent_held_disks", "Records held on this host's lease", registry=r).set_function(
-            lambda: sum(len(o.held) for o in session.owners.all()))
+        Gauge("virtlease_agent_held_disks", "Disks held on this host's lease", registry=r).set_function(
+            lambda: sum(1 for o in session.owners.all() for h in o.held.values() if h.rid.legacy_of is None))
         backend.count = lambda op, result: self.requests.labels(op, result).inc()
         self._session = session
         self._time_keepalive(session.client)

@@ -5,9 +5,9 @@ when it unloads; every lock operation of that instance (its lock objects,
 the agent's lock contexts, ``release_all``) is handed that one explicitly
 (``Domain(..., names)``).  It keeps one
 :class:`~virtlease_etcd.identity.Resolver`, so the mount table is parsed
-once per change of mounts and each mount's facts are found once, not per
-disk or per call.  The resolver is not thread-safe: every call goes
-through one lock.
+once per change of mounts and each mount's, device's and directory's facts
+are found once, not per disk or per call.  The resolver is not
+thread-safe: every call goes through one lock.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from virtlease.abi import ResourceSpec, ResourceType
 from virtlease.errors import ValidationError
 from virtlease_etcd.config import EtcdConfig
-from virtlease_etcd.identity import IdentityConfig, IdentityError, Resolver
+from virtlease_etcd.identity import DiskIdentity, IdentityConfig, IdentityError, Resolver
 from virtlease_etcd.model import keyspace as ks
 
 
@@ -41,28 +41,31 @@ class DiskNames:
             self.resolver.close()
 
     def ids(self, spec: ResourceSpec) -> list[ks.ResourceId]:
-        """The keys that lock ``spec``: for a disk its identity key, then its
-        legacy path key (when ``legacy_path_keys`` and they differ)."""
+        """The keys that lock ``spec``: for a disk its identity key, then its other
+        keys (its name, its legacy path key: :func:`~virtlease_etcd.model.keyspace.disk_ids`)."""
         return self.ids_many([spec])[0]
 
     def ids_many(self, specs: Sequence[ResourceSpec]) -> list[list[ks.ResourceId]]:
         """:meth:`ids` of each spec, resolved together (the mount table and
         each directory looked at once: one lock operation's disks)."""
+        return [ids for _found, ids in self.resolve_many(specs)]
+
+    def resolve_many(self, specs: Sequence[ResourceSpec]) -> list[tuple[DiskIdentity | None, list[ks.ResourceId]]]:
+        """Each spec's identity (``None`` for a lease) and keys; raises
+        ``ValidationError`` naming a disk that has no cluster-wide identity."""
         disks = [s for s in specs if s.type is ResourceType.DISK]
         with self._lock:
             try:
                 found = iter(self.resolver.resolve_many([s.name for s in disks]))
             except IdentityError as exc:
-                raise ValidationError(
-                    "resource", f"{exc}. strict_identity is on: set identity_map "
-                    "(path prefix -> identity prefix) for it, or turn strict_identity off") from None
-        out = []
+                raise ValidationError("resource", str(exc)) from None
+        out: list[tuple[DiskIdentity | None, list[ks.ResourceId]]] = []
         for spec in specs:
             if spec.type is not ResourceType.DISK:
-                out.append([ks.ResourceId.of(spec)])
+                out.append((None, [ks.ResourceId.of(spec)]))
                 continue
             f = next(found)
-            out.append(ks.disk_ids(spec, f.key, f.readable, f.path, f.fallback, legacy=self.legacy))
+            out.append((f, ks.disk_ids(spec, f.key, f.readable, name=f.name, real_path=f.path, legacy=self.legacy)))
         return out
 
     def primary(self, spec: ResourceSpec) -> ks.ResourceId:
