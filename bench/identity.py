@@ -17,7 +17,7 @@ transactions) against the *same* two etcd transactions built by hand with
 python-etcd3 (per key: compare no holder, put holder on a lease, put gen;
 then compare each token and delete), on one embedded etcd.  The ratio is
 driver p50 / hand p50, the two called in turn (load from elsewhere hits
-both alike); issue 13's target is at most about 2.8x.  Cases, each about
+both alike); the target is at most about 2.8x.  Cases, each about
 64 keys (etcd's default ``--max-txn-ops`` of 128 holds 64): files on the
 ext4 loop mount with ``legacy_path_keys`` off (32 disks: directory id +
 name each) and on (21 disks: + legacy path key), and 64 paths that do not

@@ -1,4 +1,4 @@
-"""The etcd driver names disks by their cluster-wide identity (issue 13), on real etcd and real mounts.
+"""The etcd driver names disks by their cluster-wide identity, on real etcd and real mounts.
 
 Each "host" of the multi-host tests is a ``virtlease_etcd.devtools.hostprocess`` process started under
 ``unshare -m`` (its own mount namespace) after mounting the shared storage where it likes; one-host
@@ -25,7 +25,6 @@ from test_identity_system import filesystem, mounted, need, sshd, sshfs
 
 import virtlease as v
 from conftest import EtcdServer, dump, new_uuid
-from virtlease_etcd.agent.backend import EtcdLockBackend
 from virtlease_etcd.devtools.hostprocess import HostProcess
 from virtlease_etcd.session import reattach
 
@@ -356,11 +355,7 @@ def test_a_lock_operation_checks_the_mount_table_once(tmp_path: Path, make_drive
     assert len(checks) == 3
     assert len({r["identity"] for r in holder_keys(kv, prefix).values()}) == 20
     assert make_driver("host-b").driver.names is not names  # one per driver instance
-    agent = EtcdLockBackend(plugin.driver)  # the agent's lock contexts are handed the driver's namer
-    try:
-        assert agent._domain(new_uuid(), "web1", None).names is names
-    finally:
-        agent._pool.shutdown()
+    assert plugin.driver.lockd(new_uuid(), "web1", None)._d.names is names  # the agent's way in too
     obj.release()
     obj.free()
 
