@@ -28,7 +28,7 @@ from test_identity_driver import ext4_disks, holder_keys
 from test_identity_system import mounted, need, sshd, sshfs
 
 import virtlease as v
-from conftest import new_uuid
+from conftest import EtcdServer, new_uuid, shut
 from virtlease.abi import ResourceSpec, ResourceType
 from virtlease_etcd.config import load_config
 from virtlease_etcd.identity import Resolver
@@ -93,6 +93,46 @@ def test_a_storage_server_that_runs_vms_and_its_network_client(
         on_server, on_client = exclude_each_other(server, network, kv, prefix)
     assert on_server.startswith(f"{server[1]} (ext4 ") and ":/vm/web1.qcow2, dir " in on_server
     assert on_client.startswith(f"{network[1]} (sshfs://127.0.0.1{export}/vm/web1.qcow2, dir ")
+
+
+def test_a_migration_between_the_storage_server_and_its_client(
+        tmp_path: Path, sshd: tuple[int, Path], etcd: EtcdServer, prefix: str, kv: etcd3.Etcd3Client) -> None:
+    """A live migration from the storage server to its network client and back: the claim takes
+    the directory key with its token and the destination's own name and path keys, and deletes the
+    source's (the two hosts name the disk differently); a third domain is refused at every step."""
+    need("mount", "losetup", "mkfs.ext4")
+    port, key = sshd
+    with (ext4_disks(tmp_path / "fs", "vm/web1.qcow2") as device, mounted(tmp_path / "export", device) as export,
+          sshfs(f"root@127.0.0.1:{export / 'vm'}", tmp_path / "client", port, key) as client):
+        paths = {"storage-host": str(export / "vm" / "web1.qcow2"), "client-host": str(client / "web1.qcow2")}
+        plugins = {host: v.load_driver("etcd", capabilities=v.Capability.RESOURCES | v.Capability.MIGRATE, config={
+            "endpoints": etcd.endpoints, "prefix": prefix, "host_id": host, "ttl": 3}) for host in paths}
+        try:
+            uuid = new_uuid()
+            src = plugins["storage-host"].new_object(uuid=uuid, name="web1")
+            src.add_resource(D, paths["storage-host"])
+            src.acquire()
+            for dest in ("client-host", "storage-host"):
+                state = src.prepare_migrate(dest)
+                dst = plugins[dest].new_object(uuid=uuid, name="web1", flags=v.NewFlags.MIGRATE)
+                dst.add_resource(D, paths[dest])
+                dst.acquire(state)
+                dst.complete_migrate_in()
+                src.complete_migrate_out()
+                src.free()
+                records = holder_keys(kv, prefix)
+                assert {r["host"] for r in records.values()} == {dest} and len(records) == 3  # dir, name, path
+                assert {r["path"] for r in records.values()} == {paths[dest]}
+                assert len({r["identity"] for r in records.values()}) == 1
+                for host in paths:
+                    message = refused(plugins[host], paths[host])
+                    assert f"held exclusive by domain web1 ({uuid}) on host {dest}" in message, message
+                src = dst
+            src.release()
+            src.free()
+        finally:
+            for plugin in plugins.values():
+                shut(plugin)
 
 
 def mountinfo_line(mount_point: Path) -> str:
