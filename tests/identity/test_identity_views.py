@@ -19,6 +19,9 @@ list, the NFS server vs its client.  The names differ; the keys share the direct
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +34,7 @@ import virtlease as v
 from conftest import EtcdServer, new_uuid, shut
 from virtlease.abi import ResourceSpec, ResourceType
 from virtlease_etcd.config import load_config
+from virtlease_etcd.devtools.hostprocess import HostProcess
 from virtlease_etcd.identity import Resolver
 from virtlease_etcd.identity.mountinfo import unescape
 from virtlease_etcd.ops.disks import DiskNames, identity_config
@@ -93,6 +97,60 @@ def test_a_storage_server_that_runs_vms_and_its_network_client(
         on_server, on_client = exclude_each_other(server, network, kv, prefix)
     assert on_server.startswith(f"{server[1]} (ext4 ") and ":/vm/web1.qcow2, dir " in on_server
     assert on_client.startswith(f"{network[1]} (sshfs://127.0.0.1{export}/vm/web1.qcow2, dir ")
+
+
+@pytest.fixture
+def namespaced(etcd: EtcdServer, prefix: str, tmp_path: Path) -> Iterator[Callable[..., HostProcess]]:
+    """``start(host_id, setup, **settings)``: a host process in a mount namespace of its own, after
+    the shell commands ``setup`` (its mounts).  A process ``setup`` leaves running (``sshfs -f``)
+    appends its pid to ``$KEEP``: it is stopped at the end."""
+    need("unshare", "mount")
+    started: list[HostProcess] = []
+    keep = tmp_path / "kept-pids"
+
+    def start(host_id: str, setup: str, **settings: object) -> HostProcess:
+        script = f"KEEP={shlex.quote(str(keep))}; {setup} && exec \"$@\""
+        wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "host"]
+        host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **settings)
+        started.append(host)
+        return host
+
+    yield start
+    for host in started:
+        host.close()
+    for pid in keep.read_text().split() if keep.exists() else []:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGTERM)
+
+
+def test_a_storage_server_and_its_client_as_two_hosts_in_their_own_mount_namespaces(
+        tmp_path: Path, sshd: tuple[int, Path], namespaced: Callable[..., HostProcess]) -> None:
+    """The same with the default configuration, each host a process with its own mount table: the
+    server sees its ext4, the client only its network mount of the server's /export/vm."""
+    need("mount", "losetup", "mkfs.ext4", "mountpoint")
+    port, key = sshd
+    with ext4_disks(tmp_path / "fs", "vm/web1.qcow2") as device, mounted(tmp_path / "export", device) as export:
+        client = tmp_path / "client"
+        options = f"IdentityFile={key},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,port={port}"
+        mount_client = (f"umount {export} && mkdir -p {client} && "  # the client does not see the server's disk
+                        f"{{ sshfs -f -o {options} root@127.0.0.1:{export}/vm {client} </dev/null >/dev/null 2>&1 & "
+                        f"echo $! >> \"$KEEP\"; }} && "
+                        f"for i in $(seq 100); do mountpoint -q {client} && break; sleep 0.1; done && "
+                        f"mountpoint -q {client}")
+        server = namespaced("storage-host", "true")
+        network = namespaced("client-host", mount_client)
+        views = ((server, f"{export}/vm/web1.qcow2"), (network, f"{client}/web1.qcow2"))
+        for (holder, disk), (rival, theirs) in (views, views[::-1]):
+            holder.ok("new", obj="web1", uuid=new_uuid(), name="web1", disks=[disk])
+            (token,) = holder.ok("acquire", obj="web1")["tokens"]
+            rival.ok("new", obj="rival", uuid=new_uuid(), name="web1-elsewhere", disks=[theirs])
+            refused = rival.call("acquire", obj="rival")
+            assert refused["error"] == "ResourceBusyError", refused
+            assert f"{disk} (" in refused["message"] and f"on host {holder.host_id}" in refused["message"]
+            holder.ok("release", obj="web1")
+            rival.ok("free", obj="rival")
+            holder.ok("free", obj="web1")
+    assert token["resource"].startswith(f"{client}/web1.qcow2 (sshfs://127.0.0.1{export}/vm/web1.qcow2, dir ")
 
 
 def test_a_migration_between_the_storage_server_and_its_client(
