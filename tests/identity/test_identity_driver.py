@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -65,15 +66,16 @@ def ext4_disks(base: Path, *names: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def hosts(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., HostProcess]]:
-    """Start host processes, each in its own mount namespace after its mounts:
-    ``hosts("host-a", [(device, mount_point)], **driver settings)``."""
-    need("unshare", "mount", "losetup", "mkfs.ext4")
+def namespaced(etcd: EtcdServer, prefix: str, tmp_path: Path) -> Iterator[Callable[..., HostProcess]]:
+    """``start(host_id, setup, **driver settings)``: a host process in a mount namespace of its own,
+    started after the shell commands ``setup`` (its mounts).  A process ``setup`` leaves running
+    (``sshfs -f``) appends its pid to ``$KEEP``: it is stopped at the end."""
+    need("unshare", "mount")
     started: list[HostProcess] = []
+    keep = tmp_path / "kept-pids"
 
-    def start(host_id: str, mounts: Sequence[tuple[str, Path]], **settings: object) -> HostProcess:
-        script = "".join(f"mkdir -p {shlex.quote(str(at))} && mount {shlex.quote(dev)} {shlex.quote(str(at))} && "
-                         for dev, at in mounts) + 'exec "$@"'
+    def start(host_id: str, setup: str, **settings: object) -> HostProcess:
+        script = f"KEEP={shlex.quote(str(keep))}; {setup} && exec \"$@\""
         wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "host"]
         host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **settings)
         started.append(host)
@@ -82,6 +84,23 @@ def hosts(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., HostProcess]]
     yield start
     for host in started:
         host.close()
+    for pid in keep.read_text().split() if keep.exists() else []:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGTERM)
+
+
+@pytest.fixture
+def hosts(namespaced: Callable[..., HostProcess]) -> Callable[..., HostProcess]:
+    """``hosts("host-a", [(device, mount_point)], **driver settings)``: a host process in its own
+    mount namespace, after mounting each device at its mount point there."""
+    need("losetup", "mkfs.ext4")
+
+    def start(host_id: str, mounts: Sequence[tuple[str, Path]], **settings: object) -> HostProcess:
+        setup = " && ".join(f"mkdir -p {shlex.quote(str(at))} && mount {shlex.quote(dev)} {shlex.quote(str(at))}"
+                            for dev, at in mounts) or "true"
+        return namespaced(host_id, setup, **settings)
+
+    return start
 
 
 def two_hosts(tmp_path: Path, hosts: Callable[..., HostProcess], device_a: str, device_b: str,

@@ -19,15 +19,12 @@ list, the NFS server vs its client.  The names differ; the keys share the direct
 from __future__ import annotations
 
 import contextlib
-import os
-import shlex
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import etcd3
 import pytest
-from test_identity_driver import ext4_disks, holder_keys
+from test_identity_driver import ext4_disks, holder_keys, namespaced
 from test_identity_system import mounted, need, sshd, sshfs
 
 import virtlease as v
@@ -39,7 +36,7 @@ from virtlease_etcd.identity import Resolver
 from virtlease_etcd.identity.mountinfo import unescape
 from virtlease_etcd.ops.disks import DiskNames, identity_config
 
-__all__ = ["sshd"]  # the fixture
+__all__ = ["namespaced", "sshd"]  # the fixtures
 
 D = v.ResourceType.DISK
 
@@ -97,30 +94,6 @@ def test_a_storage_server_that_runs_vms_and_its_network_client(
         on_server, on_client = exclude_each_other(server, network, kv, prefix)
     assert on_server.startswith(f"{server[1]} (ext4 ") and ":/vm/web1.qcow2, dir " in on_server
     assert on_client.startswith(f"{network[1]} (sshfs://127.0.0.1{export}/vm/web1.qcow2, dir ")
-
-
-@pytest.fixture
-def namespaced(etcd: EtcdServer, prefix: str, tmp_path: Path) -> Iterator[Callable[..., HostProcess]]:
-    """``start(host_id, setup, **settings)``: a host process in a mount namespace of its own, after
-    the shell commands ``setup`` (its mounts).  A process ``setup`` leaves running (``sshfs -f``)
-    appends its pid to ``$KEEP``: it is stopped at the end."""
-    need("unshare", "mount")
-    started: list[HostProcess] = []
-    keep = tmp_path / "kept-pids"
-
-    def start(host_id: str, setup: str, **settings: object) -> HostProcess:
-        script = f"KEEP={shlex.quote(str(keep))}; {setup} && exec \"$@\""
-        wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "host"]
-        host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **settings)
-        started.append(host)
-        return host
-
-    yield start
-    for host in started:
-        host.close()
-    for pid in keep.read_text().split() if keep.exists() else []:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGTERM)
 
 
 def test_a_storage_server_and_its_client_as_two_hosts_in_their_own_mount_namespaces(

@@ -22,7 +22,9 @@ A caller may rely on:
 
 * :func:`read_or_create` returning the directory's id (32 lower-case hex
   digits), creating the marker if there is none; of two hosts creating it
-  at once exactly one wins and both return its id;
+  at once exactly one wins and both return its id (a lost race reported as
+  another error than ``EEXIST``, as SFTP does, is recognised by the marker
+  being there);
 * never a guess: when the id can be neither read nor created (no write
   permission, a read-only view, root squashed on NFS, a marker that is not
   one) it raises :class:`DirIdError` with one line naming the file, what
@@ -149,7 +151,14 @@ def read_or_create(directory: str, *, wait: float = INCOMPLETE_WAIT) -> str:
         try:
             raw = _read(path)
         except FileNotFoundError:
-            created = _create(path, directory)
+            try:
+                created = _create(path, directory)
+            except DirIdError:
+                # A lost race may come back as another error than EEXIST (SFTP v3 has no "exists":
+                # sshfs says EPERM): if the marker is there now, another host made it.
+                if os.path.lexists(path) and time.monotonic() < deadline:
+                    continue
+                raise
             if created is not None:
                 return created
             continue  # another host was first: read its id
