@@ -137,8 +137,8 @@ def disk_ids(spec: ResourceSpec, key: str, readable: str, *, name: str, real_pat
     shown = spec.name if readable == spec.name else f"{spec.name} ({readable})"
     rid = disk_rid(key)
     out = [ResourceId("disk", shown, rid, mode, key, spec.name)]
-    for other in (name, f"path://{real_path}" if legacy else ""):
-        other_rid = disk_rid(other) if other else rid
+    for other in [name, *([f"path://{real_path}"] if legacy else [])]:
+        other_rid = disk_rid(other)
         if all(r.rid != other_rid for r in out):
             out.append(ResourceId("disk", shown, other_rid, mode, key, spec.name, legacy_of=rid))
     return out
