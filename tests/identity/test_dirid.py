@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from virtlease_etcd.identity.dirid import FORMAT, MARKER, DirIdError, read_or_create, stamp
+from virtlease_etcd.identity import Resolver
+from virtlease_etcd.identity.dirid import FORMAT, MARKER, DirIdError, folds_case, read_or_create, stamp
 
 
 def test_many_creators_at_once_agree_on_one_id(tmp_path: Path) -> None:
@@ -86,3 +87,22 @@ def test_stamp_tells_a_replaced_marker(tmp_path: Path) -> None:
     os.unlink(tmp_path / MARKER)
     second = read_or_create(str(tmp_path))
     assert second != first and stamp(str(tmp_path)) != before
+
+
+def test_a_case_insensitive_directory_folds_file_names(tmp_path: Path) -> None:
+    """SMB shares, case-insensitive shares over sshfs or NFS and casefolded ext4 find one file under
+    any case, so two hosts that write a disk's name in different cases reach one file.  None of these
+    can be mounted here (no cifs, no CONFIG_UNICODE): a hard link of the marker under the upper-case
+    name shows the directory exactly as such storage does to the probe (one file under both names)."""
+    (tmp_path / "cs").mkdir()
+    (tmp_path / "ci").mkdir()
+    for d in ("cs", "ci"):
+        (tmp_path / d / "Web1.qcow2").write_bytes(b"x")
+        (tmp_path / d / "web1.QCOW2").write_bytes(b"x")
+    read_or_create(str(tmp_path / "ci"))
+    os.link(tmp_path / "ci" / MARKER, tmp_path / "ci" / MARKER.upper())
+    assert not folds_case(str(tmp_path / "cs")) and folds_case(str(tmp_path / "ci"))
+    with Resolver() as resolver:
+        sensitive = {resolver.resolve(str(tmp_path / "cs" / n)).key for n in ("Web1.qcow2", "web1.QCOW2")}
+        folded = {resolver.resolve(str(tmp_path / "ci" / n)).key for n in ("Web1.qcow2", "web1.QCOW2")}
+    assert len(sensitive) == 2 and len(folded) == 1 and next(iter(folded)).endswith("/web1.qcow2")

@@ -31,7 +31,8 @@ A caller may rely on:
   failed and what to do;
 * a marker being written once and never changed; :func:`stamp` telling a
   caller cheaply (one ``lstat``) whether the marker it read is still the
-  same file.
+  same file; :func:`folds_case` telling whether the directory is
+  case-insensitive (then file names in it are compared case-folded).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,16 @@ def stamp(directory: str) -> Stamp | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def folds_case(directory: str) -> bool:
+    """Whether the storage looks names up in ``directory`` without regard to case (SMB, a
+    case-insensitive share over sshfs or NFS, casefolded ext4): its marker is found under an
+    upper-case name too.  Every view of the directory gets the same answer from the storage."""
+    try:
+        return stat.S_ISREG(os.lstat(os.path.join(directory, MARKER.upper())).st_mode)
+    except OSError:
+        return False
 
 
 def _parse(raw: bytes) -> str | None:
@@ -161,6 +173,9 @@ def read_or_create(directory: str, *, wait: float = INCOMPLETE_WAIT) -> str:
                 raise
             if created is not None:
                 return created
+            if time.monotonic() >= deadline:  # it exists, yet this host's lookups miss it
+                raise DirIdError(f"{path} exists (another host created it) but cannot be read here "
+                                 f"for {wait:g} s (a stale cache of the directory?); try again") from None
             continue  # another host was first: read its id
         except OSError as err:
             hint = ("it must be a regular file, not a symlink" if err.errno == errno.ELOOP

@@ -11,7 +11,9 @@ A caller may rely on:
 
   - ``dir://<directory id>/<file name>`` for a file (or any non-block
     path) that exists: the id its directory carries
-    (:mod:`virtlease_etcd.identity.dirid`), the same through every view;
+    (:mod:`virtlease_etcd.identity.dirid`), the same through every view
+    (the name case-folded in a directory the storage looks up without
+    regard to case);
   - for a block device node, the storage's own name: ``wwid://…``,
     ``lvm://<vg>/<lv>``, ``luks://…``, ``dm-uuid://…``,
     ``serial://<by-id name>``, with ``-part<N>`` for a partition; a loop
@@ -58,7 +60,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .blockdev import BlockKey, Roots, btrfs_subvolume, device_key, fs_uuid
-from .dirid import MARKER, DirIdError, Stamp, read_or_create, stamp
+from .dirid import MARKER, DirIdError, Stamp, folds_case, read_or_create, stamp
 from .mountinfo import MountEntry, MountTable, parse_mountinfo
 from .network import DEFAULT_NETWORK_FUSE, NetworkLocation, network_location
 
@@ -159,7 +161,7 @@ class Resolver:
         self._network: dict[int, NetworkLocation | None] = {}
         self._uuids: dict[tuple[str, int], tuple[str, str] | None] = {}
         self._blocks: dict[tuple[int, int], BlockKey] = {}
-        self._dir_ids: dict[str, tuple[Stamp | None, str]] = {}
+        self._dir_ids: dict[str, tuple[Stamp | None, str, bool]] = {}
         self._dev_uuids: dict[str, str | None] = {}
         self._clones: dict[str, list[MountEntry]] = {}
         self.parses = 0
@@ -287,14 +289,14 @@ class Resolver:
                 raise DirIdError(f"{real} is a mount point of its own (a bind mount of one file): its "
                                  "directory on the storage is not reachable here; use the file's own path")
             directory, file_name = place
-            dir_id = self._dir_id(directory, checked)
+            dir_id, folded = self._dir_id(directory, checked)
         except DirIdError as err:
             if named.kind == "mapped":  # the operator named the storage: the mapping's word stands
                 log.debug("%s: no directory id (%s); locked under its mapped name", real, err)
             else:
                 self._refuse_or_warn(real, f"no directory id: {err}")
             return named.identity(real)
-        key = f"dir://{dir_id}/{file_name}"
+        key = f"dir://{dir_id}/{file_name.casefold() if folded else file_name}"
         return DiskIdentity(key, f"{named.readable}, dir {dir_id[:8]}", named.kind, real, False, named.key)
 
     def _name(self, real: str, st: os.stat_result | None, mount: MountEntry | None, depth: int,
@@ -358,19 +360,20 @@ class Resolver:
                 return candidate, name
         return None
 
-    def _dir_id(self, directory: str, checked: set[str]) -> str:
-        """The id of ``directory``: read once, then checked with one ``lstat`` per lock operation."""
+    def _dir_id(self, directory: str, checked: set[str]) -> tuple[str, bool]:
+        """The id of ``directory`` and whether it folds case: read once, then checked with one
+        ``lstat`` per lock operation."""
         cached = self._dir_ids.get(directory)
         if cached is not None and (directory in checked or stamp(directory) == cached[0]):
             checked.add(directory)
-            return cached[1]
+            return cached[1], cached[2]
         found = read_or_create(directory)
-        self._dir_ids[directory] = (stamp(directory), found)
+        self._dir_ids[directory] = (stamp(directory), found, folds_case(directory))
         checked.add(directory)
         if cached is not None and cached[1] != found:
             log.warning("the directory id of %s changed from %s to %s (its %s was replaced): disks held "
                         "under the old id are not excluded by it", directory, cached[1], found, MARKER)
-        return found
+        return found, self._dir_ids[directory][2]
 
     @staticmethod
     def _below(real: str, mount: MountEntry) -> str:
