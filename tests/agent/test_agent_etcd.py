@@ -248,7 +248,7 @@ def test_a_release_etcd_did_not_answer_is_retried_until_it_does(
             c.register(web.owner())
             c.acquire(d1)
         lease = plugin.driver.session.lease_id
-        proxy.blackhole()
+        proxy.cut()  # connections reset and refused (a blackhole would garble the HTTP/2 stream for good)
         web.kill()
         time.sleep(2.5)  # the release (deadline 1 s) has failed at least once
         proxy.heal()
