@@ -10,6 +10,7 @@ record) must block a new host, and a new host's grant must be seen by the previo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from test_identity_system import filesystem, mounted, need, sshd, sshfs
 import virtlease as v
 from conftest import EtcdServer, dump, new_uuid
 from virtlease_etcd.devtools.hostprocess import HostProcess
+from virtlease_etcd.model import statestring as st
 from virtlease_etcd.session import reattach
 
 __all__ = ["sshd"]  # the fixture, imported for the sshfs test
@@ -426,3 +428,32 @@ def test_a_reattached_session_knows_which_keys_belong_to_which_disk(tmp_path: Pa
     assert {rid: h.rid for rid, h in owner.held.items()} == before
     obj.release()
     obj.free()
+
+
+def test_a_resume_state_of_the_previous_release_covers_a_disk_by_its_name(
+        tmp_path: Path, make_driver: Callable[..., v.Plugin], kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """The previous release's states list a disk's name as its identity key (and the path key as
+    its legacy key), without the directory key: an upgraded host resumes such a state, its
+    directory key bound by the state's token."""
+    need("mount", "losetup", "mkfs.ext4")
+    with ext4_disks(tmp_path, "web1.qcow2") as device, mounted(tmp_path / "m", device) as m:
+        plugin = make_driver("host-a")
+        uuid = new_uuid()
+        obj = plugin.new_object(uuid=uuid, name="web1")
+        obj.add_resource(D, str(m / "web1.qcow2"))
+        obj.acquire()
+        mine = st.decode(obj.release())
+        obj.free()
+        (identity,) = [r for r in mine.resources if r.legacy is None]
+        name = next(r for r in mine.resources if r.legacy is not None and r.rid != legacy_rid(str(m / "web1.qcow2")))
+        path = next(r for r in mine.resources if r.rid == legacy_rid(str(m / "web1.qcow2")))
+        old = dataclasses.replace(mine, resources=(dataclasses.replace(name, legacy=None),
+                                                   dataclasses.replace(path, legacy=name.rid))).encode()
+        again = make_driver("host-b").new_object(uuid=uuid, name="web1")
+        again.add_resource(D, str(m / "web1.qcow2"))
+        again.acquire(old)
+        records = holder_keys(kv, prefix)
+        assert {k.rsplit("/", 2)[-2] for k in records} == {identity.rid, name.rid, path.rid}
+        assert {r["host"] for r in records.values()} == {"host-b"}
+        again.release()
+        again.free()
