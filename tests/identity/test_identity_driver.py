@@ -26,7 +26,7 @@ import pytest
 from test_identity_system import filesystem, mounted, need, sshd, sshfs
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid
+from conftest import STEADY_TTL, EtcdServer, dump, new_uuid
 from virtlease_etcd.devtools.hostprocess import HostProcess
 from virtlease_etcd.model import statestring as st
 from virtlease_etcd.session import reattach
@@ -79,7 +79,7 @@ def namespaced(etcd: EtcdServer, prefix: str, tmp_path: Path) -> Iterator[Callab
     def start(host_id: str, setup: str, **settings: object) -> HostProcess:
         script = f"KEEP={shlex.quote(str(keep))}; {setup} && exec \"$@\""
         wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "host"]
-        host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **settings)
+        host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **{"ttl": STEADY_TTL, **settings})
         started.append(host)
         return host
 

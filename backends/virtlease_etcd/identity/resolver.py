@@ -232,6 +232,20 @@ class Resolver:
         self._refresh()
         return self._resolve(os.path.realpath(path), 0, set())
 
+    def name(self, path: str) -> DiskIdentity:
+        """What this host calls ``path`` (the ``name`` :meth:`resolve` gives it), as its only key:
+        no directory id is read or made (``virtlease check`` describes storage roots with it; a
+        loop device is still named by its backing file's identity).  Never strict: raises
+        :class:`IdentityError` for a cloned file system only."""
+        self._refresh()
+        real = os.path.realpath(path)
+        try:
+            st: os.stat_result | None = os.stat(real)
+        except OSError:
+            st = None
+        named = self._name(real, st, self.mount_of(real), 0, set())
+        return named if isinstance(named, DiskIdentity) else named.identity(real)
+
     def resolve_many(self, paths: Sequence[str]) -> list[DiskIdentity]:
         """:meth:`resolve` of each path, for one lock operation's disks: the
         mount table is checked once, each directory's real path found once

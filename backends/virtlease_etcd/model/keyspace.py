@@ -77,6 +77,18 @@ def legacy_disk_rid(real_path: str) -> str:
     return hashlib.sha256(b"disk\0" + real_path.encode()).hexdigest()
 
 
+HOST_ONLY = "path://, this host only"
+"""Said next to a disk locked under ``path://<real path>``: no cluster-wide identity (a path
+that does not exist; with ``strict_identity`` off, a file whose directory can carry no id or a
+block device without a stable name), so a host that reaches the same file by another path is
+not excluded."""
+
+
+def host_only(identity: str) -> bool:
+    """Whether a record's identity key is this host's path only."""
+    return identity.startswith("path://")
+
+
 def disk_rid(key: str) -> str:
     """The key component of disk identity ``key``: ``sha256("disk\0" + key)``;
     a ``path://<real path>`` identity keeps the legacy key of that path."""

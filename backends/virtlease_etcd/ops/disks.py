@@ -12,6 +12,7 @@ thread-safe: every call goes through one lock.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -20,6 +21,8 @@ from virtlease.errors import ValidationError
 from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.identity import DiskIdentity, IdentityConfig, IdentityError, Resolver
 from virtlease_etcd.model import keyspace as ks
+
+log = logging.getLogger(__name__)
 
 
 def identity_config(cfg: EtcdConfig) -> IdentityConfig:
@@ -33,8 +36,10 @@ class DiskNames:
 
     def __init__(self, cfg: EtcdConfig, resolver: Resolver | None = None) -> None:
         self.legacy = cfg.legacy_path_keys
+        self.strict = cfg.strict_identity
         self.resolver = resolver or Resolver(identity_config(cfg))
         self._lock = threading.Lock()
+        self._warned: set[str] = set()
 
     def close(self) -> None:
         with self._lock:
@@ -65,6 +70,13 @@ class DiskNames:
                 out.append((None, [ks.ResourceId.of(spec)]))
                 continue
             f = next(found)
+            if f.fallback and f.path not in self._warned:
+                self._warned.add(f.path)
+                log.warning("disk %s has no cluster-wide identity: it is locked as path://%s, this host's path "
+                            "only; a host that reaches the same file by another path is not excluded (%s)",
+                            spec.name, f.path, "it does not exist: nothing can have it open" if self.strict
+                            else "strict_identity is off: turn it on to refuse such disks, or set identity_map "
+                            "for its storage")
             out.append((f, ks.disk_ids(spec, f.key, f.readable, name=f.name, real_path=f.path, legacy=self.legacy)))
         return out
 

@@ -243,7 +243,7 @@ def agent_rig(workdir: Path, *, reserve_grace: float = 2.0, agent: Sequence[str]
                 relays[host] = [Relay.unix_to_tcp(str(short / f"{host}{i}.sock"), "127.0.0.1", m.client_port)
                                 for i, m in enumerate(etcd.members)]
             links = ",".join(f"{short}/{{host}}{i}.sock@{port}" for i, port in enumerate(PORTS))
-            command = [sys.executable, str(HERE / "agent_in_host.py"), links,
+            command = [sys.executable, "-P", str(HERE / "agent_in_host.py"), links,
                        *(["--exec", str(len(agent)), *agent] if agent else []),
                        "--socket", "{socket}", "--endpoints", ",".join(f"127.0.0.1:{p}" for p in PORTS),
                        "--host-id", "host{host}", "--prefix", prefix, "--ttl", str(ttl),
