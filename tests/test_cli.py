@@ -457,7 +457,8 @@ def test_demo_runs_end_to_end_on_its_own_etcd_and_cleans_up() -> None:
              "starting web1 here too is refused", "held exclusive by domain web1", "on host host-a",
              "prepare_migrate", "claims the handoff", "complete_migrate_in", "complete_migrate_out",
              "kill -9", "took the disks back", "Final status", "is empty", "demo finished"]
-    positions = [text.find(step) for step in steps]
+    flat = " ".join(text.split())  # the console wraps long lines anywhere
+    positions = [flat.find(" ".join(step.split())) for step in steps]
     assert all(p >= 0 for p in positions), [s for s, p in zip(steps, positions, strict=True) if p < 0]
     assert positions == sorted(positions), "the story is told in order"
     # Tokens only grow: start < migration claim < failover.
@@ -615,56 +616,51 @@ def test_an_option_beats_the_environment_for_the_driver_too(etcd_process: EtcdSe
         held.stop()
 
 
-def _tmpfs_dir() -> Path:
-    """A directory on tmpfs: the resolver names a disk there by this host's path only."""
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if fields[2] == "tmpfs" and fields[1] in ("/dev/shm", "/run", "/tmp") and os.access(fields[1], os.W_OK):
-            return Path(fields[1])
-    pytest.skip("no writable tmpfs at /dev/shm, /run or /tmp")
-
-
-def test_a_host_only_disk_is_said_plainly(etcd_process: EtcdServer, prefix: str) -> None:
-    """A disk without cluster-wide identity (tmpfs: path://) is named so by hold, status and a
-    busy error, each with what to configure -- not only under --debug."""
-    disk = _tmpfs_dir() / f"vl-host-only-{os.getpid()}.img"
-    disk.write_bytes(b"")
-    try:
-        with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--name", "web1", "--disk", str(disk)) as held:
-            text = run(*opts(etcd_process, prefix), "status").stdout
-            assert "[path://, this host only]" in text and "path:// = locked by this host's path only" in text, text
-            (record,) = status_json(etcd_process, prefix)["resources"]
-            assert record["identity"] == f"path://{disk}"
-            busy = run(*opts(etcd_process, prefix, "host-b"), "hold", "--name", "web2", "--disk", str(disk))
-            assert busy.returncode == 3
-            assert_one_line_error(busy.stderr, f"{disk} [path://, this host only] held exclusive by domain web1")
-            rc, err = held.stop()
-        assert rc == 0, err
-        assert (f"virtlease: warning: disk {disk} has no cluster-wide identity: held as path://{disk}, this host's "
-                "path only") in err, err
-    finally:
-        disk.unlink()
+def test_a_host_only_disk_is_said_plainly(etcd_process: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    """A disk without cluster-wide identity (a path that does not exist, held with --allow-missing:
+    path://) is named so by hold, status and a busy error -- not only under --debug."""
+    disk = tmp_path / "not-there-yet.img"
+    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--name", "web1", "--allow-missing",
+                 "--disk", str(disk)) as held:
+        text = run(*opts(etcd_process, prefix), "status").stdout
+        assert "[path://, this host only]" in text and "path:// = locked by this host's path only" in text, text
+        (record,) = status_json(etcd_process, prefix)["resources"]
+        assert record["identity"] == f"path://{disk}"
+        busy = run(*opts(etcd_process, prefix, "host-b"), "hold", "--name", "web2", "--allow-missing",
+                   "--disk", str(disk))
+        assert busy.returncode == 3
+        assert_one_line_error(busy.stderr, f"{disk} [path://, this host only] held exclusive by domain web1")
+        rc, err = held.stop()
+    assert rc == 0, err
+    assert (f"virtlease: warning: disk {disk} has no cluster-wide identity: held as path://{disk}, this host's "
+            "path only") in err and "it does not exist yet" in err, err
 
 
 def test_check_lists_the_storage_roots_and_how_each_is_named(etcd_process: EtcdServer, prefix: str,
                                                              tmp_path: Path) -> None:
-    """In a mount namespace of its own, with a tmpfs mounted: check lists that root as this host
-    only, and an identity_map prefix as cluster-wide."""
+    """In a mount namespace of its own, with a tmpfs mounted writable and one read-only: check lists
+    the first as carrying directory ids (cluster-wide), the second as refused (strict_identity: no
+    directory id can be made there), an identity_map prefix as cluster-wide; it writes nothing."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         if os.environ.get("VIRTLEASE_REQUIRE_SYSTEM_TESTS") == "1":
             pytest.fail("needs root and unshare (VIRTLEASE_REQUIRE_SYSTEM_TESTS=1)")
         pytest.skip("needs root and unshare for a mount namespace")
-    mnt = tmp_path / "scratch"
+    mnt, ro = tmp_path / "scratch", tmp_path / "frozen"
     mnt.mkdir()
+    ro.mkdir()
     conf = tmp_path / "virtlease.toml"
     conf.write_text('[etcd.identity_map]\n"/srv/pool" = "san://pool1"\n')
     cmd = " ".join([*VIRTLEASE, "--config", str(conf), *opts(etcd_process, prefix), "check", "--json"])
     done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                           f"mount -t tmpfs vl-scratch {mnt} && {cmd}"], capture_output=True, text=True,
-                          timeout=60, env=clean_env())
+                           f"mount -t tmpfs vl-scratch {mnt} && mount -t tmpfs -o ro vl-frozen {ro} && {cmd} && "
+                           f"test ! -e {mnt}/.virtlease-id"], capture_output=True, text=True, timeout=60,
+                          env=clean_env())
     assert done.returncode in (0, 1), done.stdout + done.stderr
     rows = {f["check"]: f["detail"] for f in json.loads(done.stdout)["findings"]}
-    assert rows[f"storage {mnt}"].startswith(f"tmpfs vl-scratch: path://<real path>: {mnt} and below, this host "
-                                            "only"), rows
-    assert rows["storage /srv/pool"] == "identity_map: san://pool1/...: cluster-wide (identity_map)", rows
+    assert rows[f"storage {mnt}"].startswith("tmpfs vl-scratch: directory ids, cluster-wide (named path://"), rows
+    assert rows[f"storage {ro}"].startswith("tmpfs vl-frozen: refused (strict_identity): no directory id can be "
+                                           "made here"), rows
+    assert rows["storage /srv/pool"] == "identity_map: san://pool1/... (identity_map): cluster-wide", rows
     assert not any(name.startswith("storage /proc") or name.startswith("storage /sys") for name in rows)
+
+

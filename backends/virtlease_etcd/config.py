@@ -59,17 +59,20 @@ class EtcdConfig:
     restart_callback: Callable[[Any], None] | None = None
     """Needed for FailureAction.RESTART: called with the ObjectSpec."""
     identity_map: Mapping[str, str] = field(default_factory=dict)
-    """Disk identity: absolute path prefix -> identity prefix, e.g.
+    """Disk names: absolute path prefix -> identity prefix, e.g.
     ``{"/mnt/pool": "san://pool1"}``; the longest matching prefix wins over
-    automatic resolution."""
+    the automatic name, and names a file whose directory can carry no id."""
     server_aliases: Mapping[str, str] = field(default_factory=dict)
     """Network storage server name or address -> the canonical server name,
     e.g. ``{"10.0.0.5": "filer1"}`` (one name per server in identities)."""
-    strict_identity: bool = False
-    """Refuse a disk whose identity would fall back to this host's path."""
+    strict_identity: bool = True
+    """Refuse a disk that exists and has no cluster-wide identity (a file whose
+    directory can carry no id, a block device without a stable name); off:
+    lock it under this host's name for it only."""
     legacy_path_keys: bool = True
-    """Also lock each disk under the previous release's path key (mixed
-    clusters); halves the disks per transaction (``max_txn_ops // 4``)."""
+    """Also lock each disk under the path key of the release before the
+    previous one (mixed clusters): a third key per file disk, so
+    ``max_txn_ops // 6`` disks per transaction instead of ``// 4``."""
 
     @property
     def margin(self) -> float:

@@ -29,7 +29,7 @@ from virtlease.abi import (
     version_major,
 )
 from virtlease.errors import LeaseLostError, PluginBusyError, PluginVersionError
-from virtlease_etcd.ops import disks, grants, handoff
+from virtlease_etcd.ops import grants, handoff
 from virtlease_etcd.ops.disks import DiskNames
 from virtlease_etcd.ops.domain import Domain
 from virtlease_etcd.ops.lockd import LockdDomain
@@ -56,8 +56,7 @@ class EtcdDriver:
         self.policy = Policy(FailureAction.POWEROFF)
         self._session: HostSession | None = None
         self._lock = threading.Lock()
-        self.names: DiskNames | None = None
-        """This instance's disk namer: one identity resolver (under a lock) for all its objects."""
+        self._names: DiskNames | None = None
 
     # -- plugin hooks ------------------------------------------------------------
 
@@ -72,7 +71,7 @@ class EtcdDriver:
         self.cfg = load_config(config)
         self.policy = Policy(self.cfg.default_action, self.cfg.restart_callback)
         self._session = open_session(self.cfg)
-        self.names = disks.for_config(self.cfg)
+        self._names = DiskNames(self.cfg)
         self._session.add_listener(self._on_lost)
 
     def unload(self) -> None:
@@ -93,9 +92,9 @@ class EtcdDriver:
         session.remove_listener(self._on_lost)
         close_session(session)
         self._session = None
-        if self.cfg is not None:
-            disks.forget(self.cfg)
-        self.names = None
+        if self._names is not None:
+            self._names.close()
+        self._names = None
 
     def renew_session(self) -> str | None:
         """Replace a lost session by a new one (a new lease) for the grants that follow; return
@@ -146,6 +145,14 @@ class EtcdDriver:
         if self._session is None:
             raise LeaseLostError("etcd driver: not loaded (or already unloaded)")
         return self._session
+
+    @property
+    def names(self) -> DiskNames:
+        """This instance's disk namer: one identity resolver (under a lock) for every lock
+        operation of this instance, handed to each explicitly."""
+        if self._names is None:
+            raise LeaseLostError("etcd driver: not loaded (or already unloaded)")
+        return self._names
 
     @property
     def host_id(self) -> str:

@@ -29,7 +29,7 @@ def load(endpoints: str, prefix: str, host: str, **config: Any) -> v.Plugin:
 def domain(plugin: v.Plugin, uuid: str, name: str, pid: int | None = None) -> Domain:
     """A driver-level Domain of ``plugin``'s host."""
     drv = plugin.driver
-    return Domain(drv.session, drv.cfg, drv.policy, ObjectSpec(ObjectType.DOMAIN, uuid, name, pid=pid))
+    return Domain(drv.session, drv.cfg, drv.policy, ObjectSpec(ObjectType.DOMAIN, uuid, name, pid=pid), drv.names)
 
 
 def backend(plugin: v.Plugin, **kwargs: Any) -> EtcdLockBackend:

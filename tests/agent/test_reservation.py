@@ -51,7 +51,7 @@ def disk(tmp_path: Path, name: str = "d1.img") -> ResourceSpec:
 def token(plugin: v.Plugin, uid: str, res: ResourceSpec) -> int:
     owner = plugin.driver.session.owners.peek(uid)
     assert owner is not None
-    return next(h.token for h in owner.held.values() if h.rid.readable == res.name)
+    return owner.held[plugin.driver.names.primary(res).rid].token
 
 
 def test_reserved_disk_refuses_others_and_is_claimed_by_same_uuid(hosts: Callable[[str], v.Plugin],

@@ -13,7 +13,7 @@ from virtlease_etcd.config import load_config
 def test_defaults() -> None:
     cfg = load_config({}, environ={})
     assert cfg.identity_map == {} and cfg.server_aliases == {}
-    assert cfg.strict_identity is False and cfg.legacy_path_keys is True
+    assert cfg.strict_identity is True and cfg.legacy_path_keys is True
 
 
 def test_toml_tables_dict_and_environment(tmp_path: Path) -> None:

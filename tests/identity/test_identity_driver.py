@@ -10,10 +10,12 @@ record) must block a new host, and a new host's grant must be seen by the previo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +28,8 @@ from test_identity_system import filesystem, mounted, need, sshd, sshfs
 import virtlease as v
 from conftest import STEADY_TTL, EtcdServer, dump, new_uuid
 from virtlease_etcd.devtools.hostprocess import HostProcess
+from virtlease_etcd.model import statestring as st
+from virtlease_etcd.session import reattach
 
 __all__ = ["sshd"]  # the fixture, imported for the sshfs test
 
@@ -35,6 +39,16 @@ D = v.ResourceType.DISK
 def legacy_rid(path: str) -> str:
     """The previous release's key of a disk: SHA-256 of its real path."""
     return hashlib.sha256(b"disk\0" + os.path.realpath(path).encode()).hexdigest()
+
+
+def rid(key: str) -> str:
+    """The etcd key component of a disk identity key."""
+    return hashlib.sha256(b"disk\0" + key.encode()).hexdigest()
+
+
+def blkid(device: str) -> str:
+    return subprocess.run(["blkid", "-o", "value", "-s", "UUID", device], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def holder_keys(kv: etcd3.Etcd3Client, prefix: str) -> dict[str, dict[str, object]]:
@@ -54,15 +68,16 @@ def ext4_disks(base: Path, *names: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def hosts(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., HostProcess]]:
-    """Start host processes, each in its own mount namespace after its mounts:
-    ``hosts("host-a", [(device, mount_point)], **driver settings)``."""
-    need("unshare", "mount", "losetup", "mkfs.ext4")
+def namespaced(etcd: EtcdServer, prefix: str, tmp_path: Path) -> Iterator[Callable[..., HostProcess]]:
+    """``start(host_id, setup, **driver settings)``: a host process in a mount namespace of its own,
+    started after the shell commands ``setup`` (its mounts).  A process ``setup`` leaves running
+    (``sshfs -f``) appends its pid to ``$KEEP``: it is stopped at the end."""
+    need("unshare", "mount")
     started: list[HostProcess] = []
+    keep = tmp_path / "kept-pids"
 
-    def start(host_id: str, mounts: Sequence[tuple[str, Path]], **settings: object) -> HostProcess:
-        script = "".join(f"mkdir -p {shlex.quote(str(at))} && mount {shlex.quote(dev)} {shlex.quote(str(at))} && "
-                         for dev, at in mounts) + 'exec "$@"'
+    def start(host_id: str, setup: str, **settings: object) -> HostProcess:
+        script = f"KEEP={shlex.quote(str(keep))}; {setup} && exec \"$@\""
         wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "host"]
         host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **{"ttl": STEADY_TTL, **settings})
         started.append(host)
@@ -71,6 +86,23 @@ def hosts(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., HostProcess]]
     yield start
     for host in started:
         host.close()
+    for pid in keep.read_text().split() if keep.exists() else []:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGTERM)
+
+
+@pytest.fixture
+def hosts(namespaced: Callable[..., HostProcess]) -> Callable[..., HostProcess]:
+    """``hosts("host-a", [(device, mount_point)], **driver settings)``: a host process in its own
+    mount namespace, after mounting each device at its mount point there."""
+    need("losetup", "mkfs.ext4")
+
+    def start(host_id: str, mounts: Sequence[tuple[str, Path]], **settings: object) -> HostProcess:
+        setup = " && ".join(f"mkdir -p {shlex.quote(str(at))} && mount {shlex.quote(dev)} {shlex.quote(str(at))}"
+                            for dev, at in mounts) or "true"
+        return namespaced(host_id, setup, **settings)
+
+    return start
 
 
 def two_hosts(tmp_path: Path, hosts: Callable[..., HostProcess], device_a: str, device_b: str,
@@ -95,11 +127,12 @@ def test_two_hosts_mounting_one_ext4_at_different_points(tmp_path: Path, hosts: 
         assert f"{a_mnt}/vm/web1.qcow2 (ext4 " in refused["message"]  # the holder's path and identity
         records = holder_keys(kv, prefix)
         identity = {r["identity"] for r in records.values()}
-        assert len(identity) == 1 and next(iter(identity)).startswith("fs-uuid://")
-        # identity key + legacy path key of host-a's path, one grant
+        assert len(identity) == 1 and next(iter(identity)).startswith("dir://")
+        with mounted(tmp_path / "look", device) as look:
+            name = f"fs-uuid://{blkid(device)}/inode/{(look / 'vm' / 'web1.qcow2').stat().st_ino}"
+        # identity key (directory id) + name + legacy path key of host-a's path, one grant
         assert sorted(k.rsplit("/", 2)[-2] for k in records) == sorted(
-            [hashlib.sha256(b"disk\0" + next(iter(identity)).encode()).hexdigest(),
-             legacy_rid(f"{a_mnt}/vm/web1.qcow2")])
+            [rid(next(iter(identity))), rid(name), legacy_rid(f"{a_mnt}/vm/web1.qcow2")])
         a.ok("release", obj="web1")
         b.ok("acquire", obj="copy")
 
@@ -145,34 +178,46 @@ def test_fuse_mount_at_two_points_is_one_disk(tmp_path: Path, sshd: tuple[int, P
         first.add_resource(D, str(a / "vm" / "disk.img"))
         first.acquire()
         (held,) = first.held()
-        assert held.identity == f"{a}/vm/disk.img (sshfs://store1{export}/vm/disk.img)"
+        assert held.identity.startswith(f"{a}/vm/disk.img (sshfs://store1{export}/vm/disk.img, dir ")
         other = plugin.new_object(uuid=new_uuid(), name="other")
         other.add_resource(D, str(b / "disk.img"))
-        with pytest.raises(v.ResourceBusyError, match=rf"sshfs://store1{export}/vm/disk.img\) is held"):
+        with pytest.raises(v.ResourceBusyError, match=rf"sshfs://store1{export}/vm/disk.img, dir \w+\) is held"):
             other.acquire()
         other.free()
         first.release()
         first.free()
 
 
-def test_strict_identity_refuses_a_disk_on_tmpfs(tmp_path: Path, make_driver: Callable[..., v.Plugin]) -> None:
+def test_strict_identity_refuses_a_disk_whose_directory_cannot_carry_an_id(
+        tmp_path: Path, make_driver: Callable[..., v.Plugin], kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """The default: a disk in a directory this host can neither read an id from nor create one in
+    (a read-only view, as a root-squashed NFS client has) is refused naming the directory and what
+    to do, and nothing is written; a tmpfs disk (no UUID, no network name) has a directory id."""
     need("mount")
     with mounted(tmp_path / "t", "-t", "tmpfs", "-o", "size=1m", "tmpfs") as t:
-        (t / "disk.img").write_bytes(b"x")
-        plugin = make_driver("host-a", strict_identity=True)
-        obj = plugin.new_object(uuid=new_uuid(), name="web1")
-        obj.add_resource(D, str(t / "disk.img"))
-        with pytest.raises(v.ValidationError, match=r"tmpfs.*set identity_map") as err:
-            obj.acquire()
-        assert str(t / "disk.img") in str(err.value)
-        obj.free()
-        mapped = make_driver("host-b", strict_identity=True, identity_map={str(t): "scratch://t"})
-        ok = mapped.new_object(uuid=new_uuid(), name="web1")
-        ok.add_resource(D, str(t / "disk.img"))
-        ok.acquire()
-        assert ok.held()[0].identity == f"{t}/disk.img (scratch://t/disk.img)"
-        ok.release()
-        ok.free()
+        (t / "vm").mkdir()
+        (t / "vm" / "disk.img").write_bytes(b"x")
+        with mounted(tmp_path / "ro", "--bind", "-o", "ro", str(t)) as ro:
+            plugin = make_driver("host-a")
+            obj = plugin.new_object(uuid=new_uuid(), name="web1")
+            obj.add_resource(D, str(ro / "vm" / "disk.img"))
+            with pytest.raises(v.ValidationError, match=rf"no cluster-wide identity for {ro}/vm/disk.img .*"
+                                                        rf"{ro}/vm has no directory id .*Read-only file system.*"
+                                                        r"identity_map") as err:
+                obj.acquire()
+            assert "\n" not in str(err.value) and not holder_keys(kv, prefix)
+            obj.free()
+            ok = plugin.new_object(uuid=new_uuid(), name="web1")
+            ok.add_resource(D, str(t / "vm" / "disk.img"))
+            ok.acquire()
+            assert ok.held()[0].identity.startswith(f"{t}/vm/disk.img (dir ")
+            again = plugin.new_object(uuid=new_uuid(), name="web2")  # now the read-only view reads the id
+            again.add_resource(D, str(ro / "vm" / "disk.img"))
+            with pytest.raises(v.ResourceBusyError, match=r"held exclusive by domain web1"):
+                again.acquire()
+            again.free()
+            ok.release()
+            ok.free()
 
 
 def test_mapping_wins_over_automatic_resolution(tmp_path: Path, make_driver: Callable[..., v.Plugin],
@@ -184,9 +229,13 @@ def test_mapping_wins_over_automatic_resolution(tmp_path: Path, make_driver: Cal
         obj.add_resource(D, str(m / "web1.qcow2"))
         obj.acquire()
         state = json.loads(obj.inquire().partition(" ")[2])
-        assert [r["res"] for r in state["res"]] == [f"{m}/web1.qcow2 (san://pool1/web1.qcow2)"]
-        (record,) = holder_keys(kv, prefix).values()  # legacy_path_keys off: one key
-        assert record["identity"] == "san://pool1/web1.qcow2" and record["path"] == str(m / "web1.qcow2")
+        shown = {r["res"] for r in state["res"]}
+        assert len(shown) == 1 and next(iter(shown)).startswith(f"{m}/web1.qcow2 (san://pool1/web1.qcow2, dir ")
+        records = holder_keys(kv, prefix)  # legacy_path_keys off: the directory id and the mapped name
+        assert sorted(k.rsplit("/", 2)[-2] for k in records) == sorted(
+            [rid(next(iter(records.values()))["identity"]), rid("san://pool1/web1.qcow2")])
+        record = next(r for r in records.values() if "legacy" not in r)
+        assert record["identity"].startswith("dir://") and record["path"] == str(m / "web1.qcow2")
         assert [h.resource for h in plugin.driver.status().resources] == [record["res"]]
         obj.release()
         obj.free()
@@ -241,25 +290,27 @@ def test_legacy_path_keys_exclude_hosts_of_the_previous_release(
         obj.free()
 
 
-def test_legacy_keys_halve_the_disks_per_transaction(tmp_path: Path,
-                                                     make_driver: Callable[..., v.Plugin]) -> None:
+def test_transaction_size_per_file_disk(tmp_path: Path, make_driver: Callable[..., v.Plugin]) -> None:
+    """A file disk takes its directory id and its name (2 keys, 4 operations), and its legacy path
+    key with legacy_path_keys (6 operations): 21 disks fit etcd's default 128 operations, 32 without."""
     need("mount", "losetup", "mkfs.ext4")
     names = [f"d{i}.img" for i in range(33)]
     with ext4_disks(tmp_path, *names) as device, mounted(tmp_path / "m", device) as m:
-        plugin = make_driver("host-a")
-        obj = plugin.new_object(uuid=new_uuid(), name="big")
-        for name in names:
-            obj.add_resource(D, str(m / name))
-        with pytest.raises(v.TransactionTooLargeError, match=r"33 resource.*legacy_path_keys is on.*about 32 "
-                                                              r"disks instead of 64"):
-            obj.acquire()
-        obj.free()
-        fits = plugin.new_object(uuid=new_uuid(), name="fits")
-        for name in names[:32]:
-            fits.add_resource(D, str(m / name))
-        fits.acquire()
-        fits.release()
-        fits.free()
+        for settings, fits in (({}, 21), ({"legacy_path_keys": False}, 32)):
+            plugin = make_driver(f"host-{fits}", **settings)
+            obj = plugin.new_object(uuid=new_uuid(), name="big")
+            for name in names[:fits + 1]:
+                obj.add_resource(D, str(m / name))
+            with pytest.raises(v.TransactionTooLargeError, match=rf"{fits + 1} resource.*A file disk takes two keys "
+                                                                  r"\(its directory id and its name\): about 32 disks"):
+                obj.acquire()
+            obj.free()
+            ok = plugin.new_object(uuid=new_uuid(), name="fits")
+            for name in names[:fits]:
+                ok.add_resource(D, str(m / name))
+            ok.acquire()
+            ok.release()
+            ok.free()
 
 
 def test_migration_claim_across_different_mount_paths(tmp_path: Path, hosts: Callable[..., HostProcess],
@@ -301,8 +352,8 @@ def test_migration_claim_of_another_disk_is_refused_naming_both(tmp_path: Path, 
         assert refused["error"] == "StaleStateError", refused
         uuid_a, uuid_b = (subprocess.run(["blkid", "-o", "value", "-s", "UUID", dev], capture_output=True,
                                          text=True, check=True).stdout.strip() for dev in (one, two))
-        assert f"{a_mnt}/web1.qcow2 (ext4 {uuid_a}:/web1.qcow2)" in refused["message"]
-        assert f"{b_mnt}/web1.qcow2 (ext4 {uuid_b}:/web1.qcow2)" in refused["message"]
+        assert f"{a_mnt}/web1.qcow2 (ext4 {uuid_a}:/web1.qcow2, dir " in refused["message"]
+        assert f"{b_mnt}/web1.qcow2 (ext4 {uuid_b}:/web1.qcow2, dir " in refused["message"]
         assert {k: val for k, val in dump(kv, prefix).items() if "/handoff/" not in k} == before
 
 
@@ -315,25 +366,27 @@ def test_a_lock_operation_checks_the_mount_table_once(tmp_path: Path, make_drive
     refresh = names.resolver._refresh
     monkeypatch.setattr(names.resolver, "_refresh", lambda: (checks.append(1), refresh())[1])
     obj = plugin.new_object(uuid=new_uuid(), name="many")
-    for n in range(40):
+    for n in range(20):
         (tmp_path / f"d{n}.img").write_bytes(b"")
         obj.add_resource(D, str(tmp_path / f"d{n}.img"))
     obj.acquire()
-    assert len(checks) == 1  # 40 disks, one look at the mount table
+    assert len(checks) == 1  # 20 disks, one look at the mount table
     state = obj.release()
     obj.acquire(state)
     assert len(checks) == 3
-    assert len({r["identity"] for r in holder_keys(kv, prefix).values()}) == 40
-    assert make_driver("host-b").driver.names is not names  # one per driver configuration
+    assert len({r["identity"] for r in holder_keys(kv, prefix).values()}) == 20
+    assert make_driver("host-b").driver.names is not names  # one per driver instance
+    assert plugin.driver.lockd(new_uuid(), "web1", None)._d.names is names  # the agent's way in too
     obj.release()
     obj.free()
 
 
 def test_prepare_refuses_what_a_claim_by_another_path_could_not_take(tmp_path: Path,
                                                                      hosts: Callable[..., HostProcess]) -> None:
-    # legacy keys on: a claim by another path writes 2 keys per disk (4 ops) and deletes the
-    # source's legacy key (1 op) + the marker: 25 disks need 126 of etcd's 128 operations, 26 need 131
-    names = [f"d{i}.img" for i in range(26)]
+    # legacy keys on: a file disk has 3 keys (directory id, name, path); a claim by a destination
+    # that names a disk differently writes its 3 keys (6 ops) and deletes the source's name and path
+    # keys (2 ops), + the marker: 15 disks need 121 of etcd's 128 operations, 16 need 129
+    names = [f"d{i}.img" for i in range(16)]
     with ext4_disks(tmp_path, *names) as device:
         a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, device, device)
         too_many = new_uuid()
@@ -341,12 +394,66 @@ def test_prepare_refuses_what_a_claim_by_another_path_could_not_take(tmp_path: P
         a.ok("acquire", obj="big")
         refused = a.call("prepare_migrate", obj="big", dest="host-b")
         assert refused["error"] == "TransactionTooLargeError", refused
-        assert "migration claim of 26 resource(s) needs 131 operations" in refused["message"]
+        assert "migration claim of 16 resource(s) needs 129 operations" in refused["message"]
         a.ok("release", obj="big")
         uuid = new_uuid()
-        a.ok("new", obj="fits", uuid=uuid, name="fits", disks=[f"{a_mnt}/{n}" for n in names[:25]])
+        a.ok("new", obj="fits", uuid=uuid, name="fits", disks=[f"{a_mnt}/{n}" for n in names[:15]])
         a.ok("acquire", obj="fits")
         state = a.ok("prepare_migrate", obj="fits", dest="host-b")["state"]
-        b.ok("new", obj="fits", uuid=uuid, name="fits", disks=[f"{b_mnt}/{n}" for n in names[:25]], migrate=True)
+        b.ok("new", obj="fits", uuid=uuid, name="fits", disks=[f"{b_mnt}/{n}" for n in names[:15]], migrate=True)
         b.ok("acquire", obj="fits", state=state)
         a.ok("complete_migrate_out", obj="fits")
+
+
+def test_a_reattached_session_knows_which_keys_belong_to_which_disk(tmp_path: Path,
+                                                                    make_driver: Callable[..., v.Plugin]) -> None:
+    """A restarted agent rebuilds its owners from the records on its lease: a disk's other keys
+    (its name, its legacy path key) stay marked as belonging to its identity key, as before the
+    restart (without it, a migration after an agent restart was refused and the held-disks
+    metric counted keys)."""
+    (tmp_path / "vm").mkdir()
+    disk = tmp_path / "vm" / "web1.qcow2"
+    disk.write_bytes(b"x")
+    plugin = make_driver("host-a")
+    obj = plugin.new_object(uuid=new_uuid(), name="web1")
+    obj.add_resource(D, str(disk))
+    obj.acquire()
+    session = plugin.driver.session
+    owner = session.owners.peek(obj.uuid)
+    assert owner is not None and len(owner.held) >= 2
+    before = {rid: h.rid for rid, h in owner.held.items()}
+    assert sum(1 for r in before.values() if r.legacy_of is None) == 1
+    owner.held.clear()
+    reattach.readopt_owners(session, plugin.driver.policy)
+    assert {rid: h.rid for rid, h in owner.held.items()} == before
+    obj.release()
+    obj.free()
+
+
+def test_a_resume_state_of_the_previous_release_covers_a_disk_by_its_name(
+        tmp_path: Path, make_driver: Callable[..., v.Plugin], kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """The previous release's states list a disk's name as its identity key (and the path key as
+    its legacy key), without the directory key: an upgraded host resumes such a state, its
+    directory key bound by the state's token."""
+    need("mount", "losetup", "mkfs.ext4")
+    with ext4_disks(tmp_path, "web1.qcow2") as device, mounted(tmp_path / "m", device) as m:
+        plugin = make_driver("host-a")
+        uuid = new_uuid()
+        obj = plugin.new_object(uuid=uuid, name="web1")
+        obj.add_resource(D, str(m / "web1.qcow2"))
+        obj.acquire()
+        mine = st.decode(obj.release())
+        obj.free()
+        (identity,) = [r for r in mine.resources if r.legacy is None]
+        name = next(r for r in mine.resources if r.legacy is not None and r.rid != legacy_rid(str(m / "web1.qcow2")))
+        path = next(r for r in mine.resources if r.rid == legacy_rid(str(m / "web1.qcow2")))
+        old = dataclasses.replace(mine, resources=(dataclasses.replace(name, legacy=None),
+                                                   dataclasses.replace(path, legacy=name.rid))).encode()
+        again = make_driver("host-b").new_object(uuid=uuid, name="web1")
+        again.add_resource(D, str(m / "web1.qcow2"))
+        again.acquire(old)
+        records = holder_keys(kv, prefix)
+        assert {k.rsplit("/", 2)[-2] for k in records} == {identity.rid, name.rid, path.rid}
+        assert {r["host"] for r in records.values()} == {"host-b"}
+        again.release()
+        again.free()

@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 
 from virtlease_etcd.identity import IdentityConfig, IdentityError, Resolver
 from virtlease_etcd.identity.blockdev import Roots, device_key, fs_uuid
+from virtlease_etcd.identity.dirid import MARKER
 
 
 def need(*tools: str) -> None:
@@ -101,15 +103,18 @@ def test_two_mounts_bind_mount_and_hard_link_one_identity(tmp_path: Path, fstype
                 assert resolver.parses > parses, "a new mount must be seen (poll on mountinfo)"
                 (m1 / "other.qcow2").write_bytes(b"other")
                 other = resolver.resolve(str(m1 / "other.qcow2"))
+                inode = disk.stat().st_ino
         expected = blkid_uuid(device)
-    assert len({f.key for f in found}) == 1, found
+    assert len({f.key for f in found[:3]}) == 1, found  # one directory, one id: two mounts and a bind mount
+    assert len({f.name for f in found}) == 1, found  # the hard link in another directory meets on the name
     first = found[0]
     assert first.kind == "filesystem" and not first.fallback
-    assert first.key.startswith("fs-uuid://") and first.key.endswith(f"/inode/{found[0].key.rsplit('/', 1)[1]}")
-    assert first.readable.endswith(":/images/web1.qcow2")
-    assert other.key != first.key
+    assert first.key.startswith("dir://") and first.key.endswith("/web1.qcow2") and found[3].key != first.key
+    assert first.name.startswith("fs-uuid://") and first.name.endswith(f"/inode/{inode}")
+    assert ":/images/web1.qcow2, dir " in first.readable
+    assert other.key != first.key and other.name != first.name
     if expected:
-        assert first.key.startswith(f"fs-uuid://{expected}/")
+        assert first.name.startswith(f"fs-uuid://{expected}/")
 
 
 def test_btrfs_subvolumes_with_equal_inode_numbers_differ(tmp_path: Path) -> None:
@@ -118,9 +123,9 @@ def test_btrfs_subvolumes_with_equal_inode_numbers_differ(tmp_path: Path) -> Non
             run("btrfs", "subvolume", "create", str(m / name))
             (m / name / "disk.img").write_bytes(name.encode())
         ino_a, ino_b = ((m / n / "disk.img").stat().st_ino for n in "ab")
-        key_a, key_b = (resolver.resolve(str(m / n / "disk.img")).key for n in "ab")
+        name_a, name_b = (resolver.resolve(str(m / n / "disk.img")).name for n in "ab")
     assert ino_a == ino_b  # btrfs numbers inodes per subvolume
-    assert key_a != key_b and "/subvol/" in key_a
+    assert name_a != name_b and "/subvol/" in name_a
 
 
 CHILD = """
@@ -130,7 +135,7 @@ device, target, rel = sys.argv[1:4]
 subprocess.run(["mount", device, target], check=True)
 try:
     found = Resolver().resolve(target + "/" + rel)
-    print(json.dumps({"key": found.key, "path": found.path}))
+    print(json.dumps({"key": found.key, "name": found.name, "path": found.path}))
 finally:
     subprocess.run(["umount", target], check=True)
 """
@@ -149,7 +154,8 @@ def test_other_mount_namespace_same_identity(tmp_path: Path) -> None:
         assert not os.path.ismount(elsewhere), "the child's mount must stay in its namespace"
     theirs = json.loads(out)
     assert theirs["path"] == str(elsewhere / "vm" / "disk.img")
-    assert theirs["key"] == mine.key and not mine.fallback
+    assert theirs["key"] == mine.key and not mine.fallback and mine.key.startswith("dir://")
+    assert theirs["name"] == mine.name and mine.name.startswith("fs-uuid://")
 
 
 def test_loop_device_is_named_by_its_backing_file(tmp_path: Path) -> None:
@@ -205,9 +211,12 @@ def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 
 @contextlib.contextmanager
-def sshfs(source: str, target: Path, port: int, key: Path) -> Iterator[Path]:
+def sshfs(source: str, target: Path, port: int, key: Path, *more: str) -> Iterator[Path]:
+    """sshfs of ``source`` on ``target``; ``more``: fuse options, such as ``fsname=gluster1:/vmstore``
+    and ``subtype=glusterfs`` (the kernel's mount table then shows ``fuse.glusterfs gluster1:/vmstore``)."""
     target.mkdir(parents=True, exist_ok=True)
-    options = f"IdentityFile={key},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,port={port}"
+    options = ",".join([f"IdentityFile={key},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,port={port}",
+                        *more])
     run("sshfs", "-o", options, source, str(target))
     try:
         yield target
@@ -230,21 +239,45 @@ def test_sshfs_two_mount_points_one_identity(tmp_path: Path, sshd: tuple[int, Pa
     ):
         assert (a / "vm" / "disk.img").read_bytes() == (b / "disk.img").read_bytes() == b"x"
         one, two = resolver.resolve(str(a / "vm" / "disk.img")), resolver.resolve(str(b / "disk.img"))
-    assert one.key == two.key == f"sshfs://store1{export}/vm/disk.img"
+    assert one.name == two.name == f"sshfs://store1{export}/vm/disk.img"
+    assert one.key == two.key and one.key.startswith("dir://")
     assert one.kind == "network" and not one.fallback
 
 
-def test_tmpfs_falls_back_or_raises_when_strict(tmp_path: Path) -> None:
+def test_tmpfs_file_has_a_directory_id_and_its_path_as_name(tmp_path: Path) -> None:
     need("mount")
     with mounted(tmp_path / "t", "-t", "tmpfs", "-o", "size=1m", "tmpfs") as t:
         (t / "disk.img").write_bytes(b"x")
         found = Resolver().resolve(str(t / "disk.img"))
-        with pytest.raises(IdentityError, match=r"tmpfs.*configure an identity mapping") as err:
-            Resolver(IdentityConfig(strict=True)).resolve(str(t / "disk.img"))
         mapped = Resolver(IdentityConfig(mappings={str(t): "scratch://t"})).resolve(str(t / "disk.img"))
-    assert found.fallback and found.kind == "path" and found.key == f"path://{t}/disk.img"
-    assert str(t / "disk.img") in str(err.value)
-    assert mapped.key == "scratch://t/disk.img" and not mapped.fallback
+    assert not found.fallback and found.kind == "path" and found.key.startswith("dir://")
+    assert found.name == f"path://{t}/disk.img"
+    assert mapped.key == found.key and mapped.name == "scratch://t/disk.img" and mapped.kind == "mapped"
+
+
+def test_a_directory_that_cannot_carry_an_id_is_refused_when_strict(tmp_path: Path) -> None:
+    """A read-only view of a directory without an id (as a root-squashed NFS client sees one):
+    strict refuses naming the directory and what to do; not strict, the name; a mapping, the mapping;
+    once the id exists (made through a writable view) the read-only view reads it."""
+    need("mount")
+    (tmp_path / "rw" / "vm").mkdir(parents=True)
+    (tmp_path / "rw" / "vm" / "disk.img").write_bytes(b"x")
+    with mounted(tmp_path / "ro", "--bind", "-o", "ro", str(tmp_path / "rw")) as ro:
+        disk = str(ro / "vm" / "disk.img")
+        with pytest.raises(IdentityError) as err:
+            Resolver().resolve(disk)
+        assert not (tmp_path / "rw" / "vm" / MARKER).exists()
+        loose = Resolver(IdentityConfig(strict=False)).resolve(disk)
+        mapped = Resolver(IdentityConfig(mappings={str(ro): "san://pool"})).resolve(disk)
+        made = Resolver().resolve(str(tmp_path / "rw" / "vm" / "disk.img"))
+        now = Resolver().resolve(disk)
+    message = str(err.value)
+    assert "\n" not in message and disk in message and f"{ro}/vm has no directory id" in message
+    assert "Read-only file system" in message and f"virtlease identity {ro}/vm" in message
+    assert "identity_map" in message and "strict_identity = false" in message
+    assert loose.key == loose.name == f"path://{disk}" and loose.fallback
+    assert mapped.key == mapped.name == "san://pool/vm/disk.img" and not mapped.fallback
+    assert now.key == made.key and now.key.startswith("dir://")
 
 
 def test_superblock_read_when_nothing_else_answers(tmp_path: Path) -> None:
@@ -283,3 +316,85 @@ def test_by_id_and_by_uuid_links(tmp_path: Path) -> None:
     bare = Roots(sysfs=str(tmp_path / "sysfs-without-wwid"), dev=str(dev), udev=roots.udev)
     assert device_key(bare, 8, 33).key == "wwid://naa.600a098038303053453f463045727a41-part1"
     assert fs_uuid(roots, "xfs", 253, 0, None, None) == ("0b7e2e2c-4c43-4e0b-9f8a-1a2b3c4d5e6f", "by-uuid")
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_a_cloned_file_system_is_refused_naming_both(tmp_path: Path, fstype: str) -> None:
+    """Two devices of this host carry one file-system UUID (a dd copy; xfs mounts it only with
+    nouuid): a disk on either is refused, strict or not, naming both, until the copy is mounted
+    read-only (a snapshot mounted for a backup) or gets a new UUID."""
+    clone_opts = ("-o", "nouuid") if fstype == "xfs" else ()
+    with filesystem(tmp_path, fstype) as device:
+        with mounted(tmp_path / "seed", device) as seed:
+            (seed / "web1.qcow2").write_bytes(b"disk")
+        run("cp", "--sparse=always", str(tmp_path / f"{fstype}.img"), str(tmp_path / "copy.img"))
+        with (loop_device(tmp_path / "copy.img") as copy, mounted(tmp_path / "orig", device) as orig):
+            with mounted(tmp_path / "clone", *clone_opts, copy) as clone:
+                for config in (IdentityConfig(), IdentityConfig(strict=False)):
+                    for disk, mine, theirs in ((orig, device, copy), (clone, copy, device)):
+                        with Resolver(config) as resolver, pytest.raises(IdentityError) as err:
+                            resolver.resolve(str(disk / "web1.qcow2"))
+                        message = str(err.value)
+                        assert "\n" not in message and "two devices of this host carry file system" in message
+                        assert f"{mine} (" in message and f"{theirs} (" in message and str(orig) in message
+                        assert str(clone) in message and "new UUID" in message and "read-only" in message
+            with mounted(tmp_path / "clone", "-o", ",".join(["ro", *clone_opts[1:]]), copy):
+                found = Resolver().resolve(str(orig / "web1.qcow2"))
+    assert found.key.startswith("dir://") and found.name.startswith("fs-uuid://")
+
+
+def test_a_bind_mount_of_one_file_is_found_in_its_directory(tmp_path: Path) -> None:
+    """A disk that is itself a mount point (a bind mount of one file): its directory is found through
+    another mount of its file system; with none, it is refused (strict) rather than guessed."""
+    with filesystem(tmp_path, "ext4") as device, mounted(tmp_path / "m", device) as m:
+        (m / "vm").mkdir()
+        (m / "vm" / "web1.qcow2").write_bytes(b"x")
+        alone = tmp_path / "alone.qcow2"
+        alone.write_bytes(b"")
+        run("mount", "--bind", str(m / "vm" / "web1.qcow2"), str(alone))
+        try:
+            through, direct = Resolver().resolve(str(alone)), Resolver().resolve(str(m / "vm" / "web1.qcow2"))
+            assert through.key == direct.key and through.name == direct.name
+            run("umount", str(m))  # the file's own mount is all that is left of its file system
+            with pytest.raises(IdentityError, match="a bind mount of one file"):
+                Resolver().resolve(str(alone))
+            assert Resolver(IdentityConfig(strict=False)).resolve(str(alone)).name == direct.name
+        finally:
+            subprocess.run(["umount", str(alone)], check=False, capture_output=True)
+
+
+def test_directory_ids_through_sshfs_and_locally_are_one(tmp_path: Path, sshd: tuple[int, Path]) -> None:
+    """Created through sshfs and read locally, and created by both views at once: one id (a create
+    that lost the race through sshfs fails with EPERM, not EEXIST: SFTP v3 has no "exists")."""
+    port, key = sshd
+    export = tmp_path / "export"
+    (export / "first").mkdir(parents=True)
+    (export / "first" / "disk.img").write_bytes(b"x")
+    with sshfs(f"root@127.0.0.1:{export}", tmp_path / "net", port, key) as net:
+        remote = Resolver().resolve(str(net / "first" / "disk.img"))
+        assert (export / "first" / MARKER).exists()
+        assert Resolver().resolve(str(export / "first" / "disk.img")).key == remote.key
+        for n in range(12):
+            (export / f"d{n}").mkdir()
+            (export / f"d{n}" / "disk.img").write_bytes(b"x")
+            views = [str(net / f"d{n}" / "disk.img"), str(export / f"d{n}" / "disk.img")] * 3
+            found: list[str] = []
+
+            def one(disk: str, out: list[str] = found) -> None:
+                out.append(Resolver().resolve(disk).key)
+
+            threads = [threading.Thread(target=one, args=(view,)) for view in views]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(found) == len(views) and len(set(found)) == 1, (n, found)
+
+
+def test_a_replaced_directory_id_is_seen_at_the_next_lock_operation(tmp_path: Path) -> None:
+    (tmp_path / "disk.img").write_bytes(b"x")
+    with Resolver() as resolver:
+        first = resolver.resolve_many([str(tmp_path / "disk.img")])[0].key
+        os.unlink(tmp_path / MARKER)
+        (tmp_path / MARKER).write_text(f"virtlease-dir-id 1 {'cd' * 16}\n")
+        assert resolver.resolve_many([str(tmp_path / "disk.img")])[0].key == f"dir://{'cd' * 16}/disk.img" != first

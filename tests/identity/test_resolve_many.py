@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from virtlease_etcd.identity import IdentityConfig, IdentityError, Resolver
+from virtlease_etcd.identity.dirid import MARKER
 
 
 def test_resolve_many_agrees_with_resolve_through_symlinks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,7 +31,12 @@ def test_resolve_many_agrees_with_resolve_through_symlinks(tmp_path: Path, monke
 
 
 def test_resolve_many_names_the_path_given_when_strict(tmp_path: Path) -> None:
+    for name in ("ok", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a").write_bytes(b"x")
+    (tmp_path / "other" / MARKER).symlink_to("/dev/null")  # a directory id must be a regular file
     with Resolver(IdentityConfig(strict=True, mappings={str(tmp_path / "ok"): "x://ok"})) as resolver:
-        assert resolver.resolve_many([str(tmp_path / "ok" / "a")])[0].key == "x://ok/a"
-        with pytest.raises(IdentityError, match=rf"disk '{tmp_path}/other/b': no cluster-wide identity"):
-            resolver.resolve_many([str(tmp_path / "ok" / "a"), str(tmp_path / "other" / "b")])
+        assert resolver.resolve_many([str(tmp_path / "ok" / "a")])[0].name == "x://ok/a"
+        with pytest.raises(IdentityError, match=rf"disk '{tmp_path}/other/a': no cluster-wide identity .*"
+                                                 r"it must be a regular file, not a symlink"):
+            resolver.resolve_many([str(tmp_path / "ok" / "a"), str(tmp_path / "other" / "a")])

@@ -52,7 +52,7 @@ def _check_round(env: AgentRig, disk_of: dict[Dom, str], refused: dict[Dom, str]
         assert f"domain {n} " in err and f"on host host{h}" in err, f"{what}: {dom} refused naming another holder: {err}"
 
     def etcd_matches() -> bool:
-        held = {(h.host, h.domain_name, h.resource) for h in env.holders(*(n for _, n in disk_of))}
+        held = {(h.host, h.domain_name, h.resource.split(" (")[0]) for h in env.holders(*(n for _, n in disk_of))}
         return held == {(f"host{h}", n, disk_of[(h, n)]) for h, n in running}
 
     wait_for(etcd_matches, 10, interval=0.1, what=f"{what}: etcd's holders to be exactly the running domains")

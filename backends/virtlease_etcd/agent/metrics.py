@@ -1,5 +1,17 @@
 """Prometheus metrics of the agent (``--metrics ADDR``), on a private registry.
 
+``virtlease_agent_session_state``          enum     ``valid`` / ``lost`` (the host's etcd session)
+``virtlease_agent_fence_deadline_seconds`` gauge    seconds until the session fences itself
+``virtlease_agent_keepalive_rtt_seconds``  hist.    round trip of each lease keepalive
+``virtlease_agent_requests_total``         counter  ACQUIRE/RELEASE by ``op`` and ``result``
+                                                    (granted, resumed, claimed, released, ...;
+                                                    refusals: busy, unavailable, lost, state,
+                                                    error)
+``virtlease_agent_owners``                 gauge    QEMUs tracked (running) by this agent
+``virtlease_agent_held_disks``             gauge    disks held on this host's lease (each
+                                                    locked under one or more keys)
+=========================================  =======  ==========================================
+=======
 ==================================================  =========  =======================================
 ``virtlease_build_info{version,python,...}``        info       1; the versions running (virtlease,
                                                                Python, python3-etcd3, grpcio)
@@ -26,7 +38,8 @@
                                                                status probe with a leader, else 0
 ``virtlease_agent_etcd_endpoint_rtt_seconds``       gauge      that probe's round trip (``{endpoint}``)
 ``virtlease_agent_owners``                          gauge      QEMUs tracked (running) by this agent
-``virtlease_agent_held_disks``                      gauge      records held on this host's lease
+``virtlease_agent_held_disks``                      gauge      disks held on this host's lease (each
+                                                               locked under one or more keys)
 ==================================================  =========  =======================================
 
 What a caller may rely on: gauges are read when scraped, from the session in place then (a lost
@@ -115,8 +128,8 @@ class Metrics:
                                   ["endpoint"], registry=r)
         Gauge("virtlease_agent_owners", "QEMUs tracked by this agent",
               registry=r).set_function(lambda: len(backend.owners()))
-        Gauge("virtlease_agent_held_disks", "Records held on this host's lease", registry=r).set_function(
-            lambda: sum(len(o.held) for o in self.session.owners.all()))
+        Gauge("virtlease_agent_held_disks", "Disks held on this host's lease", registry=r).set_function(
+            lambda: sum(1 for o in self.session.owners.all() for h in o.held.values() if h.rid.legacy_of is None))
         for state in SESSION_STATES:
             self.state.labels(state)
         self._watched: HostSession | None = None

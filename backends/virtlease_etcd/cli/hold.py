@@ -281,8 +281,10 @@ def _hold(settings: Settings, name: str, domain_uuid: str, wanted: list[Wanted],
             for found in host_only_disks(plugin.driver.cfg, [w.name for w in wanted if w.type is v.ResourceType.DISK
                                                              and not w.flags & v.ResourceFlags.READONLY]):
                 warn(f"disk {found.path} has no cluster-wide identity: held as path://{found.path}, this host's "
-                     "path only; a host reaching it by another path is not excluded (set identity_map for its "
-                     "storage, or strict_identity to refuse such disks)")
+                     "path only; a host reaching it by another path is not excluded (" + (
+                         "it does not exist yet" if not os.path.lexists(found.path) else
+                         "its directory can carry no id: set identity_map for its storage, or turn "
+                         "strict_identity on to refuse such disks") + ")")
             summary = held_summary(obj, wanted, host, plugin.driver.session.lease_id)
             print_line(json.dumps(summary, sort_keys=True) if as_json else held_line(summary))
             stopper.wait()

@@ -1,23 +1,29 @@
 """How this host names its storage, for ``check`` and ``hold``: what the identity resolver reports,
 said plainly.
 
-A disk on storage the resolver cannot name cluster-wide (tmpfs, overlay, a local file system
-without a UUID) is locked under ``path://<real path>``: this host's path only, so a host that
-reaches the same file by another path is not excluded.  ``check`` lists the storage roots this
-host sees (its mount points, and the ``identity_map`` prefixes) with the name a disk there gets;
-``hold`` warns for each such disk it holds.  Nothing here changes how a disk is named
-(``identity``, ``ops/disks.py``): it only asks the resolver.
+A file disk is locked under the id its directory carries (``.virtlease-id``), cluster-wide, and
+under this host's name for it.  Where a directory can carry no id (a read-only view, root
+squashed on NFS) such a disk is refused (``strict_identity``, the default), locked under its
+mapped name (``identity_map``), or -- ``strict_identity`` off -- under this host's name only; a
+path that does not exist is locked under ``path://<real path>``: this host's path only, so a
+host that reaches the same file by another path is not excluded.  ``check`` lists the storage
+roots this host sees (its mount points, and the ``identity_map`` prefixes) with what a disk
+there gets, writing nothing; ``hold`` warns for each disk it holds by this host's path only.
+Nothing here changes how a disk is named (``identity``, ``ops/disks.py``): it only asks the
+resolver.
 
 See docs/DESIGN.md §8 (Resource identity).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.identity import DiskIdentity, IdentityError, Resolver
+from virtlease_etcd.identity.dirid import stamp
 from virtlease_etcd.identity.mountinfo import parse_mountinfo
 from virtlease_etcd.ops.disks import identity_config
 
@@ -37,7 +43,7 @@ class Root:
     fstype: str
     source: str
     naming: str
-    """The identity a disk there gets, as the resolver reports it (or why it has none)."""
+    """What a disk there is locked under, as the resolver reports it (or why it is refused)."""
     cluster_wide: bool
 
 
@@ -51,19 +57,38 @@ def host_only_disks(cfg: EtcdConfig, paths: Sequence[str]) -> list[DiskIdentity]
 
 
 def describe(found: DiskIdentity) -> str:
-    """How a disk named ``found`` is named, in words."""
+    """What this host calls a disk named ``found``, in words."""
     if found.fallback:
-        return f"path://<real path>: {found.path} and below, this host only"
+        return f"path://<real path> ({found.path} and below: this host's path only)"
     if found.kind == "filesystem":
-        return f"file-system UUID + inode ({found.readable.split(':', 1)[0]}): cluster-wide"
+        return f"file-system UUID + inode ({found.readable.split(':', 1)[0]})"
     if found.kind in ("network", "mapped"):
-        return f"{found.key}/...: cluster-wide" + (" (identity_map)" if found.kind == "mapped" else "")
-    return f"{found.kind} {found.key}: cluster-wide"
+        return f"{found.key}/..." + (" (identity_map)" if found.kind == "mapped" else "")
+    return f"{found.kind} {found.key}"
+
+
+def naming(found: DiskIdentity, path: str, strict: bool) -> tuple[str, bool]:
+    """What a disk under root ``path`` (named ``found``) is locked under, and whether that is
+    cluster-wide: a directory id where directories there can carry one (one is there, or this host
+    may write), else the mapped name, else a refusal (strict) or this host's name only."""
+    name = describe(found)
+    if not os.path.isdir(path):  # an identity_map prefix not mounted here
+        return (f"{name}: cluster-wide", True) if not found.fallback else (f"{name}: not here", False)
+    if stamp(path) is not None or os.access(path, os.W_OK):
+        return f"directory ids, cluster-wide (named {name} besides)", True
+    cannot = "no directory id can be made here (read-only, or root squashed)"
+    if found.kind == "mapped":
+        return f"{name}: cluster-wide; {cannot}", True
+    if strict:
+        return (f"refused (strict_identity): {cannot}; run `virtlease identity DIR` where it is writable, or "
+                f"set identity_map (named {name})"), False
+    return f"{name}: this host's name only; {cannot}", False
 
 
 def storage_roots(cfg: EtcdConfig, mountinfo: str = "/proc/self/mountinfo") -> list[Root]:
     """Every mount point that may hold disks (not kernel interfaces, not under /proc, /sys, /dev,
-    /run) and every ``identity_map`` prefix, each with the name the resolver gives it."""
+    /run) and every ``identity_map`` prefix, each with what a disk there is locked under.  Nothing
+    is written (no directory id is made)."""
     with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
         mounts = [m for m in parse_mountinfo(fh.read()) if m.fstype not in PSEUDO_FS
                   and not any(m.mount_point == d or m.mount_point.startswith(d + "/") for d in SYSTEM_DIRS)]
@@ -73,9 +98,10 @@ def storage_roots(cfg: EtcdConfig, mountinfo: str = "/proc/self/mountinfo") -> l
     with Resolver(identity_config(cfg)) as resolver:
         for path, fstype, source in dict.fromkeys(roots):
             try:
-                found = resolver.resolve(path)  # the root itself: it exists, and nothing is written
+                found = resolver.name(path)  # the root itself: it exists, and nothing is written
             except IdentityError as exc:
-                out.append(Root(path, fstype, source, f"refused (strict_identity): {exc}", False))
+                out.append(Root(path, fstype, source, f"refused: {exc}", False))
                 continue
-            out.append(Root(path, fstype, source, describe(found), not found.fallback))
+            said, cluster_wide = naming(found, path, cfg.strict_identity)
+            out.append(Root(path, fstype, source, said, cluster_wide))
     return out

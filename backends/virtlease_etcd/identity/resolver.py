@@ -3,28 +3,47 @@
 A caller may rely on:
 
 * :meth:`Resolver.resolve` returning a :class:`DiskIdentity` whose ``key``
-  is the same on every host for the same storage object, whatever the mount
-  point, bind mount, hard link or symlink used to reach it, and whose
-  ``readable`` says the same in words (for logs and holders' values);
-* the ``key`` forms (``kind`` in brackets):
+  is the same on every host that reaches the same storage object, whatever
+  the mount point, protocol, server name, bind mount or symlink used to
+  reach it, and whose ``readable`` says what this host calls it in words
+  (for logs and holders' values);
+* the ``key`` forms:
 
-  - ``<configured prefix>/<rest>`` (``mapped``): the longest configured path
-    prefix of the real path wins, before anything automatic;
-  - ``nfs|smb|ceph|glusterfs|sshfs://<server>/<path>`` (``network``);
-  - ``fs-uuid://<uuid>/inode/<n>`` (``filesystem``; btrfs adds
-    ``/subvol/<id>`` before ``/inode``) for a file on ext2/3/4, xfs, btrfs,
-    ocfs2, gfs2, f2fs or jfs;
-  - ``wwid://…``, ``lvm://<vg>/<lv>``, ``luks://…``, ``dm-uuid://…``,
-    ``serial://<by-id name>`` (``block``) for a block device node, with
-    ``-part<N>`` for a partition; a loop device gets its backing file's key
-    with ``?loop-offset=<n>`` when the offset is not 0;
-  - ``path://<real path>`` (``path``, ``fallback=True``) for anything else,
-    or :class:`IdentityError` instead when the resolver is strict;
+  - ``dir://<directory id>/<file name>`` for a file (or any non-block
+    path) that exists: the id its directory carries
+    (:mod:`virtlease_etcd.identity.dirid`), the same through every view
+    (the name case-folded in a directory the storage looks up without
+    regard to case);
+  - for a block device node, the storage's own name: ``wwid://…``,
+    ``lvm://<vg>/<lv>``, ``luks://…``, ``dm-uuid://…``,
+    ``serial://<by-id name>``, with ``-part<N>`` for a partition; a loop
+    device gets its backing file's identity (``?loop-offset=<n>`` added
+    when the offset is not 0);
+  - the disk's *name* (below) for a path that does not exist (nothing can
+    have it open), and, when the directory can carry no id, for a mapped
+    path, or for anything when not strict;
 
+* ``name``: what this host calls the disk, the identity key of the previous
+  release (kept so both releases' hosts exclude each other, and so hard
+  links are one disk): ``<configured prefix>/<rest>`` (``mapped``: the
+  longest configured path prefix wins), ``nfs|smb|ceph|glusterfs|sshfs://
+  <server>/<path>`` (``network``), ``fs-uuid://<uuid>/inode/<n>``
+  (``filesystem``; btrfs adds ``/subvol/<id>``) on ext2/3/4, xfs, btrfs,
+  ocfs2, gfs2, f2fs or jfs, a block device's key (``block``), else
+  ``path://<real path>`` (``path``);
+* strictness (:attr:`IdentityConfig.strict`, the default): a disk that
+  exists and has no cluster-wide key (a file whose directory can carry no
+  id and that no mapping names, a block device without a stable name)
+  raises :class:`IdentityError` naming it, why and what to configure;
+  when not strict it is locked under its name and a warning is logged;
+* a file on a file system whose UUID another mounted, writable file system
+  of this host shares (a clone) raising :class:`IdentityError` naming both,
+  strict or not: neither its name nor its directory id can be trusted;
 * the mount table being read once and re-read only after it changed (the
   kernel marks ``/proc/self/mountinfo`` with ``POLLPRI``; another file, such
   as a test sample, is re-read when its inode, size or mtime changes), and
-  facts per mount and device being kept until then;
+  facts per mount, device and directory being kept until then (a directory
+  id is re-checked with one ``lstat`` per call);
 * nothing else: a ``Resolver`` is neither thread- nor fork-safe (its
   mountinfo descriptor is shared with a child): use one per thread and
   process, and :meth:`Resolver.close` it (or use it as a context manager).
@@ -41,6 +60,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .blockdev import BlockKey, Roots, btrfs_subvolume, device_key, fs_uuid
+from .dirid import MARKER, DirIdError, Stamp, folds_case, read_or_create, stamp
 from .mountinfo import MountEntry, MountTable, parse_mountinfo
 from .network import DEFAULT_NETWORK_FUSE, NetworkLocation, network_location
 
@@ -61,13 +81,35 @@ class DiskIdentity:
     key: str
     """What the lock key is derived from; equal on every host for one object."""
     readable: str
-    """The same, for people: host-independent where possible."""
+    """What this host calls it, for people (plus ``, dir <id>`` when ``key`` is a directory key)."""
     kind: str
-    """``mapped``, ``network``, ``filesystem``, ``block`` or ``path``."""
+    """The kind of ``name``: ``mapped``, ``network``, ``filesystem``, ``block`` or ``path``."""
     path: str
     """The real path this host resolved."""
     fallback: bool
     """True when ``key`` is only this host's real path (not cluster-wide)."""
+    name: str = ""
+    """What this host calls the disk (the previous release's key; ``key`` itself when no
+    directory key); a ``path://`` name is this host's real path."""
+
+
+@dataclass(frozen=True)
+class _Named:
+    """A disk's name, before its directory id."""
+
+    key: str
+    readable: str
+    kind: str
+    why: str = ""
+    """For a ``path`` name: why nothing better was found."""
+
+    @property
+    def fallback(self) -> bool:
+        return self.kind == "path"
+
+    def identity(self, real: str) -> DiskIdentity:
+        """The identity when the name is all there is."""
+        return DiskIdentity(self.key, self.readable, self.kind, real, self.fallback, self.key)
 
 
 @dataclass(frozen=True)
@@ -78,8 +120,9 @@ class IdentityConfig:
     """Server name or address (any case) -> the one name to use, e.g. ``{"10.0.0.5": "filer1"}``."""
     mappings: Mapping[str, str] = field(default_factory=dict)
     """Absolute path prefix -> identity prefix, e.g. ``{"/mnt/pool": "san://pool1"}``."""
-    strict: bool = False
-    """Raise :class:`IdentityError` instead of falling back to ``path://``."""
+    strict: bool = True
+    """Raise :class:`IdentityError` for a disk that exists and has no cluster-wide key, instead
+    of locking it under its name (see the module doc)."""
     network_fuse: Collection[str] = DEFAULT_NETWORK_FUSE
     """Fuse subtypes (``fuse.<name>``) whose source is ``[user@]host:path``."""
 
@@ -118,6 +161,9 @@ class Resolver:
         self._network: dict[int, NetworkLocation | None] = {}
         self._uuids: dict[tuple[str, int], tuple[str, str] | None] = {}
         self._blocks: dict[tuple[int, int], BlockKey] = {}
+        self._dir_ids: dict[str, tuple[Stamp | None, str, bool]] = {}
+        self._dev_uuids: dict[str, str | None] = {}
+        self._clones: dict[str, list[MountEntry]] = {}
         self.parses = 0
         """How many times the mount table was parsed (for tests and the benchmark)."""
 
@@ -149,10 +195,10 @@ class Resolver:
                 return
         elif self._poll is None and not self._mountinfo_path.startswith("/proc/"):
             st = os.stat(self._mountinfo_path)
-            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-            if self._text is not None and stamp == self._stamp:
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._text is not None and seen == self._stamp:
                 return
-            self._stamp = stamp
+            self._stamp = seen
         elif self._text is None:
             self._fd = os.open(self._mountinfo_path, os.O_RDONLY | os.O_CLOEXEC)
             self._poll = select.poll()
@@ -167,6 +213,9 @@ class Resolver:
         self._network.clear()
         self._uuids.clear()
         self._blocks.clear()
+        self._dir_ids.clear()
+        self._dev_uuids.clear()
+        self._clones.clear()
 
     def mount_of(self, real: str) -> MountEntry | None:
         """The mount holding real path ``real`` (cached per directory)."""
@@ -181,19 +230,35 @@ class Resolver:
     def resolve(self, path: str) -> DiskIdentity:
         """The identity of the disk at ``path`` (see the module doc)."""
         self._refresh()
-        return self._resolve(os.path.realpath(path), 0)
+        return self._resolve(os.path.realpath(path), 0, set())
+
+    def name(self, path: str) -> DiskIdentity:
+        """What this host calls ``path`` (the ``name`` :meth:`resolve` gives it), as its only key:
+        no directory id is read or made (``virtlease check`` describes storage roots with it; a
+        loop device is still named by its backing file's identity).  Never strict: raises
+        :class:`IdentityError` for a cloned file system only."""
+        self._refresh()
+        real = os.path.realpath(path)
+        try:
+            st: os.stat_result | None = os.stat(real)
+        except OSError:
+            st = None
+        named = self._name(real, st, self.mount_of(real), 0, set())
+        return named if isinstance(named, DiskIdentity) else named.identity(real)
 
     def resolve_many(self, paths: Sequence[str]) -> list[DiskIdentity]:
         """:meth:`resolve` of each path, for one lock operation's disks: the
-        mount table is checked once and each directory's real path found
-        once (a symlink in a path's last component is still followed).  An
+        mount table is checked once, each directory's real path found once
+        (a symlink in a path's last component is still followed) and each
+        directory id checked once.  An
         :class:`IdentityError` names the path as given."""
         self._refresh()
         dirs: dict[str, str] = {}
+        checked: set[str] = set()
         out = []
         for path in paths:
             try:
-                out.append(self._resolve(self._realpath(path, dirs), 0))
+                out.append(self._resolve(self._realpath(path, dirs), 0, checked))
             except IdentityError as exc:
                 raise IdentityError(f"disk {path!r}: {exc}") from None
         return out
@@ -215,41 +280,121 @@ class Resolver:
             pass  # as realpath: a missing name is kept as it is
         return joined
 
-    def _resolve(self, real: str, depth: int) -> DiskIdentity:
+    def _resolve(self, real: str, depth: int, checked: set[str]) -> DiskIdentity:
+        mount = self.mount_of(real)
+        try:
+            st: os.stat_result | None = os.stat(real)
+        except OSError as err:
+            st, missing = None, err
+        named = self._name(real, st, mount, depth, checked)
+        if isinstance(named, DiskIdentity):  # a loop device: its backing file's identity
+            return named
+        if st is None:
+            # Nothing can have a missing file open: it is locked under its name.
+            log.debug("%s does not exist (%s): locked under its name %s", real, missing, named.key)
+            return named.identity(real)
+        if stat.S_ISBLK(st.st_mode):  # its name is what the storage says (WWID, LVM uuid, ...)
+            if named.fallback:
+                self._refuse_or_warn(real, named.why)
+            return named.identity(real)
+        place = self._dir_of(real, mount)
+        try:
+            if place is None:
+                raise DirIdError(f"{real} is a mount point of its own (a bind mount of one file): its "
+                                 "directory on the storage is not reachable here; use the file's own path")
+            directory, file_name = place
+            dir_id, folded = self._dir_id(directory, checked)
+        except DirIdError as err:
+            if named.kind == "mapped":  # the operator named the storage: the mapping's word stands
+                log.debug("%s: no directory id (%s); locked under its mapped name", real, err)
+            else:
+                self._refuse_or_warn(real, f"no directory id: {err}")
+            return named.identity(real)
+        key = f"dir://{dir_id}/{file_name.casefold() if folded else file_name}"
+        return DiskIdentity(key, f"{named.readable}, dir {dir_id[:8]}", named.kind, real, False, named.key)
+
+    def _name(self, real: str, st: os.stat_result | None, mount: MountEntry | None, depth: int,
+              checked: set[str]) -> _Named | DiskIdentity:
+        """What this host calls the disk (the previous release's identity key)."""
         mapped = self._mapped(real)
         if mapped:
             return mapped
-        mount = self.mount_of(real)
         if mount is not None:
             network = self._network_location(mount)
-            if network is not None:  # no stat: the name is in the mount source
+            if network is not None:
                 key = network.key_for(self._below(real, mount))
-                return DiskIdentity(key, key, "network", real, False)
-        try:
-            st = os.stat(real)
-        except OSError as err:
-            where = f"{mount.fstype} mount {mount.source} on {mount.mount_point}" if mount else "no mount"
-            return self._fallback(real, mount.fstype if mount else "unknown", f"{where}; stat failed: {err}")
+                return _Named(key, key, "network")
+        where = f"{mount.fstype} mount {mount.source} on {mount.mount_point}" if mount else "no mount"
+        if st is None:
+            return self._path_name(real, "missing", f"{where}; it does not exist")
         if stat.S_ISBLK(st.st_mode):
-            found = self._block(real, st, depth)
+            found = self._block(real, st, depth, checked)
             if found:
                 return found
-            return self._fallback(real, "block device", "it has no WWID, dm uuid, by-id link or serial")
+            return self._path_name(real, "block device", "it has no WWID, dm uuid, by-id link or serial")
         if mount is None:
-            return self._fallback(real, "unknown", "no mount table entry holds it")
+            return self._path_name(real, "unknown", "no mount table entry holds it")
         if mount.fstype in BLOCK_FS_TYPES:
-            found = self._filesystem(real, st, mount, self._below(real, mount))
-            if found:
-                return found
-        where = f"{mount.fstype} mount {mount.source} on {mount.mount_point}"
-        return self._fallback(real, mount.fstype, where)
+            named = self._filesystem(real, st, mount, self._below(real, mount))
+            if named:
+                return named
+        return self._path_name(real, mount.fstype, where)
+
+    @staticmethod
+    def _path_name(real: str, fstype: str, where: str) -> _Named:
+        key = f"path://{real}"
+        return _Named(key, real, "path", f"{fstype}; {where}")
+
+    def _refuse_or_warn(self, real: str, why: str) -> None:
+        """A disk that exists and has no cluster-wide identity: refused when strict."""
+        if self.config.strict:
+            raise IdentityError(
+                f"no cluster-wide identity for {real} ({why}); nothing was locked. Name the storage with "
+                "identity_map (path prefix -> 'scheme://name', the same name on every host), or set "
+                "strict_identity = false to lock it under this host's name for it only (two hosts "
+                "reaching it by different views would then both be granted it)")
+        log.warning("%s has no cluster-wide identity (%s): locked under this host's name for it only "
+                    "(strict_identity is off)", real, why)
+
+    def _dir_of(self, real: str, mount: MountEntry | None) -> tuple[str, str] | None:
+        """The directory that holds ``real`` on its storage, as this host reaches it, and the
+        file's name in it; ``None`` when ``real`` is a mount point itself (a bind mount of one
+        file) and no other mount of its file system shows that directory."""
+        if mount is None or mount.mount_point != real:
+            return posixpath.dirname(real), posixpath.basename(real)
+        if self._network_location(mount) is not None:
+            return None  # network mounts do not tell their root within the export
+        inside, name = posixpath.split(posixpath.normpath(mount.root))
+        for other in self._table.by_dev(mount.dev):
+            root = posixpath.normpath(other.root)
+            if other is mount or not (inside == root or inside.startswith(root.rstrip("/") + "/")):
+                continue
+            candidate = posixpath.normpath(posixpath.join(other.mount_point, posixpath.relpath(inside, root)))
+            if self._table.find(candidate) is other:  # not hidden by another mount
+                return candidate, name
+        return None
+
+    def _dir_id(self, directory: str, checked: set[str]) -> tuple[str, bool]:
+        """The id of ``directory`` and whether it folds case: read once, then checked with one
+        ``lstat`` per lock operation."""
+        cached = self._dir_ids.get(directory)
+        if cached is not None and (directory in checked or stamp(directory) == cached[0]):
+            checked.add(directory)
+            return cached[1], cached[2]
+        found = read_or_create(directory)
+        self._dir_ids[directory] = (stamp(directory), found, folds_case(directory))
+        checked.add(directory)
+        if cached is not None and cached[1] != found:
+            log.warning("the directory id of %s changed from %s to %s (its %s was replaced): disks held "
+                        "under the old id are not excluded by it", directory, cached[1], found, MARKER)
+        return found, self._dir_ids[directory][2]
 
     @staticmethod
     def _below(real: str, mount: MountEntry) -> str:
         """``real`` relative to ``mount``'s mount point (``""`` for the mount point)."""
         return real[len(mount.mount_point) :].lstrip("/") if mount.mount_point != "/" else real.lstrip("/")
 
-    def _mapped(self, real: str) -> DiskIdentity | None:
+    def _mapped(self, real: str) -> _Named | None:
         best = ""
         for prefix in self.config.mappings:
             if (real == prefix or real.startswith(prefix.rstrip("/") + "/")) and len(prefix) > len(best):
@@ -259,7 +404,7 @@ class Resolver:
         rest = posixpath.relpath(real, best)
         target = self.config.mappings[best]
         key = target if rest == "." else f"{target}/{rest}"
-        return DiskIdentity(key, key, "mapped", real, False)
+        return _Named(key, key, "mapped")
 
     def _network_location(self, mount: MountEntry) -> NetworkLocation | None:
         if mount.mount_id not in self._network:
@@ -272,7 +417,7 @@ class Resolver:
                 self._network[mount.mount_id] = None
         return self._network[mount.mount_id]
 
-    def _filesystem(self, real: str, st: os.stat_result, mount: MountEntry, below: str) -> DiskIdentity | None:
+    def _filesystem(self, real: str, st: os.stat_result, mount: MountEntry, below: str) -> _Named | None:
         same_fs = os.makedev(mount.major, mount.minor) == st.st_dev or mount.fstype == "btrfs"
         fd: int | None = None
         try:
@@ -289,6 +434,7 @@ class Resolver:
             if found is None:
                 return None
             fs_id, _source = found
+            self._refuse_clone(real, mount, fs_id)
             subvol = ""
             if mount.fstype == "btrfs":
                 tree = btrfs_subvolume(fd) if fd is not None else None
@@ -301,32 +447,73 @@ class Resolver:
                 os.close(fd)
         inside = posixpath.normpath(posixpath.join(mount.root, below))
         key = f"fs-uuid://{fs_id}{subvol}/inode/{st.st_ino}"
-        return DiskIdentity(key, f"{mount.fstype} {fs_id}:{inside}", "filesystem", real, False)
+        return _Named(key, f"{mount.fstype} {fs_id}:{inside}", "filesystem")
 
-    def _block(self, real: str, st: os.stat_result, depth: int) -> DiskIdentity | None:
+    # -- cloned file systems -------------------------------------------------
+    def _mount_uuid(self, entry: MountEntry) -> str | None:
+        """The UUID of the file system of ``entry`` (cached per device): through an open
+        mount point where it is not hidden, else udev's links and database, else the super
+        block (root)."""
+        if entry.dev not in self._dev_uuids:
+            fd: int | None = None
+            try:
+                fd = os.open(entry.mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)
+                if entry.fstype != "btrfs" and os.fstat(fd).st_dev != os.makedev(entry.major, entry.minor):
+                    os.close(fd)  # another mount hides it
+                    fd = None
+            except OSError as err:
+                log.debug("open %s: %s", entry.mount_point, err)
+            try:
+                found = fs_uuid(self.roots, entry.fstype, entry.major, entry.minor, fd, entry.source)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            self._dev_uuids[entry.dev] = found[0] if found else None
+        return self._dev_uuids[entry.dev]
+
+    def _refuse_clone(self, real: str, mount: MountEntry, fs_id: str) -> None:
+        """Raise if another device of this host carries a writable file system with ``fs_id``."""
+        if mount.dev not in self._clones:
+            self._dev_uuids[mount.dev] = fs_id
+            others: dict[str, list[MountEntry]] = {}
+            for entry in self._table.entries:
+                if entry.fstype in BLOCK_FS_TYPES and entry.dev != mount.dev:
+                    others.setdefault(entry.dev, []).append(entry)
+            clones: list[MountEntry] = []
+            for entries in others.values():
+                if self._mount_uuid(entries[0]) == fs_id and not all(_read_only(e) for e in entries):
+                    clones.extend(e for e in entries if not _read_only(e))
+            self._clones[mount.dev] = clones
+        found = self._clones[mount.dev]
+        if found and not (_read_only(mount) and all(_read_only(e) for e in self._table.by_dev(mount.dev))):
+            other = found[0]
+            raise IdentityError(
+                f"{real}: two devices of this host carry file system {fs_id}: {mount.source} ({mount.dev}) "
+                f"mounted on {mount.mount_point} and {other.source} ({other.dev}) on {other.mount_point}, a "
+                "clone (a dd copy, a snapshot, a host cloned from one image), so files on one cannot be "
+                "told from the other's or from copies on other hosts; give the copy a new UUID while it "
+                "is unmounted (ext2/3/4: tune2fs -U random DEV; xfs: xfs_admin -U generate DEV; btrfs: "
+                "btrfstune -u DEV), or mount it read-only")
+
+    def _block(self, real: str, st: os.stat_result, depth: int, checked: set[str]) -> _Named | DiskIdentity | None:
         major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
         if (major, minor) not in self._blocks:
             self._blocks[(major, minor)] = device_key(self.roots, major, minor)
         found = self._blocks[(major, minor)]
         if found.key:
-            return DiskIdentity(found.key, found.readable, "block", real, False)
+            return _Named(found.key, found.readable, "block")
         if found.backing_file and found.backing_file.endswith(" (deleted)"):
             log.warning("%s: the loop device's backing file was deleted", real)
         elif found.backing_file and depth < _MAX_LOOP_DEPTH:
-            inner = self._resolve(os.path.realpath(found.backing_file), depth + 1)
+            inner = self._resolve(os.path.realpath(found.backing_file), depth + 1, checked)
             if inner.fallback:
                 return None
             offset = found.readable.rsplit(" ", 1)[-1]
-            key = inner.key if offset == "0" else f"{inner.key}?loop-offset={offset}"
-            return DiskIdentity(key, f"{found.readable}: {inner.readable}", inner.kind, real, False)
+            suffix = "" if offset == "0" else f"?loop-offset={offset}"
+            return DiskIdentity(inner.key + suffix, f"{found.readable}: {inner.readable}", inner.kind, real, False,
+                                inner.name + suffix)
         return None
 
-    def _fallback(self, real: str, fstype: str, where: str) -> DiskIdentity:
-        if self.config.strict:
-            raise IdentityError(
-                f"no cluster-wide identity for {real} ({fstype}; {where}): configure an identity "
-                f"mapping for a prefix of it (mappings: {{'/path/prefix': 'scheme://name'}})"
-            )
-        log.debug("identity of %s falls back to its path (%s; %s)", real, fstype, where)
-        key = f"path://{real}"
-        return DiskIdentity(key, key, "path", real, True)
+
+def _read_only(entry: MountEntry) -> bool:
+    return "ro" in entry.options or "ro" in entry.super_options

@@ -12,20 +12,23 @@ Layout under the configured prefix ``P`` (format version 1)::
 
 ``rid`` is the SHA-256 of the resource's identity, so every host maps the
 same disk to the same key: a disk's cluster-wide identity key
-(``sha256("disk\0" + key)``, the key of :mod:`virtlease_etcd.identity`, e.g.
-``nfs://filer1/export/vm/a.qcow2``), or a lease's lockspace and key.  A disk
-whose identity falls back to its path uses the previous release's key,
-``sha256("disk\0" + real path)``: the two schemes agree for it.
+(``sha256("disk\0" + key)``, the key of :mod:`virtlease_etcd.identity`:
+``dir://<directory id>/<file name>`` for a file, ``wwid://…`` for a LUN),
+or a lease's lockspace and key.  A disk whose identity is only its path
+uses the path-only key, ``sha256("disk\0" + real path)``.
 
-Legacy path keys (``legacy_path_keys``, default on): the previous release
-keyed every disk by ``sha256("disk\0" + real path)``.  So that a host still
-running it and a new host never both get one disk, a new host locks each
-disk's identity key *and* its legacy path key in the same transaction (one
-key when they coincide).  The legacy key's record carries ``"legacy"`` (the
-identity rid it belongs to).  Holder records carry the readable form
-``<caller's path> (<identity>)`` in ``res`` and, since this release, the
-identity key in ``identity`` and the caller's path in ``path`` (added
-fields: format 1 readers ignore them).
+Other keys of a disk, locked in the same transaction and marked
+``"legacy"`` (the identity rid they belong to) in their records: its
+*name*, what this host calls it and the previous release's identity key
+(``nfs://filer1/export/vm/a.qcow2``, ``fs-uuid://<uuid>/inode/<n>``: hard
+links meet there), when it differs from the identity; and, with
+``legacy_path_keys`` (default on), its legacy path key, the key of the
+release before that.  A host still running either release and a new host
+therefore never both get one disk (where the old release's hosts would have
+excluded each other).  Holder records carry the readable form ``<caller's
+path> (<name>[, dir <id>])`` in ``res``, the identity key in ``identity``
+and the caller's path in ``path`` (added fields: format 1 readers ignore
+them).
 
 A grant's fencing token is the etcd revision of the transaction that made
 it, which is the holder key's ``mod_revision``: holder keys are only ever
@@ -75,9 +78,10 @@ def legacy_disk_rid(real_path: str) -> str:
 
 
 HOST_ONLY = "path://, this host only"
-"""Said next to a disk locked under ``path://<real path>``: no cluster-wide identity (tmpfs,
-overlay, a local file system without a UUID, ``strict_identity`` off), so a host that reaches
-the same file by another path is not excluded."""
+"""Said next to a disk locked under ``path://<real path>``: no cluster-wide identity (a path
+that does not exist; with ``strict_identity`` off, a file whose directory can carry no id or a
+block device without a stable name), so a host that reaches the same file by another path is
+not excluded."""
 
 
 def host_only(identity: str) -> bool:
@@ -85,11 +89,11 @@ def host_only(identity: str) -> bool:
     return identity.startswith("path://")
 
 
-def identity_disk_rid(key: str, *, fallback: bool, real_path: str) -> str:
-    """The key of a disk with cluster-wide identity ``key`` (see the module
-    doc); a ``path://`` fallback keeps the legacy key."""
-    if fallback:
-        return legacy_disk_rid(real_path)
+def disk_rid(key: str) -> str:
+    """The key component of disk identity ``key``: ``sha256("disk\0" + key)``;
+    a ``path://<real path>`` identity keeps the legacy key of that path."""
+    if key.startswith("path://"):
+        return legacy_disk_rid(key[len("path://"):])
     return hashlib.sha256(b"disk\0" + key.encode()).hexdigest()
 
 
@@ -106,11 +110,12 @@ class ResourceId:
     mode: str
     """``exclusive`` or ``shared``."""
     identity: str = ""
-    """Disks: the cluster-wide identity key (``path://…`` for a fallback)."""
+    """Disks: the cluster-wide identity key (``dir://…``, a device's or a name; ``path://…`` for a
+    fallback)."""
     path: str = ""
     """Disks: the path the caller gave."""
     legacy_of: str | None = None
-    """Set on a disk's legacy path key: the rid of its identity key."""
+    """Set on a disk's other keys (its name, its legacy path key): the rid of its identity key."""
 
     @property
     def primary(self) -> str:
@@ -131,18 +136,23 @@ class ResourceId:
         return ResourceId("lease", f"{lockspace}:{spec.name}", digest, mode)
 
 
-def disk_ids(spec: ResourceSpec, key: str, readable: str, real_path: str, fallback: bool, *,
+def disk_ids(spec: ResourceSpec, key: str, readable: str, *, name: str, real_path: str,
              legacy: bool) -> list[ResourceId]:
-    """A disk's keys: its identity key, then (``legacy``) its legacy path key
-    unless that is the same key."""
+    """A disk's keys: its identity ``key`` first, then every other key it is
+    also locked under, each marked as belonging to it (``legacy_of``): its
+    ``name`` (what this host calls it: the previous release's identity key)
+    and, with ``legacy``, the legacy key of its real path; a key that is
+    already listed is not listed again."""
     mode = SHARED if spec.shared else EXCLUSIVE
-    if fallback:
-        readable = real_path  # path://<real path> adds nothing for people
+    if readable.startswith(spec.name + ", "):  # a path name: say the path once
+        readable = readable[len(spec.name) + 2:]
     shown = spec.name if readable == spec.name else f"{spec.name} ({readable})"
-    rid = identity_disk_rid(key, fallback=fallback, real_path=real_path)
+    rid = disk_rid(key)
     out = [ResourceId("disk", shown, rid, mode, key, spec.name)]
-    if legacy and not fallback:  # a fallback's identity key is its legacy key
-        out.append(ResourceId("disk", shown, legacy_disk_rid(real_path), mode, key, spec.name, legacy_of=rid))
+    for other in [name, *([f"path://{real_path}"] if legacy else [])]:
+        other_rid = disk_rid(other)
+        if all(r.rid != other_rid for r in out):
+            out.append(ResourceId("disk", shown, other_rid, mode, key, spec.name, legacy_of=rid))
     return out
 
 

@@ -1,11 +1,12 @@
-r"""Naming disks: the driver's one identity resolver and the keys of a disk.
+"""Naming disks: a driver instance's one identity resolver and the keys of a disk.
 
-A driver instance keeps one :class:`DiskNames` (one
+A driver instance makes one :class:`DiskNames` when it loads and closes it
+when it unloads; every lock operation of that instance (its lock objects,
+the agent's lock contexts, ``release_all``) is handed that one explicitly
+(``Domain(..., names)``).  It keeps one
 :class:`~virtlease_etcd.identity.Resolver`, so the mount table is parsed
-once per change of mounts and each mount's facts are found once, not per
-disk or per call).  :func:`for_config` hands every ``Domain`` of one
-configuration object the same instance (the agent builds its own Domains);
-the driver's unload :func:`forget`\ s it.  The resolver is not
+once per change of mounts and each mount's, device's and directory's facts
+are found once, not per disk or per call.  The resolver is not
 thread-safe: every call goes through one lock.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from virtlease.abi import ResourceSpec, ResourceType
 from virtlease.errors import ValidationError
 from virtlease_etcd.config import EtcdConfig
-from virtlease_etcd.identity import IdentityConfig, IdentityError, Resolver
+from virtlease_etcd.identity import DiskIdentity, IdentityConfig, IdentityError, Resolver
 from virtlease_etcd.model import keyspace as ks
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class DiskNames:
 
     def __init__(self, cfg: EtcdConfig, resolver: Resolver | None = None) -> None:
         self.legacy = cfg.legacy_path_keys
+        self.strict = cfg.strict_identity
         self.resolver = resolver or Resolver(identity_config(cfg))
         self._lock = threading.Lock()
         self._warned: set[str] = set()
@@ -44,57 +46,40 @@ class DiskNames:
             self.resolver.close()
 
     def ids(self, spec: ResourceSpec) -> list[ks.ResourceId]:
-        """The keys that lock ``spec``: for a disk its identity key, then its
-        legacy path key (when ``legacy_path_keys`` and they differ)."""
+        """The keys that lock ``spec``: for a disk its identity key, then its other
+        keys (its name, its legacy path key: :func:`~virtlease_etcd.model.keyspace.disk_ids`)."""
         return self.ids_many([spec])[0]
 
     def ids_many(self, specs: Sequence[ResourceSpec]) -> list[list[ks.ResourceId]]:
         """:meth:`ids` of each spec, resolved together (the mount table and
         each directory looked at once: one lock operation's disks)."""
+        return [ids for _found, ids in self.resolve_many(specs)]
+
+    def resolve_many(self, specs: Sequence[ResourceSpec]) -> list[tuple[DiskIdentity | None, list[ks.ResourceId]]]:
+        """Each spec's identity (``None`` for a lease) and keys; raises
+        ``ValidationError`` naming a disk that has no cluster-wide identity."""
         disks = [s for s in specs if s.type is ResourceType.DISK]
         with self._lock:
             try:
                 found = iter(self.resolver.resolve_many([s.name for s in disks]))
             except IdentityError as exc:
-                raise ValidationError(
-                    "resource", f"{exc}. strict_identity is on: set identity_map "
-                    "(path prefix -> identity prefix) for it, or turn strict_identity off") from None
-        out = []
+                raise ValidationError("resource", str(exc)) from None
+        out: list[tuple[DiskIdentity | None, list[ks.ResourceId]]] = []
         for spec in specs:
             if spec.type is not ResourceType.DISK:
-                out.append([ks.ResourceId.of(spec)])
+                out.append((None, [ks.ResourceId.of(spec)]))
                 continue
             f = next(found)
             if f.fallback and f.path not in self._warned:
                 self._warned.add(f.path)
                 log.warning("disk %s has no cluster-wide identity: it is locked as path://%s, this host's path "
-                            "only; a host that reaches the same file by another path is not excluded (set "
-                            "identity_map for its storage, or strict_identity to refuse such disks)", spec.name,
-                            f.path)
-            out.append(ks.disk_ids(spec, f.key, f.readable, f.path, f.fallback, legacy=self.legacy))
+                            "only; a host that reaches the same file by another path is not excluded (%s)",
+                            spec.name, f.path, "it does not exist: nothing can have it open" if self.strict
+                            else "strict_identity is off: turn it on to refuse such disks, or set identity_map "
+                            "for its storage")
+            out.append((f, ks.disk_ids(spec, f.key, f.readable, name=f.name, real_path=f.path, legacy=self.legacy)))
         return out
 
     def primary(self, spec: ResourceSpec) -> ks.ResourceId:
         """The identity key of ``spec`` (what owners index held resources by)."""
         return self.ids(spec)[0]
-
-
-_BY_CONFIG: dict[int, tuple[EtcdConfig, DiskNames]] = {}
-_BY_CONFIG_LOCK = threading.Lock()
-
-
-def for_config(cfg: EtcdConfig) -> DiskNames:
-    """The one :class:`DiskNames` of the configuration object ``cfg``."""
-    with _BY_CONFIG_LOCK:
-        found = _BY_CONFIG.get(id(cfg))
-        if found is None:  # the entry keeps cfg alive: its id is not reused while it is listed
-            found = _BY_CONFIG[id(cfg)] = (cfg, DiskNames(cfg))
-        return found[1]
-
-
-def forget(cfg: EtcdConfig) -> None:
-    """Close and drop the :class:`DiskNames` of ``cfg`` (the driver unloads)."""
-    with _BY_CONFIG_LOCK:
-        found = _BY_CONFIG.pop(id(cfg), None)
-    if found is not None:
-        found[1].close()

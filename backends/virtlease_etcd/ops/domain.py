@@ -27,7 +27,7 @@ from virtlease_etcd.session.hostsession import HostSession
 from virtlease_etcd.session.owners import Held, Owner, Policy
 
 from . import transactions as txn
-from .disks import DiskNames, for_config
+from .disks import DiskNames
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class Domain:
     """One domain's view of its host session (a lock object's working context)."""
 
     def __init__(self, session: HostSession, cfg: EtcdConfig, policy: Policy, spec: ObjectSpec,
-                 names: DiskNames | None = None) -> None:
+                 names: DiskNames) -> None:
         self.session = session
-        self.names = names or for_config(cfg)
+        self.names = names
         """The driver instance's disk namer (one resolver, not one per disk)."""
         self.cfg = cfg
         self.policy = policy

@@ -4,9 +4,10 @@ Each function builds the compare/success/failure lists of ONE transaction;
 ``run`` sends it with retries and resolves lost replies by reading back our
 own records (docs/DESIGN.md §6).  A grant writes, per resource, the holder
 key (on the session lease) and the resource's ``gen`` key: two operations,
-so one transaction holds ``max_txn_ops // 2`` resources.  With
-``legacy_path_keys`` a disk has two keys (identity and legacy path, see
-``keyspace``): four operations, ``max_txn_ops // 4`` disks.
+so one transaction holds ``max_txn_ops // 2`` keys.  A file disk has two
+keys (its directory id and its name, see ``keyspace``), three with
+``legacy_path_keys`` (its legacy path key): ``max_txn_ops // 4`` or
+``// 6`` disks.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ class Grant:
 def check_size(op_counts: Sequence[int], limit: int, what: str, n: int, *, legacy: bool = False) -> None:
     worst = max(op_counts)
     if worst > limit:
-        cost = (" legacy_path_keys is on: each disk is locked under two keys (its identity and the "
-                f"previous release's path key), so one transaction holds about {limit // 4} disks "
-                f"instead of {limit // 2}; turn it off once no host runs the previous release.") if legacy else ""
+        cost = (f" A file disk takes two keys (its directory id and its name): about {limit // 4} disks fit"
+                + (f", and {limit // 6} with legacy_path_keys on (a third key: its path; turn it off once "
+                   "no host runs the release before the previous one)." if legacy else "."))
         raise TransactionTooLargeError(
             f"{what} of {n} resource(s) needs {worst} operations in one etcd transaction, but the "
             f"cluster allows {limit} (etcd --max-txn-ops; set max_txn_ops if your cluster differs). "

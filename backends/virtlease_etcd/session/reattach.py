@@ -119,7 +119,8 @@ def readopt_owners(session: HostSession, policy: Policy,
                 if rec.get("host") != host:
                     continue
                 rid = ks.ResourceId(str(rec["kind"]), str(rec["res"]), key[len(keys.res):].split("/")[0],
-                                    str(rec["mode"]))
+                                    str(rec["mode"]), str(rec.get("identity") or ""), str(rec.get("path") or ""),
+                                    None if rec.get("legacy") is None else str(rec["legacy"]))
                 owner_of(rec).held[rid.rid] = Held(rid, key, int(kv.mod_revision), bytes(kv.value))
             elif prefix == keys.handoffs:
                 if rec.get("from") == host:

@@ -166,7 +166,7 @@ class Watch:
         for sample in self.samples:
             held: dict[str, set[tuple[str, str, str]]] = {}
             for h in sample:
-                held.setdefault(h.resource, set()).add((h.host, h.domain_name, h.mode))
+                held.setdefault(h.resource.split(" (")[0], set()).add((h.host, h.domain_name, h.mode))
             if any(len(hs) > 1 and any(m == ks.EXCLUSIVE for *_, m in hs) for hs in held.values()):
                 out.append(held)
         return out

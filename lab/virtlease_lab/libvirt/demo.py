@@ -43,7 +43,7 @@ def holder(env: AgentRig, domain: str) -> str:
 
 
 def held_text(held: list[HeldInfo]) -> str:
-    return "; ".join(f"{Path(h.resource).name} held by {h.domain_name} on {h.host}, token {h.token}"
+    return "; ".join(f"{Path(h.resource.split(' (')[0]).name} held by {h.domain_name} on {h.host}, token {h.token}"
                      for h in held) or "nobody holds it"
 
 
