@@ -7,28 +7,32 @@ the others stay held, never claimable, and settling the release frees the releas
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from etcd3 import transactions as tx
 
 import virtlease as v
 from agent.etcd_agent import domain, load
 from conftest import EtcdServer, dump
 from virtlease.abi import FailureAction, ResourceSpec, ResourceType
-from virtlease.errors import ResourceBusyError, StaleStateError
+from virtlease.errors import BackendUnavailableError, ResourceBusyError, StaleStateError
+from virtlease_etcd.etcd.errors import TransientError
 from virtlease_etcd.ops import grants, handoff
 
 ACT = FailureAction.DEFAULT
 
 
 @pytest.fixture
-def hosts(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[[str], v.Plugin]]:
+def hosts(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[..., v.Plugin]]:
     plugins: list[v.Plugin] = []
 
-    def make(host: str) -> v.Plugin:
-        plugin = load(etcd_process.endpoints, prefix, host)
+    def make(host: str, **config: Any) -> v.Plugin:
+        plugin = load(etcd_process.endpoints, prefix, host, **config)
         plugins.append(plugin)
         return plugin
 
@@ -183,3 +187,68 @@ def test_settling_frees_an_unplugged_disk_and_keeps_a_paused_domains(
         grants.acquire_one(domain(b, other, "db1"), d1, ACT)
     assert exc.value.conflicts[0].handoff_to == handoff.RESERVED
     assert grants.acquire_one(domain(a, uid, "web1"), d1, ACT) == "resumed"
+
+
+def _marker_reply_lost(plugin: v.Plugin) -> Callable[[], None]:
+    """The next transaction that writes this host's handoff marker commits in etcd, but its reply
+    is lost and etcd answers none of this host's requests until the caller's deadline has passed
+    (its keepalives go on): the outcome stays unknown.  Returns what puts the client back."""
+    client = plugin.driver.session.client
+    real_txn, real_get = client.txn, client.get_range
+    dark = threading.Event()
+
+    def txn(compare: Any, success: Any, failure: Any = (), *, timeout: float) -> Any:
+        if dark.is_set():
+            raise TransientError("etcd does not answer (test)", ambiguous=False)
+        resp = real_txn(compare, success, failure, timeout=timeout)
+        if any(isinstance(op, tx.Put) and "/handoff/" in str(op.key) for op in success):
+            dark.set()
+            raise TransientError("the reply was lost (test)", ambiguous=True)
+        return resp
+
+    def get_range(*args: Any, **kwargs: Any) -> Any:
+        if dark.is_set():
+            raise TransientError("etcd does not answer (test)", ambiguous=False)
+        return real_get(*args, **kwargs)
+
+    client.txn, client.get_range = txn, get_range
+
+    def restore() -> None:
+        assert dark.is_set(), "no marker was written"
+        client.txn, client.get_range = real_txn, real_get
+
+    return restore
+
+
+@pytest.mark.parametrize("lost", ["first release", "second release"])
+def test_a_release_etcd_never_confirmed_leaves_no_claimable_disk_the_qemu_writes(
+        hosts: Callable[..., v.Plugin], tmp_path: Path, etcd_process: EtcdServer, prefix: str, lost: str) -> None:
+    """A RELEASE whose reservation committed in etcd but whose reply never came (etcd unreachable
+    until the deadline, the session alive): the agent reports the release failed, and libvirt goes
+    on -- a resume, or the disk attached again after an unplug, ACQUIREs it and the QEMU writes it.
+    The reservation the owner did not know of must not let the same UUID on another host claim
+    that disk then.  (Found by the nemesis: a pivot back onto an image whose release etcd never
+    confirmed, while the twin claimed it; two writers.)"""
+    a, b = hosts("host-a", acquire_timeout=1.0), hosts("host-b")
+    uid = str(uuid.uuid4())
+    d1, d2 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img")
+    grants.acquire_one(domain(a, uid, "web1"), d1, ACT)
+    grants.acquire_one(domain(a, uid, "web1"), d2, ACT)
+    if lost == "second release":  # a pause: d1 released, then d2's release is the one lost
+        assert grants.release_one(domain(a, uid, "web1"), d1) == "reserved"
+    restore = _marker_reply_lost(a)
+    with pytest.raises(BackendUnavailableError):
+        grants.release_one(domain(a, uid, "web1"), d2)
+    restore()
+    (marker,) = [k for k in dump(etcd_process.client(), prefix) if "/handoff/" in k]
+    assert d2.name.encode() in etcd_process.client().get(marker)[0], "the reservation committed"
+    # the QEMU writes d2 again on host A (resumed, or d2 attached again)
+    assert grants.acquire_one(domain(a, uid, "web1"), d2, ACT) in ("resumed", "held")
+    with pytest.raises(ResourceBusyError) as exc:  # the same domain started on host B
+        grants.acquire_one(domain(b, uid, "web1"), d2, ACT)
+    assert [(h.host, h.handoff_to) for h in exc.value.conflicts] == [("host-a", None)]
+    # and the owner's view is right again: releasing everything leaves nothing behind
+    owner_a = a.driver.session.owners.peek(uid)
+    assert owner_a is not None
+    grants.release_owner(domain(a, uid, "web1"), owner_a)
+    assert not [k for k in dump(etcd_process.client(), prefix) if "/handoff/" in k or "/res/" in k]
