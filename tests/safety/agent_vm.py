@@ -2,18 +2,21 @@
 through ``virtlease-agent``, and what they do while they run.
 
 libvirt speaks to the agent one disk at a time, and the agent acts for the domain's
-*owner* on the host session (``virtlease_etcd.agent.backend``).  An ``AgentVM`` makes
-the same driver calls on its host's driver, with a real ``sleep`` child as its QEMU (the
-owner's pid: the fence kills it):
+*owner* on the host session (``virtlease_etcd.agent.backend``) through the driver's one
+way in for it, ``EtcdDriver.lockd`` (``ops/lockd.py``).  An ``AgentVM`` makes the same
+calls on its host's driver, in the order the agent makes them, with a real ``sleep``
+child as its QEMU (the owner's pid: the fence kills it):
 
-* ACQUIRE_RESOURCE is ``grants.acquire_one`` (a fresh grant, the resume of the owner's
+* ACQUIRE_RESOURCE is ``LockdDomain.acquire`` (a fresh grant, the resume of the owner's
   own reservation, or the claim of a reservation of the same UUID from another host);
-* a RELEASE_RESOURCE while the QEMU runs is ``grants.release_one`` (the disk is reserved
-  for the domain UUID), settled when the lock connection closes (``grants.settle_release``:
-  the released disks are freed when the owner still holds others, an unplug or a pivot;
-  a pause keeps every disk reserved), retried like the agent until etcd answers;
-* once the QEMU has exited, ``grants.release_owner`` drops everything, after a grace
-  while a reservation is left (the agent's ``reserve_grace``).
+* a RELEASE_RESOURCE while the QEMU runs is ``releasable`` (answered from what the host
+  knows), then ``release`` (the disk is reserved for the domain UUID; the agent writes it
+  in the background, before any later call of the owner), settled when the lock
+  connection closes (``settle``: the released disks are freed when the owner still holds
+  others, an unplug or a pivot; a pause keeps every disk reserved), retried like the agent
+  until etcd answers;
+* once the QEMU has exited, ``release_all`` drops everything, after a grace while a
+  reservation is left (the agent's ``reserve_grace``).
 
 A VM keeps one write interval *per disk* (a ``grant`` event naming one disk, ``end``
 when the VM stops writing it), so the checker sees a disk detached while the others are
@@ -33,7 +36,7 @@ still written.  ``life`` runs one VM through its operations, in libvirt's order:
   may claim them elsewhere: that is how migration works); then **resume** (ACQUIRE each
   disk again: refused once the reservation was claimed, then the VM exits and never
   writes again) or **exit**;
-* **exit**: the VM stops writing and is killed; once it is gone, ``release_owner``.
+* **exit**: the VM stops writing and is killed; once it is gone, ``release_all``.
 
 Each operation is published to the run's gossip file (``Gossip.publish_op``, when it
 begins and when it ends) so that the twin on the other hosts (``misuse.Twin``) tries
@@ -52,9 +55,8 @@ from typing import TYPE_CHECKING
 from vm import VmProcess, spawn
 
 import virtlease as v
-from virtlease.abi import FailureAction, ObjectSpec, ObjectType, ResourceSpec, ResourceType
-from virtlease_etcd.ops import grants, handoff
-from virtlease_etcd.ops.domain import Domain
+from virtlease.abi import FailureAction, ResourceSpec
+from virtlease_etcd.ops.lockd import lockd_resource
 
 if TYPE_CHECKING:
     from host_worker import Host
@@ -66,7 +68,7 @@ OPS = {"detach": 3, "attach": 2, "pivot": 3, "pause": 2}
 
 def disk_spec(path: str) -> ResourceSpec:
     """A disk as lockd names it in direct mode: its path."""
-    return ResourceSpec(ResourceType.DISK, path)
+    return lockd_resource("", path)
 
 
 class AgentVM(VmProcess):
@@ -77,12 +79,15 @@ class AgentVM(VmProcess):
         proc = spawn()
         drv = plugin.driver
         try:
-            self.d = Domain(drv.session, drv.cfg, drv.policy, ObjectSpec(ObjectType.DOMAIN, uuid, name, pid=proc.pid))
+            self.session = drv.session
+            self.lockd = drv.lockd(uuid, name, proc.pid)
         except v.VirtleaseError:  # the session went away (lost, being replaced)
             proc.kill()
             proc.wait()
             raise
         super().__init__(uuid, proc, host.ev)
+        self.names = {os.path.realpath(x): x for x in host.disks + host.images}
+        """A disk's readable name (what the driver reports) -> its path."""
         self.host = host
         self.name = name
         self.via = via
@@ -91,25 +96,29 @@ class AgentVM(VmProcess):
         """Disk -> (write interval id, token) of every disk the VM writes now."""
 
     def lost(self) -> bool:
-        return self.d.session.lost is not None
+        return self.session.lost is not None
 
     # -- lockd calls ---------------------------------------------------------------------
 
     def acquire(self, disk: str) -> str:
         """ACQUIRE_RESOURCE: the driver's outcome; a VirtleaseError when refused."""
-        return grants.acquire_one(self.d, disk_spec(disk), FailureAction.POWEROFF)
+        return self.lockd.acquire(disk_spec(disk), FailureAction.POWEROFF)
 
     def held(self) -> dict[str, int]:
         """Disk -> token of what the owner holds now (a reserved disk included)."""
-        disks = self.host.disks + self.host.images
-        return {h.name: h.token for h in grants.held(self.d, [disk_spec(x) for x in disks])}
+        owner = self.session.owners.peek(self.uuid)
+        held = list(owner.held.values()) if owner is not None else []
+        return {self.names[h.rid.readable]: h.token for h in held
+                if h.rid.legacy_of is None and h.rid.readable in self.names}
 
     def release(self, disks: list[str], op: str) -> list[str]:
-        """RELEASE_RESOURCE of each disk on one lock connection; returns those released."""
+        """RELEASE_RESOURCE of each disk on one lock connection (answered once ``releasable``;
+        the reservation follows, before any later call of the owner); returns those reserved."""
         done: list[str] = []
         for disk in disks:
             try:
-                grants.release_one(self.d, disk_spec(disk))
+                if self.lockd.releasable(disk_spec(disk)):
+                    self.lockd.release(disk_spec(disk))
             except v.VirtleaseError as exc:
                 self.host.ev("agent_release_failed", obj=self.uuid, disk=disk, op=op, error=type(exc).__name__,
                              message=str(exc)[:200])
@@ -118,14 +127,13 @@ class AgentVM(VmProcess):
         return done
 
     def settle(self, op: str) -> list[str] | None:
-        """The lock connection that released closed: ``grants.settle_release``, retried as the
+        """The lock connection that released closed: ``settle``, retried as the
         agent does until etcd answers, the session is lost or the QEMU is gone.  Returns the
         disks freed (None if it never settled)."""
-        by_real = {os.path.realpath(x): x for x in self.host.disks + self.host.images}
-        deadline = mono() + 4 * self.d.session.cfg.ttl
+        deadline = mono() + 4 * self.session.cfg.ttl
         while not self.lost() and not self.dead.is_set() and mono() < deadline:
             try:
-                return [by_real.get(name, name) for name in grants.settle_release(self.d)]
+                return [self.names.get(name, name) for name in self.lockd.settle()]
             except v.VirtleaseError as exc:
                 self.host.ev("agent_settle_failed", obj=self.uuid, op=op, error=type(exc).__name__,
                              message=str(exc)[:200])
@@ -154,7 +162,7 @@ class AgentVM(VmProcess):
         iid = uuidlib.uuid4().hex[:12]
         self.writing[disk] = (iid, token)
         self.host.ev("grant", iid=iid, obj=self.uuid, disks={disk: token}, via=f"{self.via}{op}",
-                     lease=self.d.session.lease_id, pid=self.vm.pid)
+                     lease=self.session.lease_id, pid=self.vm.pid)
         self.write(disk)
         return iid
 
@@ -200,22 +208,20 @@ class AgentVM(VmProcess):
     # -- the end -----------------------------------------------------------------------------
 
     def exit(self, reason: str, grace: float = 0.0) -> None:
-        """The QEMU ends: it stops writing and is killed; once it has exited, ``release_owner``
+        """The QEMU ends: it stops writing and is killed; once it has exited, ``release_all``
         (after ``grace`` if a reservation is left), retried until etcd answers or the session
         is lost."""
         self.stop_all(reason)
         self.kill_vm()
-        session = self.d.session
-        owner = session.owners.peek(self.uuid)
-        if owner is not None and handoff.reserved(owner) and grace > 0:
+        if grace > 0 and self.lockd.reserved():
             time.sleep(grace)
-        deadline = mono() + 10 * session.cfg.ttl
+        deadline = mono() + 10 * self.session.cfg.ttl
         while True:
-            owner = session.owners.peek(self.uuid)
+            owner = self.session.owners.peek(self.uuid)
             if owner is None or not owner.active or self.lost():
                 return
             try:
-                grants.release_owner(self.d, owner)
+                self.lockd.release_all()
             except v.VirtleaseError as exc:
                 if mono() < deadline:
                     time.sleep(0.5)
@@ -305,7 +311,7 @@ def unplug(a: AgentVM, op: str, disk: str, others: bool) -> bool:
     released = a.release([disk], op)
     if released:
         a.host.ev("disk_done", obj=a.uuid, iids=[iid], op=op)
-    time.sleep(a.host.rng.uniform(0.0, 0.2))
+    time.sleep(a.host.rng.uniform(0.0, 0.3))
     freed = a.settle(op) if released else None
     outcome(a, op, settled(a, disk, released, freed, others))
     return not a.dead.is_set()
@@ -313,7 +319,7 @@ def unplug(a: AgentVM, op: str, disk: str, others: bool) -> bool:
 
 def detach(a: AgentVM, disk: str) -> bool:
     with operation(a, "detach", sorted(a.writing)):
-        time.sleep(a.host.rng.uniform(0.0, 0.15))  # the guest lets the device go
+        time.sleep(a.host.rng.uniform(0.05, 0.5))  # the guest lets the device go
         return unplug(a, "detach", disk, len(a.writing) > 1)
 
 
@@ -330,7 +336,7 @@ def pivot(a: AgentVM, old: str, new: str) -> bool:
         result = plug(a, "pivot", new)
         if result != "ok":
             return result != "end"
-        if a.hold(a.host.rng.uniform(0.05, 0.3)) != "done":  # the mirror writes both
+        if a.hold(a.host.rng.uniform(0.1, 0.8)) != "done":  # the block job: the mirror writes both
             outcome(a, "pivot", "interrupted")
             return False
         return unplug(a, "pivot", old, True)

@@ -570,8 +570,8 @@ def main() -> None:
                 for i in range(cfg.get("agent_workers", 0))]
     if cfg.get("misuse") and host.gossip is not None:
         threads.append(threading.Thread(target=Misuser(host, Holding, host.gossip).loop, daemon=True))
-        twin_gossip = Gossip(cfg["gossip"], host.host_id, cfg["inc"])
-        threads.append(threading.Thread(target=Twin(host, twin_gossip).loop, daemon=True))
+        threads += [threading.Thread(target=Twin(host, Gossip(cfg["gossip"], host.host_id, cfg["inc"]), i).loop,
+                                     daemon=True) for i in range(cfg.get("twins", 1))]
     for t in threads:
         t.start()
     for cmd in wire.commands():

@@ -422,7 +422,7 @@ class Twin:
     """The same domain defined on another host: while an agent VM's operation is in flight
     (``Gossip.poll_ops``: start, detach, attach, pivot, pause until it resumes or exits,
     exit), ``virsh start`` of its UUID here, over and over.  Each start is what libvirt's
-    lockd plugin does: ACQUIRE (``grants.acquire_one``) of every disk of the domain's
+    lockd plugin does: ACQUIRE (``LockdDomain.acquire``) of every disk of the domain's
     definition (those of the operation, in random order) under the same UUID, through this
     host's agent path (``agent_vm.AgentVM``).  Harsher than libvirt, which starts the QEMU
     only once every disk is held: the twin writes each disk as soon as it holds it (a claim
@@ -435,10 +435,10 @@ class Twin:
     rule 1, with ``misuse:twin/<operation>`` on one side.  Every try is a ``misuse`` event
     (kind ``twin``, variant the operation)."""
 
-    def __init__(self, host: Host, gossip: Gossip) -> None:
+    def __init__(self, host: Host, gossip: Gossip, n: int = 0) -> None:
         self.host = host
         self.gossip = gossip
-        self.rng = random.Random(host.cfg["seed"] ^ 0x7717)
+        self.rng = random.Random(host.cfg["seed"] ^ (0x7717 + n))
         self.ops: dict[str, dict[str, Any]] = {}
         """Domain UUID -> the operation in flight on another host (its ``begin`` record)."""
 
@@ -455,12 +455,14 @@ class Twin:
             now = mono()
             for uuid in [u for u, rec in self.ops.items() if now - float(rec["t"]) > OP_WINDOW]:
                 del self.ops[uuid]
-            if not self.ops:
+            ops = list(self.ops.values())
+            running = [r for r in ops if r["op"] not in ("start", "exit")]  # what a running VM does, first
+            if not running and (not ops or self.rng.random() < 0.7):
                 time.sleep(self.rng.uniform(0.01, 0.04))
                 continue
-            ops = list(self.ops.values())
-            running = [r for r in ops if r["op"] != "start"]  # what a running VM does, first
-            rec = self.rng.choice(running if running and self.rng.random() < 0.8 else ops)
+            cands = running or ops
+            kind = self.rng.choice(sorted({str(r["op"]) for r in cands}))  # each operation alike
+            rec = self.rng.choice([r for r in cands if r["op"] == kind])
             try:
                 self.start(plugin, rec)
             except Exception as exc:  # the twin must never take its host down

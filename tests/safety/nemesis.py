@@ -80,9 +80,12 @@ class Settings:
     quiet: bool = False
     misuse: bool = True
     """Run a misbehaving caller in every host (misuse.py), and a twin (same-UUID start)."""
-    agent_workers: int = 1
+    agent_workers: int = 2
     """Threads per host running VMs through the agent's per-disk path (agent_vm.py)."""
-    images: int = 3
+    twins: int = 2
+    """Twin threads per host (misuse.Twin, with the misuser): same-UUID starts of the other
+    hosts' agent VMs (each waits up to a second for a reservation that may be on its way)."""
+    images: int = 4
     """Disks only the agent VMs (and their twins) use, beside the shared ones: mostly the new
     images of a hotplug or a pivot (a backup's overlay, a copy's target: files nobody else uses)."""
 
@@ -127,7 +130,7 @@ class HostHandle:
             "events": str(self.events_path(self.inc)), "disks": self.run.disks, "images": self.run.images,
             "workers": self.run.s.workers, "seed": self.run.rng.randrange(1 << 30),
             "gossip": str(self.run.gossip_path), "misuse": self.run.s.misuse,
-            "agent_workers": self.run.s.agent_workers,
+            "agent_workers": self.run.s.agent_workers, "twins": self.run.s.twins,
         }
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
@@ -1048,7 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     p.add_argument("--hosts", type=int, default=3)
     p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--agent-workers", type=int, default=1,
+    p.add_argument("--agent-workers", type=int, default=2,
                    help="threads per host running VMs through the agent's per-disk path")
     p.add_argument("--disks", type=int, default=5)
     p.add_argument("--ttl", type=int, default=3)
