@@ -310,3 +310,49 @@ def test_a_release_etcd_never_confirmed_leaves_no_claimable_disk_the_qemu_writes
     lockd(a, uid, "web1").release_all()
     assert not [k for k in dump(etcd_process.client(), prefix) if "/handoff/" in k or "/res/" in k]
 
+
+
+def test_a_transient_etcd_error_while_a_release_finds_its_reservation_claimed_is_retried(
+        hosts: Callable[..., v.Plugin], tmp_path: Path) -> None:
+    """A pause whose second RELEASE finds the reservation claimed meanwhile (the same UUID took
+    the first disk elsewhere) reads the marker back; a transient etcd error on that read is
+    retried like every other request, and the caller gets a VirtleaseError, never the etcd
+    client's internal error.  (Found by the nemesis: a TransientError escaped the agent path.)"""
+    a, b = hosts("host-a"), hosts("host-b")
+    uid = str(uuid.uuid4())
+    d1, d2 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img")
+    lockd(a, uid, "web1").acquire(d1, ACT)
+    lockd(a, uid, "web1").acquire(d2, ACT)
+    assert lockd(a, uid, "web1").release(d1) == "reserved"
+    assert lockd(b, uid, "web1").acquire(d1, ACT) == "claimed"
+    owner = a.driver.session.owners.peek(uid)
+    assert owner is not None and owner.handoff is not None
+    marker = owner.handoff.key
+    client = a.driver.session.client
+    real_txn, real_get = client.txn, client.get_range
+    failed: list[str] = []
+
+    def once(what: str) -> None:
+        if not failed:
+            failed.append(what)
+            raise TransientError("etcd did not answer (test)", ambiguous=False)
+
+    def txn(compare: Any, success: Any, failure: Any = (), *, timeout: float) -> Any:
+        if success and all(isinstance(op, tx.Get) for op in success) and any(str(op.key) == marker
+                                                                             for op in success):
+            once("txn")
+        return real_txn(compare, success, failure, timeout=timeout)
+
+    def get_range(key: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(key) == marker:
+            once("get_range")
+        return real_get(key, *args, **kwargs)
+
+    client.txn, client.get_range = txn, get_range
+    try:
+        with pytest.raises(StaleStateError, match="taken over by another host"):
+            lockd(a, uid, "web1").release(d2)
+    finally:
+        client.txn, client.get_range = real_txn, real_get
+    assert failed, "the marker was not read back"
+    assert owner.handoff is None and [h.rid.readable for h in owner.held.values()] == [d2.name]

@@ -342,7 +342,8 @@ def _settle_lost(d: Domain, owner: Owner) -> None:
     for rid, fate in _fates(d, owner, listed).items():
         if fate != "ours":
             owner.held.pop(rid, None)
-    kvs, _ = d.session.client.get_range(owner.handoff.key, timeout=d.session.cfg.request_timeout)
+    resp = txn.run(d.session, [], [tx.Get(owner.handoff.key)], [], deadline=d.session.deadline())
+    kvs = resp.responses[0].response_range.kvs
     if not kvs or bytes(kvs[0].value) != owner.handoff.value:
         owner.handoff = None
 
