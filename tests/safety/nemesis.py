@@ -801,11 +801,12 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
     return res
 
 
-def parked_sources(events: list[dict[str, Any]], by_disk: dict[str, list[Interval]],
+def parked_sources(run: Run, events: list[dict[str, Any]], by_disk: dict[str, list[Interval]],
                    kills: dict[tuple[str, int], float], t_end: float) -> dict[str, list[tuple[float, float, str]]]:
     """Per disk, when a migration source held it without writing: from
-    ``prepared`` to the destination's claim, the outcome of its complete_out
-    or its host's death, whichever is first."""
+    ``prepared`` to the destination's claim, the outcome of its complete_out,
+    its host's death, its session's loss or a SIGSTOP of its host past the TTL
+    (its lease may expire), whichever is first."""
     last_iv: dict[tuple[str, int, str], list[Interval]] = defaultdict(list)
     for ivs in by_disk.values():
         for iv in ivs:
@@ -820,6 +821,10 @@ def parked_sources(events: list[dict[str, Any]], by_disk: dict[str, list[Interva
         # the source stops holding when the destination's claim takes the records
         ends += [float(x["t"]) for x in events if x["ev"] == "grant" and x.get("via") == "claim"
                  and x.get("obj") == key[2] and float(x["t"]) >= t0]
+        ends += [float(x["t"]) for x in events if x["ev"] == "lost" and (x["host"], x["inc"]) == key[:2]
+                 and float(x["t"]) >= t0]
+        ends += [f.t0 + run.s.ttl for f in run.faults if f.kind == "stop_host" and (f.target, f.inc) == key[:2]
+                 and f.t0 >= t0]
         t1 = min([*ends, kills.get(key[:2], t_end), t_end])
         before = [iv for iv in last_iv[key] if iv.start <= t0]
         if not before:
@@ -839,7 +844,7 @@ def misuse_outcomes(run: Run, events: list[dict[str, Any]], by_disk: dict[str, l
     the holder released is a legitimate resume).  Reporting only: the rules
     above decide the violations."""
     starts = {e["iid"]: float(e["t"]) for e in events if e["ev"] == "grant"}
-    parked = parked_sources(events, by_disk, kills, t_end)
+    parked = parked_sources(run, events, by_disk, kills, t_end)
     out: list[dict[str, Any]] = []
     for e in events:
         if e["ev"] != "misuse":
