@@ -489,6 +489,14 @@ class Host:
         plugin = self.plugin
         if plugin is None:
             return {"ok": False, "error": "no session"}
+        if not self.take_uuid(cmd["uuid"]):  # the misuser uses this domain's UUID here right now
+            return {"ok": False, "error": "uuid in use"}
+        try:
+            return self.claim_in(plugin, cmd)
+        finally:
+            self.give_uuid(cmd["uuid"])
+
+    def claim_in(self, plugin: v.Plugin, cmd: dict[str, Any]) -> dict[str, Any]:
         vm = self.spawn_vm()
         try:
             obj = plugin.new_object(uuid=cmd["uuid"], name=cmd["name"], pid=vm.pid, flags=v.NewFlags.MIGRATE)

@@ -576,10 +576,18 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
 
     # -- intervals ----------------------------------------------------------------
     ends = {e["iid"]: e for e in events if e["ev"] == "end"}
-    vm_dead: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    vm_dead: dict[tuple[Any, ...], list[float]] = defaultdict(list)
     for e in events:
         if e["ev"] == "vm_dead":
             vm_dead[(e["host"], e["inc"], e["obj"])].append(e["t"])
+            vm_dead[(e["host"], e["inc"], e["obj"], e.get("pid"))].append(e["t"])
+
+    def deaths_of(g: dict[str, Any]) -> list[float]:
+        """When the VM of grant ``g`` was seen dead after the grant: by its pid when the grant
+        names one (the misuser may run another VM of the same domain on that host meanwhile)."""
+        key = (g["host"], g["inc"], g["obj"]) + ((g["pid"],) if g.get("pid") is not None else ())
+        return [d for d in vm_dead[key] if d >= g["t"]]
+
     intervals: list[Interval] = []
     for e in events:
         if e["ev"] != "grant":
@@ -593,11 +601,10 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
             candidates.append((float(end["t"]), str(end["reason"])))
         if (e["host"], e["inc"]) in kills and kills[(e["host"], e["inc"])] >= e["t"]:
             candidates.append((kills[(e["host"], e["inc"])], "host killed"))
-        deaths = [d for d in vm_dead[(e["host"], e["inc"], e["obj"])] if d >= e["t"]]
+        deaths = deaths_of(e)
         if deaths:
             candidates.append((min(deaths), "vm_dead"))
         t1, why = min(candidates) if candidates else (t_stop, "open at the end")
-        deaths = [d for d in vm_dead[(e["host"], e["inc"], e["obj"])] if d >= e["t"]]
         if deaths and min(deaths) < t1:
             t1, why = min(deaths), f"vm_dead ({why} recorded later)"  # a dead VM writes nothing
         for disk, token in e["disks"].items():
@@ -707,7 +714,7 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
                 continue
             if any(g["t"] <= d <= t_lost for d in [*done_at[key], *disk_done[g["iid"]]]):
                 continue
-            deaths = [d for d in vm_dead[key] if d >= g["t"]]
+            deaths = deaths_of(g)
             died = min(deaths) if deaths else float("inf")
             if died < t_lost - 0.001:
                 continue  # the VM was already gone: nothing to fence
