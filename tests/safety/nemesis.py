@@ -721,6 +721,9 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
             end = ends.get(g["iid"])
             releasing = end is not None and end["reason"].startswith("release") and float(end["t"]) < t_lost
             for disk, token in g["disks"].items():
+                if any(g["t"] < g2["t"] < t_lost and g2["obj"] == g["obj"] and g2["disks"].get(disk) == token
+                       for g2 in grants_of[(host, inc)]):
+                    continue  # the same hold goes on in a later interval (a migration cancelled, a resume)
                 later = [o for o in by_disk[disk] if o.token > int(token) and (o.host, o.inc) != (host, inc)]
                 if not later:
                     continue
