@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import virtlease as v
-from virtlease.abi import ObjectSpec, ObjectType
+from conftest import STEADY_TTL
+from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
+from virtlease.errors import ResourceBusyError
 from virtlease_etcd.agent.backend import EtcdLockBackend
 from virtlease_etcd.ops.domain import Domain
 
@@ -19,8 +21,8 @@ STANDIN = Path(__file__).with_name("standin_qemu.py")
 
 
 def load(endpoints: str, prefix: str, host: str, **config: Any) -> v.Plugin:
-    """An etcd driver for ``host``."""
-    cfg = {"endpoints": endpoints, "prefix": prefix, "host_id": host, "ttl": 4, **config}
+    """An etcd driver for ``host`` (TTL ``STEADY_TTL`` unless ``config`` says otherwise)."""
+    cfg = {"endpoints": endpoints, "prefix": prefix, "host_id": host, "ttl": STEADY_TTL, **config}
     return v.load_driver("etcd", config=cfg, capabilities=v.Capability.RESOURCES)
 
 
@@ -35,6 +37,16 @@ def backend(plugin: v.Plugin, **kwargs: Any) -> EtcdLockBackend:
     return EtcdLockBackend(plugin.driver, **kwargs)
 
 
+def take(plugin: v.Plugin, disk: str) -> bool:
+    """The second host tries to take ``disk`` (no pid: nothing of ours is ever fenced)."""
+    obj = plugin.driver.new_object(ObjectSpec(ObjectType.DOMAIN, str(uuidlib.uuid4()), "intruder"))
+    try:
+        obj.acquire_resource(ResourceSpec(ResourceType.DISK, disk))
+        return True
+    except ResourceBusyError:
+        return False
+
+
 class StandinQemu:
     """A child that REGISTERs + RESTRICTs on ``socket`` with its own pid, then execs sleep:
     its connection is the owner's lifeline, its pid the owner pid."""
@@ -42,7 +54,7 @@ class StandinQemu:
     def __init__(self, socket: Path, name: str, owner_uuid: str | None = None, *, close: bool = False) -> None:
         self.uuid = owner_uuid or str(uuidlib.uuid4())
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, str(STANDIN), str(socket), self.uuid, name, *(["close"] if close else [])],
+        self.proc = subprocess.Popen([sys.executable, "-P", str(STANDIN), str(socket), self.uuid, name, *(["close"] if close else [])],
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
