@@ -7,17 +7,21 @@ the others stay held, never claimable, and settling the release frees the releas
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from etcd3 import transactions as tx
 
 import virtlease as v
 from agent.etcd_agent import domain, load
 from conftest import EXPIRY_SLACK, EtcdServer, dump
 from virtlease.abi import FailureAction, ResourceSpec, ResourceType
-from virtlease.errors import ResourceBusyError, StaleStateError
+from virtlease.errors import BackendUnavailableError, ResourceBusyError, StaleStateError
+from virtlease_etcd.etcd.errors import TransientError
 from virtlease_etcd.ops import handoff
 from virtlease_etcd.ops.lockd import LockdDomain
 
@@ -25,11 +29,11 @@ ACT = FailureAction.DEFAULT
 
 
 @pytest.fixture
-def hosts(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[[str], v.Plugin]]:
+def hosts(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[..., v.Plugin]]:
     plugins: list[v.Plugin] = []
 
-    def make(host: str) -> v.Plugin:
-        plugin = load(etcd_process.endpoints, prefix, host)
+    def make(host: str, **config: Any) -> v.Plugin:
+        plugin = load(etcd_process.endpoints, prefix, host, **config)
         plugins.append(plugin)
         return plugin
 
@@ -242,3 +246,114 @@ def test_a_destination_waits_for_the_sources_reservation_then_claims(hosts: Call
         timer.join()
     assert 0.25 < time.monotonic() - t0 < RESERVATION_WAIT
     assert lockd(b, uid, "web1").acquire(d2, ACT) == "held"
+
+
+def _marker_reply_lost(plugin: v.Plugin) -> Callable[[], None]:
+    """The next transaction that writes this host's handoff marker commits in etcd, but its reply
+    is lost and etcd answers none of this host's requests until the caller's deadline has passed
+    (its keepalives go on): the outcome stays unknown.  Returns what puts the client back."""
+    client = plugin.driver.session.client
+    real_txn, real_get = client.txn, client.get_range
+    dark = threading.Event()
+
+    def txn(compare: Any, success: Any, failure: Any = (), *, timeout: float) -> Any:
+        if dark.is_set():
+            raise TransientError("etcd does not answer (test)", ambiguous=False)
+        resp = real_txn(compare, success, failure, timeout=timeout)
+        if any(isinstance(op, tx.Put) and "/handoff/" in str(op.key) for op in success):
+            dark.set()
+            raise TransientError("the reply was lost (test)", ambiguous=True)
+        return resp
+
+    def get_range(*args: Any, **kwargs: Any) -> Any:
+        if dark.is_set():
+            raise TransientError("etcd does not answer (test)", ambiguous=False)
+        return real_get(*args, **kwargs)
+
+    client.txn, client.get_range = txn, get_range
+
+    def restore() -> None:
+        assert dark.is_set(), "no marker was written"
+        client.txn, client.get_range = real_txn, real_get
+
+    return restore
+
+
+@pytest.mark.parametrize("lost", ["first release", "second release"])
+def test_a_release_etcd_never_confirmed_leaves_no_claimable_disk_the_qemu_writes(
+        hosts: Callable[..., v.Plugin], tmp_path: Path, etcd_process: EtcdServer, prefix: str, lost: str) -> None:
+    """A RELEASE whose reservation committed in etcd but whose reply never came (etcd unreachable
+    until the deadline, the session alive): the agent logs that the disk stays held, not reserved,
+    and libvirt goes on -- a resume, or the disk attached again after an unplug, ACQUIREs it and
+    the QEMU writes it.
+    The reservation the owner did not know of must not let the same UUID on another host claim
+    that disk then.  (Found by the nemesis: a pivot back onto an image whose release etcd never
+    confirmed, while the twin claimed it; two writers.)"""
+    a, b = hosts("host-a", acquire_timeout=1.0), hosts("host-b")
+    uid = str(uuid.uuid4())
+    d1, d2 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img")
+    lockd(a, uid, "web1").acquire(d1, ACT)
+    lockd(a, uid, "web1").acquire(d2, ACT)
+    if lost == "second release":  # a pause: d1 released, then d2's release is the one lost
+        assert lockd(a, uid, "web1").release(d1) == "reserved"
+    restore = _marker_reply_lost(a)
+    with pytest.raises(BackendUnavailableError):
+        lockd(a, uid, "web1").release(d2)
+    restore()
+    (marker,) = [k for k in dump(etcd_process.client(), prefix) if "/handoff/" in k]
+    assert d2.name.encode() in etcd_process.client().get(marker)[0], "the reservation committed"
+    # the QEMU writes d2 again on host A (resumed, or d2 attached again)
+    assert lockd(a, uid, "web1").acquire(d2, ACT) in ("resumed", "held")
+    with pytest.raises(ResourceBusyError) as exc:  # the same domain started on host B
+        lockd(b, uid, "web1").acquire(d2, ACT)
+    assert [(h.host, h.handoff_to) for h in exc.value.conflicts] == [("host-a", None)]
+    # and the owner's view is right again: releasing everything leaves nothing behind
+    lockd(a, uid, "web1").release_all()
+    assert not [k for k in dump(etcd_process.client(), prefix) if "/handoff/" in k or "/res/" in k]
+
+
+
+def test_a_transient_etcd_error_while_a_release_finds_its_reservation_claimed_is_retried(
+        hosts: Callable[..., v.Plugin], tmp_path: Path) -> None:
+    """A pause whose second RELEASE finds the reservation claimed meanwhile (the same UUID took
+    the first disk elsewhere) reads the marker back; a transient etcd error on that read is
+    retried like every other request, and the caller gets a VirtleaseError, never the etcd
+    client's internal error.  (Found by the nemesis: a TransientError escaped the agent path.)"""
+    a, b = hosts("host-a"), hosts("host-b")
+    uid = str(uuid.uuid4())
+    d1, d2 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img")
+    lockd(a, uid, "web1").acquire(d1, ACT)
+    lockd(a, uid, "web1").acquire(d2, ACT)
+    assert lockd(a, uid, "web1").release(d1) == "reserved"
+    assert lockd(b, uid, "web1").acquire(d1, ACT) == "claimed"
+    owner = a.driver.session.owners.peek(uid)
+    assert owner is not None and owner.handoff is not None
+    marker = owner.handoff.key
+    client = a.driver.session.client
+    real_txn, real_get = client.txn, client.get_range
+    failed: list[str] = []
+
+    def once(what: str) -> None:
+        if not failed:
+            failed.append(what)
+            raise TransientError("etcd did not answer (test)", ambiguous=False)
+
+    def txn(compare: Any, success: Any, failure: Any = (), *, timeout: float) -> Any:
+        if success and all(isinstance(op, tx.Get) for op in success) and any(str(op.key) == marker
+                                                                             for op in success):
+            once("txn")
+        return real_txn(compare, success, failure, timeout=timeout)
+
+    def get_range(key: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(key) == marker:
+            once("get_range")
+        return real_get(key, *args, **kwargs)
+
+    client.txn, client.get_range = txn, get_range
+    try:
+        with pytest.raises(StaleStateError, match="taken over by another host"):
+            lockd(a, uid, "web1").release(d2)
+    finally:
+        client.txn, client.get_range = real_txn, real_get
+    assert failed, "the marker was not read back"
+    assert owner.handoff is None and [h.rid.readable for h in owner.held.values()] == [d2.name]

@@ -9,13 +9,17 @@ line on stdin (the harness wire, ``virtlease_etcd.devtools.jsonwire``).  It
   "VM" (a real ``sleep`` child whose pid is given to ``new_object``, with
   FailureAction.POWEROFF), write to the shared storage model while holding,
   then release (sometimes resuming with the release state) or get migrated;
+* runs ``agent_workers`` threads whose VMs take their disks the way the lockd
+  agent does, one disk per call, and are detached from, attached to, pivoted,
+  paused and resumed while they run (``agent_vm.py``);
 * answers migration commands from the harness on stdin (one JSON per line,
   one reply per line on stdout, matched by ``seq``);
 * appends every fact the checker needs to an events file (JSON lines, one
   ``os.write`` each, so a ``kill -9`` loses nothing already recorded);
-* publishes every state its workers get to the run's gossip file and runs
-  one misbehaving caller thread that misuses them (``misuse.py``), if the
-  harness enabled it.
+* publishes every state its workers get, and every operation of its agent VMs,
+  to the run's gossip file and runs one misbehaving caller thread that misuses
+  the states and one twin thread that starts the other hosts' agent VMs here
+  under their UUID (``misuse.py``), if the harness enabled it.
 
 ``free()`` does not release (holds belong to the domain on the host, as in
 libvirt): every path that may still hold something calls ``release()``
@@ -36,9 +40,13 @@ import subprocess
 import threading
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
 from typing import Any
 
-from misuse import Gossip, Misuser
+from agent_vm import AgentVM
+from agent_vm import worker as agent_worker
+from misuse import Gossip, Misuser, Twin
+from vm import VmProcess, spawn
 
 import virtlease as v
 from virtlease_etcd.devtools.jsonwire import Replier
@@ -83,20 +91,17 @@ class Storage:
         return bool(reply["ok"]), str(reply.get("why", ""))
 
 
-class Holding:
+class Holding(VmProcess):
     """A VM of this host and its lock object."""
 
     def __init__(self, obj: v.LockObject, uuid: str, name: str, disks: list[str],
                  vm: subprocess.Popen[bytes], host: Host) -> None:
+        super().__init__(uuid, vm, host.ev)
         self.obj = obj
-        self.uuid = uuid
         self.name = name
         self.disks = disks
-        self.vm = vm
         self.tokens: dict[str, int] = {}
         self.iid: str | None = None
-        self.dead = threading.Event()
-        self.dead_at = 0.0
         self.park_req = False
         self.preparing = False
         self.parked = threading.Event()
@@ -104,21 +109,6 @@ class Holding:
         self.abandon = False
         self.busy = threading.Lock()  # held by the migrating main thread
         self.host = host
-        threading.Thread(target=self._wait_vm, daemon=True).start()
-
-    def _wait_vm(self) -> None:
-        self.vm.wait()
-        self.dead_at = mono()
-        self.dead.set()
-        self.host.ev("vm_dead", obj=self.uuid, pid=self.vm.pid, t=self.dead_at)
-
-    def kill_vm(self) -> None:
-        if self.vm.poll() is None:
-            try:
-                self.vm.kill()
-            except ProcessLookupError:
-                pass
-        self.dead.wait(5)
 
 
 class Host:
@@ -128,6 +118,8 @@ class Host:
         self.ev = Events(cfg["events"], self.host_id, cfg["inc"])
         self.storage = Storage(cfg["storage"])
         self.disks: list[str] = cfg["disks"]
+        self.images: list[str] = cfg.get("images", [])
+        """Disks only the agent VMs use (agent_vm.py), beside ``disks``."""
         self.rng = random.Random(cfg["seed"])
         self.stopping = threading.Event()
         self.cond = threading.Condition()
@@ -138,6 +130,27 @@ class Host:
         self.hlock = threading.Lock()
         self.migrating: dict[int, Holding] = {}
         self.gossip = Gossip(cfg["gossip"], self.host_id, cfg["inc"]) if cfg.get("gossip") else None
+        self.uuids: set[str] = set()
+        """Domain UUIDs in use by the agent VMs, their twins and the misuser on this host."""
+
+    def take_uuid(self, uuid: str) -> bool:
+        """Use ``uuid`` for a domain on this host, unless one with it exists here (libvirt
+        would not define a second one, and the owner in the session is one per UUID)."""
+        with self.hlock:
+            plugin = self.plugin
+            if uuid in self.uuids or (plugin is not None and uuid in {o.uuid for o in plugin.objects}):
+                return False
+            self.uuids.add(uuid)
+            return True
+
+    def give_uuid(self, uuid: str) -> None:
+        with self.hlock:
+            self.uuids.discard(uuid)
+
+    def publish_op(self, a: AgentVM, op: str, phase: str, disks: list[str]) -> None:
+        """Tell the twins on the other hosts that an operation of agent VM ``a`` begins or ends."""
+        if self.gossip is not None and a.via == "agent:":
+            self.gossip.publish_op(op, phase, a.uuid, a.name, disks)
 
     def publish(self, h: Holding, src: str, state: str, dest: str | None = None) -> None:
         """Tell the misbehaving callers about a state (it is evidence only)."""
@@ -199,6 +212,22 @@ class Host:
             except v.PluginBusyError:
                 time.sleep(0.2)
 
+    def plugins(self) -> Iterator[v.Plugin]:
+        """The host's driver for each turn of a worker loop until the host stops; waits while
+        there is none or its session is lost (``session_loop`` replaces it in a moment)."""
+        while not self.stopping.is_set():
+            plugin = self.current()
+            if plugin is None:
+                return
+            try:
+                usable = plugin.driver.session.lost is None
+            except v.VirtleaseError:  # already unloaded
+                usable = False
+            if usable:
+                yield plugin
+            else:
+                time.sleep(0.1)
+
     def current(self) -> v.Plugin | None:
         with self.cond:
             while self.plugin is None and not self.stopping.is_set():
@@ -213,14 +242,12 @@ class Host:
 
     def close_interval(self, h: Holding, reason: str, t: float | None = None) -> None:
         if h.iid is not None:
-            t = t or mono()
-            if h.dead.is_set() and h.dead_at < t:
-                t, reason = h.dead_at, f"vm_dead (then {reason})"
+            t, reason = h.ended(reason, t)
             self.ev("end", iid=h.iid, obj=h.uuid, reason=reason, t=t)
             h.iid = None
 
     def spawn_vm(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["sleep", "100000"], stdin=subprocess.DEVNULL)
+        return spawn()
 
     def confirm(self, h: Holding, via: str) -> bool:
         """After a successful acquire: learn the tokens (``held()``) and open
@@ -240,14 +267,18 @@ class Host:
         # register the new token with storage at once (a fencing write)
         return self.write_all(h) == "ok"
 
+    def store(self, disk: str, obj: str, iid: str | None, token: int, t: float) -> tuple[bool, str]:
+        """One write of VM ``obj`` to the storage model, in write interval ``iid``."""
+        return self.storage.write(disk=disk, host=self.host_id, inc=self.cfg["inc"], obj=obj, iid=iid, token=token,
+                                  t=t)
+
     def write_all(self, h: Holding) -> str:
         for disk in h.disks:
             t = mono()
             if h.dead.is_set():
                 self.close_interval(h, "vm_dead", t=h.dead_at)
                 return "dead"
-            ok, why = self.storage.write(disk=disk, host=self.host_id, inc=self.cfg["inc"], obj=h.uuid,
-                                         iid=h.iid, token=h.tokens[disk], t=t)
+            ok, why = self.store(disk, h.uuid, h.iid, h.tokens[disk], t)
             if not ok:
                 self.close_interval(h, "stale", t=mono())
                 self.ev("rejected", obj=h.uuid, disk=disk, token=h.tokens[disk], why=why)
@@ -458,6 +489,14 @@ class Host:
         plugin = self.plugin
         if plugin is None:
             return {"ok": False, "error": "no session"}
+        if not self.take_uuid(cmd["uuid"]):  # the misuser uses this domain's UUID here right now
+            return {"ok": False, "error": "uuid in use"}
+        try:
+            return self.claim_in(plugin, cmd)
+        finally:
+            self.give_uuid(cmd["uuid"])
+
+    def claim_in(self, plugin: v.Plugin, cmd: dict[str, Any]) -> dict[str, Any]:
         vm = self.spawn_vm()
         try:
             obj = plugin.new_object(uuid=cmd["uuid"], name=cmd["name"], pid=vm.pid, flags=v.NewFlags.MIGRATE)
@@ -513,6 +552,11 @@ class Host:
                     obj.free()
                 except v.VirtleaseError:
                     pass
+            try:  # an agent VM or twin whose release never got through (its thread gave up)
+                if n := plugin.driver.release_all():
+                    self.ev("released", obj="", where=f"shutdown: {n} domain(s) left by agent VMs")
+            except v.VirtleaseError as exc:
+                self.ev("release_failed", obj="", error=type(exc).__name__, message=str(exc)[:200], where="shutdown")
             try:
                 plugin.unload()
             except v.VirtleaseError as exc:
@@ -530,8 +574,12 @@ def main() -> None:
     wire.send({"ok": True, "ready": True, "pid": os.getpid(), "lease": host.lease})
     threads = [threading.Thread(target=host.session_loop, daemon=True)]
     threads += [threading.Thread(target=host.worker, args=(i,), daemon=True) for i in range(cfg["workers"])]
+    threads += [threading.Thread(target=agent_worker, args=(host, i), daemon=True)
+                for i in range(cfg.get("agent_workers", 0))]
     if cfg.get("misuse") and host.gossip is not None:
         threads.append(threading.Thread(target=Misuser(host, Holding, host.gossip).loop, daemon=True))
+        threads += [threading.Thread(target=Twin(host, Gossip(cfg["gossip"], host.host_id, cfg["inc"]), i).loop,
+                                     daemon=True) for i in range(cfg.get("twins", 1))]
     for t in threads:
         t.start()
     for cmd in wire.commands():

@@ -24,6 +24,11 @@ Misuse kinds (``KINDS``), each with variants:
 * ``cross``: a handoff state (``prepare_migrate``) claimed by a third host,
   by its source, or by the right host under another UUID.
 
+Every host also runs a ``Twin`` thread: the same domain defined on two hosts.
+While an agent VM of another host (``agent_vm.py``) starts, detaches, attaches,
+pivots, pauses (until it resumes or exits) or exits, it starts that UUID here
+through the agent's path, over and over (kind ``twin``, variant the operation).
+
 Every attempt is an event ``misuse`` (kind, variant, outcome, error type).
 A success is treated exactly like a real grant: a ``grant`` event with the
 tokens from ``held()`` opens a write interval (``via`` ``misuse:KIND/VARIANT``),
@@ -35,6 +40,7 @@ the misuser writes to the storage model with them, then ``release()`` and
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -46,6 +52,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from agent_vm import AgentVM
+
 import virtlease as v
 
 if TYPE_CHECKING:
@@ -54,6 +62,9 @@ if TYPE_CHECKING:
 mono = time.monotonic
 MAGIC = "virtlease-state/1 "
 KINDS = ("replay", "edited", "forged", "cross")
+OP_WINDOW = 5.0
+"""Seconds a twin goes on trying during an operation whose end it has not seen (its host
+may have died in the middle)."""
 
 
 class Gossip:
@@ -74,19 +85,36 @@ class Gossip:
                "disks": disks, "dest": dest, "state": state}
         os.write(self.wfd, (json.dumps(rec) + "\n").encode())
 
-    def poll(self) -> list[dict[str, Any]]:
+    def publish_op(self, op: str, phase: str, uuid: str, name: str, disks: list[str]) -> None:
+        """An operation of an agent VM (agent_vm.py) begins or ends: the twins try then."""
+        rec = {"t": mono(), "host": self.host, "inc": self.inc, "src": "agent", "op": op, "phase": phase,
+               "uuid": uuid, "name": name, "disks": disks}
+        os.write(self.wfd, (json.dumps(rec) + "\n").encode())
+
+    def _read(self) -> list[dict[str, Any]]:
         data = self.partial + self.rfh.read()
         lines = data.split(b"\n")
         self.partial = lines.pop()
         out: list[dict[str, Any]] = []
         for line in lines:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def poll(self) -> list[dict[str, Any]]:
+        """The states published since the last poll (each with its parsed ``body``)."""
+        out: list[dict[str, Any]] = []
+        for rec in self._read():
             try:
-                rec = json.loads(line)
                 rec["body"] = body_of(rec["state"])
             except (ValueError, KeyError, IndexError):
                 continue
             out.append(rec)
         return out
+
+    def poll_ops(self) -> list[dict[str, Any]]:
+        """The agent VMs' operations published since the last poll."""
+        return [rec for rec in self._read() if rec.get("src") == "agent"]
 
 
 def body_of(state: str) -> dict[str, Any]:
@@ -147,7 +175,7 @@ class Misuser:
         """Domains that exist on this host now: libvirt would not start a
         second one with the same uuid, so the misuser does not either."""
         plugin = self.host.plugin
-        return {o.uuid for o in plugin.objects} if plugin is not None else set()
+        return ({o.uuid for o in plugin.objects} if plugin is not None else set()) | self.host.uuids
 
     def other_host(self, *not_these: str) -> str:
         cands = sorted(self.hosts_seen - {self.me, *not_these})
@@ -301,6 +329,14 @@ class Misuser:
         return self.attempt("forged", variant, rec, body, uuid=fuuid, migrate=variant == "handoff_guess")
 
     def run_attempt(self, plugin: v.Plugin, a: Attempt) -> None:
+        if not self.host.take_uuid(a.uuid):
+            return
+        try:
+            self.try_state(plugin, a)
+        finally:
+            self.host.give_uuid(a.uuid)
+
+    def try_state(self, plugin: v.Plugin, a: Attempt) -> None:
         h = self.new_holding(plugin, a.uuid, a.name, a.disks, a.shared, a.migrate)
         if h is None:
             return
@@ -358,10 +394,7 @@ class Misuser:
 
     def loop(self) -> None:
         host = self.host
-        while not host.stopping.is_set():
-            plugin = host.current()
-            if plugin is None:
-                return
+        for plugin in host.plugins():
             fresh = self.gossip.poll()
             self.learn(fresh)
             handoffs = [r for r in fresh if r["body"].get("kind") == "handoff"]
@@ -383,3 +416,93 @@ class Misuser:
                 host.ev("unexpected_error", obj="", error=type(exc).__name__, message=str(exc)[:300],
                         where="misuser")
             time.sleep(self.rng.uniform(0.03, 0.12))
+
+
+class Twin:
+    """The same domain defined on another host: while an agent VM's operation is in flight
+    (``Gossip.poll_ops``: start, detach, attach, pivot, pause until it resumes or exits,
+    exit), ``virsh start`` of its UUID here, over and over.  Each start is what libvirt's
+    lockd plugin does: ACQUIRE (``LockdDomain.acquire``) of every disk of the domain's
+    definition (those of the operation, in random order) under the same UUID, through this
+    host's agent path (``agent_vm.AgentVM``).  Harsher than libvirt, which starts the QEMU
+    only once every disk is held: the twin writes each disk as soon as it holds it (a claim
+    of a reservation takes several at once), until the first refusal; then it writes a
+    while, exits and releases everything.
+
+    Legitimate outcomes: a disk nobody holds (a detached one, freed), and the reservation of
+    a paused or exited VM (that is how migration works; the paused VM must then never write
+    again: its resume is refused).  A disk the VM still writes is two writers: the checker's
+    rule 1, with ``misuse:twin/<operation>`` on one side.  Every try is a ``misuse`` event
+    (kind ``twin``, variant the operation)."""
+
+    def __init__(self, host: Host, gossip: Gossip, n: int = 0) -> None:
+        self.host = host
+        self.gossip = gossip
+        self.rng = random.Random(host.cfg["seed"] ^ (0x7717 + n))
+        self.ops: dict[str, dict[str, Any]] = {}
+        """Domain UUID -> the operation in flight on another host (its ``begin`` record)."""
+
+    def loop(self) -> None:
+        host = self.host
+        for plugin in host.plugins():
+            for rec in self.gossip.poll_ops():
+                if rec["host"] == host.host_id:
+                    continue
+                if rec["phase"] == "begin":
+                    self.ops[str(rec["uuid"])] = rec
+                else:
+                    self.ops.pop(str(rec["uuid"]), None)
+            now = mono()
+            for uuid in [u for u, rec in self.ops.items() if now - float(rec["t"]) > OP_WINDOW]:
+                del self.ops[uuid]
+            ops = list(self.ops.values())
+            running = [r for r in ops if r["op"] not in ("start", "exit")]  # what a running VM does, first
+            if not running and (not ops or self.rng.random() < 0.7):
+                time.sleep(self.rng.uniform(0.01, 0.04))
+                continue
+            cands = running or ops
+            kind = self.rng.choice(sorted({str(r["op"]) for r in cands}))  # each operation alike
+            rec = self.rng.choice([r for r in cands if r["op"] == kind])
+            try:
+                self.start(plugin, rec)
+            except Exception as exc:  # the twin must never take its host down
+                host.ev("unexpected_error", obj=str(rec["uuid"]), error=type(exc).__name__, message=str(exc)[:300],
+                        where="twin")
+            time.sleep(self.rng.uniform(0.01, 0.06))
+
+    def start(self, plugin: v.Plugin, rec: dict[str, Any]) -> None:
+        host = self.host
+        uuid, op = str(rec["uuid"]), str(rec["op"])
+        if not host.take_uuid(uuid):
+            return
+        try:
+            try:
+                twin = AgentVM(host, plugin, uuid, f"{host.host_id}-twin-{uuid[:6]}", "misuse:twin/")
+            except v.VirtleaseError:
+                return
+            disks = [str(x) for x in rec["disks"]]
+            if not disks:
+                twin.exit("nothing to start")
+                return
+            self.rng.shuffle(disks)
+            common = {"kind": "twin", "variant": op, "obj": uuid, "disks": disks, "t_call": mono(),
+                      "origin": {"host": rec["host"], "uuid": uuid, "src": f"agent {op}", "t": rec["t"]}}
+            got: dict[str, dict[str, int]] = {}
+            error: v.VirtleaseError | None = None
+            for disk in disks:
+                try:
+                    twin.acquire(disk)
+                except v.VirtleaseError as exc:
+                    error = exc
+                    break
+                for held, token in sorted(twin.held().items()):  # a claim takes every disk it lists
+                    if held not in twin.writing and (iid := twin.start_writing(held, op)) is not None:
+                        got[iid] = {held: token}
+            host.ev("misuse", outcome="succeeded" if got else "refused", grants=got,
+                    error=None if error is None else type(error).__name__,
+                    message="" if error is None else str(error)[:200], **common)
+            if twin.writing:
+                twin.hold(self.rng.uniform(0.1, 0.4))
+            twin.exit("release")
+        finally:
+            host.give_uuid(uuid)

@@ -14,7 +14,11 @@ links to etcd; add latency; kill and restart the etcd leader; pause an etcd
 member; kill the source or the destination in the middle of a migration.  In each
 host a misbehaving caller (``misuse.py``, ``Settings.misuse``) replays, edits,
 forges and cross-hands the states the hosts gossip, and writes like a real
-holder whenever a misuse succeeds.
+holder whenever a misuse succeeds.  Beside the ABI workers, each host runs VMs
+through the lockd agent's per-disk path (``agent_vm.py``, ``Settings.agent_workers``:
+start, detach, attach, pivot, pause then resume or exit), and a twin on every
+other host starts the same domain UUID during each of those operations
+(``misuse.Twin``), writing whatever disk it gets.
 
 After each run the checker reads the recorded history (host event logs,
 storage log, nemesis log, keyspace snapshots) and reports violations; the
@@ -75,7 +79,15 @@ class Settings:
     migrate_every: float = 1.5
     quiet: bool = False
     misuse: bool = True
-    """Run a misbehaving caller in every host (misuse.py)."""
+    """Run a misbehaving caller in every host (misuse.py), and a twin (same-UUID start)."""
+    agent_workers: int = 2
+    """Threads per host running VMs through the agent's per-disk path (agent_vm.py)."""
+    twins: int = 2
+    """Twin threads per host (misuse.Twin, with the misuser): same-UUID starts of the other
+    hosts' agent VMs (each waits up to a second for a reservation that may be on its way)."""
+    images: int = 4
+    """Disks only the agent VMs (and their twins) use, beside the shared ones: mostly the new
+    images of a hotplug or a pivot (a backup's overlay, a copy's target: files nobody else uses)."""
 
 
 @dataclass
@@ -115,9 +127,10 @@ class HostHandle:
         cfg = {
             "host_id": self.host_id, "inc": self.inc, "endpoints": self.endpoints,
             "prefix": self.run.prefix, "ttl": self.run.s.ttl, "storage": str(self.run.storage_path),
-            "events": str(self.events_path(self.inc)), "disks": self.run.disks,
+            "events": str(self.events_path(self.inc)), "disks": self.run.disks, "images": self.run.images,
             "workers": self.run.s.workers, "seed": self.run.rng.randrange(1 << 30),
             "gossip": str(self.run.gossip_path), "misuse": self.run.s.misuse,
+            "agent_workers": self.run.s.agent_workers, "twins": self.run.s.twins,
         }
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
@@ -208,6 +221,7 @@ class Run:
         self.gossip_path = self.dir / "gossip.jsonl"  # states the hosts saw, for the misbehaving callers
         self.gossip_path.touch()
         self.disks = [str(self.dir / "disks" / f"disk{i}.qcow2") for i in range(s.disks)]
+        self.images = [str(self.dir / "disks" / f"image{i}.qcow2") for i in range(s.images)]
         self.faults: list[Fault] = []
         self.flock = threading.Lock()
         self.snapshots: list[tuple[float, dict[str, tuple[int, int]]]] = []
@@ -408,7 +422,8 @@ class Run:
                 if not h.wait_ready(30):
                     raise RuntimeError(f"{h.host_id} did not start")
             self.t_start = mono()
-            self.log(f"started: {s.hosts} hosts x {s.workers} workers, {s.disks} disks, ttl {s.ttl}s")
+            self.log(f"started: {s.hosts} hosts x {s.workers} workers + {s.agent_workers} agent worker(s), "
+                     f"{s.disks} disks, ttl {s.ttl}s")
             mon = threading.Thread(target=self.monitor, daemon=True)
             mon.start()
             workers = [threading.Thread(target=fn, daemon=True) for fn in (self.nemesis, self.migrator)]
@@ -545,8 +560,11 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
             res.ops[f"grant ({e['via']})"] += 1
         elif kind in ("acquire_call", "busy", "acquire_failed", "released", "lost", "session",
                       "claim_failed", "resume_refused", "rejected", "prepare_failed", "complete_out_failed",
-                      "grant_after_loss", "release_failed"):
+                      "grant_after_loss", "release_failed", "agent_release_failed", "agent_settle_failed",
+                      "agent_failed"):
             res.ops[kind] += 1
+        elif kind == "agent_op":
+            res.ops[f"agent {e['op']}: {e['outcome']}"] += 1
         if kind == "violation":
             res.violations.append(f"{e['kind']}: host {e['host']}.{e['inc']} {e.get('detail', '')}")
         if kind == "unexpected_error":
@@ -558,10 +576,18 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
 
     # -- intervals ----------------------------------------------------------------
     ends = {e["iid"]: e for e in events if e["ev"] == "end"}
-    vm_dead: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    vm_dead: dict[tuple[Any, ...], list[float]] = defaultdict(list)
     for e in events:
         if e["ev"] == "vm_dead":
             vm_dead[(e["host"], e["inc"], e["obj"])].append(e["t"])
+            vm_dead[(e["host"], e["inc"], e["obj"], e.get("pid"))].append(e["t"])
+
+    def deaths_of(g: dict[str, Any]) -> list[float]:
+        """When the VM of grant ``g`` was seen dead after the grant: by its pid when the grant
+        names one (the misuser may run another VM of the same domain on that host meanwhile)."""
+        key = (g["host"], g["inc"], g["obj"]) + ((g["pid"],) if g.get("pid") is not None else ())
+        return [d for d in vm_dead[key] if d >= g["t"]]
+
     intervals: list[Interval] = []
     for e in events:
         if e["ev"] != "grant":
@@ -575,11 +601,10 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
             candidates.append((float(end["t"]), str(end["reason"])))
         if (e["host"], e["inc"]) in kills and kills[(e["host"], e["inc"])] >= e["t"]:
             candidates.append((kills[(e["host"], e["inc"])], "host killed"))
-        deaths = [d for d in vm_dead[(e["host"], e["inc"], e["obj"])] if d >= e["t"]]
+        deaths = deaths_of(e)
         if deaths:
             candidates.append((min(deaths), "vm_dead"))
         t1, why = min(candidates) if candidates else (t_stop, "open at the end")
-        deaths = [d for d in vm_dead[(e["host"], e["inc"], e["obj"])] if d >= e["t"]]
         if deaths and min(deaths) < t1:
             t1, why = min(deaths), f"vm_dead ({why} recorded later)"  # a dead VM writes nothing
         for disk, token in e["disks"].items():
@@ -610,6 +635,20 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
                     f"{b.end - run.t_start:.3f}] ({b.via}, ended {b.end_reason})")
             active.append(b)
     res.ops["paused holders overlapping a new holder (tokens protect)"] = paused_overlaps
+
+    # -- a resumed agent VM writes on the tokens it had when it paused: nobody else may have
+    #    been granted one of its disks since (its reservation claimed: the resume must fail)
+    for iv in intervals:
+        if iv.via != "agent:resume":
+            continue
+        newer = [o for o in by_disk[iv.disk] if o.token > iv.token and o.start < iv.start
+                 and (o.host, o.inc, o.obj) != (iv.host, iv.inc, iv.obj)]
+        if newer:
+            o = min(newer, key=lambda o: o.start)
+            res.violations.append(
+                f"resumed on a stale token: {iv.host}.{iv.inc} resumed {Path(iv.disk).name} token {iv.token} at "
+                f"{iv.start - run.t_start:.3f}, after {o.host}.{o.inc} was granted token {o.token} at "
+                f"{o.start - run.t_start:.3f} ({o.via})")
 
     # -- tokens at the storage --------------------------------------------------------
     starts_by_disk: dict[str, tuple[list[int], list[float]]] = {}
@@ -652,9 +691,13 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
     # released, not migrated away) must have its VM dead before the first foreign
     # grant of any of its disks.
     done_at: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    disk_done: dict[str, list[float]] = defaultdict(list)
     for e in events:
         if e["ev"] in ("released", "prepared") or (e["ev"] == "completed_out" and not e.get("cancel")):
             done_at[(e["host"], e["inc"], e["obj"])].append(float(e["t"]))
+        elif e["ev"] == "disk_done":  # an agent VM released disks it no longer writes (detach, pivot, pause)
+            for iid in e["iids"]:
+                disk_done[iid].append(float(e["t"]))
     grants_of: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for e in events:
         if e["ev"] == "grant":
@@ -669,15 +712,18 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
             key = (host, inc, g["obj"])
             if int(g.get("lease", 0)) != int(e.get("lease", -1)) or g["t"] >= t_lost:
                 continue
-            if any(g["t"] <= d <= t_lost for d in done_at[key]):
+            if any(g["t"] <= d <= t_lost for d in [*done_at[key], *disk_done[g["iid"]]]):
                 continue
-            deaths = [d for d in vm_dead[key] if d >= g["t"]]
+            deaths = deaths_of(g)
             died = min(deaths) if deaths else float("inf")
             if died < t_lost - 0.001:
                 continue  # the VM was already gone: nothing to fence
             end = ends.get(g["iid"])
-            releasing = end is not None and end["reason"] == "release" and float(end["t"]) < t_lost
+            releasing = end is not None and end["reason"].startswith("release") and float(end["t"]) < t_lost
             for disk, token in g["disks"].items():
+                if any(g["t"] < g2["t"] < t_lost and g2["obj"] == g["obj"] and g2["disks"].get(disk) == token
+                       for g2 in grants_of[(host, inc)]):
+                    continue  # the same hold goes on in a later interval (a migration cancelled, a resume)
                 later = [o for o in by_disk[disk] if o.token > int(token) and (o.host, o.inc) != (host, inc)]
                 if not later:
                     continue
@@ -740,7 +786,7 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
     # -- no holder key that nobody was told about (an acquire/claim reported failed
     #    but had committed: the disk stays locked for the rest of the session) ----------
     rid_disk = {hashlib.sha256(b"disk\0" + os.path.realpath(d).encode()).hexdigest(): os.path.realpath(d)
-                for d in run.disks}
+                for d in run.disks + run.images}
     granted = {(iv.disk, iv.token) for iv in intervals}
     seen: dict[tuple[str, int], tuple[float, list[float], int]] = {}
     for t_snap, snap in run.snapshots:
@@ -765,11 +811,12 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
     return res
 
 
-def parked_sources(events: list[dict[str, Any]], by_disk: dict[str, list[Interval]],
+def parked_sources(run: Run, events: list[dict[str, Any]], by_disk: dict[str, list[Interval]],
                    kills: dict[tuple[str, int], float], t_end: float) -> dict[str, list[tuple[float, float, str]]]:
     """Per disk, when a migration source held it without writing: from
-    ``prepared`` to the destination's claim, the outcome of its complete_out
-    or its host's death, whichever is first."""
+    ``prepared`` to the destination's claim, the outcome of its complete_out,
+    its host's death, its session's loss or a SIGSTOP of its host past the TTL
+    (its lease may expire), whichever is first."""
     last_iv: dict[tuple[str, int, str], list[Interval]] = defaultdict(list)
     for ivs in by_disk.values():
         for iv in ivs:
@@ -784,6 +831,10 @@ def parked_sources(events: list[dict[str, Any]], by_disk: dict[str, list[Interva
         # the source stops holding when the destination's claim takes the records
         ends += [float(x["t"]) for x in events if x["ev"] == "grant" and x.get("via") == "claim"
                  and x.get("obj") == key[2] and float(x["t"]) >= t0]
+        ends += [float(x["t"]) for x in events if x["ev"] == "lost" and (x["host"], x["inc"]) == key[:2]
+                 and float(x["t"]) >= t0]
+        ends += [f.t0 + run.s.ttl for f in run.faults if f.kind == "stop_host" and (f.target, f.inc) == key[:2]
+                 and f.t0 >= t0]
         t1 = min([*ends, kills.get(key[:2], t_end), t_end])
         before = [iv for iv in last_iv[key] if iv.start <= t0]
         if not before:
@@ -803,29 +854,32 @@ def misuse_outcomes(run: Run, events: list[dict[str, Any]], by_disk: dict[str, l
     the holder released is a legitimate resume).  Reporting only: the rules
     above decide the violations."""
     starts = {e["iid"]: float(e["t"]) for e in events if e["ev"] == "grant"}
-    parked = parked_sources(events, by_disk, kills, t_end)
+    parked = parked_sources(run, events, by_disk, kills, t_end)
     out: list[dict[str, Any]] = []
     for e in events:
         if e["ev"] != "misuse":
             continue
         rec = {"kind": e["kind"], "variant": e["variant"], "outcome": e["outcome"], "error": e.get("error"),
                "legit": None, "held_by": ""}
-        if e["outcome"] == "succeeded" and e.get("iid") in starts:
-            t = starts[e["iid"]]
-            others = [iv for d in e.get("tokens", {}) for iv in by_disk.get(d, [])
-                      if iv.iid != e["iid"] and iv.start <= t < iv.end]
-            live = [iv for iv in others if not iv.paused]
-            sources = [(d, who) for d in e.get("tokens", {}) for t0, t1, who in parked.get(d, []) if t0 <= t < t1]
+        # a state's grant is one interval; a twin's, one per disk (it writes each as it gets it)
+        got = e.get("grants") or ({e["iid"]: e.get("tokens", {})} if e.get("iid") else {})
+        got = {iid: tokens for iid, tokens in got.items() if iid in starts}
+        if e["outcome"] == "succeeded" and got:
+            others = [(iv, starts[iid]) for iid, tokens in got.items() for d in tokens for iv in by_disk.get(d, [])
+                      if iv.iid != iid and iv.start <= starts[iid] < iv.end]
+            live = [(iv, t) for iv, t in others if not iv.paused]
+            sources = [(d, who, starts[iid]) for iid, tokens in got.items() for d in tokens
+                       for t0, t1, who in parked.get(d, []) if t0 <= starts[iid] < t1]
             rec["legit"] = not live and not sources
             rec["paused_holder"] = bool(others) and not live
             rec["parked_source"] = bool(sources) and not live
             if live:
-                iv = live[0]
+                iv, t = live[0]
                 rec["held_by"] = (f"{Path(iv.disk).name} held by {iv.host}.{iv.inc} token {iv.token} "
                                   f"({iv.via}) at {t - run.t_start:.3f}")
             elif sources:
-                rec["held_by"] = f"{Path(sources[0][0]).name} held by migration source {sources[0][1]} " \
-                                 f"at {t - run.t_start:.3f}"
+                disk, who, t = sources[0]
+                rec["held_by"] = f"{Path(disk).name} held by migration source {who} at {t - run.t_start:.3f}"
         out.append(rec)
     return out
 
@@ -880,6 +934,7 @@ def violation_kind(v: str) -> str:
     """A violation's rule, and whether a misuse grant is named in it."""
     text = v.split(": ", 1)[1] if v.startswith("run ") else v
     rule = next((r for r in ("two writers", "stale write accepted", "used by two holders", "outside",
+                             "resumed on a stale token",
                              "lost its session", "still in etcd", "key left", "vm_survived_loss")
                  if r in text), text.split(":", 1)[0])
     return f"{rule}{' (a misuse grant is one side)' if 'misuse:' in text else ''}"
@@ -929,7 +984,8 @@ class Summary:
             "# virtlease nemesis summary",
             "",
             f"- seed {s.seed}, {len(self.results)} run(s) of {s.run_length:.0f}s, wall time {self.wall:.0f}s",
-            f"- {s.hosts} hosts x {s.workers} workers, {s.disks} disks, session TTL {s.ttl}s, "
+            f"- {s.hosts} hosts x ({s.workers} workers + {s.agent_workers} agent worker(s)), {s.disks} disks, "
+            f"session TTL {s.ttl}s, "
             "3-member etcd",
             f"- **safety violations: {len(self.violations)}**",
             f"- liveness violations (orphaned locks): {len(self.liveness)}",
@@ -1010,6 +1066,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     p.add_argument("--hosts", type=int, default=3)
     p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--agent-workers", type=int, default=2,
+                   help="threads per host running VMs through the agent's per-disk path")
     p.add_argument("--disks", type=int, default=5)
     p.add_argument("--ttl", type=int, default=3)
     p.add_argument("--fault-every", type=float, default=2.5, help="mean seconds between faults")
@@ -1018,7 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-misuse", action="store_true", help="no misbehaving caller in the hosts")
     p.add_argument("--strict", action="store_true", help="also fail (exit 1) on liveness violations")
     a = p.parse_args(argv)
-    s = Settings(seed=a.seed, run_length=a.run_length, hosts=a.hosts, workers=a.workers, disks=a.disks,
+    s = Settings(seed=a.seed, run_length=a.run_length, hosts=a.hosts, workers=a.workers,
+                 agent_workers=a.agent_workers, disks=a.disks,
                  ttl=a.ttl, fault_every=a.fault_every, quiet=a.quiet, misuse=not a.no_misuse)
     summary = run_suite(s, a.duration, a.workdir)
     print(summary.render())

@@ -3,7 +3,10 @@
 Two runs of about a minute each (fresh three-member etcd per run), three host
 processes, faults every ~2 s, a misbehaving caller in every host (misuse.py:
 replayed, edited, forged and cross-handed states; any success that gives a
-disk two holders is a safety violation).  The long run is ``python tests/safety/nemesis.py
+disk two holders is a safety violation).  One worker per host runs VMs through
+the agent's per-disk path (agent_vm.py: start, detach, attach, pivot, pause and
+resume or exit), and the same UUID is started on the other hosts during each
+of those operations (misuse.Twin).  The long run is ``python tests/safety/nemesis.py
 --duration 1800`` (see README.md).  Safety violations fail the test; liveness
 violations (orphaned locks) warn, or fail with ``VIRTLEASE_NEMESIS_STRICT=1``.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 
 import pytest
 from nemesis import Settings, run_suite
@@ -29,6 +33,13 @@ def test_no_disk_ever_has_two_writers() -> None:
     print(report)
     assert sum(sum(r.faults.values()) for r in summary.results) >= 10, "too few faults injected"
     assert sum(r.ops["writes accepted"] for r in summary.results) > 100, "the hosts made no progress"
+    ops: Counter[str] = Counter()
+    for r in summary.results:
+        ops.update(r.ops)
+    twin = Counter(m["variant"] for r in summary.results for m in r.misuse if m["kind"] == "twin")
+    for op in ("detach", "attach", "pivot", "pause"):
+        assert any(k.startswith(f"agent {op}:") for k in ops), f"no agent VM tried a {op}\n{report}"
+        assert twin[op] > 0, f"the twin never tried the same UUID during a {op}\n{report}"
     assert not summary.violations, report
     assert not summary.errors, report
     if summary.liveness:

@@ -38,7 +38,7 @@ def acquire(d: Domain, resources: list[ResourceSpec], state: str | None, flags: 
     rids = d.locked(resources)
     owner = d.owner()
     with owner.lock:
-        handoff.refresh_handed_back(d, owner)
+        handoff.refresh(d, owner)
         d.adopt_policy(owner, action)  # before the grant: a fence racing its reply must use it
         if flags & AcquireFlags.REGISTER_ONLY:
             register(d, owner)
@@ -104,7 +104,7 @@ def release(d: Domain, resources: list[ResourceSpec]) -> str:
     rids = d.locked(resources)
     owner = d.owner()
     with owner.lock:
-        handoff.refresh_handed_back(d, owner)
+        handoff.refresh(d, owner)
         d.refuse_if_migrating(owner, "release")
         held = [owner.held[r.rid] for r in rids if r.rid in owner.held]
         if rids and not held and not owner.registered:
@@ -123,6 +123,7 @@ def release(d: Domain, resources: list[ResourceSpec]) -> str:
 def release_owner(d: Domain, owner: Owner) -> None:
     """Drop everything the owner has in etcd: records, registration, marker."""
     with owner.lock:
+        handoff.sync(d, owner)
         if owner.handoff is not None:
             marker = owner.handoff
             txn.run(d.session, [tx.Value(marker.key) == marker.value], [tx.Delete(marker.key)], [],
@@ -140,7 +141,7 @@ def inquire(d: Domain, resources: list[ResourceSpec]) -> str:
     d.session.check()
     owner = d.owner()
     with owner.lock:
-        handoff.refresh_handed_back(d, owner)
+        handoff.refresh(d, owner)
         held = [owner.held[r.rid] for r in d.locked(resources) if r.rid in owner.held]
         d.session.owners.forget_if_idle(owner)
         return d.state(st.RESUME, held, 0, xgens=records.read_xgens(d, held))

@@ -23,9 +23,10 @@ everything once its QEMU is gone unclaimed.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 from etcd3 import transactions as tx
@@ -49,7 +50,7 @@ def prepare(d: Domain, dest_host: str) -> str:
     d.session.check()
     owner = d.owner()
     with owner.lock:
-        refresh_handed_back(d, owner)
+        refresh(d, owner)
         if not owner.held:
             raise ObjectStateError(f"prepare_migrate: {d.where()} holds no locked resource on host {d.host}")
         if dest_host == d.host:
@@ -80,8 +81,9 @@ def mark(d: Domain, owner: Owner, dest_host: str, held: Sequence[Held] | None = 
     success = [tx.Put(marker_key, marker, lease=d.session.lease_id)]
     failure = [tx.Get(marker_key)]
     d.check_size((compare, success, failure), "migration prepare", len(held))
-    resp = txn.run(d.session, compare, success, failure, deadline=d.session.deadline(),
-                   read_back=txn.written(d.session, [(marker_key, marker)]))
+    with unsure_unless_answered(owner):
+        resp = txn.run(d.session, compare, success, failure, deadline=d.session.deadline(),
+                       read_back=txn.written(d.session, [(marker_key, marker)]))
     if not resp.succeeded:
         if resp.responses and resp.responses[0].response_range.kvs:
             raise StaleStateError(f"prepare_migrate: a handoff of {d.where()} from this host is "
@@ -196,8 +198,9 @@ def _cancel(d: Domain, owner: Owner) -> None:
                 return txn.Outcome.found(succeeded=False)  # claimed: our cancel did not happen
         return txn.Outcome.found()
 
-    resp = txn.run(d.session, compare, [tx.Delete(marker.key)], [], deadline=d.session.deadline(),
-                   read_back=cancelled)
+    with unsure_unless_answered(owner):
+        resp = txn.run(d.session, compare, [tx.Delete(marker.key)], [], deadline=d.session.deadline(),
+                       read_back=cancelled)
     if resp.succeeded:
         owner.handoff = None
         return
@@ -230,6 +233,56 @@ def complete_in(d: Domain, cancel: bool) -> str | None:
         state = mark(d, owner, owner.claimed_from)
         owner.handed_back = True
         return state
+
+
+def refresh(d: Domain, owner: Owner) -> None:
+    """Before any call of a lock object: the owner's view of its marker and records is right
+    (:func:`sync`, :func:`refresh_handed_back`)."""
+    sync(d, owner)
+    refresh_handed_back(d, owner)
+
+
+@contextlib.contextmanager
+def unsure_unless_answered(owner: Owner) -> Iterator[None]:
+    """Around a transaction on the owner's marker: if etcd never answered it (reply lost and
+    no read-back before the deadline: BackendUnavailableError), the marker may hold what it
+    wrote or what was there before; the owner is ``marker_unsure`` until :func:`sync`."""
+    try:
+        yield
+    except BackendUnavailableError:
+        owner.marker_unsure = True
+        raise
+
+
+def sync(d: Domain, owner: Owner) -> None:
+    """After a marker transaction etcd never confirmed (``owner.marker_unsure``), before the
+    owner's view is relied on: read its marker key and every record it holds in one
+    transaction; forget the records that are no longer ours (another host claimed them under a
+    marker we did not know was there, or our lease ended) and adopt the marker etcd has if it is
+    this owner's (else none).  A release whose reply was lost may have reserved a disk the QEMU
+    then uses again (a resume, the disk attached again): a plain "held" on that view would leave
+    the disk claimable by the same UUID on another host while it is written.  No-op unless
+    unsure; BackendUnavailableError while etcd does not answer (the call fails, nothing is
+    decided on an unsure view)."""
+    if not owner.marker_unsure:
+        return
+    key = d.keys.handoff(d.spec.uuid, d.host)
+    held = list(owner.held.values())
+    resp = txn.run(d.session, [], [tx.Get(key), *(tx.Get(h.key) for h in held)], [], deadline=d.session.deadline())
+    found, *records = [r.response_range.kvs for r in resp.responses]
+    for h, kvs in zip(held, records, strict=True):
+        if not kvs or int(kvs[0].mod_revision) != h.token:
+            owner.held.pop(h.rid.rid, None)
+    owner.handoff = None
+    if found:
+        try:
+            marker = ks.decode(found[0].value, key)
+        except ks.ForeignValue:
+            marker = {}
+        if (marker.get("from"), marker.get("uuid"), int(found[0].lease)) == (d.host, d.spec.uuid,
+                                                                              d.session.lease_id):
+            owner.handoff = Handoff(str(marker.get("to")), key, bytes(found[0].value))
+    owner.marker_unsure = False
 
 
 def refresh_handed_back(d: Domain, owner: Owner) -> None:
@@ -270,8 +323,9 @@ def _remark(d: Domain, owner: Owner, marker: Handoff, held: Sequence[Held]) -> b
     raw["res"] = [entry(h) for h in held]
     value = ks.encode(raw)
     compare = [tx.Value(marker.key) == marker.value] + [tx.Mod(h.key) == h.token for h in held]
-    resp = txn.run(d.session, compare, [tx.Put(marker.key, value, lease=d.session.lease_id)], [],
-                   deadline=d.session.deadline(), read_back=txn.written(d.session, [(marker.key, value)]))
+    with unsure_unless_answered(owner):
+        resp = txn.run(d.session, compare, [tx.Put(marker.key, value, lease=d.session.lease_id)], [],
+                       deadline=d.session.deadline(), read_back=txn.written(d.session, [(marker.key, value)]))
     if resp.succeeded:
         owner.handoff = Handoff(marker.to, marker.key, value)
         return True
@@ -288,7 +342,8 @@ def _settle_lost(d: Domain, owner: Owner) -> None:
     for rid, fate in _fates(d, owner, listed).items():
         if fate != "ours":
             owner.held.pop(rid, None)
-    kvs, _ = d.session.client.get_range(owner.handoff.key, timeout=d.session.cfg.request_timeout)
+    resp = txn.run(d.session, [], [tx.Get(owner.handoff.key)], [], deadline=d.session.deadline())
+    kvs = resp.responses[0].response_range.kvs
     if not kvs or bytes(kvs[0].value) != owner.handoff.value:
         owner.handoff = None
 
@@ -322,7 +377,8 @@ def free_reserved(d: Domain, owner: Owner) -> list[str]:
             return None if bytes(kvs[0].value) == marker.value else txn.Outcome.found(succeeded=False)
         return txn.deleted(d.session, [(h.key, h.token) for h in listed])(timeout)
 
-    resp = txn.run(d.session, compare, success, [], deadline=d.session.deadline(), read_back=freed)
+    with unsure_unless_answered(owner):
+        resp = txn.run(d.session, compare, success, [], deadline=d.session.deadline(), read_back=freed)
     if not resp.succeeded:
         _settle_lost(d, owner)
         if owner.handoff is not None:

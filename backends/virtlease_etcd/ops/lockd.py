@@ -117,6 +117,7 @@ def _acquire(d: Domain, resource: ResourceSpec, action: FailureAction) -> Acquir
     rid = rids[0]
     owner = d.owner()
     with owner.lock:
+        handoff.sync(d, owner)
         d.adopt_policy(owner, action)
         outcome: AcquireOutcome = "held"
         if owner.handoff is not None:
@@ -212,6 +213,7 @@ def _release(d: Domain, resource: ResourceSpec) -> ReleaseOutcome:
         return "readonly"
     owner = d.owner()
     with owner.lock:
+        handoff.sync(d, owner)
         if rids[0].rid not in owner.held:
             raise ObjectStateError(f"{rids[0].readable} is not locked by {d.where()} on host {d.host}")
         if owner.handoff is not None and not handoff.reserved(owner):
@@ -230,4 +232,5 @@ def _settle(d: Domain) -> list[str]:
         return []
     d.session.check()
     with owner.lock:
+        handoff.sync(d, owner)
         return handoff.free_reserved(d, owner)

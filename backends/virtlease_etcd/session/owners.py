@@ -81,6 +81,10 @@ class Owner:
     claimed_from: str | None = None
     handed_back: bool = False
     """complete_migrate_in(cancel=True) marked the records back for the source."""
+    marker_unsure: bool = False
+    """A transaction on the owner's marker got no answer before its deadline (reply lost, no
+    read-back): etcd may hold what it wrote or what was there before, so ``handoff`` (and a
+    record a claim may have taken) is unsure until ``ops.handoff.sync`` reads them back."""
     fenced: str | None = None
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
