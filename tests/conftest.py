@@ -106,6 +106,32 @@ def make_driver(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., v.Plugi
             pass
 
 
+ALL_CAPABILITIES = v.Capability.RESOURCES | v.Capability.MIGRATE | v.Capability.HOTPLUG | v.Capability.USES_STATE
+
+
+@pytest.fixture
+def local_drivers(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[..., v.Plugin]]:
+    """Drivers of several hosts in this process, every capability, on the local etcd process:
+    ``local_drivers("host-a", ttl=4)`` (TTL 3 unless given).  At teardown each session still
+    valid is closed (its lease revoked: whatever a test left held goes)."""
+    plugins: list[v.Plugin] = []
+
+    def make(host_id: str, **config: Any) -> v.Plugin:
+        cfg = {"endpoints": etcd_process.endpoints, "prefix": prefix, "host_id": host_id, "ttl": 3, **config}
+        plugin = v.load_driver("etcd", config=cfg, capabilities=ALL_CAPABILITIES)
+        plugins.append(plugin)
+        return plugin
+
+    yield make
+    for plugin in plugins:
+        session = plugin.driver._session
+        if session is not None and session.lost is None:
+            for obj in plugin.objects:
+                obj.free()
+            session.close()
+        plugin.driver._session = None
+
+
 def shut(plugin: v.Plugin) -> None:
     """Test teardown: free the handles, release what the domains still hold
     (free never releases; unload refuses while domains hold leases), unload."""

@@ -9,9 +9,10 @@ writers, or a release reported done while the records stay.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import etcd3
@@ -19,32 +20,16 @@ import pytest
 from etcd3 import transactions as tx
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid
+from conftest import dump, new_uuid
 from virtlease_etcd.etcd.client import TransientError
 
 D = v.ResourceType.DISK
 MakeDriver = Callable[..., v.Plugin]
-CAPS = v.Capability.RESOURCES | v.Capability.MIGRATE
 
 
 @pytest.fixture
-def make_driver(etcd_process: EtcdServer, prefix: str) -> Iterator[MakeDriver]:
-    plugins: list[v.Plugin] = []
-
-    def make(host_id: str, **config: object) -> v.Plugin:
-        cfg = {"endpoints": etcd_process.endpoints, "prefix": prefix, "host_id": host_id, "ttl": 4, **config}
-        plugin = v.load_driver("etcd", config=cfg, capabilities=CAPS)
-        plugins.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in plugins:
-        session = plugin.driver._session
-        if session is not None and session.lost is None:
-            for obj in plugin.objects:
-                obj.free()
-            session.close()
-        plugin.driver._session = None
+def make_driver(local_drivers: MakeDriver) -> MakeDriver:
+    return functools.partial(local_drivers, ttl=4)
 
 
 @pytest.fixture

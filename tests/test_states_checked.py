@@ -23,28 +23,12 @@ from conftest import EtcdServer, dump, new_uuid
 
 D = v.ResourceType.DISK
 MakeDriver = Callable[..., v.Plugin]
-ALL = v.Capability.RESOURCES | v.Capability.MIGRATE | v.Capability.HOTPLUG | v.Capability.USES_STATE
 
 
 @pytest.fixture
-def make_driver(etcd_process: EtcdServer, prefix: str) -> Iterator[MakeDriver]:
+def make_driver(local_drivers: MakeDriver) -> MakeDriver:
     """Drivers of several hosts in this process (one session each)."""
-    plugins: list[v.Plugin] = []
-
-    def make(host_id: str, **config: object) -> v.Plugin:
-        cfg = {"endpoints": etcd_process.endpoints, "prefix": prefix, "host_id": host_id, "ttl": 3, **config}
-        plugin = v.load_driver("etcd", config=cfg, capabilities=ALL)
-        plugins.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in plugins:
-        session = plugin.driver._session
-        if session is not None and session.lost is None:
-            for obj in plugin.objects:
-                obj.free()
-            session.close()  # revokes the lease: whatever a test left held goes
-        plugin.driver._session = None
+    return local_drivers
 
 
 @pytest.fixture
