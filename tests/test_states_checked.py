@@ -406,6 +406,87 @@ def test_complete_migrate_out_does_not_mistake_vanished_records_for_a_claim(
         src.complete_migrate_out()
 
 
+def test_complete_migrate_out_before_the_claim_is_refused_and_keeps_the_records(
+        make_driver: MakeDriver, kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """complete_migrate_out() before the destination claimed must not forget the records: they
+    are still ours in etcd (and the handoff still claimable), so the domain keeps them, and the
+    fence, release and unload still see them."""
+    a, b = make_driver("host-a"), make_driver("host-b")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/early/r.img"])
+    src.acquire()
+    state = src.prepare_migrate("host-b")
+    before = holders(kv, prefix)
+    with pytest.raises(v.StaleStateError, match="has not claimed"):
+        src.complete_migrate_out()
+    assert holders(kv, prefix) == before
+    assert [h.name for h in src.held()] == ["/srv/early/r.img"]
+    with pytest.raises(v.PluginBusyError):
+        a.unload()
+    dst = obj_of(b, uuid, ["/srv/early/r.img"], new_flags=v.NewFlags.MIGRATE)
+    dst.acquire(state)
+    src.complete_migrate_out()
+    assert src.held() == []
+
+
+@pytest.mark.parametrize("taker", ["other-domain-on-destination", "same-domain-on-third-host"])
+def test_complete_migrate_out_takes_only_the_destinations_record_of_the_domain_for_a_claim(
+        make_driver: MakeDriver, kv: etcd3.Etcd3Client, prefix: str, taker: str) -> None:
+    """The source's records vanish without a claim (deleted behind its back), then the disk is
+    granted to someone else: to another domain on the destination host, or to the same domain
+    on a third host.  Neither is the handoff's claim; complete_migrate_out() says the records
+    vanished instead of reporting the migration done."""
+    a, b, c = make_driver("host-a"), make_driver("host-b"), make_driver("host-c")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/fates/r.img"])
+    src.acquire()
+    src.prepare_migrate("host-b")
+    for key in holders(kv, prefix):
+        kv.delete(key)
+    if taker == "other-domain-on-destination":
+        obj_of(b, new_uuid(), ["/srv/fates/r.img"], name="other").acquire()
+    else:
+        obj_of(c, uuid, ["/srv/fates/r.img"]).acquire()
+    with pytest.raises(v.StaleStateError, match="vanished from etcd without host host-b claiming them"):
+        src.complete_migrate_out()
+
+
+def test_a_claim_never_overwrites_records_replaced_behind_its_marker(make_driver: MakeDriver,
+                                                                     kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """The marker is intact but the source's record was deleted behind its back and another host
+    was granted the disk: the claim compares every record's token, not only the marker, and
+    fails with etcd unchanged."""
+    a, b, c = make_driver("host-a"), make_driver("host-b"), make_driver("host-c")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/behind/r.img"])
+    src.acquire()
+    state = src.prepare_migrate("host-b")
+    for key in holders(kv, prefix):
+        kv.delete(key)
+    obj_of(c, new_uuid(), ["/srv/behind/r.img"], name="other").acquire()
+    before = dump(kv, prefix)
+    dst = obj_of(b, uuid, ["/srv/behind/r.img"], new_flags=v.NewFlags.MIGRATE)
+    with pytest.raises(v.StaleStateError, match="changed since the handoff was prepared"):
+        dst.acquire(state)
+    assert dump(kv, prefix) == before
+
+
+def test_prepare_migrate_refuses_records_that_are_no_longer_ours(make_driver: MakeDriver,
+                                                                 kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """A record replaced behind the source's back: prepare_migrate writes no marker (the claim
+    could never take it) and says so."""
+    a, c = make_driver("host-a"), make_driver("host-c")
+    src = obj_of(a, new_uuid(), ["/srv/prep/r1.img", "/srv/prep/r2.img"])
+    src.acquire()
+    key = next(k for k, (val, _) in holders(kv, prefix).items() if b"r2.img" in val)
+    kv.delete(key)
+    obj_of(c, new_uuid(), ["/srv/prep/r2.img"], name="other").acquire()
+    before = dump(kv, prefix)
+    with pytest.raises(v.StaleStateError, match="no longer holds all its records"):
+        src.prepare_migrate("host-b")
+    assert dump(kv, prefix) == before
+
+
 def test_release_resource_of_a_replaced_record_forgets_it(make_driver: MakeDriver, kv: etcd3.Etcd3Client,
                                                           prefix: str) -> None:
     """Bug 8d: release_resource hitting StaleStateError left the disk in the held list."""

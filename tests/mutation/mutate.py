@@ -203,7 +203,7 @@ def pytest(tree: Tree, tests: Sequence[str], *, timeout: float, test_timeout: fl
     return Run(code, log.read_text(errors="replace"), time.monotonic() - started)
 
 
-FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)(?: - (.*))?$", re.MULTILINE)
+FAILED = re.compile(r"^(?:FAILED|ERROR) (.+)$", re.MULTILINE)
 
 
 def first_failure(output: str) -> tuple[str, str]:
@@ -212,7 +212,8 @@ def first_failure(output: str) -> tuple[str, str]:
     if m is None:
         tail = [line for line in output.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
         return "", tail[0][:200]
-    return m.group(1), (m.group(2) or "")[:200]
+    test, _, message = m.group(1).partition(" - ")
+    return test.strip(), message[:200]
 
 
 # -- running mutants --------------------------------------------------------------------------

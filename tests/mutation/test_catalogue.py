@@ -74,6 +74,9 @@ def test_pytest_summary_names_the_first_failure() -> None:
            "FAILED tests/test_a.py::test_b[process] - AssertionError: held twice\n"
            "FAILED tests/test_a.py::test_c - Failed: Timeout >180.0s\n")
     assert mt.first_failure(out) == ("tests/test_a.py::test_b[process]", "AssertionError: held twice")
+    spaced = "FAILED tests/test_a.py::test_d[a case with spaces] - assert 1 == 2\n"
+    assert mt.first_failure(spaced) == ("tests/test_a.py::test_d[a case with spaces]", "assert 1 == 2")
+    assert mt.first_failure("ERROR tests/test_a.py::test_e\n") == ("tests/test_a.py::test_e", "")
 
 
 def _toy_repo(root: Path) -> Path:
