@@ -155,7 +155,8 @@ def new_uuid() -> str:
 
 SYSTEM_TEST_DIRS = ("identity", "agent", "libvirt")
 """Test folders whose skips mean a missing tool or privilege: in CI
-(``VIRTLEASE_REQUIRE_SYSTEM_TESTS=1``, set by .ci/run) such a skip fails."""
+(``VIRTLEASE_REQUIRE_SYSTEM_TESTS=1``, set by .ci/run) such a skip fails.  A test elsewhere
+says the same with ``@pytest.mark.system``."""
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -164,7 +165,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if not report.skipped or os.environ.get("VIRTLEASE_REQUIRE_SYSTEM_TESTS") != "1":
         return
-    if Path(str(item.fspath)).parent.name in SYSTEM_TEST_DIRS:
+    if Path(str(item.fspath)).parent.name in SYSTEM_TEST_DIRS or item.get_closest_marker("system") is not None:
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.longrepr = f"skipped in CI, where it must run (VIRTLEASE_REQUIRE_SYSTEM_TESTS=1): {reason}"

@@ -203,17 +203,18 @@ def pytest(tree: Tree, tests: Sequence[str], *, timeout: float, test_timeout: fl
     return Run(code, log.read_text(errors="replace"), time.monotonic() - started)
 
 
-FAILED = re.compile(r"^(?:FAILED|ERROR) (.+)$", re.MULTILINE)
+FAILED = re.compile(r"^(?:FAILED|ERROR) (tests/\S+?\.py\S*(?: [^-].*?)?)(?: - (.*))?$", re.MULTILINE)
+"""A failure in pytest's short summary (the captured log's ``ERROR    logger:...`` lines are not)."""
 
 
 def first_failure(output: str) -> tuple[str, str]:
     """The first failing test id and its message from pytest's short summary."""
-    m = FAILED.search(output)
+    summary = output.rsplit("short test summary info", 1)[-1]
+    m = FAILED.search(summary)
     if m is None:
         tail = [line for line in output.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
         return "", tail[0][:200]
-    test, _, message = m.group(1).partition(" - ")
-    return test.strip(), message[:200]
+    return m.group(1).strip(), (m.group(2) or "")[:200]
 
 
 # -- running mutants --------------------------------------------------------------------------

@@ -77,6 +77,9 @@ def test_pytest_summary_names_the_first_failure() -> None:
     spaced = "FAILED tests/test_a.py::test_d[a case with spaces] - assert 1 == 2\n"
     assert mt.first_failure(spaced) == ("tests/test_a.py::test_d[a case with spaces]", "assert 1 == 2")
     assert mt.first_failure("ERROR tests/test_a.py::test_e\n") == ("tests/test_a.py::test_e", "")
+    logged = ("ERROR    virtlease_etcd.session.hostsession:hostsession.py:269 host a: session lost\n"
+              "=== short test summary info ===\nFAILED tests/test_f.py::test_g - assert 0\n")
+    assert mt.first_failure(logged) == ("tests/test_f.py::test_g", "assert 0")
 
 
 def _toy_repo(root: Path) -> Path:
