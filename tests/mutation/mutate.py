@@ -177,11 +177,12 @@ class Run:
     seconds: float
 
 
-def pytest(tree: Tree, tests: Sequence[str], *, timeout: float, test_timeout: float, log: Path) -> Run:
-    """``pytest -x`` over ``tests`` in ``tree``; on ``timeout`` the whole process group is
-    interrupted (teardown runs), then killed."""
+def pytest(tree: Tree, tests: Sequence[str], *, timeout: float, test_timeout: float, log: Path,
+           deselect: Sequence[str] = ()) -> Run:
+    """``pytest -x`` over ``tests`` in ``tree`` (without the ``deselect`` test ids); on ``timeout``
+    the whole process group is interrupted (teardown runs), then killed."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *PYTEST_SELECT,
-           f"--timeout={test_timeout:g}", *tests]
+           f"--timeout={test_timeout:g}", *(f"--deselect={t}" for t in deselect), *tests]
     started = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=tree.root, env=tree.env(), stdout=out, stderr=subprocess.STDOUT,
@@ -290,10 +291,12 @@ class Runner:
         path.write_text(text)
         tree.fresh_cache()
         try:
-            result = self._test(m, tree, m.tests, wide=False)
+            result = self._confirmed(m, tree, m.tests, wide=False)
             wide = self.cat.suites.get(m.file, ())
             if result.status == "survived" and self.wide and wide and set(wide) != set(m.tests):
-                result = self._test(m, tree, wide, wide=True)
+                wider = self._confirmed(m, tree, wide, wide=True)
+                wider.detail = "; ".join(filter(None, [result.detail, wider.detail]))
+                result = wider
         finally:
             path.write_text(original)
             tree.fresh_cache()
@@ -304,9 +307,28 @@ class Runner:
                               detail="the killing test fails on the unmutated tree too (broken or flaky)")
         return result
 
-    def _test(self, m: Mutant, tree: Tree, tests: Sequence[str], *, wide: bool) -> Result:
-        log = self.logs / f"{m.id}{'-wide' if wide else ''}.log"
-        run = pytest(tree, tests, timeout=self.timeout, test_timeout=self.test_timeout, log=log)
+    def _confirmed(self, m: Mutant, tree: Tree, tests: Sequence[str], *, wide: bool) -> Result:
+        """Run ``tests`` on the mutated tree; a test that kills the mutant must fail again when
+        re-run alone (a test that fails only now and then under load is no proof): one that
+        passes the second time is set aside (named in the result) and the rest run again."""
+        flaky: list[str] = []
+        while True:
+            result = self._test(m, tree, tests, wide=wide, deselect=flaky)
+            if flaky:
+                result.detail = "; ".join(filter(None, [result.detail, "failed once, then passed (not counted): "
+                                                        + ", ".join(flaky)]))
+            if result.status != "killed" or not result.killer or not self.verify or len(flaky) >= 3:
+                return result
+            log = self.logs / f"{m.id}-again-{len(flaky)}.log"
+            again = pytest(tree, [result.killer], timeout=self.timeout, test_timeout=self.test_timeout, log=log)
+            if again.returncode != 0:
+                return result
+            flaky.append(result.killer)
+
+    def _test(self, m: Mutant, tree: Tree, tests: Sequence[str], *, wide: bool,
+              deselect: Sequence[str] = ()) -> Result:
+        log = self.logs / f"{m.id}{'-wide' if wide else ''}{f'-{len(deselect)}' if deselect else ''}.log"
+        run = pytest(tree, tests, timeout=self.timeout, test_timeout=self.test_timeout, log=log, deselect=deselect)
         if run.returncode is None:
             return Result(m, "timeout", killer=f"no result within {self.timeout:g}s", wide=wide)
         if run.returncode == 0:
