@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import fnmatch
 import os
 import re
@@ -177,30 +178,64 @@ class Run:
     seconds: float
 
 
+STOP = threading.Event()
+"""Set on Ctrl-C: running pytest processes are stopped, no further mutant starts."""
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (by /proc parent links), deepest last."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            out.append(kid)
+            todo.append(kid)
+    return out
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a pytest run and everything it started: SIGINT (its teardown runs), then SIGTERM,
+    then SIGKILL to its process group, and SIGKILL to any process of it left in another group
+    (an etcd member, a guard: they start sessions of their own)."""
+    kids = descendants(proc.pid)
+    for sig, grace in ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(grace)
+            break
+        except subprocess.TimeoutExpired:
+            kids = sorted(set(kids) | set(descendants(proc.pid)))
+    for pid in kids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def pytest(tree: Tree, tests: Sequence[str], *, timeout: float, test_timeout: float, log: Path,
            deselect: Sequence[str] = ()) -> Run:
-    """``pytest -x`` over ``tests`` in ``tree`` (without the ``deselect`` test ids); on ``timeout``
-    the whole process group is interrupted (teardown runs), then killed."""
+    """``pytest -x`` over ``tests`` in ``tree`` (without the ``deselect`` test ids), stopped
+    (:func:`stop`) after ``timeout`` seconds or on Ctrl-C."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *PYTEST_SELECT,
            f"--timeout={test_timeout:g}", *(f"--deselect={t}" for t in deselect), *tests]
     started = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=tree.root, env=tree.env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            code: int | None = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-            for sig, grace in ((signal.SIGINT, 20.0), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(grace)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        code: int | None = None
+        while code is None and not STOP.is_set() and time.monotonic() - started < timeout:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = proc.wait(0.5)
+        if code is None:
+            stop(proc)
     return Run(code, log.read_text(errors="replace"), time.monotonic() - started)
 
 
@@ -249,6 +284,8 @@ class Runner:
         cond = threading.Condition()
 
         def one(m: Mutant) -> None:
+            if STOP.is_set():
+                return
             with cond:
                 cond.wait_for(lambda: bool(free))
                 tree = free.pop()
@@ -260,6 +297,8 @@ class Runner:
                 with cond:
                     free.append(tree)
                     cond.notify()
+            if STOP.is_set():
+                return  # interrupted: not a result
             results[m.id] = r
             with self._lock:
                 self._done += 1
@@ -268,9 +307,17 @@ class Runner:
             self.say(f"[{done}/{self._total} {elapsed / 60:5.1f} min] {r.status:<10} {m.id:<44} "
                      f"{r.seconds:6.1f}s {r.killer}")
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(trees)) as pool:
-            list(pool.map(one, mutants))
-        return [results[m.id] for m in mutants]
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(trees))
+        try:
+            futures = [pool.submit(one, m) for m in mutants]
+            for f in futures:
+                f.result()
+        except KeyboardInterrupt:
+            STOP.set()
+            self.say("interrupted: stopping the running tests, restoring the private tree")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return [results[m.id] for m in mutants if m.id in results]
 
     def run_one(self, m: Mutant, tree: Tree) -> Result:
         path = tree.root / m.file
@@ -369,7 +416,8 @@ def module_of(file: str) -> str:
     return "/".join(parts[-2:])
 
 
-def report(results: Sequence[Result], *, seconds: float, commit: str, argv: Sequence[str]) -> str:
+def report(results: Sequence[Result], *, seconds: float, commit: str, argv: Sequence[str],
+           planned: int | None = None) -> str:
     caught, counted, pct = score(results)
     counts = {s: sum(1 for r in results if r.status == s) for s in STATUSES}
     lines = [
@@ -377,6 +425,8 @@ def report(results: Sequence[Result], *, seconds: float, commit: str, argv: Sequ
         "",
         f"Tree: `{commit}`. Command: `python tests/mutation/mutate.py{''.join(' ' + a for a in argv)}`.",
         "",
+        *([f"**Interrupted: {len(results)} of {planned} mutants ran.**", ""]
+          if planned is not None and len(results) < planned else []),
         f"**Score: {caught}/{counted} non-equivalent mutants killed ({pct:.1f}%)** in {seconds / 60:.1f} min; "
         + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]) + ".",
         "",
@@ -484,6 +534,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(mutants) - bad}/{len(mutants)} mutants apply to the current tree")
         return 1 if bad else 0
 
+    def interrupt(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored)
+        signal.signal(sig, interrupt)
     work = Path(tempfile.mkdtemp(prefix="virtlease-mutate-"))
     logs = work / "logs"
     logs.mkdir()
@@ -500,14 +555,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     seconds = time.monotonic() - started
-    text = report(results, seconds=seconds, commit=head_commit(), argv=args_in)
+    text = report(results, seconds=seconds, commit=head_commit(), argv=args_in, planned=len(mutants))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     caught, counted, pct = score(results)
     print(f"\nmutate: {caught}/{counted} killed ({pct:.1f}%) in {seconds / 60:.1f} min; report: {args.out}"
           + (f"; logs: {logs}" if args.keep else ""))
     bad = [r for r in results if r.status in ("survived", "stale", "invalid", "error")]
-    return 1 if bad else 0
+    return 1 if bad or len(results) < len(mutants) else 0
 
 
 if __name__ == "__main__":
