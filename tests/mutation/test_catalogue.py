@@ -39,7 +39,7 @@ def test_every_safety_core_module_has_several_mutants() -> None:
     core = [f"backends/virtlease_etcd/{p}.py" for p in (
         "ops/transactions", "ops/grants", "ops/handoff", "ops/markers", "ops/records", "ops/coverage",
         "session/hostsession", "session/fencing", "session/failure", "session/owners", "session/reattach",
-        "agent/guard", "agent/restart")]
+        "session/guard", "agent/restart")]
     thin = {f: counts.get(f, 0) for f in core if counts.get(f, 0) < 3}
     assert not thin, f"modules with fewer than 3 mutants: {thin}"
 

@@ -1,7 +1,7 @@
 """The guard process on its own (docs/DESIGN.md section 9, "Guard"): the real guard script,
-spawned as the agent spawns it, guarding real processes.  The agent side is simulated only by
-what it writes to the guard's stdin: an arming message, then either silence (a frozen agent)
-or end of file (a dead agent).
+spawned as the agent and ``virtlease hold`` spawn it, guarding real processes.  The agent side
+is simulated only by what it writes to the guard's stdin: an arming message, then either
+silence (a frozen agent) or end of file (a dead agent).
 
 The rules: a dead agent's guard signals its owners at the fence deadline; a frozen agent's
 guard waits ``grace`` longer; a pid whose start time differs (reused) is never signalled, nor an
@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from virtlease_etcd.agent.guard import start_time
-from virtlease_etcd.agent.runfile import Guard
 from virtlease_etcd.devtools.hostprocess import process_state
+from virtlease_etcd.session.guard import Guard, start_time
 
 
 class Owner:
