@@ -132,6 +132,20 @@ def local_drivers(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[..
         plugin.driver._session = None
 
 
+@pytest.fixture
+def frozen() -> Iterator[Any]:
+    """A cgroup freezer (``virtlease_lab.freezer``): ``frozen.freeze(pid)`` leaves a process as if
+    stuck in storage I/O (state D, a SIGKILL pending until ``frozen.thaw()``).  Skips where the
+    freezer cannot be used (no root, no cgroup v1 freezer): mark such a test ``system``."""
+    from virtlease_lab import freezer
+
+    why = freezer.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    with freezer.Freezer() as fz:
+        yield fz
+
+
 def shut(plugin: v.Plugin) -> None:
     """Test teardown: free the handles, release what the domains still hold
     (free never releases; unload refuses while domains hold leases), unload."""

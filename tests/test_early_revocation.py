@@ -58,15 +58,6 @@ def kept_alive(kv_process: etcd3.Etcd3Client) -> Iterator[Any]:
     stop.set()
 
 
-@pytest.fixture
-def frozen() -> Iterator[freezer.Freezer]:
-    why = freezer.unavailable()
-    if why is not None:
-        pytest.skip(why)
-    with freezer.Freezer() as fz:
-        yield fz
-
-
 def wait_gone(kv: etcd3.Etcd3Client, lease_id: int, limit: float) -> float:
     until = time.monotonic() + limit
     while lease_left(kv, lease_id) >= 0:

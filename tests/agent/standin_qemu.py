@@ -1,9 +1,10 @@
 """A stand-in QEMU: open the lock connection, REGISTER (own pid) + RESTRICT, exec sleep.
 
-Usage: standin_qemu.py SOCKET UUID NAME [close].  Prints "ready" once restricted, then becomes
-``sleep`` with the connection inherited (the fd stays open for the process's life); with
+Usage: standin_qemu.py SOCKET UUID NAME [close|stubborn].  Prints "ready" once restricted, then
+becomes ``sleep`` with the connection inherited (the fd stays open for the process's life); with
 ``close`` it becomes a shell that closes the connection, then sleeps (a QEMU that lost its
-lock connection while it runs)."""
+lock connection while it runs); with ``stubborn`` a shell that ignores SIGTERM and closes the
+connection when sent SIGUSR1 (a QEMU that loses it later and does not stop when asked)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def main() -> None:
     print("ready", flush=True)
     if sys.argv[4:5] == ["close"]:
         os.execvp("sh", ["sh", "-c", "exec 3>&-; exec sleep 600"])
+    if sys.argv[4:5] == ["stubborn"]:
+        os.execvp("sh", ["sh", "-c", "trap '' TERM; trap 'exec 3>&-' USR1; while :; do sleep 0.1 3>&-; done"])
     os.execvp("sleep", ["sleep", "600"])
 
 

@@ -253,6 +253,11 @@ def first_failure(output: str) -> tuple[str, str]:
     return m.group(1).strip(), (m.group(2) or "")[:200]
 
 
+def failure_kind(message: str) -> str:
+    """The exception class of a short-summary message (``AssertionError``, ``Failed``, ...)."""
+    return message.split(":", 1)[0].strip()
+
+
 # -- running mutants --------------------------------------------------------------------------
 
 
@@ -357,20 +362,21 @@ class Runner:
     def _confirmed(self, m: Mutant, tree: Tree, tests: Sequence[str], *, wide: bool) -> Result:
         """Run ``tests`` on the mutated tree; a test that kills the mutant must fail again when
         re-run alone (a test that fails only now and then under load is no proof): one that
-        passes the second time is set aside (named in the result) and the rest run again."""
+        passes the second time, or fails another way, is set aside (named in the result) and the
+        rest run again."""
         flaky: list[str] = []
         while True:
             result = self._test(m, tree, tests, wide=wide, deselect=flaky)
             if flaky:
-                result.detail = "; ".join(filter(None, [result.detail, "failed once, then passed (not counted): "
+                result.detail = "; ".join(filter(None, [result.detail, "failed once, not the same way again (not counted): "
                                                         + ", ".join(flaky)]))
             if result.status != "killed" or not result.killer or not self.verify or len(flaky) >= 3:
                 return result
             log = self.logs / f"{m.id}-again-{len(flaky)}.log"
             again = pytest(tree, [result.killer], timeout=self.timeout, test_timeout=self.test_timeout, log=log)
-            if again.returncode != 0:
+            if again.returncode != 0 and failure_kind(first_failure(again.output)[1]) == failure_kind(result.detail):
                 return result
-            flaky.append(result.killer)
+            flaky.append(result.killer)  # passed, or failed another way: no proof either
 
     def _test(self, m: Mutant, tree: Tree, tests: Sequence[str], *, wide: bool,
               deselect: Sequence[str] = ()) -> Result:
