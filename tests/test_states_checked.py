@@ -406,6 +406,52 @@ def test_complete_migrate_out_does_not_mistake_vanished_records_for_a_claim(
         src.complete_migrate_out()
 
 
+def test_release_resource_of_a_replaced_record_forgets_it(make_driver: MakeDriver, kv: etcd3.Etcd3Client,
+                                                          prefix: str) -> None:
+    """Bug 8d: release_resource hitting StaleStateError left the disk in the held list."""
+    a = make_driver("host-a")
+    obj = obj_of(a, new_uuid(), ["/srv/f8/h1.img", "/srv/f8/h2.img"])
+    obj.acquire()
+    key = next(k for k, (val, _) in holders(kv, prefix).items() if b"h1.img" in val)
+    kv.delete(key)
+    with pytest.raises(v.StaleStateError):
+        obj.release_resource(D, "/srv/f8/h1.img")
+    assert [h.name for h in obj.held()] == ["/srv/f8/h2.img"]
+    assert "h1.img" not in obj.release()
+
+
+def test_a_wall_clock_step_back_does_not_blacklist_endpoints(etcd_process: EtcdServer, prefix: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug 8e: an endpoint was marked failed with the wall clock; after a step back
+    of the clock every endpoint that had failed once (a short outage) stayed
+    blacklisted for as long as the step, so a healthy host fenced itself."""
+    from virtlease_etcd.config import load_config
+    from virtlease_etcd.etcd.client import EtcdClient
+
+    client = EtcdClient(load_config({"endpoints": etcd_process.endpoints}))
+    try:
+        for endpoint in client._endpoints:
+            endpoint.fail()  # a short outage...
+        time.sleep(1.2)  # ...over, past the endpoints' retry time (1 s)
+        # ...and NTP steps the wall clock back, as python-etcd3's endpoint logic sees it (gRPC
+        # computes its deadlines from the wall clock too, so the whole process cannot be stepped)
+        import sys
+        import types
+
+        stepped = types.SimpleNamespace(time=lambda: time.time() - 3600, monotonic=time.monotonic,
+                                        sleep=time.sleep)
+        monkeypatch.setattr(sys.modules["etcd3.client"], "time", stepped)
+        monkeypatch.setattr(sys.modules["virtlease_etcd.etcd.client"], "time", stepped)
+        kvs, revision = client.get_range(prefix + "/x", timeout=2.0)
+        assert kvs == [] and revision > 0
+    finally:
+        monkeypatch.undo()
+        client.close()
+
+
+# -- migration bookkeeping is checked against etcd, never taken from the books ----------------
+
+
 def test_complete_migrate_out_before_the_claim_is_refused_and_keeps_the_records(
         make_driver: MakeDriver, kv: etcd3.Etcd3Client, prefix: str) -> None:
     """complete_migrate_out() before the destination claimed must not forget the records: they
@@ -487,44 +533,86 @@ def test_prepare_migrate_refuses_records_that_are_no_longer_ours(make_driver: Ma
     assert dump(kv, prefix) == before
 
 
-def test_release_resource_of_a_replaced_record_forgets_it(make_driver: MakeDriver, kv: etcd3.Etcd3Client,
-                                                          prefix: str) -> None:
-    """Bug 8d: release_resource hitting StaleStateError left the disk in the held list."""
+# -- what an owner may do, by what it holds ---------------------------------------------------
+
+
+def test_a_fresh_object_acquiring_what_its_domain_holds_is_told_so(make_driver: MakeDriver) -> None:
     a = make_driver("host-a")
-    obj = obj_of(a, new_uuid(), ["/srv/f8/h1.img", "/srv/f8/h2.img"])
+    uuid = new_uuid()
+    obj_of(a, uuid, ["/srv/own/twice.img"]).acquire()
+    with pytest.raises(v.ObjectStateError, match=r"already holds /srv/own/twice\.img"):
+        obj_of(a, uuid, ["/srv/own/twice.img"]).acquire()
+
+
+def test_a_domain_migrating_away_can_neither_release_nor_acquire(make_driver: MakeDriver,
+                                                                 kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """While its handoff is in flight the records belong to the handoff: a release would delete
+    what the destination is about to claim."""
+    a = make_driver("host-a")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/own/mig.img"])
+    src.acquire()
+    src.prepare_migrate("host-b")
+    before = dump(kv, prefix)
+    with pytest.raises(v.ObjectStateError, match="being handed to host host-b"):
+        obj_of(a, uuid, ["/srv/own/mig.img"]).release()
+    with pytest.raises(v.ObjectStateError, match="being handed to host host-b"):
+        obj_of(a, uuid, ["/srv/own/mig2.img"]).acquire()
+    assert dump(kv, prefix) == before
+
+
+def test_a_registration_lives_on_the_lease_until_the_domain_releases_its_last_disk(
+        make_driver: MakeDriver, kv: etcd3.Etcd3Client, prefix: str) -> None:
+    a = make_driver("host-a")
+    uuid = new_uuid()
+    obj_of(a, uuid, ["/srv/own/r1.img", "/srv/own/r2.img"]).acquire(flags=v.AcquireFlags.REGISTER_ONLY)
+    obj_of(a, uuid, ["/srv/own/r1.img", "/srv/own/r2.img"]).acquire()
+    (dom_key,) = [k for k in dump(kv, prefix) if "/dom/" in k]
+    assert dump(kv, prefix)[dom_key][2] == lease_of(a)
+    obj_of(a, uuid, ["/srv/own/r1.img"]).release()
+    assert dom_key in dump(kv, prefix), "releasing one disk dropped the domain's registration"
+    assert [d.domain_uuid for d in a.driver.status().domains] == [uuid]
+    obj_of(a, uuid, ["/srv/own/r2.img"]).release()
+    assert dom_key not in dump(kv, prefix)
+
+
+def test_a_destination_that_handed_back_may_unload(make_driver: MakeDriver) -> None:
+    """After complete_migrate_in(cancel=True) the domain runs on the source again: the
+    destination's driver protects no running VM and may unload."""
+    a, b = make_driver("host-a"), make_driver("host-b")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/own/hb.img"])
+    src.acquire()
+    dst = obj_of(b, uuid, ["/srv/own/hb.img"], new_flags=v.NewFlags.MIGRATE)
+    dst.acquire(src.prepare_migrate("host-b"))
+    with pytest.raises(v.PluginBusyError):
+        b.unload()  # it holds the disk for a VM that runs there now
+    dst.complete_migrate_in(cancel=True)
+    dst.free()
+    b.unload()
+
+
+def test_a_shared_resume_state_must_say_what_exclusive_grant_it_saw(make_driver: MakeDriver) -> None:
+    """A shared state without ``xgen`` (edited, or from a tool that dropped it) cannot prove
+    that no writer held the disk meanwhile: refused, even when none did."""
+    a = make_driver("host-a")
+    obj = obj_of(a, new_uuid(), ["/srv/own/sh.img"], flags=v.ResourceFlags.SHARED)
     obj.acquire()
-    key = next(k for k, (val, _) in holders(kv, prefix).items() if b"h1.img" in val)
-    kv.delete(key)
-    with pytest.raises(v.StaleStateError):
-        obj.release_resource(D, "/srv/f8/h1.img")
-    assert [h.name for h in obj.held()] == ["/srv/f8/h2.img"]
-    assert "h1.img" not in obj.release()
+    state = obj.release()
+    head, _, body = state.partition(" ")
+    data = json.loads(body)
+    for r in data["res"]:
+        r.pop("xgen", None)
+    with pytest.raises(v.StaleStateError, match="does not record the last exclusive grant"):
+        obj.acquire(f"{head} {json.dumps(data)}")
+    obj.acquire(state)
 
 
-def test_a_wall_clock_step_back_does_not_blacklist_endpoints(etcd_process: EtcdServer, prefix: str,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bug 8e: an endpoint was marked failed with the wall clock; after a step back
-    of the clock every endpoint that had failed once (a short outage) stayed
-    blacklisted for as long as the step, so a healthy host fenced itself."""
-    from virtlease_etcd.config import load_config
-    from virtlease_etcd.etcd.client import EtcdClient
-
-    client = EtcdClient(load_config({"endpoints": etcd_process.endpoints}))
-    try:
-        for endpoint in client._endpoints:
-            endpoint.fail()  # a short outage...
-        time.sleep(1.2)  # ...over, past the endpoints' retry time (1 s)
-        # ...and NTP steps the wall clock back, as python-etcd3's endpoint logic sees it (gRPC
-        # computes its deadlines from the wall clock too, so the whole process cannot be stepped)
-        import sys
-        import types
-
-        stepped = types.SimpleNamespace(time=lambda: time.time() - 3600, monotonic=time.monotonic,
-                                        sleep=time.sleep)
-        monkeypatch.setattr(sys.modules["etcd3.client"], "time", stepped)
-        monkeypatch.setattr(sys.modules["virtlease_etcd.etcd.client"], "time", stepped)
-        kvs, revision = client.get_range(prefix + "/x", timeout=2.0)
-        assert kvs == [] and revision > 0
-    finally:
-        monkeypatch.undo()
-        client.close()
+def test_a_state_of_more_disks_than_the_object_is_refused(make_driver: MakeDriver) -> None:
+    a = make_driver("host-a")
+    uuid = new_uuid()
+    both = obj_of(a, uuid, ["/srv/own/m1.img", "/srv/own/m2.img"])
+    both.acquire()
+    state = both.release()
+    with pytest.raises(v.StaleStateError, match="only in state"):
+        obj_of(a, uuid, ["/srv/own/m1.img"]).acquire(state)
