@@ -187,6 +187,23 @@ def test_settling_frees_an_unplugged_disk_and_keeps_a_paused_domains(
     assert lockd(a, uid, "web1").acquire(d1, ACT) == "resumed"
 
 
+def test_a_hotplug_beside_an_unplug_in_flight_keeps_the_unplugged_disk_reserved(
+        hosts: Callable[[str], v.Plugin], tmp_path: Path) -> None:
+    """An unplug (one disk RELEASEd, its connection still open) and a hotplug of another disk
+    (ACQUIRE) cross: the hotplug is no resume, so the unplugged disk stays reserved and is freed
+    when the unplug settles."""
+    a, b = hosts("host-a"), hosts("host-b")
+    uid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    d1, d2, d3 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img"), disk(tmp_path, "d3.img")
+    lockd(a, uid, "web1").acquire(d1, ACT)
+    lockd(a, uid, "web1").acquire(d2, ACT)
+    lockd(a, uid, "web1").release(d1)  # the unplug
+    assert lockd(a, uid, "web1").acquire(d3, ACT) == "granted"  # the hotplug, meanwhile
+    assert lockd(a, uid, "web1").reserved()
+    assert lockd(a, uid, "web1").settle() == [d1.name]
+    assert lockd(b, other, "db1").acquire(d1, ACT) == "granted"
+
+
 def test_lockd_calls_are_checked_by_the_cores_validation(hosts: Callable[[str], v.Plugin]) -> None:
     """The agent's way into the driver runs the same checks as a lock object; the one exemption
     (an indirect-mode lockspace is a directory path) is checked as an absolute path."""
