@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 import urllib.request
-import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,10 +23,8 @@ import pytest
 
 import virtlease as v
 from agent.agent_process import AgentProcess, free_port
-from agent.etcd_agent import StandinQemu, load
+from agent.etcd_agent import StandinQemu, load, take
 from conftest import EtcdServer, dump
-from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
-from virtlease.errors import ResourceBusyError
 from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError
 from virtlease_etcd.config import load_config
 from virtlease_etcd.session import reattach
@@ -81,16 +78,6 @@ def start_vm(agent: AgentProcess, disk: str, qemus: list[StandinQemu]) -> Standi
         c.register(q.owner())
         c.acquire(disk)
     return q
-
-
-def take(plugin: v.Plugin, disk: str) -> bool:
-    """The second host tries to take ``disk`` (no pid: nothing of ours is ever fenced)."""
-    obj = plugin.driver.new_object(ObjectSpec(ObjectType.DOMAIN, str(uuidlib.uuid4()), "intruder"))
-    try:
-        obj.acquire_resource(ResourceSpec(ResourceType.DISK, disk))
-        return True
-    except ResourceBusyError:
-        return False
 
 
 def death_watch(q: StandinQemu) -> dict[str, float]:
@@ -200,8 +187,9 @@ def test_sigterm_with_a_vm_refuses_and_keeps_protection(
 
 
 def test_metrics_endpoint(agents: Callable[..., AgentProcess], qemus: list[StandinQemu], disk: str,
-                          other_host: v.Plugin) -> None:
+                          other_host: v.Plugin, etcd_process: EtcdServer) -> None:
     port = free_port()
+    etcd_endpoint = etcd_process.endpoints.split(",")[0]
     agent = agents("--metrics", f"127.0.0.1:{port}")
     start_vm(agent, disk, qemus)
     other = StandinQemu(agent.socket, "db1")
@@ -214,8 +202,15 @@ def test_metrics_endpoint(agents: Callable[..., AgentProcess], qemus: list[Stand
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     metrics = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in body.splitlines() if line and not line.startswith("#")}
-    assert metrics['virtlease_agent_session_state{virtlease_agent_session_state="valid"}'] == 1
+    assert metrics['virtlease_agent_session_state{state="valid"}'] == 1
+    assert metrics['virtlease_agent_session_state{state="lost"}'] == 0
+    assert metrics["virtlease_agent_session_losses_total"] == 0
     assert 0 < metrics["virtlease_agent_fence_deadline_seconds"] <= TTL
+    assert metrics["virtlease_agent_ttl_seconds"] == TTL
+    assert metrics[f'virtlease_agent_etcd_endpoint_up{{endpoint="{etcd_endpoint}"}}'] == 1
+    assert metrics['virtlease_agent_acquire_seconds_count{result="ok"}'] == 1
+    assert metrics['virtlease_agent_acquire_seconds_count{result="refused"}'] == 1
+    assert [k for k in metrics if k.startswith("virtlease_build_info{") and f'version="{v.__version__}"' in k]
     assert metrics['virtlease_agent_requests_total{op="acquire",result="granted"}'] == 1
     assert metrics['virtlease_agent_requests_total{op="acquire",result="busy"}'] == 1
     assert metrics["virtlease_agent_owners"] == 2
@@ -329,6 +324,36 @@ def test_after_a_network_cut_the_fenced_domain_starts_again_on_this_host(
             assert restarts <= 1, f"the guard was restarted {restarts} times:\n{agent.text()[-3000:]}"
         finally:
             agent.stop()
+
+
+def test_a_handover_renews_the_lease_first_so_the_successor_has_a_whole_ttl(
+        etcd_process: EtcdServer, prefix: str, sock_dir: Path, disk: str, qemus: list[StandinQemu]) -> None:
+    """SIGUSR2 just before a keepalive was due: the old agent renews the lease once more before it
+    hands over, so its guard's deadline (and the successor's time to re-attach) is a whole
+    ``ttl - margin`` away, not what was left of the keepalive rhythm (as little as two thirds of
+    the TTL minus the margin: a successor slow to start under load found the VMs fenced)."""
+    from virtlease_etcd.config import load_config
+    from virtlease_etcd.etcd.client import EtcdClient
+
+    ttl = 9
+    agent = AgentProcess(sock_dir, etcd_process.endpoints, prefix, "hv-h", ttl=ttl)
+    client = EtcdClient(load_config({"endpoints": etcd_process.endpoints}, environ={}))
+    try:
+        start_vm(agent, disk, qemus)
+        lease = json.loads(agent.state_dir.joinpath("agent-hv-h.json").read_text())["lease"]
+        until = time.monotonic() + 2 * ttl
+        while client.lease_ttl(lease, timeout=2) > ttl * 2 // 3:  # the next keepalive is 0-1 s away
+            assert time.monotonic() < until
+            time.sleep(0.05)
+        agent.signal(signal.SIGUSR2)
+        assert agent.wait() == 75
+        line = next(x for x in agent.text().splitlines() if "handing over: lease" in x)
+        left = float(line.split("fence deadline (")[1].split("s from now")[0])
+        margin = load_config({"endpoints": etcd_process.endpoints, "ttl": ttl}, environ={}).margin
+        assert left >= ttl - margin - 1.0, line
+    finally:
+        client.close()
+        agent.stop()
 
 
 # -- what the guard and a successor do with the owners --------------------------------------------

@@ -195,8 +195,11 @@ class Continuity:
             self._task.cancel()
 
     def handover(self) -> None:
-        """Leave for a successor: state file written, guard armed and on its own."""
+        """Leave for a successor: the lease renewed once more (so the successor has a whole
+        ``ttl - margin`` to re-attach, not what is left of the keepalive's rhythm), the state
+        file written, the guard armed with that deadline and on its own."""
         self._stop_task()
+        self.driver.session.refresh()
         self.push()
         if self.guard is not None:
             self.guard.abandon()
