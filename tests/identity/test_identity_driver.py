@@ -80,6 +80,17 @@ def two_hosts(tmp_path: Path, hosts: Callable[..., HostProcess], device_a: str, 
     return hosts("host-a", [(device_a, a_mnt)]), hosts("host-b", [(device_b, b_mnt)]), a_mnt, b_mnt
 
 
+def migrating_across_paths(tmp_path: Path, hosts: Callable[..., HostProcess], device: str,
+                           ) -> tuple[HostProcess, HostProcess, str, str, str, str]:
+    """``two_hosts`` on one ext4 holding vm/web1.qcow2; host-a's domain web1 holds it and
+    prepares its migration to host-b: (a, b, uuid, a's path, b's path, the handoff state)."""
+    a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, device, device)
+    uuid, a_disk, b_disk = new_uuid(), f"{a_mnt}/vm/web1.qcow2", f"{b_mnt}/vm/web1.qcow2"
+    a.ok("new", obj="web1", uuid=uuid, name="web1", disks=[a_disk])
+    a.ok("acquire", obj="web1")
+    return a, b, uuid, a_disk, b_disk, a.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
+
+
 def test_two_hosts_mounting_one_ext4_at_different_points(tmp_path: Path, hosts: Callable[..., HostProcess],
                                                          kv: etcd3.Etcd3Client, prefix: str) -> None:
     with ext4_disks(tmp_path, "vm/web1.qcow2") as device:
@@ -266,11 +277,7 @@ def test_migration_claim_across_different_mount_paths(tmp_path: Path, hosts: Cal
                                                       kv: etcd3.Etcd3Client, prefix: str,
                                                       make_driver: Callable[..., v.Plugin]) -> None:
     with ext4_disks(tmp_path, "vm/web1.qcow2") as device:
-        a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, device, device)
-        uuid, a_disk, b_disk = new_uuid(), f"{a_mnt}/vm/web1.qcow2", f"{b_mnt}/vm/web1.qcow2"
-        a.ok("new", obj="web1", uuid=uuid, name="web1", disks=[a_disk])
-        a.ok("acquire", obj="web1")
-        state = a.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
+        a, b, uuid, a_disk, b_disk, state = migrating_across_paths(tmp_path, hosts, device)
         (handoff,) = make_driver("observer").driver.status().handoffs
         (shown,) = handoff.resources  # the disk once (its legacy key is not listed), path and identity
         assert shown.startswith(f"{a_disk} (ext4 ") and not handoff.claimed
@@ -386,11 +393,7 @@ def test_a_claim_never_deletes_a_source_path_key_replaced_behind_the_marker(
     """A claim from another path drops the source's path key only if it is still the source's
     (its token): replaced behind the marker, the claim fails and leaves it."""
     with ext4_disks(tmp_path, "vm/web1.qcow2") as device:
-        a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, device, device)
-        uuid, a_disk, b_disk = new_uuid(), f"{a_mnt}/vm/web1.qcow2", f"{b_mnt}/vm/web1.qcow2"
-        a.ok("new", obj="web1", uuid=uuid, name="web1", disks=[a_disk])
-        a.ok("acquire", obj="web1")
-        state = a.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
+        _a, b, uuid, a_disk, b_disk, state = migrating_across_paths(tmp_path, hosts, device)
         (a_key,) = [k for k in holder_keys(kv, prefix) if f"/res/{legacy_rid(a_disk)}/" in k]
         kv.put(a_key, dump(kv, prefix)[a_key][0])  # rewritten: same bytes, another revision
         before = dump(kv, prefix)
