@@ -7,16 +7,18 @@ touched), and writes a report (``tests/mutation/results/latest.md`` by default):
 
     python tests/mutation/mutate.py                 # every mutant (``make mutate``)
     python tests/mutation/mutate.py --check         # only: is every mutant's snippet still there?
-    python tests/mutation/mutate.py --only 'fence-*' --only hostsession-revoke-early -j 2
+    python tests/mutation/mutate.py --only 'fence-*' --only session-revoke-before-own-expiry -j 2
 
 Per mutant: the exact ``original`` snippet must occur once in ``file`` (otherwise the mutant
 is *stale*: re-anchor it to the current code); it is replaced, the file must still compile
-(otherwise *invalid*), then ``pytest -x`` runs the mutant's ``tests``.  A test failure *kills*
-the mutant (a pytest-timeout or the run's own timeout: *timeout*, counted as killed), once
-the failing test was seen to pass on the unmutated tree (else *error*: the test is broken or
-flaky, not the mutant caught).  A mutant that survives its own tests runs the wide suite of
-its file (``[suites]``) before it counts as *survived*.  Mutants marked ``equivalent`` (with
-the reason) are not run.  Score: (killed + timeout) / (killed + timeout + survived).
+(otherwise *invalid*), then ``pytest -x`` runs the mutant's ``tests`` (a skipped system test
+counts as failed: ``VIRTLEASE_REQUIRE_SYSTEM_TESTS=1``).  A test failure *kills* the mutant
+(a pytest-timeout or the run's own timeout: *timeout*, counted as killed) once that test failed
+the same way when run again, and passes on the unmutated tree (else *error*: the test is broken,
+not the mutant caught); a test that fails only once is named and set aside, the rest run again.
+A mutant that survives its own tests runs the wide suite of its file (``[suites]``) before it
+counts as *survived*.  Mutants marked ``equivalent`` (with the reason) are not run.
+Score: (killed + timeout) / (killed + timeout + survived).
 
 Exit status: 0 when no mutant survived and none is stale, invalid or in error; 1 otherwise.
 """
