@@ -266,12 +266,15 @@ def failure_kind(message: str) -> str:
 
 class Runner:
     def __init__(self, cat: Catalogue, *, timeout: float, test_timeout: float, verify: bool, wide: bool,
-                 logs: Path, progress: bool = True) -> None:
+                 logs: Path, progress: bool = True, wide_only: bool = False) -> None:
+        """``wide_only``: every mutant runs its file's wide suite only (the files of it that
+        exist), not its own tests: what a suite catches without the tests written for a mutant."""
         self.cat = cat
         self.timeout = timeout
         self.test_timeout = test_timeout
         self.verify = verify
         self.wide = wide
+        self.wide_only = wide_only
         self.logs = logs
         self.progress = progress
         self._lock = threading.Lock()
@@ -346,9 +349,14 @@ class Runner:
         path.write_text(text)
         tree.fresh_cache()
         try:
-            result = self._confirmed(m, tree, m.tests, wide=False)
             wide = self.cat.suites.get(m.file, ())
-            if result.status == "survived" and self.wide and wide and set(wide) != set(m.tests):
+            if self.wide_only:
+                wide = tuple(t for t in wide if (tree.root / t.split("::")[0]).exists())
+                result = self._confirmed(m, tree, wide, wide=True)
+            else:
+                result = self._confirmed(m, tree, m.tests, wide=False)
+            wider_too = self.wide and not self.wide_only and wide and set(wide) != set(m.tests)
+            if result.status == "survived" and wider_too:
                 wider = self._confirmed(m, tree, wide, wide=True)
                 wider.detail = "; ".join(filter(None, [result.detail, wider.detail]))
                 result = wider
@@ -506,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds one pytest run may take (default 1200)")
     p.add_argument("--test-timeout", type=float, default=180.0, help="seconds one test may take (default 180)")
     p.add_argument("--no-verify", action="store_true", help="do not check that a killing test passes unmutated")
+    p.add_argument("--wide-only", action="store_true", help="run each mutant against its file's wide suite only "
+                   "(the files of it that exist), not its own tests")
     p.add_argument("--no-wide", action="store_true", help="a survivor of its own tests is not run against the "
                    "wide suite of its file")
     p.add_argument("--check", action="store_true", help="only report stale or invalid mutants; run no test")
@@ -558,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trees.append(Tree(copy_tree(REPO, work / f"tree{i}")))
         print(f"mutate: {len(mutants)} mutant(s), {len(trees)} private tree(s) under {work}", flush=True)
         runner = Runner(cat, timeout=args.timeout, test_timeout=args.test_timeout, verify=not args.no_verify,
-                        wide=not args.no_wide, logs=logs)
+                        wide=not args.no_wide, logs=logs, wide_only=args.wide_only)
         results = runner.run_all(mutants, trees)
     finally:
         if not args.keep:
