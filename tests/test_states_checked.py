@@ -592,6 +592,25 @@ def test_a_destination_that_handed_back_may_unload(make_driver: MakeDriver) -> N
     b.unload()
 
 
+def test_a_destination_that_handed_back_learns_the_source_took_the_disk_back(make_driver: MakeDriver) -> None:
+    """Once the source reclaimed (and still holds) the disk, the destination's books follow etcd:
+    its next call finds nothing held there, and an acquire is refused as busy on the source."""
+    a, b = make_driver("host-a"), make_driver("host-b")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/own/back.img"])
+    src.acquire()
+    dst = obj_of(b, uuid, ["/srv/own/back.img"], new_flags=v.NewFlags.MIGRATE)
+    dst.acquire(src.prepare_migrate("host-b"))
+    back = dst.complete_migrate_in(cancel=True)
+    with pytest.raises(v.StaleStateError, match="already claimed"):
+        src.complete_migrate_out(cancel=True)
+    src.acquire(back)
+    later = obj_of(b, uuid, ["/srv/own/back.img"])
+    with pytest.raises(v.ResourceBusyError, match="on host host-a"):
+        later.acquire()
+    assert later.held() == [] and dst.held() == []
+
+
 def test_a_shared_resume_state_must_say_what_exclusive_grant_it_saw(make_driver: MakeDriver) -> None:
     """A shared state without ``xgen`` (edited, or from a tool that dropped it) cannot prove
     that no writer held the disk meanwhile: refused, even when none did."""
