@@ -9,7 +9,6 @@ writers, or a release reported done while the records stay.
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ MakeDriver = Callable[..., v.Plugin]
 
 @pytest.fixture
 def make_driver(local_drivers: MakeDriver) -> MakeDriver:
-    return functools.partial(local_drivers, ttl=4)
+    return local_drivers
 
 
 @pytest.fixture
