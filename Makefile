@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint safety safety-long bench bench-quick clean dist deb lock
+.PHONY: demo test lint safety safety-long mutate bench bench-quick clean dist deb lock
 
 $(STAMP): pyproject.toml lab/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ safety: $(STAMP)
 safety-long: $(STAMP)
 	$(BIN)/python tests/safety/nemesis.py --duration 1800
 	VIRTLEASE_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -s tests/security/test_fuzz.py
+
+# Mutation testing of the safety core (tests/mutation/README.md): most of an hour, not in `make test`.
+mutate: $(STAMP)
+	$(BIN)/python tests/mutation/mutate.py $(MUTATE_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -136,6 +136,47 @@ def make_driver(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., v.Plugi
             pass
 
 
+ALL_CAPABILITIES = v.Capability.RESOURCES | v.Capability.MIGRATE | v.Capability.HOTPLUG | v.Capability.USES_STATE
+
+
+@pytest.fixture
+def local_drivers(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[..., v.Plugin]]:
+    """Drivers of several hosts in this process, every capability, on the local etcd process:
+    ``local_drivers("host-a", ttl=4)`` (``STEADY_TTL`` unless given).  At teardown each session
+    still valid is closed (its lease revoked: whatever a test left held goes)."""
+    plugins: list[v.Plugin] = []
+
+    def make(host_id: str, **config: Any) -> v.Plugin:
+        cfg = {"endpoints": etcd_process.endpoints, "prefix": prefix, "host_id": host_id, "ttl": STEADY_TTL,
+               **config}
+        plugin = v.load_driver("etcd", config=cfg, capabilities=ALL_CAPABILITIES)
+        plugins.append(plugin)
+        return plugin
+
+    yield make
+    for plugin in plugins:
+        session = plugin.driver._session
+        if session is not None and session.lost is None:
+            for obj in plugin.objects:
+                obj.free()
+            session.close()
+        plugin.driver._session = None
+
+
+@pytest.fixture
+def frozen() -> Iterator[Any]:
+    """A cgroup freezer (``virtlease_lab.freezer``): ``frozen.freeze(pid)`` leaves a process as if
+    stuck in storage I/O (state D, a SIGKILL pending until ``frozen.thaw()``).  Skips where the
+    freezer cannot be used (no root, no cgroup v1 freezer): mark such a test ``system``."""
+    from virtlease_lab import freezer
+
+    why = freezer.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    with freezer.Freezer() as fz:
+        yield fz
+
+
 def shut(plugin: v.Plugin) -> None:
     """Test teardown: free the handles, release what the domains still hold
     (free never releases; unload refuses while domains hold leases), unload."""
@@ -171,7 +212,8 @@ def new_uuid() -> str:
 
 SYSTEM_TEST_DIRS = ("identity", "agent", "libvirt", "packaging")
 """Test folders whose skips mean a missing tool or privilege: in CI
-(``VIRTLEASE_REQUIRE_SYSTEM_TESTS=1``, set by .ci/run) such a skip fails."""
+(``VIRTLEASE_REQUIRE_SYSTEM_TESTS=1``, set by .ci/run) such a skip fails.  A test elsewhere
+says the same with ``@pytest.mark.system``."""
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -180,7 +222,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if not report.skipped or os.environ.get("VIRTLEASE_REQUIRE_SYSTEM_TESTS") != "1":
         return
-    if Path(str(item.fspath)).parent.name in SYSTEM_TEST_DIRS:
+    if Path(str(item.fspath)).parent.name in SYSTEM_TEST_DIRS or item.get_closest_marker("system") is not None:
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.longrepr = f"skipped in CI, where it must run (VIRTLEASE_REQUIRE_SYSTEM_TESTS=1): {reason}"

@@ -387,6 +387,41 @@ def test_shared_resume_survives_other_shared_holders_but_not_an_exclusive_one(ma
         mine.acquire(state)  # an exclusive writer held it while we were paused
 
 
+def test_exclusive_resume_is_refused_after_a_shared_holder_in_between(make_driver: MakeDriver) -> None:
+    """A shared holder used the disk while the exclusive owner was paused (and let go): the
+    resume compares the newest grant of *any* mode, not only the last exclusive one."""
+    a, b = make_driver("host-a"), make_driver("host-b")
+    paused = vm(a, ["/srv/xs.img"], name="paused")
+    paused.acquire()
+    state = paused.release()
+    reader = vm(b, ["/srv/xs.img"], flags=v.ResourceFlags.SHARED, name="reader")
+    reader.acquire()
+    reader.release()
+    with pytest.raises(v.StaleStateError, match="another holder"):
+        paused.acquire(state)
+
+
+def test_shared_resume_knows_the_last_exclusive_grant_not_the_first(make_driver: MakeDriver) -> None:
+    """Two exclusive grants before a shared hold: the state records the *last* one (the gen key's
+    newest revision, not its creation), so the resume works; one more exclusive grant while the
+    domain is paused makes the resume fail."""
+    a, b = make_driver("host-a"), make_driver("host-b")
+    for writer in ("first", "second"):
+        w = vm(b, ["/srv/sx.img"], name=writer)
+        w.acquire()
+        w.release()
+    mine = vm(a, ["/srv/sx.img"], flags=v.ResourceFlags.SHARED, name="mine")
+    mine.acquire()
+    state = mine.release()
+    mine.acquire(state)  # nobody in between
+    state = mine.release()
+    third = vm(b, ["/srv/sx.img"], name="third")
+    third.acquire()
+    third.release()
+    with pytest.raises(v.StaleStateError, match="another holder"):
+        mine.acquire(state)
+
+
 @pytest.mark.parametrize("mode", ["exclusive", "shared"])
 def test_resume_state_with_raised_tokens_is_refused(make_driver: MakeDriver, mode: str) -> None:
     a, b = make_driver("host-a"), make_driver("host-b")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from typing import Any
 
+import etcd3
 import pytest
 
 import virtlease as v
@@ -127,3 +129,81 @@ def test_keepalive_survives_a_short_outage(etcd: EtcdServer, prefix: str) -> Non
             obj.free()
         finally:
             shut(plugin)
+
+
+# -- who is fenced, and when (the lease revoked from outside: the session is lost at once) -----
+
+
+def _host(etcd: EtcdServer, prefix: str, host_id: str, **config: Any) -> v.Plugin:
+    return v.load_driver("etcd", config={"endpoints": etcd.endpoints, "prefix": prefix, "host_id": host_id,
+                                         "ttl": 10, **config})
+
+
+def test_failure_actions_run_before_the_lease_lost_callback(etcd: EtcdServer, prefix: str,
+                                                             kv: etcd3.Etcd3Client) -> None:
+    """A slow lease-lost callback must not delay the kill: by the time it runs, the VM was
+    sent its SIGKILL."""
+    guest = subprocess.Popen(["sleep", "300"])
+    seen: list[object] = []
+
+    def on_lost(_reason: str) -> None:
+        try:
+            seen.append(guest.wait(timeout=3))
+        except subprocess.TimeoutExpired:
+            seen.append("still running when the callback ran")
+
+    plugin = _host(etcd, prefix, "cb-order", on_lease_lost=on_lost)
+    try:
+        obj = plugin.new_object(uuid=new_uuid(), name="guest", pid=guest.pid)
+        obj.add_resource(D, "/srv/cb-order.img")
+        obj.acquire()
+        kv.revoke_lease(plugin.driver.session.lease_id)
+        until = time.monotonic() + 10
+        while not seen:
+            assert time.monotonic() < until, "the lease-lost callback never ran"
+            time.sleep(0.02)
+        assert seen == [-9]
+        obj.free()
+    finally:
+        if guest.poll() is None:
+            guest.kill()
+        guest.wait()
+        shut(plugin)
+
+
+def test_fencing_stops_every_domain_with_anything_on_the_lease_and_no_other(
+        etcd: EtcdServer, prefix: str, kv: etcd3.Etcd3Client) -> None:
+    """A registered domain (REGISTER_ONLY, before its disks) is on the lease and is fenced; a
+    domain whose acquire was refused holds nothing here and its VM is left alone."""
+    registered, refused = subprocess.Popen(["sleep", "300"]), subprocess.Popen(["sleep", "300"])
+    lost: list[str] = []
+    other = _host(etcd, prefix, "holder")
+    plugin = _host(etcd, prefix, "fenced", on_lease_lost=lost.append)
+    try:
+        held = other.new_object(uuid=new_uuid(), name="holder")
+        held.add_resource(D, "/srv/taken.img")
+        held.acquire()
+        reg = plugin.new_object(uuid=new_uuid(), name="registered", pid=registered.pid)
+        reg.add_resource(D, "/srv/reg.img")
+        reg.acquire(flags=v.AcquireFlags.REGISTER_ONLY)
+        busy = plugin.new_object(uuid=new_uuid(), name="refused", pid=refused.pid)
+        busy.add_resource(D, "/srv/taken.img")
+        with pytest.raises(v.ResourceBusyError):
+            busy.acquire()
+        kv.revoke_lease(plugin.driver.session.lease_id)
+        until = time.monotonic() + 10
+        while not lost:  # the failure actions run before the callback
+            assert time.monotonic() < until, "the session was never lost"
+            time.sleep(0.02)
+        assert registered.wait(timeout=3) == -9
+        time.sleep(0.2)
+        assert refused.poll() is None, "a domain that holds nothing on the lease was fenced"
+        for obj in (reg, busy, held):
+            obj.free()
+    finally:
+        for p in (registered, refused):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        shut(plugin)
+        shut(other)

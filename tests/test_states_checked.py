@@ -19,32 +19,16 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import STEADY_TTL, EtcdServer, dump, new_uuid
+from conftest import EtcdServer, dump, new_uuid
 
 D = v.ResourceType.DISK
 MakeDriver = Callable[..., v.Plugin]
-ALL = v.Capability.RESOURCES | v.Capability.MIGRATE | v.Capability.HOTPLUG | v.Capability.USES_STATE
 
 
 @pytest.fixture
-def make_driver(etcd_process: EtcdServer, prefix: str) -> Iterator[MakeDriver]:
+def make_driver(local_drivers: MakeDriver) -> MakeDriver:
     """Drivers of several hosts in this process (one session each)."""
-    plugins: list[v.Plugin] = []
-
-    def make(host_id: str, **config: object) -> v.Plugin:
-        cfg = {"endpoints": etcd_process.endpoints, "prefix": prefix, "host_id": host_id, "ttl": STEADY_TTL, **config}
-        plugin = v.load_driver("etcd", config=cfg, capabilities=ALL)
-        plugins.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in plugins:
-        session = plugin.driver._session
-        if session is not None and session.lost is None:
-            for obj in plugin.objects:
-                obj.free()
-            session.close()  # revokes the lease: whatever a test left held goes
-        plugin.driver._session = None
+    return local_drivers
 
 
 @pytest.fixture
@@ -463,3 +447,191 @@ def test_a_wall_clock_step_back_does_not_blacklist_endpoints(etcd_process: EtcdS
     finally:
         monkeypatch.undo()
         client.close()
+
+
+# -- migration bookkeeping is checked against etcd, never taken from the books ----------------
+
+
+def test_complete_migrate_out_before_the_claim_is_refused_and_keeps_the_records(
+        make_driver: MakeDriver, kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """complete_migrate_out() before the destination claimed must not forget the records: they
+    are still ours in etcd (and the handoff still claimable), so the domain keeps them, and the
+    fence, release and unload still see them."""
+    a, b = make_driver("host-a"), make_driver("host-b")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/early/r.img"])
+    src.acquire()
+    state = src.prepare_migrate("host-b")
+    before = holders(kv, prefix)
+    with pytest.raises(v.StaleStateError, match="has not claimed"):
+        src.complete_migrate_out()
+    assert holders(kv, prefix) == before
+    assert [h.name for h in src.held()] == ["/srv/early/r.img"]
+    with pytest.raises(v.PluginBusyError):
+        a.unload()
+    dst = obj_of(b, uuid, ["/srv/early/r.img"], new_flags=v.NewFlags.MIGRATE)
+    dst.acquire(state)
+    src.complete_migrate_out()
+    assert src.held() == []
+
+
+@pytest.mark.parametrize("taker", ["other-domain-on-destination", "same-domain-on-third-host"])
+def test_complete_migrate_out_takes_only_the_destinations_record_of_the_domain_for_a_claim(
+        make_driver: MakeDriver, kv: etcd3.Etcd3Client, prefix: str, taker: str) -> None:
+    """The source's records vanish without a claim (deleted behind its back), then the disk is
+    granted to someone else: to another domain on the destination host, or to the same domain
+    on a third host.  Neither is the handoff's claim; complete_migrate_out() says the records
+    vanished instead of reporting the migration done."""
+    a, b, c = make_driver("host-a"), make_driver("host-b"), make_driver("host-c")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/fates/r.img"])
+    src.acquire()
+    src.prepare_migrate("host-b")
+    for key in holders(kv, prefix):
+        kv.delete(key)
+    if taker == "other-domain-on-destination":
+        obj_of(b, new_uuid(), ["/srv/fates/r.img"], name="other").acquire()
+    else:
+        obj_of(c, uuid, ["/srv/fates/r.img"]).acquire()
+    with pytest.raises(v.StaleStateError, match="vanished from etcd without host host-b claiming them"):
+        src.complete_migrate_out()
+
+
+def test_a_claim_never_overwrites_records_replaced_behind_its_marker(make_driver: MakeDriver,
+                                                                     kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """The marker is intact but the source's record was deleted behind its back and another host
+    was granted the disk: the claim compares every record's token, not only the marker, and
+    fails with etcd unchanged."""
+    a, b, c = make_driver("host-a"), make_driver("host-b"), make_driver("host-c")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/behind/r.img"])
+    src.acquire()
+    state = src.prepare_migrate("host-b")
+    for key in holders(kv, prefix):
+        kv.delete(key)
+    obj_of(c, new_uuid(), ["/srv/behind/r.img"], name="other").acquire()
+    before = dump(kv, prefix)
+    dst = obj_of(b, uuid, ["/srv/behind/r.img"], new_flags=v.NewFlags.MIGRATE)
+    with pytest.raises(v.StaleStateError, match="changed since the handoff was prepared"):
+        dst.acquire(state)
+    assert dump(kv, prefix) == before
+
+
+def test_prepare_migrate_refuses_records_that_are_no_longer_ours(make_driver: MakeDriver,
+                                                                 kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """A record replaced behind the source's back: prepare_migrate writes no marker (the claim
+    could never take it) and says so."""
+    a, c = make_driver("host-a"), make_driver("host-c")
+    src = obj_of(a, new_uuid(), ["/srv/prep/r1.img", "/srv/prep/r2.img"])
+    src.acquire()
+    key = next(k for k, (val, _) in holders(kv, prefix).items() if b"r2.img" in val)
+    kv.delete(key)
+    obj_of(c, new_uuid(), ["/srv/prep/r2.img"], name="other").acquire()
+    before = dump(kv, prefix)
+    with pytest.raises(v.StaleStateError, match="no longer holds all its records"):
+        src.prepare_migrate("host-b")
+    assert dump(kv, prefix) == before
+
+
+# -- what an owner may do, by what it holds ---------------------------------------------------
+
+
+def test_a_fresh_object_acquiring_what_its_domain_holds_is_told_so(make_driver: MakeDriver) -> None:
+    a = make_driver("host-a")
+    uuid = new_uuid()
+    obj_of(a, uuid, ["/srv/own/twice.img"]).acquire()
+    with pytest.raises(v.ObjectStateError, match=r"already holds /srv/own/twice\.img"):
+        obj_of(a, uuid, ["/srv/own/twice.img"]).acquire()
+
+
+def test_a_domain_migrating_away_can_neither_release_nor_acquire(make_driver: MakeDriver,
+                                                                 kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """While its handoff is in flight the records belong to the handoff: a release would delete
+    what the destination is about to claim."""
+    a = make_driver("host-a")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/own/mig.img"])
+    src.acquire()
+    src.prepare_migrate("host-b")
+    before = dump(kv, prefix)
+    with pytest.raises(v.ObjectStateError, match="being handed to host host-b"):
+        obj_of(a, uuid, ["/srv/own/mig.img"]).release()
+    with pytest.raises(v.ObjectStateError, match="being handed to host host-b"):
+        obj_of(a, uuid, ["/srv/own/mig2.img"]).acquire()
+    assert dump(kv, prefix) == before
+
+
+def test_a_registration_lives_on_the_lease_until_the_domain_releases_its_last_disk(
+        make_driver: MakeDriver, kv: etcd3.Etcd3Client, prefix: str) -> None:
+    a = make_driver("host-a")
+    uuid = new_uuid()
+    obj_of(a, uuid, ["/srv/own/r1.img", "/srv/own/r2.img"]).acquire(flags=v.AcquireFlags.REGISTER_ONLY)
+    obj_of(a, uuid, ["/srv/own/r1.img", "/srv/own/r2.img"]).acquire()
+    (dom_key,) = [k for k in dump(kv, prefix) if "/dom/" in k]
+    assert dump(kv, prefix)[dom_key][2] == lease_of(a)
+    obj_of(a, uuid, ["/srv/own/r1.img"]).release()
+    assert dom_key in dump(kv, prefix), "releasing one disk dropped the domain's registration"
+    assert [d.domain_uuid for d in a.driver.status().domains] == [uuid]
+    obj_of(a, uuid, ["/srv/own/r2.img"]).release()
+    assert dom_key not in dump(kv, prefix)
+
+
+def test_a_destination_that_handed_back_may_unload(make_driver: MakeDriver) -> None:
+    """After complete_migrate_in(cancel=True) the domain runs on the source again: the
+    destination's driver protects no running VM and may unload."""
+    a, b = make_driver("host-a"), make_driver("host-b")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/own/hb.img"])
+    src.acquire()
+    dst = obj_of(b, uuid, ["/srv/own/hb.img"], new_flags=v.NewFlags.MIGRATE)
+    dst.acquire(src.prepare_migrate("host-b"))
+    with pytest.raises(v.PluginBusyError):
+        b.unload()  # it holds the disk for a VM that runs there now
+    dst.complete_migrate_in(cancel=True)
+    dst.free()
+    b.unload()
+
+
+def test_a_destination_that_handed_back_learns_the_source_took_the_disk_back(make_driver: MakeDriver) -> None:
+    """Once the source reclaimed (and still holds) the disk, the destination's books follow etcd:
+    its next call finds nothing held there, and an acquire is refused as busy on the source."""
+    a, b = make_driver("host-a"), make_driver("host-b")
+    uuid = new_uuid()
+    src = obj_of(a, uuid, ["/srv/own/back.img"])
+    src.acquire()
+    dst = obj_of(b, uuid, ["/srv/own/back.img"], new_flags=v.NewFlags.MIGRATE)
+    dst.acquire(src.prepare_migrate("host-b"))
+    back = dst.complete_migrate_in(cancel=True)
+    with pytest.raises(v.StaleStateError, match="already claimed"):
+        src.complete_migrate_out(cancel=True)
+    src.acquire(back)
+    later = obj_of(b, uuid, ["/srv/own/back.img"])
+    with pytest.raises(v.ResourceBusyError, match="on host host-a"):
+        later.acquire()
+    assert later.held() == [] and dst.held() == []
+
+
+def test_a_shared_resume_state_must_say_what_exclusive_grant_it_saw(make_driver: MakeDriver) -> None:
+    """A shared state without ``xgen`` (edited, or from a tool that dropped it) cannot prove
+    that no writer held the disk meanwhile: refused, even when none did."""
+    a = make_driver("host-a")
+    obj = obj_of(a, new_uuid(), ["/srv/own/sh.img"], flags=v.ResourceFlags.SHARED)
+    obj.acquire()
+    state = obj.release()
+    head, _, body = state.partition(" ")
+    data = json.loads(body)
+    for r in data["res"]:
+        r.pop("xgen", None)
+    with pytest.raises(v.StaleStateError, match="does not record the last exclusive grant"):
+        obj.acquire(f"{head} {json.dumps(data)}")
+    obj.acquire(state)
+
+
+def test_a_state_of_more_disks_than_the_object_is_refused(make_driver: MakeDriver) -> None:
+    a = make_driver("host-a")
+    uuid = new_uuid()
+    both = obj_of(a, uuid, ["/srv/own/m1.img", "/srv/own/m2.img"])
+    both.acquire()
+    state = both.release()
+    with pytest.raises(v.StaleStateError, match="only in state"):
+        obj_of(a, uuid, ["/srv/own/m1.img"]).acquire(state)

@@ -51,10 +51,14 @@ class StandinQemu:
     """A child that REGISTERs + RESTRICTs on ``socket`` with its own pid, then execs sleep:
     its connection is the owner's lifeline, its pid the owner pid."""
 
-    def __init__(self, socket: Path, name: str, owner_uuid: str | None = None, *, close: bool = False) -> None:
+    def __init__(self, socket: Path, name: str, owner_uuid: str | None = None, *, close: bool = False,
+                 stubborn: bool = False) -> None:
+        """``close``: it closes the lifeline right after starting; ``stubborn``: it ignores SIGTERM
+        and closes the lifeline when sent SIGUSR1 (standin_qemu.py)."""
         self.uuid = owner_uuid or str(uuidlib.uuid4())
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, "-P", str(STANDIN), str(socket), self.uuid, name, *(["close"] if close else [])],
+        mode = ["close"] if close else ["stubborn"] if stubborn else []
+        self.proc = subprocess.Popen([sys.executable, "-P", str(STANDIN), str(socket), self.uuid, name, *mode],
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()

@@ -5,13 +5,17 @@ owns the lifeline; other connections REGISTER and ACQUIRE/RELEASE per disk."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import signal
 import subprocess
 import time
+import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from etcd3 import transactions as tx
 
 import virtlease as v
 from agent.agent_harness import MALFORMED, ServerThread
@@ -399,3 +403,159 @@ def test_no_new_session_while_the_lost_one_is_still_in_etcd(etcd_process: EtcdSe
         assert plugin.driver.session.lease_id != old_lease
         new.kill()
         old.kill()
+
+
+# -- the QEMU's life: no lease outlives its process, no process runs unguarded -----------------
+
+
+def test_an_acquire_is_refused_when_the_guard_cannot_be_armed(agents: Callable[..., Agent],
+                                                              qemus: Callable[..., StandinQemu],
+                                                              tmp_path: Path) -> None:
+    """The owner-change hook (the agent's guard re-arming) fails: the ACQUIRE is answered with an
+    error, so libvirt does not start a QEMU the guard does not know."""
+    a = agents("host-a")
+    (d1,) = images(tmp_path, "d1.img")
+
+    def guard_gone() -> None:
+        raise OSError("[Errno 32] Broken pipe: the guard process cannot be re-armed (test)")
+
+    a[0].server.backend.on_change = guard_gone
+    web = qemus(a, "web1")
+    msg = error_of(lambda: call(a, web, "acquire", d1))
+    assert "cannot arm its guard process" in msg and "no QEMU runs unguarded" in msg, msg
+
+
+@pytest.mark.parametrize("lifeline", [True, False], ids=["with-lifeline", "without-lifeline"])
+def test_a_second_pid_for_a_domain_whose_qemu_runs_is_refused(agents: Callable[..., Agent],
+                                                              qemus: Callable[..., StandinQemu],
+                                                              lifeline: bool) -> None:
+    """A QEMU of the domain runs (with its lifeline, or registered without one as after an agent
+    restart): a REGISTER of another pid for the same domain is refused, the running one stays
+    the owner."""
+    a = agents("host-a")
+    other = subprocess.Popen(["sleep", "600"])
+    first = subprocess.Popen(["sleep", "600"])
+    try:
+        if lifeline:
+            web = qemus(a, "web1")
+            uuid, pid = web.uuid, web.pid
+        else:
+            uuid, pid = str(uuidlib.uuid4()), first.pid
+            with LockdClient(a[0].path) as c:
+                c.register(make_owner("web1", pid=pid, owner_uuid=uuidlib.UUID(uuid)))
+        with LockdClient(a[0].path) as c:
+            with pytest.raises(RemoteCallError) as exc:
+                c.register(make_owner("web1", pid=other.pid, owner_uuid=uuidlib.UUID(uuid)))
+        assert exc.value.error.code == ErrorCode.OPERATION_INVALID
+        assert f"QEMU pid {pid} is still running" in (exc.value.error.message or "")
+        tracked = a[0].server.backend.tracked(uuid)
+        assert tracked is not None and tracked.pid == pid
+    finally:
+        for p in (other, first):
+            p.kill()
+            p.wait()
+
+
+def test_only_the_qemus_own_connection_is_its_lifeline(agents: Callable[..., Agent],
+                                                       qemus: Callable[..., StandinQemu], tmp_path: Path,
+                                                       etcd_process: EtcdServer, prefix: str) -> None:
+    """Another process (here the test) registers the QEMU's pid and RESTRICTs, then closes: that
+    is not the QEMU's lifeline (its peer pid differs), so the QEMU is not killed and keeps its disk."""
+    a = agents("host-a")
+    (d1,) = images(tmp_path, "d1.img")
+    web = qemus(a, "web1")
+    call(a, web, "acquire", d1)
+    with LockdClient(a[0].path) as c:
+        c.register(web.owner())
+        c.restrict()
+    time.sleep(1.0)
+    assert web.alive(), "the QEMU was killed when another process's connection closed"
+    assert holders(etcd_process, prefix)
+
+
+def test_a_grant_whose_qemu_exited_while_it_was_in_flight_is_undone(agents: Callable[..., Agent],
+                                                                    qemus: Callable[..., StandinQemu],
+                                                                    tmp_path: Path, etcd_process: EtcdServer,
+                                                                    prefix: str) -> None:
+    """The QEMU dies while its ACQUIRE's grant is on its way to etcd: the grant lands after the
+    agent released what the QEMU had, so the agent undoes it and answers with an error."""
+    a = agents("host-a")
+    (d1,) = images(tmp_path, "d1.img")
+    web = qemus(a, "web1")
+    client = a[1].driver.session.client
+    real: Callable[..., Any] = client.txn
+
+    def txn(compare: Any, success: Any, failure: Any = (), *, timeout: float) -> Any:
+        if web.alive() and any(isinstance(op, tx.Put) for op in success):
+            web.kill()  # the QEMU dies with its grant in flight...
+            time.sleep(0.5)  # ...and the agent sees it before the grant's reply
+        return real(compare, success, failure, timeout=timeout)
+
+    client.txn = txn
+    msg = error_of(lambda: call(a, web, "acquire", d1))
+    assert "during the acquire" in msg and "nothing is held" in msg, msg
+    wait_for(lambda: not holders(etcd_process, prefix), 3)
+
+
+def test_a_resume_right_after_a_pause_leaves_no_reservation(agents: Callable[..., Agent],
+                                                            qemus: Callable[..., StandinQemu], tmp_path: Path,
+                                                            etcd_process: EtcdServer, prefix: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pause's RELEASEs are answered before their reservation is written; the first one is
+    slow to start (a disk's identity on a slow file server, say).  The resume that follows at
+    once must wait for both, then cancel the reservation: none may land after it (a migration's
+    destination could claim the disks of a running domain)."""
+    from virtlease_etcd.ops.lockd import LockdDomain
+
+    real = LockdDomain.release
+    calls: list[int] = []
+
+    def slow_start(self: LockdDomain, resource: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.6)
+        return real(self, resource)
+
+    monkeypatch.setattr(LockdDomain, "release", slow_start)
+    a = agents("host-a")
+    d1, d2 = images(tmp_path, "d1.img", "d2.img")
+    web = qemus(a, "web1")
+    call(a, web, "acquire", d1, d2)
+    call(a, web, "release", d1, d2)  # the pause
+    call(a, web, "acquire", d1, d2)  # the resume, at once
+    time.sleep(1.0)
+    assert len(calls) == 2
+    assert not dump(etcd_process.client(), prefix + "/v1/handoff"), "a reservation of a running domain"
+    owner = a[1].driver.session.owners.peek(web.uuid)
+    assert owner is not None and owner.handoff is None and len(owner.held) == 2
+
+
+@pytest.mark.system
+def test_a_qemu_that_outlives_its_sigkill_keeps_its_leases_until_it_exits(
+        agents: Callable[..., Agent], tmp_path: Path, etcd_process: EtcdServer, prefix: str, frozen: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The QEMU loses its lifeline while it runs, ignores the agent's SIGTERM and is stuck in
+    storage I/O (frozen: state D) when the SIGKILL comes, so the SIGKILL stays pending: its leases
+    stay held however long that takes (its write may still land), and go once it has exited."""
+    a = agents("host-a", kill_grace=3.0, sigkill_wait=0.5)
+    (d1,) = images(tmp_path, "d1.img")
+    web = StandinQemu(a[0].path, "web1", stubborn=True)
+
+    def logged(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    try:
+        caplog.set_level(logging.INFO, logger="virtlease_etcd.agent.tracking")
+        call(a, web, "acquire", d1)
+        web.proc.send_signal(signal.SIGUSR1)  # it loses its lock connection while it runs
+        wait_for(lambda: logged("sending SIGTERM") > 0, 10)
+        frozen.freeze(web.pid)  # stuck in I/O before the SIGKILL comes (kill_grace later)
+        wait_for(lambda: logged("does not exit after SIGKILL") >= 3, 30)  # the agent waited three rounds
+        assert web.alive() and holders(etcd_process, prefix), "released while the QEMU still exists"
+        frozen.thaw()
+        assert web.proc.wait(timeout=3) == -signal.SIGKILL
+        wait_for(lambda: not holders(etcd_process, prefix), 3)
+    finally:
+        frozen.thaw()
+        if web.alive():
+            web.kill()

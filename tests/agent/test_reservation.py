@@ -133,6 +133,24 @@ def test_claim_checks_the_marker_bytes(hosts: Callable[[str], v.Plugin], tmp_pat
     assert dump(etcd_process.client(), prefix) == before
 
 
+def test_a_reservation_claim_never_takes_a_handoff_to_another_host(hosts: Callable[[str], v.Plugin], tmp_path: Path,
+                                                                    etcd_process: EtcdServer, prefix: str) -> None:
+    """A migration's handoff names its destination: a third host, even for the same domain, cannot
+    take it as if it were a reservation (the check is on the marker bytes the claim compares)."""
+    a, _b, c = hosts("host-a"), hosts("host-b"), hosts("host-c")
+    uid = str(uuid.uuid4())
+    d1 = disk(tmp_path)
+    lockd(a, uid, "web1").acquire(d1, ACT)
+    handoff.prepare(domain(a, uid, "web1"), "host-b")
+    owner_a = a.driver.session.owners.peek(uid)
+    assert owner_a is not None and owner_a.handoff is not None
+    before = dump(etcd_process.client(), prefix)
+    dom_c = domain(c, uid, "web1")
+    with pytest.raises(StaleStateError, match="from host host-a to host host-b"):
+        handoff.claim_reservation(dom_c, dom_c.owner(), owner_a.handoff.key, owner_a.handoff.value)
+    assert dump(etcd_process.client(), prefix) == before
+
+
 def test_releasing_one_disk_reserves_only_that_disk(hosts: Callable[[str], v.Plugin], tmp_path: Path,
                                                     etcd_process: EtcdServer, prefix: str) -> None:
     """The unplug of one disk of a running domain: the same UUID started on another host (the
@@ -189,6 +207,23 @@ def test_settling_frees_an_unplugged_disk_and_keeps_a_paused_domains(
         lockd(b, other, "db1").acquire(d1, ACT)
     assert exc.value.conflicts[0].handoff_to == handoff.RESERVED
     assert lockd(a, uid, "web1").acquire(d1, ACT) == "resumed"
+
+
+def test_a_hotplug_beside_an_unplug_in_flight_keeps_the_unplugged_disk_reserved(
+        hosts: Callable[[str], v.Plugin], tmp_path: Path) -> None:
+    """An unplug (one disk RELEASEd, its connection still open) and a hotplug of another disk
+    (ACQUIRE) cross: the hotplug is no resume, so the unplugged disk stays reserved and is freed
+    when the unplug settles."""
+    a, b = hosts("host-a"), hosts("host-b")
+    uid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    d1, d2, d3 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img"), disk(tmp_path, "d3.img")
+    lockd(a, uid, "web1").acquire(d1, ACT)
+    lockd(a, uid, "web1").acquire(d2, ACT)
+    lockd(a, uid, "web1").release(d1)  # the unplug
+    assert lockd(a, uid, "web1").acquire(d3, ACT) == "granted"  # the hotplug, meanwhile
+    assert lockd(a, uid, "web1").reserved()
+    assert lockd(a, uid, "web1").settle() == [d1.name]
+    assert lockd(b, other, "db1").acquire(d1, ACT) == "granted"
 
 
 def test_lockd_calls_are_checked_by_the_cores_validation(hosts: Callable[[str], v.Plugin]) -> None:

@@ -112,6 +112,17 @@ def two_hosts(tmp_path: Path, hosts: Callable[..., HostProcess], device_a: str, 
     return hosts("host-a", [(device_a, a_mnt)]), hosts("host-b", [(device_b, b_mnt)]), a_mnt, b_mnt
 
 
+def migrating_across_paths(tmp_path: Path, hosts: Callable[..., HostProcess], device: str,
+                           ) -> tuple[HostProcess, HostProcess, str, str, str, str]:
+    """``two_hosts`` on one ext4 holding vm/web1.qcow2; host-a's domain web1 holds it and
+    prepares its migration to host-b: (a, b, uuid, a's path, b's path, the handoff state)."""
+    a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, device, device)
+    uuid, a_disk, b_disk = new_uuid(), f"{a_mnt}/vm/web1.qcow2", f"{b_mnt}/vm/web1.qcow2"
+    a.ok("new", obj="web1", uuid=uuid, name="web1", disks=[a_disk])
+    a.ok("acquire", obj="web1")
+    return a, b, uuid, a_disk, b_disk, a.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
+
+
 def test_two_hosts_mounting_one_ext4_at_different_points(tmp_path: Path, hosts: Callable[..., HostProcess],
                                                          kv: etcd3.Etcd3Client, prefix: str) -> None:
     with ext4_disks(tmp_path, "vm/web1.qcow2") as device:
@@ -317,11 +328,7 @@ def test_migration_claim_across_different_mount_paths(tmp_path: Path, hosts: Cal
                                                       kv: etcd3.Etcd3Client, prefix: str,
                                                       make_driver: Callable[..., v.Plugin]) -> None:
     with ext4_disks(tmp_path, "vm/web1.qcow2") as device:
-        a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, device, device)
-        uuid, a_disk, b_disk = new_uuid(), f"{a_mnt}/vm/web1.qcow2", f"{b_mnt}/vm/web1.qcow2"
-        a.ok("new", obj="web1", uuid=uuid, name="web1", disks=[a_disk])
-        a.ok("acquire", obj="web1")
-        state = a.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
+        a, b, uuid, a_disk, b_disk, state = migrating_across_paths(tmp_path, hosts, device)
         (handoff,) = make_driver("observer").driver.status().handoffs
         (shown,) = handoff.resources  # the disk once (its legacy key is not listed), path and identity
         assert shown.startswith(f"{a_disk} (ext4 ") and not handoff.claimed
@@ -457,3 +464,70 @@ def test_a_resume_state_of_the_previous_release_covers_a_disk_by_its_name(
         assert {r["host"] for r in records.values()} == {"host-b"}
         again.release()
         again.free()
+
+
+# -- legacy path keys: a state or marker never widens what a host may take -------------------------
+
+
+def _edited(state: str, edit: Callable[[dict[str, object]], None]) -> str:
+    head, _, body = state.partition(" ")
+    data = json.loads(body)
+    edit(data)
+    return f"{head} {json.dumps(data)}"
+
+
+def test_a_resume_under_another_path_is_refused_once_that_path_was_granted(
+        tmp_path: Path, hosts: Callable[..., HostProcess], kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """The state (host-b's) lists host-b's path key; host-a resumes under its own path, whose key
+    the state does not list: it is bounded by the state's token for the disk.  A host of the
+    previous release held that path key meanwhile (and let go): the resume is refused."""
+    with ext4_disks(tmp_path, "vm/web1.qcow2") as device:
+        a, b, a_mnt, b_mnt = two_hosts(tmp_path, hosts, device, device)
+        uuid, a_disk, b_disk = new_uuid(), f"{a_mnt}/vm/web1.qcow2", f"{b_mnt}/vm/web1.qcow2"
+        b.ok("new", obj="web1", uuid=uuid, name="web1", disks=[b_disk])
+        b.ok("acquire", obj="web1")
+        state = b.ok("release", obj="web1")["state"]
+        kv.revoke_lease(old_release_record(kv, prefix, a_disk, "old-host"))
+        before = dump(kv, prefix)
+        a.ok("new", obj="web1", uuid=uuid, name="web1", disks=[a_disk])
+        refused = a.call("acquire", obj="web1", state=state)
+        assert refused["error"] == "StaleStateError", refused
+        assert dump(kv, prefix) == before
+
+
+def test_a_claim_never_deletes_a_source_path_key_replaced_behind_the_marker(
+        tmp_path: Path, hosts: Callable[..., HostProcess], kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """A claim from another path drops the source's path key only if it is still the source's
+    (its token): replaced behind the marker, the claim fails and leaves it."""
+    with ext4_disks(tmp_path, "vm/web1.qcow2") as device:
+        _a, b, uuid, a_disk, b_disk, state = migrating_across_paths(tmp_path, hosts, device)
+        (a_key,) = [k for k in holder_keys(kv, prefix) if f"/res/{legacy_rid(a_disk)}/" in k]
+        kv.put(a_key, dump(kv, prefix)[a_key][0])  # rewritten: same bytes, another revision
+        before = dump(kv, prefix)
+        b.ok("new", obj="web1", uuid=uuid, name="web1", disks=[b_disk], migrate=True)
+        refused = b.call("acquire", obj="web1", state=state)
+        assert refused["error"] == "StaleStateError", refused
+        assert dump(kv, prefix) == before
+
+
+def test_a_handoff_state_with_edited_legacy_marks_is_refused(
+        tmp_path: Path, hosts: Callable[..., HostProcess], kv: etcd3.Etcd3Client, prefix: str) -> None:
+    """Both hosts use the same path; the state's legacy marks must be the marker's."""
+    with ext4_disks(tmp_path, "vm/web1.qcow2") as device:
+        mnt = tmp_path / "images"
+        a, b = hosts("host-a", [(device, mnt)]), hosts("host-b", [(device, mnt)])
+        uuid, disk = new_uuid(), f"{mnt}/vm/web1.qcow2"
+        a.ok("new", obj="web1", uuid=uuid, name="web1", disks=[disk])
+        a.ok("acquire", obj="web1")
+        state = a.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
+
+        def unmark(data: dict[str, object]) -> None:
+            for r in data["res"]:  # type: ignore[attr-defined]
+                r.pop("legacy", None)
+
+        before = dump(kv, prefix)
+        b.ok("new", obj="web1", uuid=uuid, name="web1", disks=[disk], migrate=True)
+        refused = b.call("acquire", obj="web1", state=_edited(state, unmark))
+        assert refused["error"] == "StaleStateError" and "legacy keys differ" in refused["message"], refused
+        assert dump(kv, prefix) == before
+        b.ok("acquire", obj="web1", state=state)  # the genuine state still works

@@ -20,7 +20,14 @@ import pytest
 
 import virtlease as v
 from conftest import shut
+from test_session_clock import FakeClock
+from virtlease.abi import AcquireFlags, FailureAction, ObjectSpec, ObjectType, ResourceSpec, ResourceType
+from virtlease_etcd.config import load_config
 from virtlease_etcd.etcd.client import TransientError
+from virtlease_etcd.ops import grants
+from virtlease_etcd.ops.domain import Domain
+from virtlease_etcd.session.hostsession import HostSession
+from virtlease_etcd.session.owners import Policy
 
 
 def _vm() -> subprocess.Popen[bytes]:
@@ -122,3 +129,63 @@ def test_grant_whose_reply_arrives_after_the_fence_is_fenced(etcd: Any, prefix: 
             except v.VirtleaseError:
                 pass
 
+
+
+def test_an_owner_is_fenced_once_when_a_hotplug_reply_comes_after_the_fence(etcd: Any, prefix: str) -> None:
+    """The owner already holds a disk, so the fence thread fences it; the hotplug grant's late
+    reply then finds the session lost and fences again: the failure action runs once (a restart
+    callback twice would start the VM twice)."""
+    restarts: list[Any] = []
+    config = {"endpoints": etcd.endpoints, "prefix": prefix, "host_id": "host-race-once", "ttl": 3,
+              "restart_callback": restarts.append}
+    plugin = v.load_driver("etcd", config=config, capabilities=v.Capability.RESOURCES | v.Capability.HOTPLUG)
+    vm = _vm()
+    try:
+        obj = plugin.new_object(uuid="0b9f4c1e-2f4e-4a8e-8f3d-6f2b7c1d9e01", name="racy", pid=vm.pid)
+        obj.add_resource(v.ResourceType.DISK, "/vm/race/once-base.img")
+        obj.acquire(action=v.FailureAction.RESTART)
+        delayed = _delay_reply_until_fenced(plugin, disk_ops=2)
+        _stall_keepalives(plugin)
+        with pytest.raises(v.LeaseLostError):
+            obj.acquire_resource(v.ResourceType.DISK, "/vm/race/once-extra.img")
+        assert delayed.is_set(), "the race was not set up"
+        assert vm.wait(timeout=2) == -9
+        assert [spec.pid for spec in restarts] == [vm.pid]
+        obj.free()
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+        vm.wait()
+        shut(plugin)
+
+
+def test_a_grant_whose_reply_comes_past_the_fence_deadline_fails_before_the_fence_thread_wakes(
+        etcd: Any, prefix: str) -> None:
+    """The reply arrives after the fence deadline, but the fence thread has not run yet (it is
+    asleep until then, or slow): the grant itself sees the deadline passed, fences the owner
+    and fails.  The session's clock is the test's: it jumps past the deadline during the reply."""
+    clock = FakeClock(time.monotonic())
+    cfg = load_config({"endpoints": etcd.endpoints, "prefix": prefix, "host_id": "host-race-clock", "ttl": 10})
+    session = HostSession(cfg, clock=clock).start()
+    vm = _vm()
+    try:
+        real: Callable[..., Any] = session.client.txn
+
+        def txn(*args: Any, **kw: Any) -> Any:
+            resp = real(*args, **kw)
+            clock.now = session.fence_at + 0.01  # the reply comes just past the fence deadline
+            return resp
+
+        session.client.txn = txn  # type: ignore[method-assign]
+        d = Domain(session, cfg, Policy(FailureAction.POWEROFF),
+                   ObjectSpec(ObjectType.DOMAIN, "5d2b1c0e-7a51-4e8e-9c44-1f0a9b3c7d22", "racy", pid=vm.pid))
+        with pytest.raises(v.LeaseLostError):
+            grants.acquire(d, [ResourceSpec(ResourceType.DISK, "/vm/race/clock.img")], None, AcquireFlags(0),
+                           FailureAction.POWEROFF)
+        assert vm.wait(timeout=2) == -9
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+        vm.wait()
+        session.client.lease_revoke(session.lease_id, timeout=2)
+        session.close()

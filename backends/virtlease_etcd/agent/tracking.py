@@ -66,10 +66,14 @@ class OwnerTracker:
     their lifeline closes, their leases released once they have exited."""
 
     def __init__(self, driver: EtcdDriver, *, reserve_grace: float = 2.0, kill_grace: float = 5.0,
-                 workers: int = 16) -> None:
+                 sigkill_wait: float = 10.0, workers: int = 16) -> None:
+        """``kill_grace``: seconds from SIGTERM to SIGKILL when a lifeline closes while its QEMU
+        runs; ``sigkill_wait``: how often a QEMU that outlives its SIGKILL (stuck in I/O) is
+        logged while its leases stay held."""
         self.driver = driver
         self.reserve_grace = reserve_grace
         self.kill_grace = kill_grace
+        self.sigkill_wait = sigkill_wait
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="virtlease-etcd")
         self._tracked: dict[str, Tracked] = {}
         self.on_change: Callable[[], None] | None = None
@@ -170,7 +174,7 @@ class OwnerTracker:
         with contextlib.suppress(TimeoutError):  # a QEMU that exited: its pidfd fires right after the EOF
             await asyncio.wait_for(t.gone.wait(), 0.2)
             return
-        for sig, wait in ((signal.SIGTERM, self.kill_grace), (signal.SIGKILL, 10.0)):
+        for sig, wait in ((signal.SIGTERM, self.kill_grace), (signal.SIGKILL, self.sigkill_wait)):
             log.warning("lifeline of %s closed while it runs: sending %s", t.who(), sig.name)
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(t.pidfd, sig)
@@ -180,7 +184,7 @@ class OwnerTracker:
         while not t.gone.is_set():  # stuck in I/O: its leases stay until it has really exited
             log.error("%s does not exit after SIGKILL; its leases stay held until it does", t.who())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(t.gone.wait(), 10.0)
+                await asyncio.wait_for(t.gone.wait(), self.sigkill_wait)
 
     async def _release_owner(self, t: Tracked) -> None:
         session = self.driver.session

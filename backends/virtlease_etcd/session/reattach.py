@@ -21,6 +21,8 @@ holder keys (``res/``), reservation/handoff markers (``handoff/``) and registrat
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from virtlease.abi import FailureAction
@@ -47,9 +49,11 @@ class Adopted:
     """What LeaseTimeToLive reported before the adoption keepalive."""
 
 
-def adopt_session(cfg: EtcdConfig, lease_id: int, session_id: str) -> Adopted:
-    """Continue ``lease_id`` as ``session_id`` of ``cfg.host_id`` (see the module docstring)."""
-    session = HostSession(cfg)
+def adopt_session(cfg: EtcdConfig, lease_id: int, session_id: str,
+                  clock: Callable[[], float] = time.monotonic) -> Adopted:
+    """Continue ``lease_id`` as ``session_id`` of ``cfg.host_id`` (see the module docstring).
+    ``clock``: the session's monotonic clock (``HostSession``; injectable for tests)."""
+    session = HostSession(cfg, clock=clock)
     try:
         timeout = cfg.request_timeout
         ttl_left = session.client.lease_ttl(lease_id, timeout=timeout)
