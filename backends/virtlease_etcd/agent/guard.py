@@ -5,10 +5,12 @@ service manager's final kill) the host's etcd lease runs out by itself and the d
 other hosts while the QEMUs here still run.  The guard closes that hole from outside the agent.
 
 How: the agent starts it (``Guard.spawn``) before serving, runs it as a script with ``-I`` (only
-the standard library: nothing to import that could fail, a few MB of memory), and writes one JSON
-line to its stdin whenever the fence deadline or the owner list changes::
+the standard library: nothing to import that could fail, a few MB of memory) and the id of the
+session's fence clock as its argument (``virtlease_etcd.clock``: the guard reads that same clock,
+the one module outside it that reads the time), and writes one JSON line to its stdin whenever
+the fence deadline or the owner list changes::
 
-    {"fence_at": <CLOCK_MONOTONIC seconds>, "grace": <s>,
+    {"fence_at": <seconds on the fence clock>, "grace": <s>,
      "owners": [{"pid": 123, "start": <starttime from /proc/123/stat>, "sig": 9, "who": "..."}]}
 
 The guard opens a pidfd per owner (a reused pid is never signalled: the start time must match)
@@ -84,7 +86,13 @@ class State:
                 say(f"{who} already gone")
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """``argv[1]``: the id of the clock ``fence_at`` is a time on (``time.clock_gettime``)."""
+    clock_id = int(argv[1])
+
+    def now() -> float:
+        return time.clock_gettime(clock_id)
+
     state = State()
 
     def on_usr1(_sig: int, _frame: object) -> None:
@@ -107,10 +115,10 @@ def main() -> int:
         if state.agent_gone and not state.owners:
             return 0
         deadline = state.deadline()
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and now() >= deadline:
             state.fire()
             return 0
-        timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+        timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now()))
         if state.agent_gone:
             time.sleep(timeout)
             continue
@@ -136,4 +144,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv))

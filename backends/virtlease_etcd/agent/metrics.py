@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, start_http_server
+
+from virtlease_etcd.clock import Clock
 
 from .tracking import OwnerTracker
 
@@ -51,7 +52,7 @@ class Metrics:
                           states=["valid", "lost"], registry=r)
         fence = Gauge("virtlease_agent_fence_deadline_seconds",
                       "Seconds until the session fences itself without a successful keepalive", registry=r)
-        fence.set_function(lambda: session.fence_at - time.monotonic())
+        fence.set_function(lambda: session.fence_at - session.clock.now())
         self.rtt = Histogram("virtlease_agent_keepalive_rtt_seconds", "Lease keepalive round trip",
                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)
         self.requests = Counter("virtlease_agent_requests", "ACQUIRE/RELEASE by op and result",
@@ -62,19 +63,19 @@ class Metrics:
             lambda: sum(len(o.held) for o in session.owners.all()))
         backend.count = lambda op, result: self.requests.labels(op, result).inc()
         self._session = session
-        self._time_keepalive(session.client)
+        self._time_keepalive(session.client, session.clock)
         self._server: Any = None
 
-    def _time_keepalive(self, client: Any) -> None:
+    def _time_keepalive(self, client: Any, clock: Clock) -> None:
         inner: Callable[..., int] = client.lease_keepalive
 
         @functools.wraps(inner)
         def timed(*args: Any, **kwargs: Any) -> int:
-            t0 = time.perf_counter()
+            t0 = clock.now()
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.rtt.observe(time.perf_counter() - t0)
+                self.rtt.observe(clock.now() - t0)
 
         client.lease_keepalive = timed
 

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,14 +77,14 @@ def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:
     then stop every owner of it still running -- it runs without a lease."""
     client = EtcdClient(cfg)
     try:
-        until = time.monotonic() + cfg.ttl + 1
-        while time.monotonic() < until:
+        until = client.clock.now() + cfg.ttl + 1
+        while client.clock.now() < until:
             try:
                 if client.lease_ttl(prior.lease, timeout=cfg.request_timeout) < 0:
                     break
             except Exception as exc:
                 log.warning("cannot read the previous lease %x (%s); waiting out its TTL", prior.lease, exc)
-            time.sleep(0.2)
+            client.clock.sleep(0.2)
     finally:
         client.close()
     for o in prior.owners:
@@ -110,7 +109,7 @@ class Continuity:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, prior: Prior | None) -> None:
-        self.guard = sf.Guard.spawn()
+        self.guard = sf.Guard.spawn(self.driver.session.clock.clock_id)
         self.backend.on_change = self.push
         if prior is not None and prior.adopted:
             await self._readopt(prior.state)
@@ -164,7 +163,7 @@ class Continuity:
                 self.guard.send(session.fence_at, session.cfg.margin / 2, self.guarded(entries))
             except (OSError, ValueError) as exc:
                 log.error("the guard process (pid %d) is gone (%s); starting a new one", self.guard.pid, exc)
-                self.guard = sf.Guard.spawn()
+                self.guard = sf.Guard.spawn(session.clock.clock_id)
                 self.guard.send(session.fence_at, session.cfg.margin / 2, self.guarded(entries))
                 self._saved = None
         if entries != self._saved:
@@ -193,7 +192,7 @@ class Continuity:
             self.guard.abandon()
         log.warning("handing over: lease %x stays, the guard stops %d owner(s) at the fence deadline "
                     "(%.1fs from now) unless a new agent takes over", self.driver.session.lease_id,
-                    len(self._saved or []), self.driver.session.fence_at - time.monotonic())
+                    len(self._saved or []), self.driver.session.fence_at - self.driver.session.clock.now())
 
     def leave(self, *, busy: bool) -> None:
         """The agent exits: with owners still holding, as a handover (guard armed); otherwise

@@ -108,9 +108,10 @@ class Guard:
         self._last: str | None = None
 
     @classmethod
-    def spawn(cls) -> Guard:
+    def spawn(cls, clock_id: int) -> Guard:
+        """Start a guard that reads the clock ``clock_id`` (the session's fence clock)."""
         script = Path(__file__).with_name("guard.py")
-        proc = subprocess.Popen([sys.executable, "-I", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-I", str(script), str(clock_id)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 start_new_session=True, close_fds=True)
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":

@@ -5,13 +5,12 @@ See docs/DESIGN.md §2 (Layers).
 
 from __future__ import annotations
 
-import time
-
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from virtlease.cli.output import ago
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.ops.status import ClusterStatus
 
 
@@ -25,7 +24,7 @@ def _section(title: str, table: Table | None, empty: str) -> RenderableType:
 
 def status_tables(status: ClusterStatus, *, title_suffix: str = "") -> list[RenderableType]:
     """The sections of ``virtlease status``: hosts, held resources, handoffs, registered domains, problems."""
-    now = time.time()
+    now = SYSTEM.wall()
     hosts = Table()
     for col in ("host", "alive", "TTL left", "pid", "lease", "session since"):
         hosts.add_column(col)

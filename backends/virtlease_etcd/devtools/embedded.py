@@ -18,9 +18,10 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
+
+from virtlease_etcd.clock import SYSTEM
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,9 @@ def wait_serving(endpoint: str, timeout: float = 30.0) -> None:
     import etcd3
 
     host, port = endpoint.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
+    deadline = SYSTEM.now() + timeout
     last: Exception | None = None
-    while time.monotonic() < deadline:
+    while SYSTEM.now() < deadline:
         client = etcd3.client(host=host, port=int(port), timeout=1)
         try:
             client.status()
@@ -69,7 +70,7 @@ def wait_serving(endpoint: str, timeout: float = 30.0) -> None:
             return
         except Exception as exc:
             last = exc
-            time.sleep(0.1)
+            SYSTEM.sleep(0.1)
         finally:
             client.close()
     raise TimeoutError(f"etcd at {endpoint} did not serve within {timeout:.0f}s: {last}")

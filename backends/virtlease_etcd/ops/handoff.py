@@ -20,7 +20,6 @@ resumes there, and releases everything once its QEMU is gone unclaimed.
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,7 +66,7 @@ def mark(d: Domain, owner: Owner, dest_host: str) -> str:
     marker_key = d.keys.handoff(d.spec.uuid, d.host)
     marker = ks.encode({
         "from": d.host, "to": dest_host, "uuid": d.spec.uuid, "name": d.spec.name,
-        "nonce": secrets.token_hex(16), "lease": d.session.lease_id, "since": round(time.time(), 3),
+        "nonce": secrets.token_hex(16), "lease": d.session.lease_id, "since": round(d.session.clock.wall(), 3),
         "res": [entry(h) for h in held],
     })
     compare = [tx.Mod(h.key) == h.token for h in held] + [tx.Version(marker_key) == 0]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -194,10 +193,10 @@ def run(session: HostSession, compare: list[Any], success: list[Any], failure: l
             log.info("lost reply (%s) resolved by read-back: the transaction had committed", exc)
         return outcome
 
-    started = time.monotonic()
+    started = session.clock.now()
     result: Outcome = client.retrying(attempt, deadline=min(deadline, session.fence_at),
                              on_ambiguous=resolve if read_back is not None else None)
-    log.debug("txn of %d ops took %.1f ms", len(success), (time.monotonic() - started) * 1000)
+    log.debug("txn of %d ops took %.1f ms", len(success), (session.clock.now() - started) * 1000)
     return result
 
 
@@ -257,7 +256,7 @@ def withdraw_in_background(session: HostSession, records: list[tuple[str, bytes]
                 resp = session.client.txn(compare, delete, [], timeout=session.cfg.request_timeout)
             except Exception as exc:
                 log.debug("withdrawing an uncertain grant: %s; retrying", exc)
-                time.sleep(0.5)
+                session.clock.sleep(0.5)
                 continue
             if resp.succeeded:
                 log.warning("an acquire reported as failed had committed; withdrew %d record(s)", len(records))

@@ -8,7 +8,6 @@ means the lease was revoked from outside.
 from __future__ import annotations
 
 import os
-import time
 
 from etcd3 import transactions as tx
 
@@ -32,7 +31,7 @@ def register(client: EtcdClient, keys: ks.Keys, cfg: EtcdConfig, *, lease_id: in
     then HostKeyTaken naming it (the caller revokes its fresh lease)."""
     host_key = keys.host(cfg.host_id)
     record = ks.encode({"host": cfg.host_id, "lease": lease_id, "pid": os.getpid(),
-                        "ttl": ttl, "started": round(time.time(), 3), "session": session_id})
+                        "ttl": ttl, "started": round(client.clock.wall(), 3), "session": session_id})
 
     def attempt(timeout: float) -> object:
         return client.txn([tx.Version(host_key) == 0], [tx.Put(host_key, record, lease=lease_id)],

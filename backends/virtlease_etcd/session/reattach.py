@@ -62,7 +62,7 @@ def adopt_session(cfg: EtcdConfig, lease_id: int, session_id: str) -> Adopted:
         if record is None or int(kvs[0].lease) != lease_id or record.get("session") != session_id:
             raise CannotReattach(f"host key {host_key} is not on lease {lease_id:x} of session {session_id} "
                                  f"(found {record})")
-        sent = session.clock()
+        sent = session.clock.now()
         try:
             ttl = session.client.lease_keepalive(lease_id, timeout=timeout)
         except LeaseNotFound:

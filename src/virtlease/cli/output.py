@@ -57,11 +57,10 @@ def warn(line: str) -> None:
     err.print(Text.assemble(("virtlease: warning: ", "yellow"), line))
 
 
-def ago(epoch: float, now: float | None = None) -> str:
-    """``12:03:04 (5s ago)`` for an epoch time; ``-`` for none."""
+def ago(epoch: float, now: float) -> str:
+    """``12:03:04 (5s ago)`` for an epoch time seen at epoch time ``now``; ``-`` for none."""
     if not epoch:
         return "-"
-    now = time.time() if now is None else now
     delta = max(0.0, now - epoch)
     if delta < 120:
         rel = f"{delta:.0f}s ago"
