@@ -81,13 +81,27 @@ class FakeClient(EtcdClient):
         self.replies = list(replies)
         self.sent: list[float] = []
         self.session: HostSession | None = None
+        self.store: dict[str, bytes] = {}
+        self.txns = 0
+        self.lose_replies = 0
 
     def lease_grant(self, ttl: int, *, timeout: float) -> tuple[int, int]:
         self.fake.advance(self.delay)
         return 0xABC, ttl
 
-    def txn(self, *_args: Any, timeout: float) -> Any:
-        return SimpleNamespace(succeeded=True)
+    def txn(self, compare: Any, success: Any, failure: Any = (), *, timeout: float) -> Any:
+        self.txns += 1
+        for put in success:
+            self.store[put.key] = put.value
+        if self.lose_replies:
+            self.lose_replies -= 1
+            raise TransientError("reply lost", ambiguous=True)
+        return SimpleNamespace(succeeded=True, header=SimpleNamespace(revision=1), responses=[])
+
+    def get_range(self, key: str, range_end: str | None = None, *, timeout: float,
+                  serializable: bool = False) -> tuple[list[Any], int]:
+        value = self.store.get(key)
+        return ([] if value is None else [SimpleNamespace(value=value, mod_revision=1)]), 1
 
     def lease_keepalive(self, lease_id: int, *, timeout: float) -> int:
         self.sent.append(self.fake.now())
@@ -129,6 +143,17 @@ def test_grant_is_timed_from_its_send_time() -> None:
     assert clock.now() == sent + 1.5
     assert session._valid_until == sent + TTL
     assert session.fence_at == sent + TTL - MARGIN
+
+
+def test_a_lost_host_record_reply_is_read_back_not_resent() -> None:
+    session, _clock, client = make_session()
+    session._watch_host_key = lambda key: None  # type: ignore[method-assign]
+    session._keepalive_loop = lambda: None  # type: ignore[method-assign]
+    session._fence_loop = lambda: None  # type: ignore[method-assign]
+    client.lose_replies = 1
+    session.start()
+    assert client.txns == 1  # the read-back found the record: no second put
+    assert list(client.store) == [session.keys.host("clock-host")]
 
 
 def test_check_marks_lost_at_the_fence_deadline() -> None:

@@ -57,6 +57,10 @@ class EtcdConfig:
     """Called (with a reason) once when the session is lost."""
     restart_callback: Callable[[Any], None] | None = None
     """Needed for FailureAction.RESTART: called with the ObjectSpec."""
+    adopted_session: Any = field(default=None, repr=False, compare=False)
+    """A running host session to continue instead of opening a new one (etcd's
+    ``WithLease``): the one ``session.reattach.adopt_session`` returned after a
+    restart.  The driver uses it from the load on; only a program can pass it."""
     identity_map: Mapping[str, str] = field(default_factory=dict)
     """Disk identity: absolute path prefix -> identity prefix, e.g.
     ``{"/mnt/pool": "san://pool1"}``; the longest matching prefix wins over
@@ -89,6 +93,8 @@ _FLOATS = {"fence_margin", "request_timeout", "acquire_timeout"}
 _INTS = {"ttl", "max_txn_ops"}
 _STRS = {"prefix", "host_id", "ca_cert", "cert_cert", "cert_key", "user", "password"}
 _CALLABLES = {"on_lease_lost", "restart_callback"}
+PROGRAM_ONLY = frozenset(_CALLABLES | {"adopted_session"})
+"""Keys only a program can give (in the dict): never read from the environment or a file."""
 _MAPS = {"identity_map", "server_aliases"}
 _BOOLS = {"strict_identity", "legacy_path_keys"}
 KNOWN_KEYS = {f.name for f in fields(EtcdConfig)} | {"config_file"}
@@ -184,6 +190,8 @@ def _coerce(key: str, value: Any) -> Any:
             if not callable(value):
                 raise ValueError
             return value
+        if key == "adopted_session" and isinstance(value, str | int | float | list | Mapping):
+            raise ValueError  # a value a file or the environment could hold: never a session
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: invalid value {value!r}") from None
     return value
@@ -222,7 +230,7 @@ def load_config(raw: Mapping[str, Any] | None = None, *, environ: Mapping[str, s
     path = given.pop("config_file", None) or env.get("VIRTLEASE_CONFIG")
     if path:
         merged.update(_read_toml(str(path)))
-    for key in KNOWN_KEYS - {"config_file"} - _CALLABLES:
+    for key in KNOWN_KEYS - {"config_file"} - PROGRAM_ONLY:
         value = env.get(ENV_PREFIX + key.upper())
         if value is not None and value != "":
             merged[key] = value

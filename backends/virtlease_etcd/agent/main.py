@@ -162,7 +162,8 @@ def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
         return 2
     try:
         prior = prepare(load_config(config), opts.state_dir)
-        plugin = virtlease.load_driver("etcd", config=config, capabilities=virtlease.Capability.RESOURCES)
+        plugin = virtlease.load_driver("etcd", config={**config, "adopted_session": prior and prior.session},
+                                       capabilities=virtlease.Capability.RESOURCES)
     except (VirtleaseError, OSError) as exc:
         log.error("cannot start the etcd driver: %s", exc)
         return 2

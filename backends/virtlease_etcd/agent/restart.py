@@ -4,8 +4,8 @@ Three pieces, in the order the agent uses them:
 
 1. ``prepare`` (before the driver loads): if a previous agent of this host left a state file,
    continue its etcd session (``reattach.adopt_session``: lease still > fence margin, host key
-   ours, one keepalive) and install it as the process's session, so the driver loads *on that
-   lease*.  If it cannot be continued, wait until the old lease is gone (its guard stopped the
+   ours, one keepalive); the agent loads the driver with it (``adopted_session``), so the driver
+   runs *on that lease*.  If it cannot be continued, wait until the old lease is gone (its guard stopped the
    owners before that) and stop any owner still running, then start fresh.
 2. ``Continuity.start`` (on the loop, before serving): spawn this agent's guard, re-adopt the
    owners from the records on the lease (``reattach.readopt_owners``) and their QEMUs by pid and
@@ -34,7 +34,7 @@ from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.driver import EtcdDriver
 from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.session import reattach
-from virtlease_etcd.session.registry import install_session
+from virtlease_etcd.session.hostsession import HostSession
 
 from . import runfile as sf
 from .guard import start_time
@@ -45,10 +45,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Prior:
-    """What a previous agent left, and whether its session was continued."""
+    """What a previous agent left, and its session if it was continued."""
 
     state: sf.AgentState
-    adopted: bool
+    session: HostSession | None
+    """The previous agent's session, continued: load the driver with it (``adopted_session``)."""
+
+    @property
+    def adopted(self) -> bool:
+        return self.session is not None
 
 
 def prepare(cfg: EtcdConfig, state_dir: str) -> Prior | None:
@@ -67,9 +72,8 @@ def prepare(cfg: EtcdConfig, state_dir: str) -> Prior | None:
     except reattach.CannotReattach as exc:
         log.error("cannot continue the previous agent's session: %s", exc)
         wait_out(cfg, prior)
-        return Prior(prior, adopted=False)
-    install_session(adopted.session)
-    return Prior(prior, adopted=True)
+        return Prior(prior, session=None)
+    return Prior(prior, session=adopted.session)
 
 
 def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:

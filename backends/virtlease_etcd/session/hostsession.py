@@ -81,8 +81,7 @@ class HostSession:
         sent, self.lease_id, self.ttl = self.client.retrying(grant, deadline=deadline)
         self._valid_until = sent + self.ttl
         try:
-            hostrecord.register(self.client, self.keys, self.cfg, lease_id=self.lease_id, ttl=self.ttl,
-                             session_id=self.session_id, deadline=deadline)
+            hostrecord.register(self, deadline=deadline)
         except BaseException:
             self._revoke_quietly()
             raise
