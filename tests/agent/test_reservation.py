@@ -1,7 +1,9 @@
 """Reservations (handoff markers ``to="*"``) at driver level, real etcd: a released disk of a
 live domain stays reserved for its UUID; the same UUID elsewhere claims it with a new token,
 another domain is refused naming the reservation, the source resumes by cancelling it, and
-releasing the owner (its QEMU gone) frees everything."""
+releasing the owner (its QEMU gone) frees everything.  A reservation lists only the disks
+released: after one disk of a running domain is released (a hot-unplug, a block-job pivot)
+the others stay held, never claimable, and settling the release frees the released one."""
 
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def test_reserved_disk_refuses_others_and_is_claimed_by_same_uuid(hosts: Callabl
     assert grants.acquire_one(domain(a, uid, "web1"), d2, ACT) == "granted"
     t1 = token(a, uid, d1)
     assert grants.release_one(domain(a, uid, "web1"), d1) == "reserved"
-    assert grants.release_one(domain(a, uid, "web1"), d2) == "already"
+    assert grants.release_one(domain(a, uid, "web1"), d2) == "reserved"  # the pause releases every disk
+    assert grants.release_one(domain(a, uid, "web1"), d1) == "already"
     with pytest.raises(ResourceBusyError) as exc:
         grants.acquire_one(domain(b, other, "db1"), d1, ACT)
     (holder,) = exc.value.conflicts
@@ -122,3 +125,61 @@ def test_claim_checks_the_marker_bytes(hosts: Callable[[str], v.Plugin], tmp_pat
     with pytest.raises(StaleStateError, match="changed meanwhile"):  # bytes not as in etcd
         handoff.claim_reservation(dom_b2, dom_b2.owner(), key, raw.replace(b'"since":', b'"since": '))
     assert dump(etcd_process.client(), prefix) == before
+
+
+def test_releasing_one_disk_reserves_only_that_disk(hosts: Callable[[str], v.Plugin], tmp_path: Path,
+                                                    etcd_process: EtcdServer, prefix: str) -> None:
+    """The unplug of one disk of a running domain: the same UUID started on another host (the
+    domain defined on two hosts) must not take the disks the first QEMU still writes."""
+    a, b = hosts("host-a"), hosts("host-b")
+    uid = str(uuid.uuid4())
+    d1, d2 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img")
+    grants.acquire_one(domain(a, uid, "web1"), d1, ACT)
+    grants.acquire_one(domain(a, uid, "web1"), d2, ACT)
+    t2 = token(a, uid, d2)
+    assert grants.release_one(domain(a, uid, "web1"), d2) == "reserved"  # d2 hot-unplugged on A
+    with pytest.raises(ResourceBusyError) as exc:  # the double start on B: d1 is still A's, held
+        grants.acquire_one(domain(b, uid, "web1"), d1, ACT)
+    assert [(h.host, h.handoff_to) for h in exc.value.conflicts] == [("host-a", None)]
+    owner_a = a.driver.session.owners.peek(uid)
+    assert owner_a is not None and owner_a.handoff is not None
+    assert {owner_a.held[r].rid.readable for r in owner_a.handoff.rids} == {d2.name}
+    assert token(a, uid, d1) and token(a, uid, d2) == t2
+
+
+def test_a_claim_takes_only_the_released_disks(hosts: Callable[[str], v.Plugin], tmp_path: Path) -> None:
+    a, b = hosts("host-a"), hosts("host-b")
+    uid = str(uuid.uuid4())
+    d1, d2 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img")
+    grants.acquire_one(domain(a, uid, "web1"), d1, ACT)
+    grants.acquire_one(domain(a, uid, "web1"), d2, ACT)
+    grants.release_one(domain(a, uid, "web1"), d2)
+    assert grants.acquire_one(domain(b, uid, "web1"), d2, ACT) == "claimed"  # what A no longer uses
+    with pytest.raises(ResourceBusyError):
+        grants.acquire_one(domain(b, uid, "web1"), d1, ACT)
+    # A settles its release: d2 was claimed meanwhile, so nothing is freed and A forgets it; d1 stays A's
+    assert grants.settle_release(domain(a, uid, "web1")) == []
+    owner_a = a.driver.session.owners.peek(uid)
+    assert owner_a is not None and owner_a.handoff is None
+    assert [h.rid.readable for h in owner_a.held.values()] == [d1.name]
+
+
+def test_settling_frees_an_unplugged_disk_and_keeps_a_paused_domains(
+        hosts: Callable[[str], v.Plugin], tmp_path: Path, etcd_process: EtcdServer, prefix: str) -> None:
+    a, b = hosts("host-a"), hosts("host-b")
+    uid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    d1, d2 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img")
+    grants.acquire_one(domain(a, uid, "web1"), d1, ACT)
+    grants.acquire_one(domain(a, uid, "web1"), d2, ACT)
+    grants.release_one(domain(a, uid, "web1"), d2)
+    assert grants.settle_release(domain(a, uid, "web1")) == [d2.name]
+    assert grants.acquire_one(domain(b, other, "db1"), d2, ACT) == "granted"  # free at once
+    keys = dump(etcd_process.client(), prefix)
+    assert not [k for k in keys if "/handoff/" in k]
+    # a pause releases every disk: settling keeps the reservation until the QEMU exits
+    grants.release_one(domain(a, uid, "web1"), d1)
+    assert grants.settle_release(domain(a, uid, "web1")) == []
+    with pytest.raises(ResourceBusyError) as exc:
+        grants.acquire_one(domain(b, other, "db1"), d1, ACT)
+    assert exc.value.conflicts[0].handoff_to == handoff.RESERVED
+    assert grants.acquire_one(domain(a, uid, "web1"), d1, ACT) == "resumed"

@@ -14,13 +14,23 @@ The agent owns the host's session (one etcd lease for the host).  What it guaran
   :class:`~.server.ResourceBusy` naming the holder's host and domain (``virsh start`` prints
   it).  etcd unreachable: an error reply once the driver's deadline (``acquire_timeout``,
   default the TTL) passes, never a hang.
-* **RELEASE** while the QEMU lives (pause, the end of a live migration on the source) does
-  not free the disks: they stay *reserved* for the same domain UUID on this host's lease
-  (``handoff/<uuid>/<host>`` with ``to="*"``) until that QEMU exits plus ``reserve_grace``.
-  Another host's ACQUIRE for the same UUID claims the reservation (every disk, new tokens,
-  one transaction); another domain is refused naming the reservation; this host's own
-  ACQUIRE (resume) cancels it.  A second RELEASE of a disk already released is an error
-  ("not locked"), as virtlockd answers.
+* **RELEASE** while the QEMU lives does not free the disk at once: it is *reserved* for the
+  same domain UUID on this host's lease (``handoff/<uuid>/<host>`` with ``to="*"``, listing
+  only the disks released so far) while the owner's other disks stay plainly held.  When the
+  lock connection that released closes, the release is settled: libvirt releases every disk
+  of a domain on one connection when it pauses it (``virsh suspend``, the source of a live
+  migration, managed save), and one disk when it hot-unplugs it or pivots a block job
+  (``detach-disk``, ``blockcopy --pivot``, ``blockcommit --pivot``, an external snapshot
+  dropping the old top image) while the QEMU goes on writing the others.  So a connection
+  that leaves the owner holding disks it did not release was an unplug: its disks are freed
+  then (retried until etcd answers or the session is lost).  Otherwise every disk stays
+  reserved until that QEMU exits plus ``reserve_grace``.  Another host's ACQUIRE for the same
+  UUID claims the reservation (the disks it lists, new tokens, one transaction) -- never a disk
+  the QEMU still writes; another domain is refused naming the reservation; this host's own
+  ACQUIRE of a reserved disk (resume) cancels it.  A second RELEASE of a disk already
+  released is an error ("not locked"), as virtlockd answers.  (A domain whose only locked
+  disk is hot-unplugged looks like a pause: that disk stays reserved for the domain until its
+  QEMU exits.)
 * **Lifeline.**  The connection libvirt opens in the forked child before exec (peer pid ==
   owner pid, RESTRICTed; QEMU inherits it) is the owner's lifeline.  Its EOF means the QEMU
   is gone or lost its lock connection: the agent makes sure the pid is gone (SIGTERM, SIGKILL
@@ -213,6 +223,7 @@ class EtcdLockBackend(OwnerTracker):
         outcome = await self._driver_call("release", f"release of {name} for domain {owner.name} ({t.uuid})",
                                           grants.release_one, d, res)
         t.released.add(name)
+        t.releasing.setdefault(conn.id, set()).add(name)
         self.changed()
         log.info("release %s %s for %s: %s", lockspace or "-", name, t.who(), outcome)
 
@@ -221,7 +232,36 @@ class EtcdLockBackend(OwnerTracker):
         if owner is None:
             return
         t = self._tracked.get(str(owner.uuid))
-        if t is not None and t.lifeline is conn:
+        if t is None:
+            return
+        if t.lifeline is conn:
             log.info("lifeline connection %d of %s closed", conn.id, t.who())
             self._end(t, kill=True)
+            return
+        t.to_settle |= t.releasing.pop(conn.id, set())
+        if t.to_settle and t.settling is None:
+            t.settling = asyncio.get_running_loop().create_task(self._settle(t))
+
+    async def _settle(self, t: Tracked) -> None:
+        """After lock connections that RELEASEd disks closed: free those disks if that was an
+        unplug or a pivot (``grants.settle_release``), retrying until etcd answers, the session
+        is lost (fenced) or the QEMU exits (then everything is released anyway)."""
+        try:
+            while t.to_settle and t.ending is None and self.driver.session.lost is None:
+                names = set(t.to_settle)
+                try:
+                    freed = await self._run(grants.settle_release, self._domain(t.uuid, t.name, t.pid))
+                except VirtleaseError as exc:
+                    log.error("cannot settle the release of %s by %s yet (%s); retrying", ", ".join(sorted(names)),
+                              t.who(), exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                t.to_settle -= names
+                if freed:
+                    t.released -= names
+                    log.info("freed %s: released by %s while it runs (an unplug or a block-job pivot)",
+                             ", ".join(freed), t.who())
+                    self.changed()
+        finally:
+            t.settling = None
 

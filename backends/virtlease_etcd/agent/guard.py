@@ -13,6 +13,9 @@ the fence deadline or the owner list changes::
     {"fence_at": <seconds on the fence clock>, "grace": <s>,
      "owners": [{"pid": 123, "start": <starttime from /proc/123/stat>, "sig": 9, "who": "..."}]}
 
+``"fence_at": null`` (no owner holds anything on a live lease: none yet, or the session was
+lost and its owners were fenced by the agent already) leaves the guard idle, with no deadline.
+
 The guard opens a pidfd per owner (a reused pid is never signalled: the start time must match)
 and, at the deadline, sends each owner its signal (9 = poweroff, 19 = pause; "ignore" owners are
 not listed) and exits.  The deadline is ``fence_at`` once the agent is gone (its stdin hit EOF),
@@ -59,7 +62,7 @@ class State:
         self.stand_down = False
 
     def update(self, msg: dict[str, Any]) -> None:
-        self.fence_at = float(msg["fence_at"])
+        self.fence_at = None if msg["fence_at"] is None else float(msg["fence_at"])
         self.grace = float(msg.get("grace", 0.0))
         want = {(int(o["pid"]), int(o["start"])): o for o in msg.get("owners", [])}
         for key in [k for k in self.owners if k not in want]:

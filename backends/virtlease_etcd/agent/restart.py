@@ -109,7 +109,8 @@ class Continuity:
         self.path = sf.state_path(state_dir, self.driver.host_id)
         self.poll = poll
         self.guard: sf.Guard | None = None
-        self._saved: list[sf.OwnerEntry] | None = None
+        self._saved: tuple[int, str, list[sf.OwnerEntry]] | None = None
+        """The lease, session and owners last written to the state file."""
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, prior: Prior | None) -> None:
@@ -146,8 +147,12 @@ class Continuity:
         return out
 
     def guarded(self, entries: list[sf.OwnerEntry]) -> list[dict[str, Any]]:
-        """The owners the guard must stop: those holding anything on the lease."""
+        """The owners the guard must stop: those holding anything on the live lease.  None once
+        the session is lost: the agent's fence already acted on its owners, and a QEMU started
+        since (before its ACQUIRE opens a new session) holds nothing a guard could protect."""
         session = self.driver.session
+        if session.lost is not None:
+            return []
         out = []
         for e in entries:
             owner = session.owners.peek(e.uuid)
@@ -160,21 +165,24 @@ class Continuity:
         """Re-arm the guard and, if the owners changed, rewrite the state file."""
         entries = self.snapshot()
         session = self.driver.session
+        guarded = self.guarded(entries)
+        fence_at = session.fence_at if guarded else None  # nothing to guard: no deadline to fire at
         if self.guard is not None:
             try:
                 if self.guard.proc.poll() is not None:
                     raise OSError(f"exited with {self.guard.proc.returncode}")
-                self.guard.send(session.fence_at, session.cfg.margin / 2, self.guarded(entries))
+                self.guard.send(fence_at, session.cfg.margin / 2, guarded)
             except (OSError, ValueError) as exc:
                 log.error("the guard process (pid %d) is gone (%s); starting a new one", self.guard.pid, exc)
                 self.guard = sf.Guard.spawn(session.clock.clock_id)
-                self.guard.send(session.fence_at, session.cfg.margin / 2, self.guarded(entries))
+                self.guard.send(fence_at, session.cfg.margin / 2, guarded)
                 self._saved = None
-        if entries != self._saved:
+        saved = (session.lease_id, session.session_id, entries)
+        if saved != self._saved:  # the owners changed, or a lost session was renewed
             guard = {"pid": self.guard.pid, "start": self.guard.start} if self.guard is not None else {}
             sf.save(self.path, sf.AgentState(self.driver.host_id, session.cfg.prefix, session.lease_id,
                                              session.session_id, os.getpid(), guard, entries))
-            self._saved = entries
+            self._saved = saved
 
     async def run(self) -> None:
         while True:
@@ -196,7 +204,8 @@ class Continuity:
             self.guard.abandon()
         log.warning("handing over: lease %x stays, the guard stops %d owner(s) at the fence deadline "
                     "(%.1fs from now) unless a new agent takes over", self.driver.session.lease_id,
-                    len(self._saved or []), self.driver.session.fence_at - self.driver.session.clock.now())
+                    len(self._saved[2] if self._saved else []),
+                    self.driver.session.fence_at - self.driver.session.clock.now())
 
     def leave(self, *, busy: bool) -> None:
         """The agent exits: with owners still holding, as a handover (guard armed); otherwise

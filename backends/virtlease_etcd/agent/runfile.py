@@ -120,9 +120,11 @@ class Guard:
         proc.stdout.close()
         return cls(proc)
 
-    def send(self, fence_at: float, grace: float, owners: list[dict[str, Any]]) -> None:
-        """Arm (or re-arm) the guard; repeated identical messages are not sent."""
-        line = json.dumps({"fence_at": round(fence_at, 3), "grace": grace, "owners": owners})
+    def send(self, fence_at: float | None, grace: float, owners: list[dict[str, Any]]) -> None:
+        """Arm (or re-arm) the guard; ``fence_at`` None leaves it idle.  Repeated identical
+        messages are not sent."""
+        line = json.dumps({"fence_at": None if fence_at is None else round(fence_at, 3), "grace": grace,
+                           "owners": owners})
         if line == self._last:
             return
         self._write(line)

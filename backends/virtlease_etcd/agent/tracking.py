@@ -46,6 +46,11 @@ class Tracked:
     lifeline: Connection | None = None
     released: set[str] = field(default_factory=set)
     """Disks RELEASEd since the reservation was made (a second RELEASE is an error)."""
+    releasing: dict[int, set[str]] = field(default_factory=dict)
+    """Per lock connection still open: the disks it RELEASEd (settled when it closes)."""
+    to_settle: set[str] = field(default_factory=set)
+    """Disks RELEASEd on connections that closed, not settled yet."""
+    settling: asyncio.Task[None] | None = None
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     hurry: asyncio.Event = field(default_factory=asyncio.Event)
     ending: asyncio.Task[None] | None = None

@@ -208,8 +208,10 @@ def acquire_one(d: Domain, resource: ResourceSpec, action: FailureAction) -> str
         if owner.handoff is not None:
             if not handoff.reserved(owner):
                 d.refuse_if_migrating(owner, "acquire")
-            handoff.unreserve(d, owner)
-            outcome = "resumed"
+            if rid.rid in owner.handoff.rids:  # a resume: cancel the reservation, keep the records
+                handoff.unreserve(d, owner)
+                outcome = "resumed"
+            # else a hotplug beside a disk still reserved (an unplug or a pivot in flight)
         have = owner.held.get(rid.rid)
         if have is not None:
             if have.rid.mode != rid.mode:
@@ -248,11 +250,15 @@ def acquire_one(d: Domain, resource: ResourceSpec, action: FailureAction) -> str
 
 
 def release_one(d: Domain, resource: ResourceSpec) -> str:
-    """lockd's RELEASE_RESOURCE while the owner's QEMU lives (pause, end of
-    a live migration on the source): the disk is *not* freed but reserved
-    for the domain (every record of the owner, one marker ``to="*"``) until
-    the QEMU exits.  Returns ``reserved``, ``already`` (the reservation is
-    in place) or ``readonly``; ObjectStateError if the owner does not hold it."""
+    """lockd's RELEASE_RESOURCE while the owner's QEMU lives: the disk is *not*
+    freed but reserved for the domain (its records listed in the owner's marker
+    ``to="*"``) while the owner's other disks stay plainly held.  A pause, or
+    the source at the end of a live migration, releases every disk (then the
+    reservation lists them all: :func:`settle_release` keeps it until the QEMU
+    exits); a hot-unplug or a block-job pivot releases one disk of a QEMU that
+    keeps writing the others (then :func:`settle_release` frees it).  Returns
+    ``reserved``, ``already`` (it was reserved) or ``readonly``;
+    ObjectStateError if the owner does not hold it."""
     d.session.check()
     rids = d.locked([resource])
     if not rids:
@@ -261,9 +267,20 @@ def release_one(d: Domain, resource: ResourceSpec) -> str:
     with owner.lock:
         if rids[0].rid not in owner.held:
             raise ObjectStateError(f"{rids[0].readable} is not locked by {d.where()} on host {d.host}")
-        if owner.handoff is None:
-            handoff.reserve(d, owner)
-            return "reserved"
-        if not handoff.reserved(owner):
+        if owner.handoff is not None and not handoff.reserved(owner):
             d.refuse_if_migrating(owner, "release")
-        return "already"
+        return handoff.reserve(d, owner, [owner.held[r.rid] for r in rids if r.rid in owner.held])
+
+
+def settle_release(d: Domain) -> list[str]:
+    """The lock connection that RELEASEd some of the owner's disks closed: if the owner still
+    holds disks it did not release, those releases were a hot-unplug or a block-job pivot (the
+    QEMU goes on writing the others), so the released disks are freed now; if it released every
+    disk (a pause, a migration's source), the reservation stays until the QEMU exits.  Returns
+    the readable names freed (none when it stays reserved)."""
+    owner = d.session.owners.peek(d.spec.uuid)
+    if owner is None:
+        return []
+    d.session.check()
+    with owner.lock:
+        return handoff.free_reserved(d, owner)
