@@ -16,14 +16,13 @@
   QEMU survived past the TTL.
 * ``libvirt`` (full run, or ``--libvirt``): ``virsh start`` of a small TCG domain and live
   migrations back and forth (wall time, guest downtime) on the two-host libvirt rig
-  (tests/libvirt/rig.py) with stock virtlockd and with the agent over this etcd (needs root and
+  (lab/virtlease_lab/libvirt/rig.py) with stock virtlockd and with the agent over this etcd (needs root and
   deploy/libvirt/install.sh; skipped with the reason otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -41,19 +40,7 @@ from contenders import Ceiling
 from measure import Latency, progress, time_calls
 from plan import Plan
 from virtlease_etcd.agent.lockdclient import LockdClient, make_owner
-
-
-def _agent_process_class() -> Any:
-    """tests/agent/agent_process.py's AgentProcess (loaded by path: ``agent`` is this module)."""
-    path = Path(__file__).resolve().parent.parent / "tests" / "agent" / "agent_process.py"
-    spec = importlib.util.spec_from_file_location("virtlease_bench_agent_process", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.AgentProcess
-
-
-AgentProcess = _agent_process_class()
+from virtlease_lab.agentprocess import AgentProcess
 
 
 def _owner_process() -> subprocess.Popen[bytes]:
@@ -148,9 +135,10 @@ def libvirt_rig(cluster: Cluster, n: int) -> dict[str, Any]:
     the source to RESUME on the destination)."""
     if os.geteuid() != 0 or not shutil.which("libvirtd"):
         return {"skipped": "needs root and libvirt (deploy/libvirt/install.sh)"}
-    from virtlease_lab.libvirt.relay import Relay
     from virtlease_lab.libvirt.rig import Rig
-    from virtlockd_baseline import measure_migrations, measure_starts, summary
+    from virtlease_lab.relay import Relay
+    from virtlease_lab.stats import summary
+    from virtlockd_baseline import measure_migrations, measure_starts
 
     out: dict[str, Any] = {"start_s": {}, "migrate_s": {}, "downtime_ms": {}}
     host, port = cluster.endpoint.rsplit(":", 1)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +20,8 @@ import pytest
 
 import virtlease as v
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd
-
-
-@dataclass
-class EtcdServer:
-    kind: str
-    endpoints: str
-
-    def client(self) -> etcd3.Etcd3Client:
-        host, port = self.endpoints.split(",")[0].rsplit(":", 1)
-        return etcd3.client(host=host, port=int(port), timeout=5)
+from virtlease_lab.drivers import shut
+from virtlease_lab.etcdserver import EtcdServer
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +32,7 @@ def etcd_process() -> Iterator[EtcdServer]:
 
 @pytest.fixture(scope="session")
 def etcd_container() -> Iterator[EtcdServer]:
-    from etcd_container import docker_available, start_etcd_container
+    from virtlease_lab.etcdcontainer import docker_available, start_etcd_container
 
     if not docker_available():
         if os.environ.get("VIRTLEASE_REQUIRE_CONTAINER") == "1":
@@ -58,7 +49,8 @@ def etcd_container() -> Iterator[EtcdServer]:
 @pytest.fixture(scope="session", params=["process", pytest.param("container", marks=pytest.mark.container)])
 def etcd(request: pytest.FixtureRequest) -> EtcdServer:
     """A real etcd: once as a local process, once as a container."""
-    return request.getfixturevalue(f"etcd_{request.param}")
+    server: EtcdServer = request.getfixturevalue(f"etcd_{request.param}")
+    return server
 
 
 @pytest.fixture
@@ -81,12 +73,6 @@ def kv_process(etcd_process: EtcdServer) -> Iterator[etcd3.Etcd3Client]:
     client.close()
 
 
-def dump(client: etcd3.Etcd3Client, prefix: str) -> dict[str, tuple[bytes, int, int]]:
-    """Every key under ``prefix``: value, mod_revision, lease."""
-    return {meta.key.decode(): (value, meta.mod_revision, meta.lease_id)
-            for value, meta in client.get_prefix(prefix + "/")}
-
-
 @pytest.fixture
 def make_driver(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., v.Plugin]]:
     """Load an etcd driver instance for a host: ``make_driver("host-a", ttl=3)``."""
@@ -106,34 +92,13 @@ def make_driver(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., v.Plugi
             pass
 
 
-def shut(plugin: v.Plugin) -> None:
-    """Test teardown: free the handles, release what the domains still hold
-    (free never releases; unload refuses while domains hold leases), unload."""
-    for obj in plugin.objects:
-        try:
-            obj.free()
-        except v.VirtleaseError:
-            pass
-    release_all = getattr(plugin.driver, "release_all", None)
-    if release_all is not None:
-        try:
-            release_all()
-        except v.VirtleaseError:
-            pass
-    plugin.unload()
-
-
-def new_uuid() -> str:
-    return str(uuid.uuid4())
-
-
 SYSTEM_TEST_DIRS = ("identity", "agent", "libvirt")
 """Test folders whose skips mean a missing tool or privilege: in CI
 (``VIRTLEASE_REQUIRE_SYSTEM_TESTS=1``, set by .ci/run) such a skip fails."""
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     report = outcome.get_result()
     if not report.skipped or os.environ.get("VIRTLEASE_REQUIRE_SYSTEM_TESTS") != "1":

@@ -26,9 +26,9 @@ from typing import Any
 import etcd3
 import pytest
 
-from conftest import EtcdServer
 from virtlease_etcd.config import PROGRAM_ONLY, EtcdConfig, load_config
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd, free_port
+from virtlease_lab.etcdserver import EtcdServer
 
 _SCRIPT = shutil.which("virtlease", path=os.path.dirname(sys.executable))
 VIRTLEASE: list[str] = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "virtlease.cli"]

@@ -14,10 +14,10 @@ import pytest
 from etcd3 import etcdrpc
 
 import virtlease as v
-from conftest import new_uuid, shut
 from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd
 from virtlease_etcd.devtools.hostprocess import HostProcess, process_state
+from virtlease_lab.drivers import new_uuid, shut
 
 D = v.ResourceType.DISK
 

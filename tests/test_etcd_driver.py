@@ -14,10 +14,11 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid, shut
 from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.devtools.hostprocess import HostProcess
-from virtlease_lab.tcpproxy import TcpProxy
+from virtlease_lab.drivers import new_uuid, shut
+from virtlease_lab.etcdserver import EtcdServer, dump
+from virtlease_lab.relay import Relay
 
 D = v.ResourceType.DISK
 MakeDriver = Callable[..., v.Plugin]
@@ -280,7 +281,7 @@ def test_restart_action_needs_a_callback(make_driver: MakeDriver) -> None:
 def test_lost_reply_is_resolved_by_reading_back(etcd: EtcdServer, prefix: str, kv: etcd3.Etcd3Client) -> None:
     """The txn commits but its reply is dropped: the driver reads back its own
     record instead of retrying into a conflict with itself."""
-    with TcpProxy(etcd.endpoints.split(",")[0]) as proxy:
+    with Relay.tcp(etcd.endpoints.split(",")[0]) as proxy:
         plugin = v.load_driver("etcd", config={"endpoints": proxy.endpoint, "prefix": prefix,
                                                "host_id": "flaky", "ttl": 6, "request_timeout": 0.5})
         try:
@@ -345,7 +346,7 @@ def test_unresolved_grant_is_withdrawn_not_left_behind(etcd: EtcdServer, prefix:
     """etcd applies the grant but no reply comes back before the deadline:
     acquire fails, and the record it may have left is withdrawn once etcd is
     reachable again, so no disk stays locked by a grant nobody knows of."""
-    with TcpProxy(etcd.endpoints.split(",")[0]) as proxy:
+    with Relay.tcp(etcd.endpoints.split(",")[0]) as proxy:
         plugin = v.load_driver("etcd", config={"endpoints": proxy.endpoint, "prefix": prefix, "host_id": "unsure",
                                                "ttl": 8, "request_timeout": 0.4, "acquire_timeout": 1.2})
         obj = vm(plugin, ["/srv/unsure.img"], name="unsure-vm")

@@ -13,9 +13,10 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid, shut
 from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.devtools.hostprocess import HostProcess
+from virtlease_lab.drivers import new_uuid, shut
+from virtlease_lab.etcdserver import EtcdServer, dump
 
 D = v.ResourceType.DISK
 DISKS = ["/srv/mig/root.img", "/srv/mig/data.img"]

@@ -135,7 +135,7 @@ def make_session(*, delay: float = 0.0, replies: list[int] | None = None,
 
 def test_grant_is_timed_from_its_send_time() -> None:
     session, clock, _client = make_session(delay=1.5)
-    session._watch_host_key = lambda key: None  # type: ignore[method-assign]
+    session._watch_host_key = lambda host_key: None  # type: ignore[method-assign]
     session._keepalive_loop = lambda: None  # type: ignore[method-assign]
     session._fence_loop = lambda: None  # type: ignore[method-assign]
     sent = clock.now()
@@ -147,7 +147,7 @@ def test_grant_is_timed_from_its_send_time() -> None:
 
 def test_a_lost_host_record_reply_is_read_back_not_resent() -> None:
     session, _clock, client = make_session()
-    session._watch_host_key = lambda key: None  # type: ignore[method-assign]
+    session._watch_host_key = lambda host_key: None  # type: ignore[method-assign]
     session._keepalive_loop = lambda: None  # type: ignore[method-assign]
     session._fence_loop = lambda: None  # type: ignore[method-assign]
     client.lose_replies = 1

@@ -19,7 +19,8 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid
+from virtlease_lab.drivers import new_uuid
+from virtlease_lab.etcdserver import EtcdServer, dump
 
 D = v.ResourceType.DISK
 MakeDriver = Callable[..., v.Plugin]
@@ -455,9 +456,9 @@ def test_a_wall_clock_step_back_does_not_blacklist_endpoints(etcd_process: EtcdS
         import types
 
         stepped = types.SimpleNamespace(time=lambda: time.time() - 3600, monotonic=time.monotonic,
-                                        sleep=time.sleep)
+                                        clock_gettime=time.clock_gettime, sleep=time.sleep)
         monkeypatch.setattr(sys.modules["etcd3.client"], "time", stepped)
-        monkeypatch.setattr(sys.modules["virtlease_etcd.etcd.client"], "time", stepped)
+        monkeypatch.setattr(sys.modules["virtlease_etcd.clock"], "time", stepped)  # the one clock
         kvs, revision = client.get_range(prefix + "/x", timeout=2.0)
         assert kvs == [] and revision > 0
     finally:

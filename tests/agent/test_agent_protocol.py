@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from agent.agent_harness import MALFORMED, RESTRICT_OK, Vector, frame, xstr
 from virtlease_etcd.agent import protocol as p
+from virtlease_lab.lockdharness import MALFORMED, RESTRICT_OK, Vector, frame, xstr
 
 OWNER1 = p.Owner(uuid=uuid.UUID("7e025c56-9f2c-4b9d-833d-983a659b4ab2"), name="lockt1", id=1, pid=13311)
 DISK = "/tmp/research-libvirt-run/images/shared.img"

@@ -22,14 +22,16 @@ from pathlib import Path
 import pytest
 
 import virtlease as v
-from agent.agent_process import AgentProcess, free_port
-from agent.etcd_agent import StandinQemu, load
-from conftest import EtcdServer
 from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
 from virtlease.errors import ResourceBusyError
 from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError
 from virtlease_etcd.session import reattach
 from virtlease_etcd.session.fencing import pid_alive
+from virtlease_lab.agentprocess import AgentProcess
+from virtlease_lab.drivers import load
+from virtlease_lab.etcdserver import EtcdServer
+from virtlease_lab.ports import free_port
+from virtlease_lab.standin import StandinQemu
 
 TTL = 4
 
@@ -127,7 +129,7 @@ def disk(tmp_path: Path) -> str:
 @pytest.mark.parametrize("how", ["sigkill", "sigstop"])
 def test_dead_or_frozen_agent_stops_the_owner_before_another_host_gets_the_disk(
         how: str, agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str,
-        record_property: pytest.RecordProperty) -> None:
+        record_property: Callable[[str, object], None]) -> None:
     agent = agents()
     q = start_vm(agent, disk, qemus)
     assert not take(other_host, disk)
@@ -290,9 +292,9 @@ def test_after_a_network_cut_the_fenced_domain_starts_again_on_this_host(
     not killed by a guard (no lost session covers it), and its ACQUIRE opens a new session.
     Before the fix the guard, armed with the lost session's past deadline, killed every new
     QEMU of the domain right after it registered, and was restarted over and over."""
-    from virtlease_lab.tcpproxy import TcpProxy
+    from virtlease_lab.relay import Relay
 
-    with TcpProxy(etcd_process.endpoints.split(",")[0]) as proxy:
+    with Relay.tcp(etcd_process.endpoints.split(",")[0]) as proxy:
         agent = AgentProcess(sock_dir, proxy.endpoint, prefix, "hv-c", ttl=TTL)
         try:
             old = start_vm(agent, disk, qemus)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.agent_harness import MALFORMED, RecordingBackend, ServerThread, Vector, frame
 from virtlease_etcd.agent import protocol as p
 from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError, make_owner
 from virtlease_etcd.agent.server import AgentSetupError, Connection, LockdServer, ResourceBusy
+from virtlease_lab.lockdharness import MALFORMED, RecordingBackend, ServerThread, Vector, frame
 
 Start = Callable[..., ServerThread]
 
@@ -95,7 +95,8 @@ def test_peer_credentials_are_captured(agent: ServerThread, backend: RecordingBa
 def test_call_order_rules_match_virtlockd(agent: ServerThread, backend: RecordingBackend) -> None:
     owner = make_owner("vm")
     with LockdClient(agent.path) as c:
-        for call in (lambda: c.acquire("/x"), lambda: c.release("/x"), c.restrict):
+        calls: list[Callable[[], None]] = [lambda: c.acquire("/x"), lambda: c.release("/x"), c.restrict]
+        for call in calls:
             with pytest.raises(RemoteCallError) as info:
                 call()
             assert remote_error(info) == (55, 7, "Requested operation is not valid: lock owner details have not been registered")

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 import virtlease as v
-from agent.etcd_agent import domain, load
-from conftest import EtcdServer, dump
 from virtlease.abi import FailureAction, ResourceSpec, ResourceType
 from virtlease.errors import ResourceBusyError, StaleStateError
 from virtlease_etcd.ops import grants, handoff
+from virtlease_lab.drivers import domain, load
+from virtlease_lab.etcdserver import EtcdServer, dump
 
 ACT = FailureAction.DEFAULT
 
@@ -45,7 +45,7 @@ def disk(tmp_path: Path, name: str = "d1.img") -> ResourceSpec:
 def token(plugin: v.Plugin, uid: str, res: ResourceSpec) -> int:
     owner = plugin.driver.session.owners.peek(uid)
     assert owner is not None
-    return next(h.token for h in owner.held.values() if h.rid.readable == res.name)
+    return next(int(h.token) for h in owner.held.values() if h.rid.readable == res.name)
 
 
 def test_reserved_disk_refuses_others_and_is_claimed_by_same_uuid(hosts: Callable[[str], v.Plugin],

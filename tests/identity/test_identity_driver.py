@@ -18,16 +18,16 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import etcd3
 import pytest
-from test_identity_system import filesystem, mounted, need, sshd, sshfs
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid
 from virtlease_etcd.devtools.hostprocess import HostProcess
-
-__all__ = ["sshd"]  # the fixture, imported for the sshfs test
+from virtlease_lab.drivers import new_uuid
+from virtlease_lab.etcdserver import EtcdServer, dump
+from virtlease_lab.storage import filesystem, mounted, need, sshfs
 
 D = v.ResourceType.DISK
 
@@ -37,7 +37,7 @@ def legacy_rid(path: str) -> str:
     return hashlib.sha256(b"disk\0" + os.path.realpath(path).encode()).hexdigest()
 
 
-def holder_keys(kv: etcd3.Etcd3Client, prefix: str) -> dict[str, dict[str, object]]:
+def holder_keys(kv: etcd3.Etcd3Client, prefix: str) -> dict[str, dict[str, Any]]:
     return {key: json.loads(val) for key, (val, _rev, _lease) in dump(kv, prefix).items() if "/res/" in key}
 
 
@@ -60,7 +60,7 @@ def hosts(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., HostProcess]]
     need("unshare", "mount", "losetup", "mkfs.ext4")
     started: list[HostProcess] = []
 
-    def start(host_id: str, mounts: Sequence[tuple[str, Path]], **settings: object) -> HostProcess:
+    def start(host_id: str, mounts: Sequence[tuple[str, Path]], **settings: Any) -> HostProcess:
         script = "".join(f"mkdir -p {shlex.quote(str(at))} && mount {shlex.quote(dev)} {shlex.quote(str(at))} && "
                          for dev, at in mounts) + 'exec "$@"'
         wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "host"]
@@ -313,7 +313,11 @@ def test_a_lock_operation_checks_the_mount_table_once(tmp_path: Path, make_drive
     names = plugin.driver.names
     checks: list[int] = []
     refresh = names.resolver._refresh
-    monkeypatch.setattr(names.resolver, "_refresh", lambda: (checks.append(1), refresh())[1])
+    def counted() -> None:
+        checks.append(1)
+        refresh()
+
+    monkeypatch.setattr(names.resolver, "_refresh", counted)
     obj = plugin.new_object(uuid=new_uuid(), name="many")
     for n in range(40):
         (tmp_path / f"d{n}.img").write_bytes(b"")

@@ -19,12 +19,12 @@ import pytest
 from virtlease_etcd.devtools.embedded import Member, wait_serving
 from virtlease_etcd.ops.status import HeldInfo
 from virtlease_lab.libvirt.agentrig import TTL, AgentRig, DeathWatch, Watch
-from virtlease_lab.libvirt.rig import wait_for
+from virtlease_lab.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
 
 
-def test_start_busy_suspend_resume_destroy(env: AgentRig, record_property: pytest.RecordProperty) -> None:
+def test_start_busy_suspend_resume_destroy(env: AgentRig, record_property: Callable[[str, object], None]) -> None:
     r = env.rig
     disk = r.image("agent-shared.img")
     r.define_domain("A", "web1", [disk])
@@ -104,7 +104,7 @@ def test_shareable_disk_on_both_hosts_and_an_exclusive_one_refused(env: AgentRig
 
 
 def test_live_migration_never_two_holders_and_no_third_domain_gets_in(
-        env: AgentRig, record_property: pytest.RecordProperty) -> None:
+        env: AgentRig, record_property: Callable[[str, object], None]) -> None:
     """Scenario 3: virsh migrate --live A->B with the agents. Sampled every few ms, etcd never shows
     the disk on two hosts; a third domain started on B over and over during the migration never
     runs; afterwards B holds the disk with a higher token. Guest downtime from QEMU's events."""
@@ -139,7 +139,7 @@ def test_live_migration_never_two_holders_and_no_third_domain_gets_in(
     r.virsh("A", "destroy", "mig1")
 
 
-def test_kill9_of_qemu_frees_the_disk_within_a_second(env: AgentRig, record_property: pytest.RecordProperty) -> None:
+def test_kill9_of_qemu_frees_the_disk_within_a_second(env: AgentRig, record_property: Callable[[str, object], None]) -> None:
     """Scenario 5: kill -9 of web1's QEMU on A; B starts a domain on the disk within a second."""
     r = env.rig
     pid = _one_disk(env, "agent-kill.img", "victim", "heir")
@@ -161,6 +161,7 @@ def _kill_when(pred: Callable[[], int | None], what: str, then: Callable[[int], 
 
     def run() -> None:
         pid = wait_for(pred, timeout, interval=0.002, what=what)
+        assert pid is not None  # wait_for returns the truthy value
         try:
             if then:
                 then(pid)
@@ -257,7 +258,7 @@ def test_source_qemu_killed_after_the_destination_resumed_leaves_the_destination
 
 
 def _fenced_before_granted(env: AgentRig, qemu: int, fault: Callable[[], object], repair: Callable[[], object],
-                           taker: str, tag: str, label: str, record_property: pytest.RecordProperty) -> None:
+                           taker: str, tag: str, label: str, record_property: Callable[[str, object], None]) -> None:
     """``fault()`` on host A, then start ``taker`` on B until it works: A's QEMU ``qemu`` must
     have exited before that start began (the grant came later still); then ``repair()``.
     Records and prints when A's QEMU died, when B's start worked and the fence lead between."""
@@ -280,7 +281,7 @@ def _fenced_before_granted(env: AgentRig, qemu: int, fault: Callable[[], object]
 
 
 def test_agent_killed_and_not_restarted_stops_the_domain_before_b_gets_the_disk(
-        env: AgentRig, record_property: pytest.RecordProperty) -> None:
+        env: AgentRig, record_property: Callable[[str, object], None]) -> None:
     """Scenario 6, no restart: kill -9 of A's agent while a domain runs, no agent back: the
     agent's guard kills the QEMU at the fence deadline, before B can be granted the disk; B
     gets it once etcd expired A's lease."""
@@ -295,7 +296,7 @@ def test_agent_killed_and_not_restarted_stops_the_domain_before_b_gets_the_disk(
 
 
 def test_host_cut_off_from_etcd_stops_its_domain_before_b_is_granted(
-        env: AgentRig, record_property: pytest.RecordProperty) -> None:
+        env: AgentRig, record_property: Callable[[str, object], None]) -> None:
     """Scenario 7: A's links to every etcd member go dead (bytes dropped, nothing closed): A's
     agent kills its domain at the fence deadline; B is granted the disk only after that (the
     fence lead); once the links are back, A's agent starts domains again."""

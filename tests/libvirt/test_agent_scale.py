@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from virtlease_lab.libvirt.agentrig import AgentRig, Watch
-from virtlease_lab.libvirt.rig import wait_for
+from virtlease_lab.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
 PER_HOST, DISKS, SEED = 20, 30, 9

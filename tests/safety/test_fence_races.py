@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 import virtlease as v
-from conftest import shut
 from virtlease_etcd.etcd.client import TransientError
+from virtlease_lab.drivers import shut
 
 
 def _vm() -> subprocess.Popen[bytes]:

@@ -50,6 +50,7 @@ def find_etcd_binary() -> str:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (another process may take it before you)."""
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -2,7 +2,7 @@
 
 Usage: ``agent_in_host.py PATH@PORT[,PATH@PORT...] AGENT_ARGS...``: relays each
 ``127.0.0.1:PORT`` (in this network namespace) to the UNIX socket ``PATH`` (served by the test
-in the root namespace, see ``relay.py``), then runs the agent in this process with
+in the root namespace, see ``virtlease_lab.relay``), then runs the agent in this process with
 ``AGENT_ARGS``.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from virtlease_etcd.agent.main import main
-from virtlease_lab.libvirt.relay import Relay
+from virtlease_lab.relay import Relay
 
 if __name__ == "__main__":
     for spec in sys.argv[1].split(","):

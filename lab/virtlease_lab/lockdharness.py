@@ -1,5 +1,5 @@
-"""Shared test harness for the agent tests: the captured frames, a recording backend, a
-server on a background loop, and the table of malformed frames.
+"""The harness of the agent's protocol and server tests: the captured frames, a recording
+backend, a server on a background loop, and the table of malformed frames.
 
 The server runs on its own asyncio loop in a daemon thread so that tests drive it with the
 blocking LockdClient, as libvirt would.
@@ -20,7 +20,6 @@ from virtlease_etcd.agent.protocol import AcquireFlags, Owner
 from virtlease_etcd.agent.server import Connection, LockdServer, ResourceBusy
 
 T = TypeVar("T")
-DATA = Path(__file__).parent / "data"
 
 
 @dataclass(frozen=True)
@@ -32,10 +31,10 @@ class Vector:
     frame: bytes
 
 
-def load_vectors() -> list[Vector]:
-    """Every frame of the capture, in order."""
+def load_vectors(path: Path) -> list[Vector]:
+    """Every frame of the capture at ``path`` (tests/agent/data/lockd-capture-vectors.txt), in order."""
     vectors = []
-    for line in (DATA / "lockd-capture-vectors.txt").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             conn, direction, hexdata = line.split()
             vectors.append(Vector(int(conn), direction, bytes.fromhex(hexdata)))

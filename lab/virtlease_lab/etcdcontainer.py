@@ -1,8 +1,8 @@
 """Start a throwaway single-node etcd in a Docker container for tests (testcontainers).
 
-This is a helper module, not a conftest: fixtures import it explicitly::
+Used by the ``etcd`` fixture of tests/conftest.py::
 
-    from etcd_container import docker_available, start_etcd_container  # tests/ is on sys.path
+    from virtlease_lab.etcdcontainer import docker_available, start_etcd_container
 
     container, endpoint = start_etcd_container()
     try:

@@ -1,11 +1,10 @@
-"""The agent as a real process (``python -m virtlease_etcd.agent.main``) for restart tests:
-start it on a socket and state directory, signal or SIGKILL it, read its log."""
+"""The agent as a real process (``python -m virtlease_etcd.agent.main``) for the restart tests and
+the benchmarks: start it on a socket and state directory, signal or SIGKILL it, read its log."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -71,8 +70,3 @@ class AgentProcess:
             os.kill(guard, signal.SIGKILL)
         self.log.close()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
