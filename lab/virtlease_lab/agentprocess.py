@@ -1,4 +1,4 @@
-"""The agent as a real process (``python -m virtlease_etcd.agent.main``) for the restart tests and
+"""The agent as a real process (``python -m virtlease_etcd.agent``) for the restart tests and
 the benchmarks: start it on a socket and state directory, signal or SIGKILL it, read its log."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class AgentProcess:
         self.state_dir = run / "state"
         self.log_path = run / f"agent-{time.monotonic_ns()}.log"
         head = ([str(Path(sys.executable).with_name("virtlease")), "--endpoints", endpoints, "agent"]
-                if via_virtlease else [sys.executable, "-m", "virtlease_etcd.agent.main", "--endpoints", endpoints])
+                if via_virtlease else [sys.executable, "-m", "virtlease_etcd.agent", "--endpoints", endpoints])
         cmd = [*head, "--prefix", prefix, "--host-id", host, "--ttl", str(ttl), "--socket", str(self.socket), "--state-dir",
                str(self.state_dir), "--reserve-grace", "0.3", *extra]
         self.log = open(self.log_path, "w")  # closed in stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from virtlease_etcd.agent.main import main
+from virtlease_etcd.agent.command import main
 from virtlease_lab.relay import Relay
 
 if __name__ == "__main__":
