@@ -12,7 +12,7 @@ Two kinds of time, never mixed:
 * :meth:`Clock.now`: seconds on the **fence clock**, a clock that never steps (``FENCE_CLOCK``).
   Every deadline and duration.  The safety argument rests on it (docs/DESIGN.md section 5): a
   keepalive is timed from when it was sent on this clock, and the fence deadline is read from it.
-  The agent's guard process (``agent/guard.py``, standard library only) is told the clock's id
+  The guard process (``session/guard.py``, standard library only) is told the clock's id
   and reads the same clock, so the deadlines it is sent mean the same there.
 * :meth:`Clock.wall`: seconds since the epoch.  Only what people read (``since`` and ``started``
   in records, ages in ``virtlease status``) and the comparison with etcd's clock in

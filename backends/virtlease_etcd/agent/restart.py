@@ -34,10 +34,11 @@ from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.driver import EtcdDriver
 from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.session import reattach
+from virtlease_etcd.session.failure import GUARD_SIGNALS
+from virtlease_etcd.session.guard import Guard, stand_down, start_time
 from virtlease_etcd.session.hostsession import HostSession
 
 from . import runfile as sf
-from .guard import start_time
 from .tracking import OwnerTracker
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:
     finally:
         client.close()
     for o in prior.owners:
-        sig = sf.GUARD_SIGNALS.get(FailureAction[o.action.upper()])
+        sig = GUARD_SIGNALS.get(FailureAction[o.action.upper()])
         if sig is not None and start_time(o.pid) == o.start:
             log.error("domain %s (%s) QEMU pid %d still runs after its lease ended: sending %s", o.name,
                       o.uuid, o.pid, sig.name)
@@ -108,19 +109,19 @@ class Continuity:
         self.driver: EtcdDriver = backend.driver
         self.path = sf.state_path(state_dir, self.driver.host_id)
         self.poll = poll
-        self.guard: sf.Guard | None = None
+        self.guard: Guard | None = None
         self._saved: tuple[int, str, list[sf.OwnerEntry]] | None = None
         """The lease, session and owners last written to the state file."""
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, prior: Prior | None) -> None:
-        self.guard = sf.Guard.spawn(self.driver.session.clock.clock_id)
+        self.guard = Guard.spawn(self.driver.session.clock.clock_id)
         self.backend.on_change = self.push
         if prior is not None and prior.adopted:
             await self._readopt(prior.state)
         self.push()
         if prior is not None and prior.state.guard:
-            sf.stand_down(prior.state.guard.get("pid", 0), prior.state.guard.get("start", 0))
+            stand_down(prior.state.guard.get("pid", 0), prior.state.guard.get("start", 0))
         self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def _readopt(self, prior: sf.AgentState) -> None:
@@ -156,7 +157,7 @@ class Continuity:
         out = []
         for e in entries:
             owner = session.owners.peek(e.uuid)
-            sig = sf.GUARD_SIGNALS.get(FailureAction[e.action.upper()])
+            sig = GUARD_SIGNALS.get(FailureAction[e.action.upper()])
             if owner is not None and owner.active and sig is not None:
                 out.append({"pid": e.pid, "start": e.start, "sig": int(sig), "who": f"domain {e.name} ({e.uuid})"})
         return out
@@ -174,7 +175,7 @@ class Continuity:
                 self.guard.send(fence_at, session.cfg.margin / 2, guarded)
             except (OSError, ValueError) as exc:
                 log.error("the guard process (pid %d) is gone (%s); starting a new one", self.guard.pid, exc)
-                self.guard = sf.Guard.spawn(session.clock.clock_id)
+                self.guard = Guard.spawn(session.clock.clock_id)
                 self.guard.send(fence_at, session.cfg.margin / 2, guarded)
                 self._saved = None
         saved = (session.lease_id, session.session_id, entries)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from etcd3 import transactions as tx
 
@@ -244,7 +244,7 @@ def refresh_handed_back(d: Domain, owner: Owner) -> None:
 # -- reservations (the agent: no window in which a paused or migrating domain's disks are free) --
 
 
-def reserve(d: Domain, owner: Owner, held: Sequence[Held]) -> str:
+def reserve(d: Domain, owner: Owner, held: Sequence[Held]) -> Literal["reserved", "already"]:
     """Keep ``held`` (the records of one released disk) reserved for the owner's domain: any
     host may claim them for the same UUID; the owner's other records stay plainly held.  The
     first release writes the marker ``to="*"``; each further one rewrites it to list one disk

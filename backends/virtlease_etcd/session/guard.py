@@ -1,6 +1,7 @@
-"""The agent's guard: a minimal process that stops the owners if no agent keeps the lease.
+"""The guard: a minimal process that stops the owners if nothing keeps the lease any more.
 
-Why: the agent's own fence thread dies with the agent.  After a SIGKILL (OOM, a crash, a
+Used by the agent and by ``virtlease hold``: whatever holds a host session for running
+processes.  Why: the holder's own fence thread dies with it.  After a SIGKILL (OOM, a crash, a
 service manager's final kill) the host's etcd lease runs out by itself and the disks go to
 other hosts while the QEMUs here still run.  The guard closes that hole from outside the agent.
 
@@ -23,6 +24,9 @@ or ``fence_at + grace`` while the agent lives but stopped sending (frozen: its o
 cannot run either; ``grace`` < the fence margin, so this is still before etcd can expire the
 lease).  Lines ``{"disarm": true}`` (the agent exits with nothing held) end it without signalling.
 
+This module is both the guard (run as a script) and the holder's handle on it (:class:`Guard`);
+it imports only the standard library.
+
 A restarted agent that re-attached to the lease starts a guard of its own first, then sends the
 old guard SIGUSR1: it exits without signalling.  SIGTERM, SIGINT and SIGHUP are ignored (logged):
 stopping the guard while owners run must not silently drop their protection; only SIGKILL
@@ -31,13 +35,19 @@ stops it, which the unit file never sends to it (KillMode=process, see deploy/li
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
 
 
 def start_time(pid: int) -> int | None:
@@ -47,6 +57,78 @@ def start_time(pid: int) -> int | None:
             return int(fh.read().rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+class Guard:
+    """The holder's end of one guard process (the module docstring)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.start = start_time(proc.pid) or 0
+        self._last: str | None = None
+
+    @classmethod
+    def spawn(cls, clock_id: int) -> Guard:
+        """Start a guard that reads the clock ``clock_id`` (the session's fence clock)."""
+        script = Path(__file__)
+        proc = subprocess.Popen([sys.executable, "-I", str(script), str(clock_id)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE,
+                                start_new_session=True, close_fds=True)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            proc.kill()
+            raise RuntimeError("the virtlease guard process did not start")
+        proc.stdout.close()
+        return cls(proc)
+
+    def send(self, fence_at: float | None, grace: float, owners: list[dict[str, Any]]) -> None:
+        """Arm (or re-arm) the guard; ``fence_at`` None leaves it idle.  Repeated identical
+        messages are not sent."""
+        line = json.dumps({"fence_at": None if fence_at is None else round(fence_at, 3), "grace": grace,
+                           "owners": owners})
+        if line == self._last:
+            return
+        self._write(line)
+        self._last = line
+
+    def disarm(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._write(json.dumps({"disarm": True}))
+        self.abandon()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+    def abandon(self) -> None:
+        """Close our end (the guard then counts down to the deadline on its own)."""
+        stdin: IO[bytes] | None = self.proc.stdin
+        if stdin is not None:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def _write(self, line: str) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        stdin.write(line.encode() + b"\n")
+        stdin.flush()
+
+
+def stand_down(pid: int, start: int) -> bool:
+    """Tell a previous agent's guard (by pid and start time) to exit without signalling."""
+    if not pid or start_time(pid) != start:
+        return False
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if start_time(pid) != start:
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGUSR1)
+        log.info("told the previous agent's guard (pid %d) to stand down", pid)
+        return True
+    finally:
+        os.close(fd)
 
 
 def say(msg: str) -> None:
