@@ -1,4 +1,4 @@
-"""The etcd driver names disks by their cluster-wide identity (issue 13), on real etcd and real mounts.
+"""The etcd driver names disks by their cluster-wide identity, on real etcd and real mounts.
 
 Each "host" of the multi-host tests is a ``virtlease_etcd.devtools.hostprocess`` process started under
 ``unshare -m`` (its own mount namespace) after mounting the shared storage where it likes; one-host

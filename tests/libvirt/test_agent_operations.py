@@ -1,4 +1,4 @@
-"""Scenario 10: the operations guide (deploy/OPERATIONS.md) on real libvirt.
+"""The operations guide (deploy/OPERATIONS.md) on real libvirt.
 
 *Switching a host from virtlockd to the agent*: host A's lock daemon is brought to stock
 virtlockd (the agent stopped while it holds nothing, ``virtlockd -p /run/libvirt/virtlockd.pid``

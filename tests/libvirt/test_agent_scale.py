@@ -1,4 +1,4 @@
-"""Scenario 9: 20 small domains per host started at once against a pool of 30 disks.
+"""20 small domains per host started at once against a pool of 30 disks.
 
 Each of the 40 domains uses one disk of the pool, drawn with a fixed seed so that disks are
 wanted by several domains on the same host and across hosts (asserted).  All 40 ``virsh start``
