@@ -1,9 +1,10 @@
 """The one byte relay of the lab: a link to etcd the test owns, to cut, blackhole, slow or count.
 
-Every accepted connection is piped to a new upstream connection, one thread per direction;
-TCP sockets set TCP_NODELAY on both sides, as etcd's and gRPC's own do (with Nagle's algorithm a
-reply relayed in two writes waits for the peer's delayed ACK: 40 ms, which once showed as a
-bimodal migration downtime on the libvirt rig).  Three shapes:
+Every accepted connection is piped to a new upstream connection, one thread per direction; when
+either side ends, both are closed (with only a half-close, requests after a blackhole were seen
+reset stream after stream for seconds).  TCP sockets set TCP_NODELAY on both sides, as etcd's and gRPC's
+own do (with Nagle's algorithm a reply relayed in two writes waits for the peer's delayed ACK:
+40 ms, which once showed as a bimodal migration downtime on the libvirt rig).  Three shapes:
 
 * :meth:`Relay.tcp`: ``127.0.0.1:<free port>`` -> ``host:port`` (a host's link to one etcd
   member: the driver tests, the nemesis, the benchmarks);
@@ -81,7 +82,6 @@ class _Link:
         self.down = down
         self.up = up
         self.lost_bytes = False
-        self.pumps_left = 2
         self.counter: FrameCounter | None = None
 
     def close(self) -> None:
@@ -302,16 +302,10 @@ class Relay:
                 dst.sendall(data)
         except OSError:
             pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+        finally:  # one side ended: close both, as a dead peer's TCP would (no half-open stream)
             with self._lock:
-                link.pumps_left -= 1
-                done = link.pumps_left == 0
-                if done:
-                    self._links.discard(link)
-            if done:
-                link.close()
+                self._links.discard(link)
+            link.close()
 
     def __enter__(self) -> Relay:
         return self
