@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from virtlease_etcd.agent import protocol as p
-from virtlease_etcd.agent.protocol import AcquireFlags, Owner
+from virtlease_etcd.agent.protocol import AcquireResourceFlags, LockdOwner
 from virtlease_etcd.agent.server import Connection, LockdServer, ResourceBusy
 
 T = TypeVar("T")
@@ -62,7 +62,7 @@ class RecordingBackend:
         if call[0] in self.fail:
             raise RuntimeError(f"injected failure in {call[0]}")
 
-    def register(self, conn: Connection, owner: Owner) -> None:
+    def register(self, conn: Connection, owner: LockdOwner) -> None:
         self._record("register", conn, owner)
 
     def restrict(self, conn: Connection) -> None:
@@ -71,14 +71,14 @@ class RecordingBackend:
     def create_lockspace(self, conn: Connection, path: str) -> None:
         self._record("create_lockspace", conn, path)
 
-    def acquire(self, conn: Connection, owner: Owner, lockspace: str, name: str, flags: AcquireFlags) -> None:
+    def acquire(self, conn: Connection, owner: LockdOwner, lockspace: str, name: str, flags: AcquireResourceFlags) -> None:
         if self.gate is not None:
             self.gate.wait(10)
         self._record("acquire", conn, owner, lockspace, name, flags)
         if (msg := self.busy.get(("acquire", lockspace, name))) is not None:
             raise ResourceBusy(msg)
 
-    def release(self, conn: Connection, owner: Owner, lockspace: str, name: str) -> None:
+    def release(self, conn: Connection, owner: LockdOwner, lockspace: str, name: str) -> None:
         self._record("release", conn, owner, lockspace, name)
         if (msg := self.busy.get(("release", lockspace, name))) is not None:
             raise ResourceBusy(msg)

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from virtlease_etcd.agent.lockdclient import LockdClient, make_owner
-from virtlease_etcd.agent.protocol import Owner
+from virtlease_etcd.agent.protocol import LockdOwner
 
 
 class StandinQemu:
@@ -36,8 +36,8 @@ class StandinQemu:
             raise RuntimeError(f"stand-in QEMU failed to register: {line!r}")
         self.pid = self.proc.pid
 
-    def owner(self, owner_id: int = 1) -> Owner:
-        """The Owner it registered as."""
+    def owner(self, owner_id: int = 1) -> LockdOwner:
+        """The LockdOwner it registered as."""
         return make_owner(self.name, owner_id=owner_id, pid=self.pid, owner_uuid=uuid.UUID(self.uuid))
 
     def kill(self) -> None:

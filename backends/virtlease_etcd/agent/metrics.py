@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
 from virtlease_etcd.clock import Clock
 
-from .tracking import OwnerTracker
+from .backend import EtcdLockBackend
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def parse_addr(addr: str) -> tuple[str, int]:
 class Metrics:
     """The registry and the HTTP endpoint of one agent."""
 
-    def __init__(self, backend: OwnerTracker) -> None:
+    def __init__(self, backend: EtcdLockBackend) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         session = backend.driver.session
@@ -106,5 +106,5 @@ class Metrics:
             self._server = None
 
 
-def start_metrics(addr: str, backend: OwnerTracker) -> Metrics:
+def start_metrics(addr: str, backend: EtcdLockBackend) -> Metrics:
     return Metrics(backend).serve(addr)

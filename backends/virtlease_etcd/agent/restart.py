@@ -39,7 +39,7 @@ from virtlease_etcd.session.guard import Guard, stand_down, start_time
 from virtlease_etcd.session.hostsession import HostSession
 
 from . import runfile as sf
-from .tracking import OwnerTracker
+from .backend import EtcdLockBackend
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:
 class Continuity:
     """Guard and state file of one running agent (steps 2 and 3)."""
 
-    def __init__(self, backend: OwnerTracker, state_dir: str, *, poll: float = 0.1) -> None:
+    def __init__(self, backend: EtcdLockBackend, state_dir: str, *, poll: float = 0.1) -> None:
         self.backend = backend
         self.driver: EtcdDriver = backend.driver
         self.path = sf.state_path(state_dir, self.driver.host_id)

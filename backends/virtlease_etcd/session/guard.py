@@ -135,7 +135,9 @@ def say(msg: str) -> None:
     print(f"virtlease-guard[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
 
 
-class State:
+class GuardState:
+    """What the guard knows: the fence deadline, the grace, and a pidfd per owner it stops."""
+
     def __init__(self) -> None:
         self.fence_at: float | None = None
         self.grace = 0.0
@@ -178,7 +180,7 @@ def main(argv: list[str]) -> int:
     def now() -> float:
         return time.clock_gettime(clock_id)
 
-    state = State()
+    state = GuardState()
 
     def on_usr1(_sig: int, _frame: object) -> None:
         state.stand_down = True
