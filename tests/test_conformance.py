@@ -12,7 +12,7 @@ from typing import TypeVar
 import pytest
 
 import virtlease as v
-from virtlease_lab.drivers import new_uuid, shut
+from virtlease_lab.drivers import STEADY_TTL, new_uuid, shut
 from virtlease_lab.etcdserver import EtcdServer
 
 T = TypeVar("T")
@@ -32,7 +32,7 @@ def driver_factory(request: pytest.FixtureRequest, prefix: str) -> Iterator[Call
         config = {}
         if request.param == "etcd":
             server: EtcdServer = request.getfixturevalue("etcd_process")
-            config = {"endpoints": server.endpoints, "prefix": prefix, "host_id": host_id, "ttl": 3}
+            config = {"endpoints": server.endpoints, "prefix": prefix, "host_id": host_id, "ttl": STEADY_TTL}
         plugin = v.load_driver(request.param, config=config, capabilities=ALL)
         plugins.append(plugin)
         return plugin

@@ -7,9 +7,22 @@ import uuid
 from typing import Any
 
 import virtlease as v
-from virtlease.abi import ObjectSpec, ObjectType
+from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
+from virtlease.errors import ResourceBusyError
 from virtlease_etcd.agent.backend import EtcdLockBackend
 from virtlease_etcd.ops.domain import Domain
+
+STEADY_TTL = 30
+"""The session TTL of tests that must never be fenced: a loaded machine (load 25 on 2 cores)
+delays keepalives by seconds, and a 3 s TTL (fenced 2.4 s after the last keepalive) turned that
+into 'session lost' failures of tests about something else.  Tests of expiry, failover and
+fencing set a short TTL themselves, with bounds that allow for such delays."""
+FAST_TTL = 3
+"""The TTL of a host a test kills or cuts off, to see its lease run out in a few seconds."""
+EXPIRY_SLACK = 5.0
+"""How late after its TTL a dead host's lease may still be in etcd before a test calls it a failure:
+etcd expires leases in a background pass that a loaded machine delays (a liveness bound; the
+safety bound, never before the lease could expire, is asserted without slack)."""
 
 
 def new_uuid() -> str:
@@ -18,8 +31,9 @@ def new_uuid() -> str:
 
 
 def load(endpoints: str, prefix: str, host: str, **config: Any) -> v.Plugin:
-    """An etcd driver for ``host`` under ``prefix`` (TTL 4 s unless ``config`` says otherwise)."""
-    cfg = {"endpoints": endpoints, "prefix": prefix, "host_id": host, "ttl": 4, **config}
+    """An etcd driver for ``host`` under ``prefix`` (TTL ``STEADY_TTL`` unless ``config`` says
+    otherwise)."""
+    cfg = {"endpoints": endpoints, "prefix": prefix, "host_id": host, "ttl": STEADY_TTL, **config}
     return v.load_driver("etcd", config=cfg, capabilities=v.Capability.RESOURCES)
 
 
@@ -32,6 +46,16 @@ def domain(plugin: v.Plugin, uuid: str, name: str, pid: int | None = None) -> Do
 def backend(plugin: v.Plugin, **kwargs: Any) -> EtcdLockBackend:
     """The agent's etcd backend over ``plugin``."""
     return EtcdLockBackend(plugin.driver, **kwargs)
+
+
+def take(plugin: v.Plugin, disk: str) -> bool:
+    """Another host's try for ``disk`` (no pid: nothing of ours is ever fenced): True if granted."""
+    obj = plugin.driver.new_object(ObjectSpec(ObjectType.DOMAIN, new_uuid(), "intruder"))
+    try:
+        obj.acquire_resource(ResourceSpec(ResourceType.DISK, disk))
+        return True
+    except ResourceBusyError:
+        return False
 
 
 def shut(plugin: v.Plugin) -> None:

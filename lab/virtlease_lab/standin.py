@@ -27,7 +27,7 @@ class StandinQemu:
     def __init__(self, socket: Path, name: str, owner_uuid: str | None = None, *, close: bool = False) -> None:
         self.uuid = owner_uuid or str(uuid.uuid4())
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, "-m", __name__, str(socket), self.uuid, name,
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(socket), self.uuid, name,
                                       *(["close"] if close else [])], stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()

@@ -25,7 +25,7 @@ import pytest
 
 import virtlease as v
 from virtlease_etcd.devtools.hostprocess import HostProcess
-from virtlease_lab.drivers import new_uuid
+from virtlease_lab.drivers import STEADY_TTL, new_uuid
 from virtlease_lab.etcdserver import EtcdServer, dump
 from virtlease_lab.storage import filesystem, mounted, need, sshfs
 
@@ -64,7 +64,7 @@ def hosts(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., HostProcess]]
         script = "".join(f"mkdir -p {shlex.quote(str(at))} && mount {shlex.quote(dev)} {shlex.quote(str(at))} && "
                          for dev, at in mounts) + 'exec "$@"'
         wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "host"]
-        host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **settings)
+        host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **{"ttl": STEADY_TTL, **settings})
         started.append(host)
         return host
 

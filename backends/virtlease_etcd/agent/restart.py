@@ -71,15 +71,18 @@ def prepare(cfg: EtcdConfig, state_dir: str) -> Prior | None:
     try:
         adopted = reattach.adopt_session(cfg, prior.lease, prior.session)
     except reattach.CannotReattach as exc:
-        log.error("cannot continue the previous agent's session: %s", exc)
-        wait_out(cfg, prior)
+        fates = wait_out(cfg, prior)
+        log.error("cannot continue the previous agent's session (lease %x, agent pid %d): %s; %s; starting a "
+                  "new session", prior.lease, prior.agent_pid, exc,
+                  ("its domains: " + "; ".join(fates)) if fates else "it held no domain")
         return Prior(prior, session=None)
     return Prior(prior, session=adopted.session)
 
 
-def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:
+def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> list[str]:
     """The previous session cannot be continued: wait (at most a TTL) until its lease is gone,
-    then stop every owner of it still running -- it runs without a lease."""
+    then stop every owner of it still running -- it runs without a lease.  Returns what became
+    of each owner, one phrase each (for the log line)."""
     client = EtcdClient(cfg)
     try:
         until = client.clock.now() + cfg.ttl + 1
@@ -92,13 +95,20 @@ def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:
             client.clock.sleep(0.2)
     finally:
         client.close()
+    fates = []
     for o in prior.owners:
+        who = f"domain {o.name} ({o.uuid}) QEMU pid {o.pid}"
         sig = GUARD_SIGNALS.get(FailureAction[o.action.upper()])
-        if sig is not None and start_time(o.pid) == o.start:
-            log.error("domain %s (%s) QEMU pid %d still runs after its lease ended: sending %s", o.name,
-                      o.uuid, o.pid, sig.name)
+        if start_time(o.pid) != o.start:
+            fates.append(f"{who} has exited (fenced by the previous agent's guard at the fence deadline, "
+                         "or stopped before)")
+        elif sig is None:
+            fates.append(f"{who} still runs, without a lease (failure action {o.action}: left running)")
+        else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(o.pid, sig)
+            fates.append(f"{who} still ran after its lease ended: sent {sig.name} (failure action {o.action})")
+    return fates
 
 
 class Continuity:
@@ -115,7 +125,7 @@ class Continuity:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, prior: Prior | None) -> None:
-        self.guard = Guard.spawn(self.driver.session.clock.clock_id)
+        self.guard = Guard.spawn(self.driver.session.clock.clock_id, log_lines=True)
         self.backend.on_change = self.push
         if prior is not None and prior.adopted:
             await self._readopt(prior.state)
@@ -175,7 +185,7 @@ class Continuity:
                 self.guard.send(fence_at, session.cfg.margin / 2, guarded)
             except (OSError, ValueError) as exc:
                 log.error("the guard process (pid %d) is gone (%s); starting a new one", self.guard.pid, exc)
-                self.guard = Guard.spawn(session.clock.clock_id)
+                self.guard = Guard.spawn(session.clock.clock_id, log_lines=True)
                 self.guard.send(fence_at, session.cfg.margin / 2, guarded)
                 self._saved = None
         saved = (session.lease_id, session.session_id, entries)
@@ -198,8 +208,11 @@ class Continuity:
             self._task.cancel()
 
     def handover(self) -> None:
-        """Leave for a successor: state file written, guard armed and on its own."""
+        """Leave for a successor: the lease renewed once more (so the successor has a whole
+        ``ttl - margin`` to re-attach, not what is left of the keepalive's rhythm), the state
+        file written, the guard armed with that deadline and on its own."""
         self._stop_task()
+        self.driver.session.refresh()
         self.push()
         if self.guard is not None:
             self.guard.abandon()

@@ -69,12 +69,12 @@ class Guard:
         self._last: str | None = None
 
     @classmethod
-    def spawn(cls, clock_id: int) -> Guard:
-        """Start a guard that reads the clock ``clock_id`` (the session's fence clock)."""
+    def spawn(cls, clock_id: int, *, log_lines: bool = False) -> Guard:
+        """Start a guard that reads the clock ``clock_id`` (the session's fence clock);
+        ``log_lines``: its lines in the agent's log format (``log_line``)."""
         script = Path(__file__)
-        proc = subprocess.Popen([sys.executable, "-I", str(script), str(clock_id)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE,
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen([sys.executable, "-I", str(script), str(clock_id), *([LOG_LINES] if log_lines else [])],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, close_fds=True)
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
             proc.kill()
@@ -131,8 +131,25 @@ def stand_down(pid: int, start: int) -> bool:
         os.close(fd)
 
 
-def say(msg: str) -> None:
-    print(f"virtlease-guard[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+LOGGER = "virtlease_etcd.session.guard"
+LOG_LINES = "--log-lines"
+"""The guard's argument for writing its lines in the agent's log format (``log_line``)."""
+_lines = False
+
+
+def log_line(level: str, logger: str, msg: str, created: float | None = None) -> str:
+    """``ts=<iso> level=<level> logger=<name> msg=<json string>``: the agent's log format, one
+    line per event (``agent.main.LineFormatter`` writes its records with it, the guard its own)."""
+    created = time.time() if created is None else created
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    return f"ts={ts} level={level} logger={logger} msg={json.dumps(msg)}"
+
+
+def say(msg: str, level: str = "info") -> None:
+    """One line on stderr (the holder's: the agent's log, or hold's terminal)."""
+    text = f"guard pid {os.getpid()}: {msg}"
+    print(log_line(level, LOGGER, text) if _lines else f"virtlease-guard[{os.getpid()}]: {msg}", file=sys.stderr,
+          flush=True)
 
 
 class GuardState:
@@ -168,25 +185,29 @@ class GuardState:
         for pidfd, sig, who in self.owners.values():
             try:
                 signal.pidfd_send_signal(pidfd, sig)
-                say(f"no virtlease agent kept the lease up to the fence deadline: sent signal {sig} to {who}")
+                say(f"no virtlease agent kept the lease up to the fence deadline: sent signal {sig} to {who}",
+                    "error")
             except ProcessLookupError:
                 say(f"{who} already gone")
 
 
 def main(argv: list[str]) -> int:
-    """``argv[1]``: the id of the clock ``fence_at`` is a time on (``time.clock_gettime``)."""
-    clock_id = int(argv[1])
+    """``argv[0]``: the id of the clock ``fence_at`` is a time on (``time.clock_gettime``);
+    ``--log-lines``: write the agent's log format."""
+    clock_id = int(argv[0])
 
     def now() -> float:
         return time.clock_gettime(clock_id)
 
+    global _lines
+    _lines = LOG_LINES in argv
     state = GuardState()
 
     def on_usr1(_sig: int, _frame: object) -> None:
         state.stand_down = True
 
     def on_ignored(sig: int, _frame: object) -> None:
-        say(f"ignoring signal {sig}: the owners it guards would lose their protection")
+        say(f"ignoring signal {sig}: the owners it guards would lose their protection", "warning")
 
     signal.signal(signal.SIGUSR1, on_usr1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -219,7 +240,7 @@ def main(argv: list[str]) -> int:
         if not chunk:
             state.agent_gone = True
             say(f"agent gone; owners stopped at the fence deadline unless a new agent takes over "
-                f"({len(state.owners)} guarded)")
+                f"({len(state.owners)} guarded)", "warning")
             continue
         buf += chunk
         while b"\n" in buf:
@@ -231,4 +252,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main(sys.argv[1:]))

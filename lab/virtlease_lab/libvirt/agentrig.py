@@ -130,6 +130,9 @@ class Watch:
         self.intruders = [Intruder(h, n) for h, n in ([intruder] if intruder else []) + list(intruders)]
         self.samples: list[frozenset[HeldInfo]] = []
         """Per sample: the records read."""
+        self.sample_times: list[float] = []
+        """Per sample: the monotonic instant its read began (the records were committed by then
+        or later)."""
         self.read_errors = 0
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._sample, daemon=True)]
@@ -175,12 +178,14 @@ class Watch:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
+            began = time.monotonic()
             try:
                 found = self.env.holders(*self.domains, *(i.name for i in self.intruders))
             except VirtleaseError:  # etcd unavailable for a moment (a leader killed): sample on
                 self.read_errors += 1
                 continue
             self.samples.append(frozenset(found))
+            self.sample_times.append(began)
             time.sleep(0.005)
 
     def _intrude(self, who: Intruder) -> None:
@@ -227,8 +232,12 @@ def serving(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def agent_rig(workdir: Path, *, reserve_grace: float = 2.0) -> Iterator[AgentRig]:
-    """Bring up a three-member etcd, the relays and the rig with an agent per host; take all down."""
+def agent_rig(workdir: Path, *, reserve_grace: float = 2.0, agent: Sequence[str] = (),
+              ttl: int = TTL) -> Iterator[AgentRig]:
+    """Bring up a three-member etcd, the relays and the rig with an agent per host; take all down.
+
+    ``agent``: the program that runs each host's agent, before the agent's options (``{host}`` is
+    the host's name, as in ``Rig.lock_daemon``); by default this checkout's agent."""
     short = Path(tempfile.mkdtemp(prefix="vl-relay-", dir="/tmp"))  # UNIX socket paths must be short
     prefix = f"/vltest/{uuid.uuid4().hex[:12]}"
     relays: dict[str, list[Relay]] = {}
@@ -239,14 +248,15 @@ def agent_rig(workdir: Path, *, reserve_grace: float = 2.0) -> Iterator[AgentRig
                 relays[host] = [Relay.unix_to_tcp(str(short / f"{host}{i}.sock"), "127.0.0.1", m.client_port)
                                 for i, m in enumerate(etcd.members)]
             links = ",".join(f"{short}/{{host}}{i}.sock@{port}" for i, port in enumerate(PORTS))
-            command = [sys.executable, str(HERE / "agent_in_host.py"), links,
+            command = [sys.executable, "-P", str(HERE / "agent_in_host.py"), links,
+                       *(["--exec", str(len(agent)), *agent] if agent else []),
                        "--socket", "{socket}", "--endpoints", ",".join(f"127.0.0.1:{p}" for p in PORTS),
-                       "--host-id", "host{host}", "--prefix", prefix, "--ttl", str(TTL),
+                       "--host-id", "host{host}", "--prefix", prefix, "--ttl", str(ttl),
                        "--reserve-grace", str(reserve_grace)]
             observer = EtcdClient(load_config({"endpoints": etcd.endpoints, "host_id": "observer"}, environ={}))
             try:
                 with Rig(workdir / "rig", lock_daemon=command) as r:
-                    yield AgentRig(r, etcd, relays, prefix, observer)
+                    yield AgentRig(r, etcd, relays, prefix, observer, ttl)
             finally:
                 observer.close()
         finally:
