@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(SSA is None, reason="systemd-socket-activate mis
 
 
 def agent_args(etcd: EtcdServer, prefix: str, sock: Path, state: Path) -> list[str]:
-    return [sys.executable, "-m", "virtlease_etcd.agent.main", "--endpoints", etcd.endpoints, "--prefix", prefix,
+    return [sys.executable, "-m", "virtlease_etcd.agent", "--endpoints", etcd.endpoints, "--prefix", prefix,
             "--host-id", "hv-a", "--ttl", str(TTL), "--socket", str(sock), "--state-dir", str(state),
             "--reserve-grace", "0.3"]
 
