@@ -20,10 +20,7 @@ else
 	$(BIN)/virtlease demo
 endif
 
-test: $(STAMP)
-	$(BIN)/ruff check src backends tests bench lab
-	$(BIN)/lint-imports
-	$(BIN)/mypy src/virtlease backends/virtlease_nop backends/virtlease_etcd
+test: lint
 	$(BIN)/pytest -m "not safety" tests
 
 # The nemesis suite alone: short seeded run (CI) and the long run for users.
@@ -31,15 +28,17 @@ safety: $(STAMP)
 	$(BIN)/python -m pytest -m safety tests/safety
 
 safety-long: $(STAMP)
-	$(BIN)/python tests/safety/nemesis.py --duration 1800
+	$(BIN)/python -m virtlease_lab.nemesis --duration 1800 --results build/safety
 	VIRTLEASE_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -s tests/security/test_fuzz.py
 
 # Mutation testing of the safety core (tests/mutation/README.md): most of an hour, not in `make test`.
 mutate: $(STAMP)
 	$(BIN)/python tests/mutation/mutate.py $(MUTATE_ARGS)
 
+# Results go to build/bench/ (untracked); BENCH_OUT=bench/results publishes the figures the
+# README shows.
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(if $(BENCH_OUT),--out $(BENCH_OUT))
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick $(if $(BENCH_OUT),--out $(BENCH_OUT))
@@ -63,9 +62,13 @@ lock: $(STAMP)
 	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
 	    --output-file deploy/debian/requirements.lock pyproject.toml
 
+# ruff; the import-layer contracts; mypy --strict over the product, the lab and bench, and over
+# the tests (one module name per test file: tests.agent.conftest, ...).
 lint: $(STAMP)
 	$(BIN)/ruff check src backends tests bench lab
 	$(BIN)/lint-imports
+	$(BIN)/mypy src/virtlease backends/virtlease_nop backends/virtlease_etcd lab/virtlease_lab bench
+	$(BIN)/mypy --explicit-package-bases tests
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info src/*.egg-info backends/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info backends/*.egg-info lab/*.egg-info .pytest_cache

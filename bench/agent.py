@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -42,19 +41,7 @@ from contenders import Ceiling
 from measure import Latency, progress, time_calls
 from plan import Plan
 from virtlease_etcd.agent.lockdclient import LockdClient, make_owner
-
-
-def _agent_process_class() -> Any:
-    """tests/agent/agent_process.py's AgentProcess (loaded by path: ``agent`` is this module)."""
-    path = Path(__file__).resolve().parent.parent / "tests" / "agent" / "agent_process.py"
-    spec = importlib.util.spec_from_file_location("virtlease_bench_agent_process", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.AgentProcess
-
-
-AgentProcess = _agent_process_class()
+from virtlease_lab.agentprocess import AgentProcess
 
 
 def _owner_process() -> subprocess.Popen[bytes]:
@@ -153,7 +140,8 @@ def libvirt_rig(n: int) -> dict[str, Any]:
         return {"skipped": "needs root and libvirt (deploy/libvirt/install.sh)"}
     from virtlease_lab.libvirt.agentrig import agent_rig
     from virtlease_lab.libvirt.rig import Rig
-    from virtlockd_baseline import measure_migrations, measure_starts, summary
+    from virtlease_lab.stats import summary
+    from virtlockd_baseline import measure_migrations, measure_starts
 
     raw: dict[str, dict[str, list[float]]] = {label: {"start": [], "wall": [], "downtime": []}
                                               for label in ("virtlockd", "agent")}

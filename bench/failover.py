@@ -32,7 +32,7 @@ def _trial(cluster: Cluster, taker: Any, ttl: int, trial: int, rng: random.Rando
                                             "host": f"fo-holder-{ttl}-{trial}", "ttl": ttl, "tag": tag,
                                             "disks": DISKS})
     try:
-        holder.read()
+        holder.hello()
         delay = rng.uniform(0, ttl / 3)
         time.sleep(delay)
         vm = VirtleaseVM(taker, cluster.run_id, tag, 0, DISKS)

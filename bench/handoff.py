@@ -28,7 +28,7 @@ def handoff(cluster: Cluster, plan: Plan) -> list[dict[str, Any]]:
     src = cluster.load("ho-src")
     dst = cluster.load("ho-dst")
     dst_host = cluster.host_name("ho-dst")
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for disks in plan.handoff_disks:
             prep: list[float] = []
@@ -59,11 +59,12 @@ def handoff(cluster: Cluster, plan: Plan) -> list[dict[str, Any]]:
                 dest.free()
                 source.free()
                 i += 1
-            row = {"disks": disks, "handoff": Latency.of(total).as_dict(), "prepare": Latency.of(prep).as_dict(),
-                   "claim": Latency.of(claim).as_dict(), "complete_out": Latency.of(out).as_dict()}
-            progress(f"handoff {disks:>2} disks: p50 {row['handoff']['p50_ms']:.2f} ms "
-                     f"(prepare {row['prepare']['p50_ms']:.2f} + claim {row['claim']['p50_ms']:.2f}), "
-                     f"complete_out {row['complete_out']['p50_ms']:.2f} ms (n={len(total)})")
+            lat = {"handoff": Latency.of(total), "prepare": Latency.of(prep), "claim": Latency.of(claim),
+                   "complete_out": Latency.of(out)}
+            row: dict[str, Any] = {"disks": disks, **{k: x.as_dict() for k, x in lat.items()}}
+            progress(f"handoff {disks:>2} disks: p50 {lat['handoff'].p50_ms:.2f} ms "
+                     f"(prepare {lat['prepare'].p50_ms:.2f} + claim {lat['claim'].p50_ms:.2f}), "
+                     f"complete_out {lat['complete_out'].p50_ms:.2f} ms (n={len(total)})")
             rows.append(row)
     finally:
         for plugin in (src, dst):

@@ -19,8 +19,8 @@ from cluster import Cluster
 from contenders import disk_paths, vm_uuid
 from measure import progress
 from plan import Plan
-from proxy import CountingProxy
 from virtlease import LockObject, Plugin, ResourceType
+from virtlease_lab.relay import Relay
 
 DISKS_PER_VM = 50  # 100 puts: below etcd's default --max-txn-ops of 128
 
@@ -28,7 +28,7 @@ DISKS_PER_VM = 50  # 100 puts: below etcd's default --max-txn-ops of 128
 @dataclass
 class VirtleaseHolder:
     disks: int
-    proxy: CountingProxy
+    proxy: Relay
     plugin: Plugin
     objects: list[LockObject] = field(default_factory=list)
     keepalives_at_reset: int = 0
@@ -47,7 +47,7 @@ class VirtleaseHolder:
 @dataclass
 class RecipeHolder:
     locks_n: int
-    proxy: CountingProxy
+    proxy: Relay
     client: Any
     ttl: int
     locks: list[Any] = field(default_factory=list)
@@ -80,7 +80,7 @@ class RecipeHolder:
 
 
 def _virtlease_holder(cluster: Cluster, disks: int, ttl: int) -> VirtleaseHolder:
-    proxy = CountingProxy(cluster.endpoint)
+    proxy = Relay.tcp(cluster.endpoint, count_requests=True)
     plugin = cluster.load(f"ka{disks}", ttl=ttl, endpoint=proxy.endpoint)
     holder = VirtleaseHolder(disks, proxy, plugin)
     left, index = disks, 0
@@ -97,7 +97,7 @@ def _virtlease_holder(cluster: Cluster, disks: int, ttl: int) -> VirtleaseHolder
 
 
 def _recipe_holder(cluster: Cluster, locks_n: int, ttl: int) -> RecipeHolder:
-    proxy = CountingProxy(cluster.endpoint)
+    proxy = Relay.tcp(cluster.endpoint, count_requests=True)
     client = cluster.client(proxy.endpoint)
     holder = RecipeHolder(locks_n, proxy, client, ttl)
     for path in disk_paths(cluster.run_id, "ka-rc", locks_n, locks_n):
@@ -123,10 +123,10 @@ def keepalive_cost(cluster: Cluster, plan: Plan) -> dict[str, Any]:
             progress(f"keepalive: recipe holds {n} locks (one lease each), refreshing every {ttl / 3:.2f} s")
         time.sleep(ttl / 3)  # let every refresher reach its steady state
         for h in vls:
-            h.proxy.reset()
+            h.proxy.reset_counts()
             h.keepalives_at_reset = h.keepalives()
         for r in rcs:
-            r.proxy.reset()
+            r.proxy.reset_counts()
             r.passes.clear()
             r.late_passes = 0
         progress(f"keepalive: counting requests for {plan.keepalive_window:.0f} s")

@@ -1,4 +1,5 @@
-"""Timing, percentiles, concurrent throughput loops, memory and progress lines."""
+"""Timing, latency summaries, concurrent throughput loops, memory and progress lines
+(percentiles: the lab's ``virtlease_lab.stats``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from virtlease_lab.stats import percentile
+
 _T0 = time.monotonic()
 
 
@@ -16,17 +19,6 @@ def progress(message: str) -> None:
     """One progress line on stderr, stamped with the run's elapsed time."""
     elapsed = time.monotonic() - _T0
     print(f"[{int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile ``q`` (0..100) of ``samples``."""
-    if not samples:
-        return float("nan")
-    data = sorted(samples)
-    pos = (len(data) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
 @dataclass(frozen=True)

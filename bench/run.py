@@ -1,11 +1,12 @@
 """virtlease benchmarks, side by side with one etcd transaction (the
 ceiling) and python-etcd3's Lock recipe, in one run against one etcd.
 
-    python bench/run.py [--quick] [--out bench/results] [--endpoints HOST:PORT]
-    python bench/run.py --render bench/results/latest.json   # redraw only
+    python bench/run.py [--quick] [--out DIR] [--endpoints HOST:PORT]
+    python bench/run.py --render bench/results/latest.json --out DIR   # redraw only
 
 Prints the markdown report, writes ``latest.md``, ``latest.json`` and PNG
-plots to ``--out``.  Progress lines go to stderr.  See bench/README.md.
+plots to ``--out`` (default ``build/bench``, untracked; ``bench/results`` holds
+the published run).  Progress lines go to stderr.  See bench/README.md.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ SECTIONS: list[tuple[str, Section]] = [
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="everything at small sizes (< 2 minutes)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="directory for latest.md, latest.json and the PNGs (default: bench/results)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "build" / "bench",
+                        help="directory for latest.md, latest.json and the PNGs (default: build/bench; "
+                             "bench/results publishes them)")
     parser.add_argument("--endpoints", help="use this etcd (host:port) instead of starting an embedded one")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only redraw the report and plots from a results JSON (no benchmark)")

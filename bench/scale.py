@@ -8,6 +8,7 @@ etcd's database size, then release everything."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cluster import Cluster
@@ -25,20 +26,18 @@ def scale(cluster: Cluster, plan: Plan) -> dict[str, Any]:
                                          "host": f"scale-h{i}", "ttl": plan.lock_ttl, "first": first[i],
                                          "count": share[i], "disks": disks}) for i in range(hosts)]
     try:
-        ready = [p.read() for p in procs]
+        ready = [p.hello() for p in procs]
         progress(f"scale: {hosts} host processes ready; acquiring {vms} VMs x {disks} disks")
-        start = time.perf_counter()
-        for p in procs:
-            p.send("go")
-        held = [p.read() for p in procs]
-        wall = time.perf_counter() - start
+        with ThreadPoolExecutor(len(procs)) as pool:  # every host acquires its share at once
+            start = time.perf_counter()
+            held = list(pool.map(lambda p: p.call("go"), procs))
+            wall = time.perf_counter() - start
         db_held, keys_held, live_held = cluster.db_size()
         progress(f"scale: {vms} VMs held after {wall:.1f} s; db {db_held / 2**20:.1f} MiB")
-        start = time.perf_counter()
-        for p in procs:
-            p.send("release")
-        released = [p.read() for p in procs]
-        release_wall = time.perf_counter() - start
+        with ThreadPoolExecutor(len(procs)) as pool:
+            start = time.perf_counter()
+            released = list(pool.map(lambda p: p.call("release"), procs))
+            release_wall = time.perf_counter() - start
         db_after, keys_after, live_after = cluster.db_size()
         for p in procs:
             p.wait()

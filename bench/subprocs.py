@@ -1,38 +1,42 @@
-"""Starting worker subprocesses (``workers.py``) and reading their JSON lines."""
+"""Worker subprocesses (``workers.py``) driven over the one JSON-lines wire of the project
+(``virtlease_etcd.devtools.jsonwire``: configuration on the first stdin line, a hello, then one
+reply per command)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from virtlease_etcd.devtools.jsonwire import Channel, launch, python_argv
 
 WORKERS = Path(__file__).with_name("workers.py")
 
 
 class WorkerProc:
+    """One worker of ``kind`` (see workers.py) started with ``cfg``."""
+
     def __init__(self, kind: str, cfg: dict[str, Any]) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(WORKERS), kind, json.dumps(cfg)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = launch(python_argv(WORKERS), {**cfg, "kind": kind})
+        self.wire = Channel(self.proc)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            code = self.proc.wait()
-            raise RuntimeError(f"worker {self.proc.pid} exited ({code}) without reporting")
-        data: dict[str, Any] = json.loads(line)
-        return data
+    def hello(self, timeout: float = 120) -> dict[str, Any]:
+        """The worker's hello (sent once it is ready); RuntimeError if it exited first."""
+        hello = self.wire.wait_hello(timeout)
+        if hello is None:
+            raise RuntimeError(f"worker {self.proc.pid} exited ({self.proc.poll()}) without reporting")
+        return hello
 
-    def send(self, word: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(word + "\n")
-        self.proc.stdin.flush()
+    def call(self, op: str, timeout: float = 600) -> dict[str, Any]:
+        """Send ``op``; the worker's reply (RuntimeError if none came)."""
+        reply = self.wire.call(op, timeout=timeout)
+        if reply is None:
+            raise RuntimeError(f"worker {self.proc.pid}: no reply to {op} (exit status {self.proc.poll()})")
+        return reply
 
     def wait(self, timeout: float = 30) -> int:
         return self.proc.wait(timeout=timeout)
@@ -40,4 +44,10 @@ class WorkerProc:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()

@@ -1,4 +1,4 @@
-"""Baseline figures of stock libvirt + virtlockd on the two-host rig (tests/libvirt/rig.py).
+"""Baseline figures of stock libvirt + virtlockd on the two-host rig (lab/virtlease_lab/libvirt/rig.py).
 
     python bench/virtlockd_baseline.py [--starts 10] [--migrations 10] [--rtt 2000] [--json OUT]
 
@@ -10,7 +10,7 @@ timestamps from the libvirtd logs; plus the gap between the source's lock
 release at pause and the destination's acquire at resume, from the lockd
 plugin's log lines), the lease release after ``kill -9`` of a QEMU, and the
 ACQUIRE_RESOURCE + RELEASE_RESOURCE round trip on virtlockd's socket, spoken
-with a tiny XDR client (below).  Needs root and deploy/libvirt/install.sh.
+with the agent's lockd client (``virtlease_etcd.agent.lockdclient``).  Needs root and deploy/libvirt/install.sh.
 Prints a markdown report; ``--json`` also writes the raw figures.
 """
 
@@ -20,108 +20,16 @@ import argparse
 import json
 import os
 import signal
-import socket
-import struct
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from virtlease_lab.libvirt.rig import Rig, RigError, wait_for
-
-# ---------------------------------------------------------------- lockd protocol
-LOCKD_PROGRAM = 0x0EA7BEEF
-LOCKD_VERSION = 1
-PROC_REGISTER = 1
-PROC_ACQUIRE_RESOURCE = 6
-PROC_RELEASE_RESOURCE = 7
-CALL, REPLY = 0, 1
-OK, ERROR = 0, 1
-
-
-def xdr_string(s: str) -> bytes:
-    """An XDR string: u32 length, the bytes, zero padding to 4."""
-    b = s.encode()
-    return struct.pack(">I", len(b)) + b + b"\0" * (-len(b) % 4)
-
-
-def read_xdr_string(buf: bytes, off: int) -> tuple[str, int]:
-    """Decode an XDR string at ``off``; return it and the offset after it."""
-    (n,) = struct.unpack_from(">I", buf, off)
-    off += 4
-    return buf[off:off + n].decode(errors="replace"), off + n + (-n % 4)
-
-
-class LockdError(RuntimeError):
-    """virtlockd answered a call with an ERROR reply."""
-
-    def __init__(self, code: int, domain: int, message: str) -> None:
-        super().__init__(f"virtlockd error code={code} domain={domain}: {message}")
-        self.code = code
-
-
-class LockdClient:
-    """One connection to a virtlockd (or anything speaking its protocol) socket."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
-        self.serial = 0
-
-    def close(self) -> None:
-        """Close the connection (virtlockd drops the owner's leases if its pid is ours)."""
-        self.sock.close()
-
-    def call(self, proc: int, payload: bytes) -> None:
-        """Send one CALL and wait for its REPLY; raise LockdError on an ERROR reply."""
-        header = struct.pack(">IIIiIi", LOCKD_PROGRAM, LOCKD_VERSION, proc, CALL, self.serial, OK)
-        self.sock.sendall(struct.pack(">I", 4 + len(header) + len(payload)) + header + payload)
-        (length,) = struct.unpack(">I", self._recv(4))
-        body = self._recv(length - 4)
-        prog, vers, rproc, rtype, serial, status = struct.unpack_from(">IIIiIi", body)
-        if (prog, vers, rproc, rtype, serial) != (LOCKD_PROGRAM, LOCKD_VERSION, proc, REPLY, self.serial):
-            raise RuntimeError(f"unexpected reply header {(prog, vers, rproc, rtype, serial)}")
-        self.serial += 1
-        if status == ERROR:
-            code, domain, has_msg = struct.unpack_from(">iiI", body, 24)
-            message = read_xdr_string(body, 36)[0] if has_msg else ""
-            raise LockdError(code, domain, message)
-
-    def _recv(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("virtlockd closed the connection")
-            buf += chunk
-        return buf
-
-    def register(self, owner_uuid: uuid.UUID, name: str, owner_id: int, pid: int) -> None:
-        """REGISTER{opaque uuid[16]; string name; u32 id; u32 pid; u32 flags=0}."""
-        self.call(PROC_REGISTER, owner_uuid.bytes + xdr_string(name) + struct.pack(">III", owner_id, pid, 0))
-
-    def acquire(self, name: str, lockspace: str = "", flags: int = 0) -> None:
-        """ACQUIRE_RESOURCE{string path (lockspace, '' = direct); string name; u32 flags}."""
-        self.call(PROC_ACQUIRE_RESOURCE, xdr_string(lockspace) + xdr_string(name) + struct.pack(">I", flags))
-
-    def release(self, name: str, lockspace: str = "", flags: int = 0) -> None:
-        """RELEASE_RESOURCE{string path; string name; u32 flags}."""
-        self.call(PROC_RELEASE_RESOURCE, xdr_string(lockspace) + xdr_string(name) + struct.pack(">I", flags))
-
-
-# ------------------------------------------------------------------ statistics
-def pct(values: list[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
-
-
-def summary(values: list[float], scale: float = 1.0) -> dict[str, float]:
-    """n, min, p50, p99 and max of ``values`` times ``scale``."""
-    return {"n": len(values), "min": min(values) * scale, "p50": pct(values, 0.5) * scale,
-            "p99": pct(values, 0.99) * scale, "max": max(values) * scale}
+from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError, make_owner
+from virtlease_lab.libvirt.rig import Rig, RigError
+from virtlease_lab.stats import summary
+from virtlease_lab.waiting import wait_for
 
 
 # ---------------------------------------------------------------- measurements
@@ -185,7 +93,7 @@ def measure_kill9(r: Rig, n: int) -> list[float]:
     r.define_domain("A", "victim", [disk])
     out = []
     client = LockdClient(r.hosts["B"].lockd_socket)
-    client.register(uuid.uuid4(), "kill-probe", 1, os.getpid())
+    client.register(make_owner("kill-probe"))
     try:
         for _ in range(n):
             r.start("A", "victim")
@@ -197,7 +105,7 @@ def measure_kill9(r: Rig, n: int) -> list[float]:
                 try:
                     client.acquire(str(disk))
                     break
-                except LockdError:
+                except RemoteCallError:
                     time.sleep(0.001)
             out.append(time.monotonic() - t0)
             client.release(str(disk))
@@ -215,11 +123,11 @@ def measure_rtt(r: Rig, n: int) -> dict[str, list[float]]:
     for i in range(min(n, 200)):
         t0 = time.perf_counter()
         c = LockdClient(r.hosts["A"].lockd_socket)
-        c.register(uuid.uuid4(), f"reg{i}", 1, os.getpid())
+        c.register(make_owner(f"reg{i}"))
         register.append(time.perf_counter() - t0)
         c.close()
     c = LockdClient(r.hosts["A"].lockd_socket)
-    c.register(uuid.uuid4(), "rtt", 1, os.getpid())
+    c.register(make_owner("rtt"))
     pair, acquire, release = [], [], []
     try:
         for _ in range(100):  # warm-up
@@ -237,14 +145,14 @@ def measure_rtt(r: Rig, n: int) -> dict[str, list[float]]:
         # the refusal path: B's virtlockd, same kernel, while A holds the disk
         c.acquire(disk)
         other = LockdClient(r.hosts["B"].lockd_socket)
-        other.register(uuid.uuid4(), "rtt-b", 1, os.getpid())
+        other.register(make_owner("rtt-b"))
         refused = []
         for _ in range(min(n, 500)):
             t0 = time.perf_counter()
             try:
                 other.acquire(disk)
                 raise RuntimeError("B acquired a disk A holds")
-            except LockdError:
+            except RemoteCallError:
                 refused.append(time.perf_counter() - t0)
         other.close()
         c.release(disk)

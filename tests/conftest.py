@@ -14,10 +14,8 @@ import virtlease_etcd  # noqa: F401  (first: it quiets gRPC's C core before etcd
 
 # isort: on
 import os
-import sys
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,16 +24,8 @@ import pytest
 
 import virtlease as v
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd
-
-
-@dataclass
-class EtcdServer:
-    kind: str
-    endpoints: str
-
-    def client(self) -> etcd3.Etcd3Client:
-        host, port = self.endpoints.split(",")[0].rsplit(":", 1)
-        return etcd3.client(host=host, port=int(port), timeout=5)
+from virtlease_lab.drivers import STEADY_TTL, shut
+from virtlease_lab.etcdserver import EtcdServer
 
 
 @pytest.fixture(scope="session")
@@ -46,10 +36,15 @@ def etcd_process() -> Iterator[EtcdServer]:
 
 @pytest.fixture(scope="session")
 def etcd_container() -> Iterator[EtcdServer]:
-    """etcd in a container (tests/etcd_container.py finds or builds its image).  Where it cannot
-    run, every container test is skipped with one reason (pytest -ra prints it once), or fails
-    with VIRTLEASE_REQUIRE_CONTAINER=1 (.ci/run)."""
-    from etcd_container import EtcdContainerError, docker_available, prepare_docker, start_etcd_container
+    """etcd in a container (virtlease_lab.etcdcontainer finds or builds its image).  Where it
+    cannot run, every container test is skipped with one reason (pytest -ra prints it once), or
+    fails with VIRTLEASE_REQUIRE_CONTAINER=1 (.ci/run)."""
+    from virtlease_lab.etcdcontainer import (
+        EtcdContainerError,
+        docker_available,
+        prepare_docker,
+        start_etcd_container,
+    )
 
     def cannot(why: str) -> NoReturn:
         if os.environ.get("VIRTLEASE_REQUIRE_CONTAINER") == "1":
@@ -74,7 +69,8 @@ def etcd_container() -> Iterator[EtcdServer]:
 @pytest.fixture(scope="session", params=["process", pytest.param("container", marks=pytest.mark.container)])
 def etcd(request: pytest.FixtureRequest) -> EtcdServer:
     """A real etcd: once as a local process, once as a container."""
-    return request.getfixturevalue(f"etcd_{request.param}")
+    server: EtcdServer = request.getfixturevalue(f"etcd_{request.param}")
+    return server
 
 
 @pytest.fixture
@@ -95,25 +91,6 @@ def kv_process(etcd_process: EtcdServer) -> Iterator[etcd3.Etcd3Client]:
     client = etcd_process.client()
     yield client
     client.close()
-
-
-def dump(client: etcd3.Etcd3Client, prefix: str) -> dict[str, tuple[bytes, int, int]]:
-    """Every key under ``prefix``: value, mod_revision, lease."""
-    return {meta.key.decode(): (value, meta.mod_revision, meta.lease_id)
-            for value, meta in client.get_prefix(prefix + "/")}
-
-
-STEADY_TTL = 30
-"""The session TTL of tests that must never be fenced: a loaded machine (load 25 on 2 cores)
-delays keepalives by seconds, and a 3 s TTL (fenced 2.4 s after the last keepalive) turned that
-into 'session lost' failures of tests about something else.  Tests of expiry, failover and
-fencing set a short TTL themselves, with bounds that allow for such delays."""
-FAST_TTL = 3
-"""The TTL of a host a test kills or cuts off, to see its lease run out in a few seconds."""
-EXPIRY_SLACK = 5.0
-"""How late after its TTL a dead host's lease may still be in etcd before a test calls it a failure:
-etcd expires leases in a background pass that a loaded machine delays (a liveness bound; the
-safety bound, never before the lease could expire, is asserted without slack)."""
 
 
 @pytest.fixture
@@ -177,39 +154,6 @@ def frozen() -> Iterator[Any]:
         yield fz
 
 
-def shut(plugin: v.Plugin) -> None:
-    """Test teardown: free the handles, release what the domains still hold
-    (free never releases; unload refuses while domains hold leases), unload."""
-    for obj in plugin.objects:
-        try:
-            obj.free()
-        except v.VirtleaseError:
-            pass
-    release_all = getattr(plugin.driver, "release_all", None)
-    if release_all is not None:
-        try:
-            release_all()
-        except v.VirtleaseError:
-            pass
-    plugin.unload()
-
-
-_THIS = sys.modules[__name__]
-
-
-def pytest_plugin_registered(plugin: object, manager: pytest.PytestPluginManager) -> None:
-    """Keep this file the module ``conftest`` that tests import the etcd helpers from.
-
-    pytest imports every package-less conftest.py (tests/libvirt/, tests/packaging/) as the
-    module ``conftest`` too, the last one loaded winning."""
-    if plugin is not _THIS and Path(str(getattr(plugin, "__file__", ""))).name == "conftest.py":
-        sys.modules["conftest"] = _THIS
-
-
-def new_uuid() -> str:
-    return str(uuid.uuid4())
-
-
 SYSTEM_TEST_DIRS = ("identity", "agent", "libvirt", "packaging")
 """Test folders whose skips mean a missing tool or privilege: in CI
 (``VIRTLEASE_REQUIRE_SYSTEM_TESTS=1``, set by .ci/run) such a skip fails.  A test elsewhere
@@ -217,7 +161,7 @@ says the same with ``@pytest.mark.system``."""
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     report = outcome.get_result()
     if not report.skipped or os.environ.get("VIRTLEASE_REQUIRE_SYSTEM_TESTS") != "1":

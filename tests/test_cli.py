@@ -25,11 +25,11 @@ from typing import Any
 import etcd3
 import pytest
 
-from cliproc import VIRTLEASE, assert_one_line_error, clean_env, run
-from conftest import EtcdServer
-from virtlease_etcd.config import EtcdConfig, load_config
+from virtlease_etcd.config import PROGRAM_ONLY, EtcdConfig, load_config
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd, free_port
 from virtlease_etcd.devtools.hostprocess import HostCallError, HostProcess
+from virtlease_lab.cliproc import VIRTLEASE, assert_one_line_error, clean_env, run
+from virtlease_lab.etcdserver import EtcdServer
 
 
 def opts(etcd: EtcdServer, prefix: str, host: str = "host-t", ttl: int | None = None) -> list[str]:
@@ -381,7 +381,7 @@ def test_debug_adds_the_traceback() -> None:
 def test_sample_configuration_documents_every_setting_and_loads(tmp_path: Path) -> None:
     sample = Path(__file__).parent.parent / "deploy" / "virtlease.toml"
     text = sample.read_text()
-    settable = [f.name for f in dataclasses.fields(EtcdConfig) if f.name not in ("on_lease_lost", "restart_callback")]
+    settable = [f.name for f in dataclasses.fields(EtcdConfig) if f.name not in PROGRAM_ONLY]
     for key in settable:
         # a scalar as `key = `, a table (identity_map, server_aliases) as its `[etcd.key]` header
         assert re.search(rf"^#? ?({key} = |\[etcd\.{key}\])", text, re.MULTILINE), \

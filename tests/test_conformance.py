@@ -7,11 +7,16 @@ behaviour (conflicts, fencing, handoff details) is tested beside the driver.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 
 import virtlease as v
-from conftest import STEADY_TTL, EtcdServer, new_uuid, shut
+from virtlease_lab.drivers import STEADY_TTL, new_uuid, shut
+from virtlease_lab.etcdserver import EtcdServer
+
+T = TypeVar("T")
+
 
 D = v.ResourceType.DISK
 L = v.ResourceType.LEASE
@@ -176,7 +181,7 @@ def test_libvirt_call_pattern_a_fresh_object_per_operation(driver_factory: Calla
     uuid = new_uuid()
     disks = ["/conf/lv/root.img", "/conf/lv/data.img"]
 
-    def op(plugin: v.Plugin, fn: Callable[[v.LockObject], object], ds: list[str] = disks) -> object:
+    def op(plugin: v.Plugin, fn: Callable[[v.LockObject], T], ds: list[str] = disks) -> T:
         obj = vm(plugin, ds, uuid=uuid, name="web1", pid=None)
         try:
             return fn(obj)
@@ -188,7 +193,7 @@ def test_libvirt_call_pattern_a_fresh_object_per_operation(driver_factory: Calla
             return []
         found = []
         for plugin in (src, dst):
-            found += [(plugin.driver.host_id, h.token) for h in op(plugin, lambda o: o.held())]  # type: ignore[union-attr]
+            found += [(plugin.driver.host_id, h.token) for h in op(plugin, lambda o: o.held())]
         return found
 
     locking = src.name != "nop"

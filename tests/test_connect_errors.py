@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 import virtlease as v
-from cliproc import VIRTLEASE, assert_one_line_error, clean_env, run
 from virtlease.errors import BackendUnavailableError
 from virtlease_etcd.devtools.embedded import free_port
+from virtlease_lab.cliproc import VIRTLEASE, assert_one_line_error, clean_env, run
 
 
 def _slow_config(tmp_path: Path, endpoints: str) -> Path:

@@ -1,6 +1,6 @@
 """The container pass of ``make test`` on a machine with Docker and no image registry.
 
-``prepare_docker`` (tests/etcd_container.py) builds the local etcd image itself when none is
+``prepare_docker`` (virtlease_lab.etcdcontainer) builds the local etcd image itself when none is
 there, and where the pass cannot run every container test is skipped with one line (or fails,
 with VIRTLEASE_REQUIRE_CONTAINER=1 as CI sets it) -- never a flood of errors.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cliproc import clean_env
-from etcd_container import docker_available, prepare_docker
+from virtlease_lab.cliproc import clean_env
+from virtlease_lab.etcdcontainer import docker_available, prepare_docker
 
 REPO = Path(__file__).resolve().parents[1]
 CASE = "tests/test_etcd_driver.py::test_conflict_names_the_holder[container]"

@@ -22,12 +22,13 @@ from typing import Any
 
 import etcd3
 import pytest
+from virtlease_lab.relay import Relay
 
 import virtlease as v
-from conftest import EtcdServer, new_uuid
 from virtlease_etcd.session.fencing import RevocationGate, pid_alive
 from virtlease_lab import freezer
-from virtlease_lab.tcpproxy import TcpProxy
+from virtlease_lab.drivers import new_uuid
+from virtlease_lab.etcdserver import EtcdServer
 
 TTL, MARGIN = 3, 1.2
 
@@ -74,7 +75,7 @@ class Fenced:
                  before_cut: Any = None) -> None:
         self.guest = subprocess.Popen(["sleep", "300"])
         self.restarted: list[Any] = []
-        self.proxy = TcpProxy(etcd.endpoints.split(",")[0])
+        self.proxy = Relay.tcp(etcd.endpoints.split(",")[0])
         self.plugin = v.load_driver("etcd", config={
             "endpoints": self.proxy.endpoint, "prefix": prefix, "host_id": f"fenced-{action.name.lower()}",
             "ttl": TTL, "fence_margin": MARGIN, "request_timeout": 0.5, "restart_callback": self.restarted.append})

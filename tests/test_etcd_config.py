@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from virtlease import ConfigError, FailureAction
+from virtlease import ConfigError, FailureAction, load_driver
 from virtlease_etcd.config import load_config
 
 
@@ -99,6 +99,18 @@ def test_environment_override_is_validated() -> None:
         load_config({}, environ={"VIRTLEASE_ETCD_ENDPOINTS": "bad"})
 
 
+def test_an_adopted_session_comes_only_from_a_program(tmp_path: Path) -> None:
+    path = tmp_path / "virtlease.toml"
+    path.write_text('adopted_session = "1234"\n')
+    with pytest.raises(ConfigError, match="adopted_session"):
+        load_config({"config_file": str(path)}, environ={})
+    # the environment is never read for it
+    assert load_config({}, environ={"VIRTLEASE_ETCD_ADOPTED_SESSION": "1234"}).adopted_session is None
+
+
+def test_load_driver_refuses_an_adopted_session_that_is_not_one() -> None:
+    with pytest.raises(ConfigError, match="adopted_session: object is not a host session"):
+        load_driver("etcd", config={"endpoints": "127.0.0.1:1", "adopted_session": object()})
 def test_unknown_keys_never_list_program_only_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config({"colour": "blue"}, environ={})

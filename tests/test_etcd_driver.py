@@ -14,9 +14,11 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EXPIRY_SLACK, STEADY_TTL, EtcdServer, dump, new_uuid, shut
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.devtools.hostprocess import HostProcess
-from virtlease_lab.tcpproxy import TcpProxy
+from virtlease_lab.drivers import EXPIRY_SLACK, STEADY_TTL, new_uuid, shut
+from virtlease_lab.etcdserver import EtcdServer, dump
+from virtlease_lab.relay import Relay
 
 D = v.ResourceType.DISK
 MakeDriver = Callable[..., v.Plugin]
@@ -279,7 +281,7 @@ def test_restart_action_needs_a_callback(make_driver: MakeDriver) -> None:
 def test_lost_reply_is_resolved_by_reading_back(etcd: EtcdServer, prefix: str, kv: etcd3.Etcd3Client) -> None:
     """The txn commits but its reply is dropped: the driver reads back its own
     record instead of retrying into a conflict with itself."""
-    with TcpProxy(etcd.endpoints.split(",")[0]) as proxy:
+    with Relay.tcp(etcd.endpoints.split(",")[0]) as proxy:
         plugin = v.load_driver("etcd", config={"endpoints": proxy.endpoint, "prefix": prefix,
                                                "host_id": "flaky", "ttl": 6, "request_timeout": 0.5})
         try:
@@ -323,11 +325,11 @@ def test_crash_frees_disks_after_ttl_not_before_fence(etcd: EtcdServer, prefix: 
     while True:
         try:
             obj.acquire()
-            granted_at = time.monotonic()
+            granted_at = SYSTEM.now()
             break
         except v.ResourceBusyError as exc:
             assert exc.conflicts[0].host == "doomed"
-            assert time.monotonic() - killed_at < ttl + EXPIRY_SLACK, "disk still held well after the TTL"
+            assert SYSTEM.now() - killed_at < ttl + EXPIRY_SLACK, "disk still held well after the TTL"
             time.sleep(0.05)
     assert granted_at - killed_at <= ttl + EXPIRY_SLACK
     assert granted_at > fence_at, "granted before the dead holder's fence deadline"
@@ -344,7 +346,7 @@ def test_unresolved_grant_is_withdrawn_not_left_behind(etcd: EtcdServer, prefix:
     """etcd applies the grant but no reply comes back before the deadline:
     acquire fails, and the record it may have left is withdrawn once etcd is
     reachable again, so no disk stays locked by a grant nobody knows of."""
-    with TcpProxy(etcd.endpoints.split(",")[0]) as proxy:
+    with Relay.tcp(etcd.endpoints.split(",")[0]) as proxy:
         plugin = v.load_driver("etcd", config={"endpoints": proxy.endpoint, "prefix": prefix, "host_id": "unsure",
                                                "ttl": 8, "request_timeout": 0.4, "acquire_timeout": 1.2})
         obj = vm(plugin, ["/srv/unsure.img"], name="unsure-vm")
@@ -359,9 +361,9 @@ def test_unresolved_grant_is_withdrawn_not_left_behind(etcd: EtcdServer, prefix:
                     break
                 time.sleep(1.0)
             assert reached, "the grant never reached etcd: the scenario did not happen"
-            deadline = time.monotonic() + 5
+            deadline = SYSTEM.now() + 5
             while [k for k in dump(kv, prefix) if "/res/" in k]:
-                assert time.monotonic() < deadline, "the uncertain grant was never withdrawn"
+                assert SYSTEM.now() < deadline, "the uncertain grant was never withdrawn"
                 time.sleep(0.1)
             assert plugin.driver.session.lost is None
             obj.acquire()  # and the object can still acquire for real

@@ -12,9 +12,10 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, new_uuid, shut
 from virtlease_etcd.devtools.hostprocess import HostProcess, process_state
-from virtlease_lab.tcpproxy import TcpProxy
+from virtlease_lab.drivers import new_uuid, shut
+from virtlease_lab.etcdserver import EtcdServer
+from virtlease_lab.relay import Relay
 
 D = v.ResourceType.DISK
 
@@ -44,7 +45,7 @@ def test_cut_off_holder_kills_its_vm_before_anyone_else_is_granted(
 
     threading.Thread(target=watch, daemon=True).start()
     try:
-        with TcpProxy(etcd.endpoints.split(",")[0]) as proxy, \
+        with Relay.tcp(etcd.endpoints.split(",")[0]) as proxy, \
                 HostProcess(proxy.endpoint, prefix, "isolated", ttl=ttl, request_timeout=0.5) as holder:
             holder.ok("new", obj="vm", uuid=new_uuid(), name="guest", disks=["/srv/fence.img"], pid=guest.pid)
             holder.ok("acquire", obj="vm", action="POWEROFF")
@@ -73,7 +74,7 @@ def test_cut_off_holder_kills_its_vm_before_anyone_else_is_granted(
 def test_pause_action_stops_the_vm(etcd: EtcdServer, prefix: str) -> None:
     guest = subprocess.Popen(["sleep", "300"])
     try:
-        with TcpProxy(etcd.endpoints.split(",")[0]) as proxy, \
+        with Relay.tcp(etcd.endpoints.split(",")[0]) as proxy, \
                 HostProcess(proxy.endpoint, prefix, "pauser", ttl=2, request_timeout=0.5) as holder:
             holder.ok("new", obj="vm", uuid=new_uuid(), name="guest", disks=["/srv/pause.img"], pid=guest.pid)
             holder.ok("acquire", obj="vm", action="PAUSE")
@@ -90,7 +91,7 @@ def test_pause_action_stops_the_vm(etcd: EtcdServer, prefix: str) -> None:
 
 def test_lease_lost_callback_and_later_calls_refused(etcd: EtcdServer, prefix: str) -> None:
     reasons: list[str] = []
-    with TcpProxy(etcd.endpoints.split(",")[0]) as proxy:
+    with Relay.tcp(etcd.endpoints.split(",")[0]) as proxy:
         plugin = v.load_driver("etcd", config={
             "endpoints": proxy.endpoint, "prefix": prefix, "host_id": "cb", "ttl": 2, "request_timeout": 0.5,
             "default_action": "ignore", "on_lease_lost": reasons.append})
@@ -113,7 +114,7 @@ def test_lease_lost_callback_and_later_calls_refused(etcd: EtcdServer, prefix: s
 
 
 def test_keepalive_survives_a_short_outage(etcd: EtcdServer, prefix: str) -> None:
-    with TcpProxy(etcd.endpoints.split(",")[0]) as proxy:
+    with Relay.tcp(etcd.endpoints.split(",")[0]) as proxy:
         plugin = v.load_driver("etcd", config={"endpoints": proxy.endpoint, "prefix": prefix,
                                                "host_id": "blip", "ttl": 4, "request_timeout": 0.5})
         try:

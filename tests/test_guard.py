@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.devtools.hostprocess import process_state
 from virtlease_etcd.session.guard import Guard, start_time
 
@@ -69,7 +70,7 @@ def guards() -> Iterator[Callable[[], Guard]]:
     made: list[Guard] = []
 
     def make() -> Guard:
-        g = Guard.spawn()
+        g = Guard.spawn(SYSTEM.clock_id)
         made.append(g)
         return g
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import etcd3
@@ -19,8 +19,9 @@ import pytest
 from etcd3 import transactions as tx
 
 import virtlease as v
-from conftest import dump, new_uuid
 from virtlease_etcd.etcd.client import TransientError
+from virtlease_lab.drivers import new_uuid
+from virtlease_lab.etcdserver import dump
 
 D = v.ResourceType.DISK
 MakeDriver = Callable[..., v.Plugin]
@@ -48,7 +49,7 @@ def holders(kv: etcd3.Etcd3Client, prefix: str) -> dict[str, bytes]:
     return {key: value for key, (value, _rev, _lease) in dump(kv, prefix).items() if "/res/" in key}
 
 
-Ops = list[Any]
+Ops = Sequence[Any]
 
 
 class Lost:

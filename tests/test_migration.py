@@ -13,8 +13,10 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EXPIRY_SLACK, FAST_TTL, STEADY_TTL, EtcdServer, dump, new_uuid, shut
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.devtools.hostprocess import HostProcess
+from virtlease_lab.drivers import EXPIRY_SLACK, FAST_TTL, STEADY_TTL, new_uuid, shut
+from virtlease_lab.etcdserver import EtcdServer, dump
 
 D = v.ResourceType.DISK
 DISKS = ["/srv/mig/root.img", "/srv/mig/data.img"]
@@ -209,7 +211,7 @@ def test_source_killed_before_claim_fails_safely_then_disks_are_free(
     state = src.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
     killed_at = src.kill()
     while holders(kv, prefix):  # the source's lease runs out; its marks go with it
-        assert time.monotonic() - killed_at < FAST_TTL + EXPIRY_SLACK, "dead source still holds well after its TTL"
+        assert SYSTEM.now() - killed_at < FAST_TTL + EXPIRY_SLACK, "dead source still holds well after its TTL"
         steal(third)  # and until then nobody else gets the disks
         time.sleep(0.1)
     assert not [k for k in dump(kv, prefix) if "/handoff/" in k]
@@ -233,9 +235,9 @@ def test_destination_killed_after_claim_frees_and_source_never_regains(
     dst.ok("new", obj="web1", uuid=uuid, name="web1", disks=DISKS, migrate=True)
     dst.ok("acquire", obj="web1", state=state)
     dst.kill()
-    deadline = time.monotonic() + FAST_TTL + EXPIRY_SLACK
+    deadline = SYSTEM.now() + FAST_TTL + EXPIRY_SLACK
     while holders(kv, prefix):
-        assert time.monotonic() < deadline
+        assert SYSTEM.now() < deadline
         time.sleep(0.1)
     # the source's old state cannot silently take the disks back
     assert src.call("complete_migrate_out", obj="web1", cancel=True)["error"] == "StaleStateError"

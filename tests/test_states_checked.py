@@ -2,9 +2,8 @@
 
 Each test pins one way a caller (careless or hostile) could get one disk
 granted to two hosts, or could leave something half-done, with the legal
-calls of the ABI against a real etcd.  The bug each one pins is named in
-its docstring ("bug N" of the issue that found them); every one of them
-failed on the driver before the fix.
+calls of the ABI against a real etcd.  Each docstring says what the
+driver did before its fix; every one of these tests failed on it then.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid
+from virtlease_lab.drivers import new_uuid
+from virtlease_lab.etcdserver import EtcdServer, dump
 
 D = v.ResourceType.DISK
 MakeDriver = Callable[..., v.Plugin]
@@ -79,13 +79,13 @@ def lease_of(plugin: v.Plugin) -> int:
     return int(plugin.driver.session.lease_id)
 
 
-# -- bug 1: a resume takes only what nobody holds ------------------------------------------
+# -- a resume takes only what nobody holds ------------------------------------------
 
 
 def test_resume_state_of_a_running_holder_is_refused_on_another_host(make_driver: MakeDriver,
                                                                       kv: etcd3.Etcd3Client,
                                                                       prefix: str) -> None:
-    """Bug 1: host B acquiring with the state host A's inquire() returned (the
+    """Host B acquiring with the state host A's inquire() returned (the
     migration-cookie pattern) while A still holds the disk replaced A's record."""
     a, b = make_driver("host-a"), make_driver("host-b")
     uuid = new_uuid()
@@ -106,7 +106,7 @@ def test_resume_state_of_a_running_holder_is_refused_on_another_host(make_driver
 
 def test_forged_states_never_take_a_held_disk(make_driver: MakeDriver, kv: etcd3.Etcd3Client,
                                               prefix: str) -> None:
-    """Bug 1 variants: a state edited with another uuid/host and the holder's token
+    """A state edited with another uuid/host and the holder's token
     (as a ResourceBusyError shows it), and a forged *shared* resume against an
     exclusive holder: every one refused, etcd unchanged."""
     a, b = make_driver("host-a"), make_driver("host-b")
@@ -190,12 +190,12 @@ def test_unload_is_refused_while_a_domain_holds_disks(make_driver: MakeDriver) -
     a.unload()
 
 
-# -- bug 2: a claim checks that the marker names this host ---------------------------------
+# -- a claim checks that the marker names this host ---------------------------------
 
 
 def test_third_host_cannot_claim_by_editing_the_destination(make_driver: MakeDriver, kv: etcd3.Etcd3Client,
                                                             prefix: str) -> None:
-    """Bug 2: host C edited the handoff state's ``to`` to itself and claimed."""
+    """Host C edited the handoff state's ``to`` to itself and claimed."""
     a, b, c = make_driver("host-a"), make_driver("host-b"), make_driver("host-c")
     uuid = new_uuid()
     src = obj_of(a, uuid, ["/srv/mig2/r.img"])
@@ -213,13 +213,13 @@ def test_third_host_cannot_claim_by_editing_the_destination(make_driver: MakeDri
     dst.release()
 
 
-# -- bug 3 and bug 8b: the hand-back leaves no marker, in one transaction -------------------
+# -- the hand-back leaves no marker, in one transaction -------------------
 
 
 def test_handback_leaves_no_marker_and_the_vm_can_migrate_again(make_driver: MakeDriver,
                                                                 kv: etcd3.Etcd3Client, prefix: str) -> None:
-    """Bug 3: after a→b, cancel on b, reclaim on a, ``handoff/<uuid>/<b>`` stayed and
-    a later migration of the VM from b was refused.  Bug 8b: the old marker was
+    """After a→b, cancel on b, reclaim on a, ``handoff/<uuid>/<b>`` stayed and
+    a later migration of the VM from b was refused.  And the old marker was
     deleted in a separate request after the reclaim (a failure there made acquire
     raise with the disks held); now the claim removes it in its own transaction."""
     a, b = make_driver("host-a"), make_driver("host-b")
@@ -259,13 +259,13 @@ def _exists_at(kv: etcd3.Etcd3Client, key: str, revision: int) -> bool:
     return bool(resp.kvs)
 
 
-# -- bug 4: a retried grant recognises its own earlier attempt -----------------------------
+# -- a retried grant recognises its own earlier attempt -----------------------------
 
 
 def test_retry_after_a_late_commit_recognises_its_own_grant(make_driver: MakeDriver, kv: etcd3.Etcd3Client,
                                                             prefix: str, monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
-    """Bug 4: the first attempt's reply is lost, the read-back runs before that
+    """The first attempt's reply is lost, the read-back runs before that
     attempt commits, the retry then meets the caller's own record: it raised
     ResourceBusyError naming the caller's own domain and left the record on the
     lease after free()."""
@@ -301,14 +301,14 @@ def test_retry_after_a_late_commit_recognises_its_own_grant(make_driver: MakeDri
     assert holders(kv, prefix) == {}
 
 
-# -- bug 5: a lease revoked from outside fences at once -----------------------------------
+# -- a lease revoked from outside fences at once -----------------------------------
 
 
 def test_lease_revoked_from_outside_fences_and_raises_lease_lost(make_driver: MakeDriver,
                                                                  kv: etcd3.Etcd3Client,
                                                                  vms: Callable[[], subprocess.Popen[bytes]]
                                                                  ) -> None:
-    """Bug 5: ``etcdctl lease revoke`` surfaced as an internal LeaseNotFound and the
+    """``etcdctl lease revoke`` surfaced as an internal LeaseNotFound and the
     host kept running its VMs until the next keepalive."""
     a = make_driver("host-a", ttl=30)
     vm = vms()
@@ -321,7 +321,7 @@ def test_lease_revoked_from_outside_fences_and_raises_lease_lost(make_driver: Ma
 
 def test_lease_revoked_from_outside_fences_without_any_call(make_driver: MakeDriver, kv: etcd3.Etcd3Client,
                                                            vms: Callable[[], subprocess.Popen[bytes]]) -> None:
-    """Bug 5: the host notices the revocation itself (its host key is watched)."""
+    """The host notices the revocation itself (its host key is watched)."""
     a = make_driver("host-a", ttl=30)
     vm = vms()
     obj_of(a, new_uuid(), ["/srv/rev/w.img"], pid=vm.pid).acquire()
@@ -332,12 +332,12 @@ def test_lease_revoked_from_outside_fences_without_any_call(make_driver: MakeDri
     assert a.driver.session.lost is not None
 
 
-# -- bug 6: every driver instance keeps its own policy ---------------------------------------
+# -- every driver instance keeps its own policy ---------------------------------------
 
 
 def test_second_driver_of_a_host_keeps_its_own_failure_policy(make_driver: MakeDriver, kv: etcd3.Etcd3Client,
                                                               vms: Callable[[], subprocess.Popen[bytes]]) -> None:
-    """Bug 6: a second load_driver for the same host silently used the first one's
+    """A second load_driver for the same host silently used the first one's
     configuration: one that asked for poweroff got ignore."""
     lenient = make_driver("host-a", ttl=30, default_action="ignore")
     strict = make_driver("host-a", ttl=30, default_action="poweroff")
@@ -357,11 +357,11 @@ def test_second_driver_with_another_ttl_is_refused(make_driver: MakeDriver) -> N
         make_driver("host-a", ttl=5)
 
 
-# -- bug 7: REGISTER_ONLY takes no state ------------------------------------------------------
+# -- REGISTER_ONLY takes no state ------------------------------------------------------
 
 
 def test_register_only_refuses_a_state(make_driver: MakeDriver) -> None:
-    """Bug 7: REGISTER_ONLY ignored its state, also on a NewFlags.MIGRATE object."""
+    """REGISTER_ONLY ignored its state, also on a NewFlags.MIGRATE object."""
     a = make_driver("host-a")
     obj = obj_of(a, new_uuid(), ["/srv/reg/r.img"])
     obj.acquire()
@@ -374,12 +374,12 @@ def test_register_only_refuses_a_state(make_driver: MakeDriver) -> None:
     incoming.acquire(flags=v.AcquireFlags.REGISTER_ONLY | v.AcquireFlags.RESTRICT)  # libvirt's incoming start
 
 
-# -- bug 8: the unconfirmed ones, settled ------------------------------------------------------
+# -- the unconfirmed ones, settled ------------------------------------------------------
 
 
 def test_destination_is_fenced_after_handing_back_while_its_records_remain(
         make_driver: MakeDriver, kv: etcd3.Etcd3Client, vms: Callable[[], subprocess.Popen[bytes]]) -> None:
-    """Bug 8a: after complete_migrate_in(cancel=True) the destination object was
+    """After complete_migrate_in(cancel=True) the destination object was
     never fenced although its records were still on its lease."""
     a, b = make_driver("host-a"), make_driver("host-b", ttl=30)
     uuid = new_uuid()
@@ -395,7 +395,7 @@ def test_destination_is_fenced_after_handing_back_while_its_records_remain(
 
 def test_complete_migrate_out_does_not_mistake_vanished_records_for_a_claim(
         make_driver: MakeDriver, kv: etcd3.Etcd3Client) -> None:
-    """Bug 8c: records gone because the source's lease went away were read as
+    """Records gone because the source's lease went away were read as
     'the destination claimed' and complete_migrate_out() reported success."""
     a = make_driver("host-a", ttl=30, default_action="ignore")
     src = obj_of(a, new_uuid(), ["/srv/f8/c.img"])
@@ -408,7 +408,7 @@ def test_complete_migrate_out_does_not_mistake_vanished_records_for_a_claim(
 
 def test_release_resource_of_a_replaced_record_forgets_it(make_driver: MakeDriver, kv: etcd3.Etcd3Client,
                                                           prefix: str) -> None:
-    """Bug 8d: release_resource hitting StaleStateError left the disk in the held list."""
+    """Release_resource hitting StaleStateError left the disk in the held list."""
     a = make_driver("host-a")
     obj = obj_of(a, new_uuid(), ["/srv/f8/h1.img", "/srv/f8/h2.img"])
     obj.acquire()
@@ -422,7 +422,7 @@ def test_release_resource_of_a_replaced_record_forgets_it(make_driver: MakeDrive
 
 def test_a_wall_clock_step_back_does_not_blacklist_endpoints(etcd_process: EtcdServer, prefix: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bug 8e: an endpoint was marked failed with the wall clock; after a step back
+    """An endpoint was marked failed with the wall clock; after a step back
     of the clock every endpoint that had failed once (a short outage) stayed
     blacklisted for as long as the step, so a healthy host fenced itself."""
     from virtlease_etcd.config import load_config
@@ -439,9 +439,9 @@ def test_a_wall_clock_step_back_does_not_blacklist_endpoints(etcd_process: EtcdS
         import types
 
         stepped = types.SimpleNamespace(time=lambda: time.time() - 3600, monotonic=time.monotonic,
-                                        sleep=time.sleep)
+                                        clock_gettime=time.clock_gettime, sleep=time.sleep)
         monkeypatch.setattr(sys.modules["etcd3.client"], "time", stepped)
-        monkeypatch.setattr(sys.modules["virtlease_etcd.etcd.client"], "time", stepped)
+        monkeypatch.setattr(sys.modules["virtlease_etcd.clock"], "time", stepped)  # the one clock
         kvs, revision = client.get_range(prefix + "/x", timeout=2.0)
         assert kvs == [] and revision > 0
     finally:

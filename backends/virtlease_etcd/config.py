@@ -58,6 +58,10 @@ class EtcdConfig:
     """Called (with a reason) once when the session is lost."""
     restart_callback: Callable[[Any], None] | None = None
     """Needed for FailureAction.RESTART: called with the ObjectSpec."""
+    adopted_session: Any = field(default=None, repr=False, compare=False)
+    """A running host session to continue instead of opening a new one (etcd's
+    ``WithLease``): the one ``session.reattach.adopt_session`` returned after a
+    restart.  The driver uses it from the load on; only a program can pass it."""
     identity_map: Mapping[str, str] = field(default_factory=dict)
     """Disk names: absolute path prefix -> identity prefix, e.g.
     ``{"/mnt/pool": "san://pool1"}``; the longest matching prefix wins over
@@ -96,9 +100,9 @@ _CALLABLES = {"on_lease_lost", "restart_callback"}
 _MAPS = {"identity_map", "server_aliases"}
 _BOOLS = {"strict_identity", "legacy_path_keys"}
 KNOWN_KEYS = {f.name for f in fields(EtcdConfig)} | {"config_file"}
-PROGRAM_ONLY = _CALLABLES | {"config_file"}
-"""Keys only a program's config dict can give (callables, the file's own name): never in a file
-or the environment, and never offered as a suggestion."""
+PROGRAM_ONLY = _CALLABLES | {"adopted_session", "config_file"}
+"""Keys only a program's config dict can give (callables, a running session, the file's own
+name): never in a file or the environment, and never offered as a suggestion."""
 SETTINGS = sorted(KNOWN_KEYS - PROGRAM_ONLY)
 """What a file, the environment or a command line may set (deploy/virtlease.toml documents each)."""
 
@@ -193,6 +197,8 @@ def _coerce(key: str, value: Any) -> Any:
             if not callable(value):
                 raise ValueError
             return value
+        if key == "adopted_session" and isinstance(value, str | int | float | list | Mapping):
+            raise ValueError  # a value a file or the environment could hold: never a session
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: invalid value {value!r}") from None
     return value
@@ -235,7 +241,7 @@ def load_config(raw: Mapping[str, Any] | None = None, *, environ: Mapping[str, s
     path = given.pop("config_file", None) or env.get("VIRTLEASE_CONFIG")
     if path:
         merged.update(_read_toml(str(path)))
-    for key in KNOWN_KEYS - {"config_file"} - _CALLABLES:
+    for key in KNOWN_KEYS - {"config_file"} - PROGRAM_ONLY:
         value = env.get(ENV_PREFIX + key.upper())
         if value is not None and value != "":
             merged[key] = value

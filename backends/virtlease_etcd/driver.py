@@ -10,6 +10,7 @@ see docs/DESIGN.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Mapping
@@ -68,9 +69,10 @@ class EtcdDriver:
         if missing:
             raise PluginVersionError(f"etcd driver: requested capabilities {missing!r} not offered "
                                      f"(offers {self.capabilities!r})")
-        self.cfg = load_config(config)
-        self.policy = Policy(self.cfg.default_action, self.cfg.restart_callback)
-        self._session = open_session(self.cfg)
+        cfg = load_config(config)
+        self.policy = Policy(cfg.default_action, cfg.restart_callback)
+        self._session = open_session(cfg)  # continues cfg.adopted_session if given
+        self.cfg = dataclasses.replace(cfg, adopted_session=None)  # a renewal opens a new one
         self._names = DiskNames(self.cfg)
         self._session.add_listener(self._on_lost)
 

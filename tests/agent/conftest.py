@@ -1,4 +1,4 @@
-"""Fixtures for the agent tests (the harness itself is in agent_harness.py)."""
+"""Fixtures for the agent tests (the harness itself is virtlease_lab.lockdharness)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from agent.agent_harness import RecordingBackend, ServerThread, Vector, load_vectors
+from virtlease_lab.lockdharness import RecordingBackend, ServerThread, Vector, load_vectors
 
 
 @pytest.fixture(scope="session")
 def vectors() -> list[Vector]:
-    return load_vectors()
+    return load_vectors(Path(__file__).parent / "data" / "lockd-capture-vectors.txt")
 
 
 @pytest.fixture

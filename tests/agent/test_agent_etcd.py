@@ -4,7 +4,6 @@ owns the lifeline; other connections REGISTER and ACQUIRE/RELEASE per disk."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import subprocess
@@ -12,17 +11,21 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from etcd3 import transactions as tx
 
 import virtlease as v
-from agent.agent_harness import MALFORMED, ServerThread
-from agent.etcd_agent import StandinQemu, backend, load
-from conftest import EXPIRY_SLACK, FAST_TTL, STEADY_TTL, EtcdServer, dump
+from virtlease_etcd.agent.backend import EtcdLockBackend
 from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError, make_owner
 from virtlease_etcd.agent.protocol import ErrorCode
+from virtlease_lab.agents import agent_behind_relay, hold_then_cut, images
+from virtlease_lab.drivers import EXPIRY_SLACK, FAST_TTL, STEADY_TTL, backend, load
+from virtlease_lab.etcdserver import EtcdServer, dump
+from virtlease_lab.lockdharness import MALFORMED, ServerThread
+from virtlease_lab.standin import StandinQemu
+from virtlease_lab.waiting import wait_for
 
 Agent = tuple[ServerThread, v.Plugin]
 
@@ -30,19 +33,20 @@ Agent = tuple[ServerThread, v.Plugin]
 @pytest.fixture
 def agents(etcd_process: EtcdServer, prefix: str, tmp_path: Path) -> Iterator[Callable[..., Agent]]:
     """agents(host) -> (server, plugin): an agent of ``host`` on its own socket, same etcd."""
-    made: list[tuple[ServerThread, v.Plugin, list[StandinQemu]]] = []
+    made: list[tuple[ServerThread, v.Plugin, EtcdLockBackend]] = []
 
     def make(host: str, **kwargs: Any) -> Agent:
         run = tmp_path / host
         run.mkdir(mode=0o700)
         plugin = load(etcd_process.endpoints, prefix, host)
-        server = ServerThread(run / "virtlockd-sock", backend(plugin, **{"reserve_grace": 0.5, **kwargs}))
-        made.append((server, plugin, []))
+        be = backend(plugin, **{"reserve_grace": 0.5, **kwargs})
+        server = ServerThread(run / "virtlockd-sock", be)
+        made.append((server, plugin, be))
         return server, plugin
 
     yield make
-    for server, plugin, _ in made:
-        server.run(server.server.backend.close())
+    for server, plugin, be in made:
+        server.run(be.close())
         server.stop()
         plugin.driver.release_all()
         plugin.unload()
@@ -63,14 +67,6 @@ def qemus() -> Iterator[Callable[..., StandinQemu]]:
             q.kill()
 
 
-def images(tmp_path: Path, *names: str) -> list[str]:
-    out = []
-    for n in names:
-        (tmp_path / n).write_bytes(b"")
-        out.append(str(tmp_path / n))
-    return out
-
-
 def call(agent: Agent, q: StandinQemu, op: str, *disks: str) -> None:
     """One libvirt-style connection: REGISTER, then ``op`` per disk, then close."""
     with LockdClient(agent[0].path) as c:
@@ -83,15 +79,6 @@ def error_of(fn: Callable[[], None]) -> str:
     with pytest.raises(RemoteCallError) as exc:
         fn()
     return exc.value.error.message or ""
-
-
-def wait_for(pred: Callable[[], bool], timeout: float) -> float:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-    return time.monotonic() - t0
 
 
 def holders(etcd_process: EtcdServer, prefix: str) -> dict[str, bytes]:
@@ -137,7 +124,7 @@ def test_owner_eof_releases_through_the_lifeline_not_the_lease(
     call(a, web, "acquire", d1)
     assert holders(etcd_process, prefix)
     web.kill()
-    wait_for(lambda: not holders(etcd_process, prefix), 2.0)
+    wait_for(lambda: not holders(etcd_process, prefix), 2.0, what="the dead owner's disk to be released")
     assert a[1].driver.session.lost is None
     call(a, qemus(a, "db1"), "acquire", d1)
 
@@ -244,7 +231,7 @@ def test_a_release_etcd_did_not_answer_is_retried_until_it_does(
     """The QEMU exits while etcd is out of reach for longer than the release deadline (not long
     enough to lose the session): the agent keeps its records and frees the disk once etcd answers.
     Before the fix the failed release forgot them, and the disk stayed held on a live lease."""
-    with _agent_behind_proxy(etcd_process, prefix, tmp_path, "host-f", ttl=STEADY_TTL, acquire_timeout=1.0) \
+    with agent_behind_relay(etcd_process, prefix, tmp_path, "host-f", ttl=STEADY_TTL, acquire_timeout=1.0) \
             as (proxy, plugin, server):
         (d1,) = images(tmp_path, "d1.img")
         web = StandinQemu(server.path, "web1")
@@ -298,10 +285,10 @@ def test_malformed_frames_change_nothing(agents: Callable[..., Agent], qemus: Ca
 def test_etcd_unreachable_is_an_error_reply_not_a_hang(etcd_process: EtcdServer, prefix: str,
                                                        tmp_path: Path) -> None:
     """An agent whose etcd goes away answers within its deadline (acquire_timeout 2 s here)."""
-    from virtlease_lab.tcpproxy import TcpProxy
+    from virtlease_lab.relay import Relay
 
     host, port = etcd_process.endpoints.split(",")[0].rsplit(":", 1)
-    with TcpProxy(f"{host}:{port}") as proxy:
+    with Relay.tcp(f"{host}:{port}") as proxy:
         plugin = load(proxy.endpoint, prefix, "host-p", acquire_timeout=2.0, request_timeout=0.5)
         run = tmp_path / "p"
         run.mkdir(mode=0o700)
@@ -326,46 +313,14 @@ def test_etcd_unreachable_is_an_error_reply_not_a_hang(etcd_process: EtcdServer,
             plugin.unload()
 
 
-@contextlib.contextmanager
-def _agent_behind_proxy(etcd_process: EtcdServer, prefix: str, tmp_path: Path, host: str,
-                        **config: Any) -> Iterator[tuple[Any, v.Plugin, ServerThread]]:
-    """An agent of ``host`` reaching etcd through a TCP proxy the test can blackhole."""
-    from virtlease_lab.tcpproxy import TcpProxy
-
-    ep_host, port = etcd_process.endpoints.split(",")[0].rsplit(":", 1)
-    with TcpProxy(f"{ep_host}:{port}") as proxy:
-        plugin = load(proxy.endpoint, prefix, host, request_timeout=0.5, **config)
-        run = tmp_path / host
-        run.mkdir(mode=0o700)
-        server = ServerThread(run / "virtlockd-sock", backend(plugin))
-        try:
-            yield proxy, plugin, server
-        finally:
-            server.stop()
-            proxy.heal()
-            plugin.driver.release_all()
-            plugin.unload()
-
-
-def _hold_then_cut(proxy: Any, plugin: v.Plugin, server: ServerThread, disk: str) -> tuple[StandinQemu, int]:
-    """A stand-in QEMU holding ``disk``, then etcd blackholed; the owner and the session's lease."""
-    old = StandinQemu(server.path, "web1")
-    with LockdClient(server.path) as c:
-        c.register(old.owner())
-        c.acquire(disk)
-    lease = plugin.driver.session.lease_id
-    proxy.blackhole()
-    return old, lease
-
-
 def test_after_a_lost_session_the_next_acquire_opens_a_new_one(etcd_process: EtcdServer, prefix: str,
                                                                tmp_path: Path) -> None:
     """etcd out of reach past the fence deadline: the owner is fenced (killed) and the session
     lost; once etcd answers, the next ACQUIRE opens a new session (a new lease) and is granted,
     checked against etcd as always (the old owner's disk is free, the old lease revoked or gone)."""
-    with _agent_behind_proxy(etcd_process, prefix, tmp_path, "host-r", ttl=FAST_TTL) as (proxy, plugin, server):
+    with agent_behind_relay(etcd_process, prefix, tmp_path, "host-r", ttl=FAST_TTL) as (proxy, plugin, server):
         d1, d2 = images(tmp_path, "d1.img", "d2.img")
-        old, old_lease = _hold_then_cut(proxy, plugin, server, d1)
+        old, old_lease = hold_then_cut(proxy, plugin, server, d1)
         wait_for(lambda: not old.alive(), 10)  # fenced: poweroff
         assert plugin.driver.session.lost is not None
         proxy.heal()
@@ -387,10 +342,10 @@ def test_no_new_session_while_the_lost_one_is_still_in_etcd(etcd_process: EtcdSe
     """A paused (fenced) domain keeps the lost lease from early revocation: until etcd expires
     it, an ACQUIRE is refused saying so (a new session then would be a second live session of
     this host); after that it opens a new session and is granted."""
-    with _agent_behind_proxy(etcd_process, prefix, tmp_path, "host-s", default_action="pause", ttl=6,
+    with agent_behind_relay(etcd_process, prefix, tmp_path, "host-s", default_action="pause", ttl=6,
                              fence_margin=2.9) as (proxy, plugin, server):  # a wide window: fence -> expiry
         (d2,) = images(tmp_path, "d2.img")
-        old, old_lease = _hold_then_cut(proxy, plugin, server, d2)
+        old, old_lease = hold_then_cut(proxy, plugin, server, d2)
         wait_for(lambda: plugin.driver.session.lost is not None, 10)  # fenced: paused, still alive
         proxy.heal()
         new = StandinQemu(server.path, "web2")
@@ -419,7 +374,7 @@ def test_an_acquire_is_refused_when_the_guard_cannot_be_armed(agents: Callable[.
     def guard_gone() -> None:
         raise OSError("[Errno 32] Broken pipe: the guard process cannot be re-armed (test)")
 
-    a[0].server.backend.on_change = guard_gone
+    cast(EtcdLockBackend, a[0].server.backend).on_change = guard_gone
     web = qemus(a, "web1")
     msg = error_of(lambda: call(a, web, "acquire", d1))
     assert "cannot arm its guard process" in msg and "no QEMU runs unguarded" in msg, msg
@@ -448,7 +403,7 @@ def test_a_second_pid_for_a_domain_whose_qemu_runs_is_refused(agents: Callable[.
                 c.register(make_owner("web1", pid=other.pid, owner_uuid=uuidlib.UUID(uuid)))
         assert exc.value.error.code == ErrorCode.OPERATION_INVALID
         assert f"QEMU pid {pid} is still running" in (exc.value.error.message or "")
-        tracked = a[0].server.backend.tracked(uuid)
+        tracked = cast(EtcdLockBackend, a[0].server.backend).tracked(uuid)
         assert tracked is not None and tracked.pid == pid
     finally:
         for p in (other, first):

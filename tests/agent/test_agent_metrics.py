@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.etcd_agent import StandinQemu
-from agent.test_agent_etcd import _agent_behind_proxy, _hold_then_cut, images, wait_for
-from conftest import FAST_TTL, EtcdServer
+from virtlease_etcd.agent.backend import EtcdLockBackend
 from virtlease_etcd.agent.lockdclient import LockdClient
 from virtlease_etcd.agent.metrics import Metrics
+from virtlease_lab.agents import agent_behind_relay, hold_then_cut, images
+from virtlease_lab.drivers import FAST_TTL
+from virtlease_lab.etcdserver import EtcdServer
+from virtlease_lab.standin import StandinQemu
+from virtlease_lab.waiting import wait_for
 
 
 def test_a_lost_session_is_counted_once_and_the_state_comes_back(etcd_process: EtcdServer, prefix: str,
                                                                   tmp_path: Path) -> None:
-    with _agent_behind_proxy(etcd_process, prefix, tmp_path, "host-m", ttl=FAST_TTL) as (proxy, plugin, server):
-        metrics = Metrics(server.server.backend)
+    with agent_behind_relay(etcd_process, prefix, tmp_path, "host-m", ttl=FAST_TTL) as (proxy, plugin, server):
+        etcd_backend = server.server.backend
+        assert isinstance(etcd_backend, EtcdLockBackend)
+        metrics = Metrics(etcd_backend)
 
         def sample(name: str, **labels: str) -> float | None:
             metrics.collect_state()
@@ -27,7 +32,7 @@ def test_a_lost_session_is_counted_once_and_the_state_comes_back(etcd_process: E
         assert sample("virtlease_agent_session_state", state="valid") == 1
         assert sample("virtlease_agent_session_losses_total") == 0
         (d1,) = images(tmp_path, "d1.img")
-        old, old_lease = _hold_then_cut(proxy, plugin, server, d1)
+        old, old_lease = hold_then_cut(proxy, plugin, server, d1)
         assert sample("virtlease_agent_acquire_seconds_count", result="ok") == 1
         wait_for(lambda: not old.alive(), 10)  # fenced: poweroff
         wait_for(lambda: metrics.registry.get_sample_value("virtlease_agent_session_losses_total") == 1, 5)

@@ -7,10 +7,10 @@ import uuid
 
 import pytest
 
-from agent.agent_harness import MALFORMED, RESTRICT_OK, Vector, frame, xstr
 from virtlease_etcd.agent import protocol as p
+from virtlease_lab.lockdharness import MALFORMED, RESTRICT_OK, Vector, frame, xstr
 
-OWNER1 = p.Owner(uuid=uuid.UUID("7e025c56-9f2c-4b9d-833d-983a659b4ab2"), name="lockt1", id=1, pid=13311)
+OWNER1 = p.LockdOwner(uuid=uuid.UUID("7e025c56-9f2c-4b9d-833d-983a659b4ab2"), name="lockt1", id=1, pid=13311)
 DISK = "/tmp/research-libvirt-run/images/shared.img"
 FILES = "/var/lib/libvirt/lockd/files"
 SHA = "18d85e6e8bebadfb12cecc6812a9a9db861851792b2063340eef14cea2462335"
@@ -69,7 +69,7 @@ def test_captured_fields(vectors: list[Vector]) -> None:
     assert p.decode_call(by_conn[18][0].frame)[1:] == (p.Procedure.CREATE_LOCKSPACE, p.CreateLockSpaceArgs(FILES))
     header, proc, args = p.decode_call(by_conn[20][2].frame)
     assert (header.serial, proc) == (1, p.Procedure.ACQUIRE_RESOURCE)
-    assert args == p.ResourceArgs(FILES, SHA, p.AcquireFlags.AUTOCREATE)
+    assert args == p.ResourceArgs(FILES, SHA, p.AcquireResourceFlags.AUTOCREATE)
     _, err = p.decode_reply(by_conn[14][3].frame)
     assert err is not None and err.message == f"resource busy: Lockspace resource '{DISK}' is not locked"
     assert (err.dom, err.str3, err.int1, err.int2, err.net) == (None, None, -1, -1, None)
@@ -79,7 +79,7 @@ def test_captured_fields(vectors: list[Vector]) -> None:
     ("proc", "args"),
     [
         (p.Procedure.REGISTER, p.RegisterArgs(OWNER1, 0)),
-        (p.Procedure.REGISTER, p.RegisterArgs(p.Owner(uuid.uuid4(), "vm-\u00e9\udcff", 0xFFFFFFFF, 7), 0)),
+        (p.Procedure.REGISTER, p.RegisterArgs(p.LockdOwner(uuid.uuid4(), "vm-\u00e9\udcff", 0xFFFFFFFF, 7), 0)),
         (p.Procedure.RESTRICT, p.RestrictArgs(0)),
         (p.Procedure.NEW, p.NewArgs("/a", 0)),
         (p.Procedure.CREATE_RESOURCE, p.ResourceArgs("/ls", "r", 0)),

@@ -24,15 +24,18 @@ import etcd3
 import pytest
 
 import virtlease as v
-from agent.agent_process import LISTENING, SERVING, AgentProcess, free_port
-from agent.etcd_agent import StandinQemu, load, take
-from conftest import EXPIRY_SLACK, EtcdServer, dump
 from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError
+from virtlease_etcd import clock as clocks
 from virtlease_etcd.config import load_config
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd
 from virtlease_etcd.session import reattach
 from virtlease_etcd.session.fencing import pid_alive
 from virtlease_etcd.session.hostsession import HostSession
+from virtlease_lab.agentprocess import LISTENING, SERVING, AgentProcess
+from virtlease_lab.drivers import EXPIRY_SLACK, load, take
+from virtlease_lab.etcdserver import EtcdServer, dump
+from virtlease_lab.ports import free_port
+from virtlease_lab.standin import StandinQemu
 
 TTL = 4
 """The agent's TTL where a test waits for its guard to fire or its lease to run out."""
@@ -124,7 +127,7 @@ def disk(tmp_path: Path) -> str:
 @pytest.mark.parametrize("how", ["sigkill", "sigstop"])
 def test_dead_or_frozen_agent_stops_the_owner_before_another_host_gets_the_disk(
         how: str, agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str,
-        record_property: pytest.RecordProperty) -> None:
+        record_property: Callable[[str, object], None]) -> None:
     agent = agents()
     q = start_vm(agent, disk, qemus)
     assert not take(other_host, disk)
@@ -310,9 +313,9 @@ def test_after_a_network_cut_the_fenced_domain_starts_again_on_this_host(
     not killed by a guard (no lost session covers it), and its ACQUIRE opens a new session.
     Before the fix the guard, armed with the lost session's past deadline, killed every new
     QEMU of the domain right after it registered, and was restarted over and over."""
-    from virtlease_lab.tcpproxy import TcpProxy
+    from virtlease_lab.relay import Relay
 
-    with TcpProxy(etcd_process.endpoints.split(",")[0]) as proxy:
+    with Relay.tcp(etcd_process.endpoints.split(",")[0]) as proxy:
         agent = AgentProcess(sock_dir, proxy.endpoint, prefix, "hv-c", ttl=TTL)
         try:
             old = start_vm(agent, disk, qemus)
@@ -601,10 +604,13 @@ def test_a_continued_session_is_valid_from_its_keepalive_send_time(etcd_process:
     cfg = load_config({"endpoints": etcd_process.endpoints, "prefix": prefix, "host_id": "hv-f", "ttl": 10,
                        "fence_margin": 3})
     first = HostSession(cfg).start()
-    readings = iter([1000.0])
+    class Clock(clocks.Clock):
+        readings = iter([1000.0])
 
-    def clock() -> float:  # the first reading is the keepalive's send time; later ones 5 s on
-        return next(readings, 1005.0)
+        def now(self) -> float:  # the first reading is the keepalive's send time; later ones 5 s on
+            return next(self.readings, 1005.0)
+
+    clock = Clock()
 
     adopted = reattach.adopt_session(cfg, first.lease_id, first.session_id, clock=clock)
     try:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.agent_harness import MALFORMED, RecordingBackend, ServerThread, Vector, frame
 from virtlease_etcd.agent import protocol as p
 from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError, make_owner
 from virtlease_etcd.agent.server import AgentSetupError, Connection, LockdServer, ResourceBusy
+from virtlease_lab.lockdharness import MALFORMED, RecordingBackend, ServerThread, Vector, frame
 
 Start = Callable[..., ServerThread]
 
@@ -67,7 +67,7 @@ def test_register_restrict_acquire_release_reach_the_backend(agent: ServerThread
         with LockdClient(agent.path) as b:
             b.register(owner)
             b.acquire("/img/a.qcow2")
-            b.acquire("aa" * 32, "/var/lib/libvirt/lockd/files", p.AcquireFlags.AUTOCREATE)
+            b.acquire("aa" * 32, "/var/lib/libvirt/lockd/files", p.AcquireResourceFlags.AUTOCREATE)
             b.release("/img/a.qcow2")
         deadline = time.monotonic() + 5
         while len(backend.closed) < 1 and time.monotonic() < deadline:
@@ -77,8 +77,8 @@ def test_register_restrict_acquire_release_reach_the_backend(agent: ServerThread
     conn_a, conn_b = backend.calls[0][1], backend.calls[2][1]
     assert isinstance(conn_a, Connection) and conn_a is not conn_b
     assert backend.calls[1][1] is conn_a and conn_a.restricted and not conn_b.restricted
-    assert backend.calls[3][1:] == (conn_b, owner, "", "/img/a.qcow2", p.AcquireFlags(0))
-    assert backend.calls[4][3:] == ("/var/lib/libvirt/lockd/files", "aa" * 32, p.AcquireFlags.AUTOCREATE)
+    assert backend.calls[3][1:] == (conn_b, owner, "", "/img/a.qcow2", p.AcquireResourceFlags(0))
+    assert backend.calls[4][3:] == ("/var/lib/libvirt/lockd/files", "aa" * 32, p.AcquireResourceFlags.AUTOCREATE)
     assert backend.calls[5][1:] == (conn_b, owner, "", "/img/a.qcow2")
     assert backend.closed[0] is conn_b
     agent.stop()
@@ -95,7 +95,8 @@ def test_peer_credentials_are_captured(agent: ServerThread, backend: RecordingBa
 def test_call_order_rules_match_virtlockd(agent: ServerThread, backend: RecordingBackend) -> None:
     owner = make_owner("vm")
     with LockdClient(agent.path) as c:
-        for call in (lambda: c.acquire("/x"), lambda: c.release("/x"), c.restrict):
+        calls: list[Callable[[], None]] = [lambda: c.acquire("/x"), lambda: c.release("/x"), c.restrict]
+        for call in calls:
             with pytest.raises(RemoteCallError) as info:
                 call()
             assert remote_error(info) == (55, 7, "Requested operation is not valid: lock owner details have not been registered")
@@ -112,7 +113,7 @@ def test_call_order_rules_match_virtlockd(agent: ServerThread, backend: Recordin
             c.acquire("/x", flags=4)
         assert remote_error(info) == (8, 7, "invalid argument: unsupported flags (0x4) in function virLockSpaceProtocolDispatchAcquireResource")
         with pytest.raises(RemoteCallError) as info:
-            c.release("/x", flags=p.AcquireFlags.SHARED)
+            c.release("/x", flags=p.AcquireResourceFlags.SHARED)
         assert remote_error(info)[0] == 8
         with pytest.raises(RemoteCallError) as info:
             c.call(p.Procedure.NEW, p.NewArgs("/n", 0))
@@ -185,7 +186,7 @@ class AsyncBackend:
         self.calls: list[str] = []
         self.closed = 0
 
-    async def register(self, conn: Connection, owner: p.Owner) -> None:
+    async def register(self, conn: Connection, owner: p.LockdOwner) -> None:
         self.calls.append(f"register {owner.name}")
 
     async def restrict(self, conn: Connection) -> None:
@@ -194,14 +195,14 @@ class AsyncBackend:
     async def create_lockspace(self, conn: Connection, path: str) -> None:
         self.calls.append(f"create_lockspace {path}")
 
-    async def acquire(self, conn: Connection, owner: p.Owner, lockspace: str, name: str, flags: p.AcquireFlags) -> None:
+    async def acquire(self, conn: Connection, owner: p.LockdOwner, lockspace: str, name: str, flags: p.AcquireResourceFlags) -> None:
         if name == "/slow":
             await asyncio.sleep(0.5)
         if name == "/busy":
             raise ResourceBusy("held by hv-9 domain db")
         self.calls.append(f"acquire {name}")
 
-    async def release(self, conn: Connection, owner: p.Owner, lockspace: str, name: str) -> None:
+    async def release(self, conn: Connection, owner: p.LockdOwner, lockspace: str, name: str) -> None:
         self.calls.append(f"release {name}")
 
     async def connection_closed(self, conn: Connection) -> None:

@@ -17,13 +17,13 @@ import pytest
 from etcd3 import transactions as tx
 
 import virtlease as v
-from agent.etcd_agent import domain, load
-from conftest import EXPIRY_SLACK, EtcdServer, dump
 from virtlease.abi import FailureAction, ResourceSpec, ResourceType
 from virtlease.errors import BackendUnavailableError, ResourceBusyError, StaleStateError
 from virtlease_etcd.etcd.errors import TransientError
 from virtlease_etcd.ops import handoff
 from virtlease_etcd.ops.lockd import LockdDomain
+from virtlease_lab.drivers import EXPIRY_SLACK, domain, load
+from virtlease_lab.etcdserver import EtcdServer, dump
 
 ACT = FailureAction.DEFAULT
 
@@ -45,7 +45,8 @@ def hosts(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[..., v.Plu
 
 def lockd(plugin: v.Plugin, uid: str, name: str) -> LockdDomain:
     """The agent's way into the driver, for one domain of ``plugin``'s host."""
-    return plugin.driver.lockd(uid, name, None)
+    found: LockdDomain = plugin.driver.lockd(uid, name, None)
+    return found
 
 
 def disk(tmp_path: Path, name: str = "d1.img") -> ResourceSpec:
@@ -55,7 +56,7 @@ def disk(tmp_path: Path, name: str = "d1.img") -> ResourceSpec:
 def token(plugin: v.Plugin, uid: str, res: ResourceSpec) -> int:
     owner = plugin.driver.session.owners.peek(uid)
     assert owner is not None
-    return owner.held[plugin.driver.names.primary(res).rid].token
+    return int(owner.held[plugin.driver.names.primary(res).rid].token)
 
 
 def test_reserved_disk_refuses_others_and_is_claimed_by_same_uuid(hosts: Callable[[str], v.Plugin],

@@ -22,14 +22,15 @@ from pathlib import Path
 import pytest
 
 import virtlease as v
-from agent.etcd_agent import StandinQemu, load, take
-from agent.socket_unit import SocketUnit
-from conftest import EtcdServer
 from virtlease_etcd.agent.lockdclient import ConnectionClosed, LockdClient, make_owner
 from virtlease_etcd.agent.runfile import load as load_state
 from virtlease_etcd.agent.runfile import state_path
 from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.ops.status import read_status
+from virtlease_lab.drivers import load, take
+from virtlease_lab.etcdserver import EtcdServer
+from virtlease_lab.socketunit import SocketUnit
+from virtlease_lab.standin import StandinQemu
 
 TTL = 4
 SSA = shutil.which("systemd-socket-activate")
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.skipif(SSA is None, reason="systemd-socket-activate mis
 
 
 def agent_args(etcd: EtcdServer, prefix: str, sock: Path, state: Path) -> list[str]:
-    return [sys.executable, "-m", "virtlease_etcd.agent.main", "--endpoints", etcd.endpoints, "--prefix", prefix,
+    return [sys.executable, "-m", "virtlease_etcd.agent", "--endpoints", etcd.endpoints, "--prefix", prefix,
             "--host-id", "hv-a", "--ttl", str(TTL), "--socket", str(sock), "--state-dir", str(state),
             "--reserve-grace", "0.3"]
 

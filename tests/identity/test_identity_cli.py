@@ -11,9 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_identity_system import mounted, need
-
 from virtlease_etcd.identity.dirid import MARKER
+from virtlease_lab.storage import mounted, need
 
 VIRTLEASE = [sys.executable, "-m", "virtlease.cli"]
 

@@ -9,29 +9,25 @@ record) must block a new host, and a new host's grant must be seen by the previo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import shlex
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import etcd3
 import pytest
-from test_identity_system import filesystem, mounted, need, sshd, sshfs
 
 import virtlease as v
-from conftest import STEADY_TTL, EtcdServer, dump, new_uuid
 from virtlease_etcd.devtools.hostprocess import HostProcess
 from virtlease_etcd.model import statestring as st
 from virtlease_etcd.session import reattach
-
-__all__ = ["sshd"]  # the fixture, imported for the sshfs test
+from virtlease_lab.drivers import new_uuid
+from virtlease_lab.etcdserver import dump, holder_keys
+from virtlease_lab.storage import ext4_disks, mounted, need, sshfs
 
 D = v.ResourceType.DISK
 
@@ -49,60 +45,6 @@ def rid(key: str) -> str:
 def blkid(device: str) -> str:
     return subprocess.run(["blkid", "-o", "value", "-s", "UUID", device], capture_output=True, text=True,
                           check=True).stdout.strip()
-
-
-def holder_keys(kv: etcd3.Etcd3Client, prefix: str) -> dict[str, dict[str, object]]:
-    return {key: json.loads(val) for key, (val, _rev, _lease) in dump(kv, prefix).items() if "/res/" in key}
-
-
-@contextlib.contextmanager
-def ext4_disks(base: Path, *names: str) -> Iterator[str]:
-    """An ext4 loop device holding the files ``names`` (created through a mount undone at once)."""
-    base.mkdir(parents=True, exist_ok=True)
-    with filesystem(base, "ext4") as device:
-        with mounted(base / "seed", device) as seed:
-            for name in names:
-                (seed / name).parent.mkdir(parents=True, exist_ok=True)
-                (seed / name).write_bytes(b"disk")
-        yield device
-
-
-@pytest.fixture
-def namespaced(etcd: EtcdServer, prefix: str, tmp_path: Path) -> Iterator[Callable[..., HostProcess]]:
-    """``start(host_id, setup, **driver settings)``: a host process in a mount namespace of its own,
-    started after the shell commands ``setup`` (its mounts).  A process ``setup`` leaves running
-    (``sshfs -f``) appends its pid to ``$KEEP``: it is stopped at the end."""
-    need("unshare", "mount")
-    started: list[HostProcess] = []
-    keep = tmp_path / "kept-pids"
-
-    def start(host_id: str, setup: str, **settings: object) -> HostProcess:
-        script = f"KEEP={shlex.quote(str(keep))}; {setup} && exec \"$@\""
-        wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "host"]
-        host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **{"ttl": STEADY_TTL, **settings})
-        started.append(host)
-        return host
-
-    yield start
-    for host in started:
-        host.close()
-    for pid in keep.read_text().split() if keep.exists() else []:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGTERM)
-
-
-@pytest.fixture
-def hosts(namespaced: Callable[..., HostProcess]) -> Callable[..., HostProcess]:
-    """``hosts("host-a", [(device, mount_point)], **driver settings)``: a host process in its own
-    mount namespace, after mounting each device at its mount point there."""
-    need("losetup", "mkfs.ext4")
-
-    def start(host_id: str, mounts: Sequence[tuple[str, Path]], **settings: object) -> HostProcess:
-        setup = " && ".join(f"mkdir -p {shlex.quote(str(at))} && mount {shlex.quote(dev)} {shlex.quote(str(at))}"
-                            for dev, at in mounts) or "true"
-        return namespaced(host_id, setup, **settings)
-
-    return start
 
 
 def two_hosts(tmp_path: Path, hosts: Callable[..., HostProcess], device_a: str, device_b: str,
@@ -371,7 +313,11 @@ def test_a_lock_operation_checks_the_mount_table_once(tmp_path: Path, make_drive
     names = plugin.driver.names
     checks: list[int] = []
     refresh = names.resolver._refresh
-    monkeypatch.setattr(names.resolver, "_refresh", lambda: (checks.append(1), refresh())[1])
+    def counted() -> None:
+        checks.append(1)
+        refresh()
+
+    monkeypatch.setattr(names.resolver, "_refresh", counted)
     obj = plugin.new_object(uuid=new_uuid(), name="many")
     for n in range(20):
         (tmp_path / f"d{n}.img").write_bytes(b"")

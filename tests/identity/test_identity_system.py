@@ -7,17 +7,12 @@ in a ``finally``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import socket
 import stat
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,64 +20,7 @@ import pytest
 from virtlease_etcd.identity import IdentityConfig, IdentityError, Resolver
 from virtlease_etcd.identity.blockdev import Roots, device_key, fs_uuid
 from virtlease_etcd.identity.dirid import MARKER
-
-
-def need(*tools: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: mounts and loop devices")
-    for tool in tools:
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (see tests/identity/README.md)")
-
-
-def run(*args: str) -> str:
-    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout.strip()
-
-
-@contextlib.contextmanager
-def mounted(target: Path, *args: str) -> Iterator[Path]:
-    target.mkdir(parents=True, exist_ok=True)
-    run("mount", *args, str(target))
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", str(target)], check=False, capture_output=True)
-        if os.path.ismount(target):
-            subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
-
-
-@contextlib.contextmanager
-def loop_device(image: Path, *options: str) -> Iterator[str]:
-    device = run("losetup", "-f", "--show", *options, str(image))
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
-
-
-MKFS = {
-    "ext4": (["mkfs.ext4", "-q", "-F"], "64M"),
-    "xfs": (["mkfs.xfs", "-q", "-f"], "320M"),
-    "btrfs": (["mkfs.btrfs", "-q", "-f"], "128M"),
-}
-
-
-@contextlib.contextmanager
-def filesystem(tmp_path: Path, fstype: str) -> Iterator[str]:
-    mkfs, size = MKFS[fstype]
-    need(mkfs[0], "losetup", "mount")
-    image = tmp_path / f"{fstype}.img"
-    run("truncate", "-s", size, str(image))
-    run(*mkfs, str(image))
-    with loop_device(image) as device:
-        yield device
-
-
-def blkid_uuid(device: str) -> str | None:
-    if shutil.which("blkid") is None:
-        return None
-    found = subprocess.run(["blkid", "-p", "-s", "UUID", "-o", "value", device], capture_output=True, text=True)
-    return found.stdout.strip().lower() or None
+from virtlease_lab.storage import blkid_uuid, filesystem, loop_device, mounted, need, run, sshfs
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs"])
@@ -167,63 +105,6 @@ def test_loop_device_is_named_by_its_backing_file(tmp_path: Path) -> None:
             assert resolver.resolve(whole).key == file_key
             assert resolver.resolve(shifted).key == f"{file_key}?loop-offset=1048576"
             assert resolver.resolve(whole).kind == "filesystem"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    need("sshfs", "ssh-keygen", "fusermount")
-    daemon = shutil.which("sshd") or "/usr/sbin/sshd"
-    if not os.access(daemon, os.X_OK):
-        pytest.skip("sshd not installed (openssh-server, see tests/identity/README.md)")
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    for name in ("host", "user"):
-        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name))
-    shutil.copy(keys / "user.pub", keys / "authorized_keys")
-    port = free_port()
-    config = keys / "sshd_config"
-    config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\n"
-        f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        "Subsystem sftp internal-sftp\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
-    proc = subprocess.Popen([daemon, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"sshd did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
-            time.sleep(0.05)
-        yield port, keys / "user"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def sshfs(source: str, target: Path, port: int, key: Path, *more: str) -> Iterator[Path]:
-    """sshfs of ``source`` on ``target``; ``more``: fuse options, such as ``fsname=gluster1:/vmstore``
-    and ``subtype=glusterfs`` (the kernel's mount table then shows ``fuse.glusterfs gluster1:/vmstore``)."""
-    target.mkdir(parents=True, exist_ok=True)
-    options = ",".join([f"IdentityFile={key},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,port={port}",
-                        *more])
-    run("sshfs", "-o", options, source, str(target))
-    try:
-        yield target
-    finally:
-        subprocess.run(["fusermount", "-u", str(target)], check=False, capture_output=True)
-        if os.path.ismount(target):
-            subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
 
 
 def test_sshfs_two_mount_points_one_identity(tmp_path: Path, sshd: tuple[int, Path]) -> None:

@@ -24,19 +24,17 @@ from pathlib import Path
 
 import etcd3
 import pytest
-from test_identity_driver import ext4_disks, holder_keys, namespaced
-from test_identity_system import mounted, need, sshd, sshfs
 
 import virtlease as v
-from conftest import EtcdServer, new_uuid, shut
 from virtlease.abi import ResourceSpec, ResourceType
 from virtlease_etcd.config import load_config
 from virtlease_etcd.devtools.hostprocess import HostProcess
 from virtlease_etcd.identity import Resolver
 from virtlease_etcd.identity.mountinfo import unescape
 from virtlease_etcd.ops.disks import DiskNames, identity_config
-
-__all__ = ["namespaced", "sshd"]  # the fixtures
+from virtlease_lab.drivers import new_uuid, shut
+from virtlease_lab.etcdserver import EtcdServer, holder_keys
+from virtlease_lab.storage import ext4_disks, mounted, need, sshfs
 
 D = v.ResourceType.DISK
 

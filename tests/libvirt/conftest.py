@@ -14,11 +14,6 @@ from virtlease_lab.libvirt.agentrig import AgentRig, agent_rig
 from virtlease_lab.libvirt.rig import Rig, missing_requirements
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """Register the marker (pyproject's marker list belongs to others)."""
-    config.addinivalue_line("markers", "libvirt: needs root, libvirt and QEMU; runs two libvirt hosts")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip the libvirt tests, with the reason, where the rig cannot run."""
     why = missing_requirements()

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from virtlease_lab.libvirt.agentrig import AgentRig, DeathWatch, Watch
-from virtlease_lab.libvirt.rig import wait_for
+from virtlease_lab.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
 
@@ -62,7 +63,7 @@ def never_ran(watch: Watch) -> None:
 
 
 def test_detach_disk_frees_it_at_once_and_keeps_the_others_held(
-        env: AgentRig, record_property: pytest.RecordProperty) -> None:
+        env: AgentRig, record_property: Callable[[str, object], None]) -> None:
     """Before: the RELEASE of the unplugged disk reserved *every* disk of the domain for its
     UUID, and the twin's start on B claimed the disks A's QEMU still wrote (two writers)."""
     r = env.rig

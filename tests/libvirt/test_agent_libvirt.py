@@ -20,12 +20,12 @@ import pytest
 from virtlease_etcd.devtools.embedded import Member, wait_serving
 from virtlease_etcd.ops.status import HeldInfo
 from virtlease_lab.libvirt.agentrig import TTL, AgentRig, DeathWatch, Watch
-from virtlease_lab.libvirt.rig import wait_for
+from virtlease_lab.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
 
 
-def test_start_busy_suspend_resume_destroy(env: AgentRig, record_property: pytest.RecordProperty) -> None:
+def test_start_busy_suspend_resume_destroy(env: AgentRig, record_property: Callable[[str, object], None]) -> None:
     r = env.rig
     disk = r.image("agent-shared.img")
     r.define_domain("A", "web1", [disk])
@@ -91,7 +91,7 @@ def test_agent_sigkill_and_restart_keeps_the_running_domain(env: AgentRig) -> No
 
 
 def test_shareable_disk_on_both_hosts_and_an_exclusive_one_refused(env: AgentRig) -> None:
-    """Scenario 1, shared: <shareable/> on A and B both start; a third domain wanting it exclusive is refused."""
+    """Shared: <shareable/> on A and B both start; a third domain wanting it exclusive is refused."""
     r = env.rig
     disk = r.image("agent-shareable.img")
     r.define_domain("A", "sh-a", [disk], shareable=True)
@@ -107,8 +107,8 @@ def test_shareable_disk_on_both_hosts_and_an_exclusive_one_refused(env: AgentRig
 
 
 def test_live_migration_never_two_holders_and_no_third_domain_gets_in(
-        env: AgentRig, record_property: pytest.RecordProperty) -> None:
-    """Scenario 3: virsh migrate --live A->B with the agents. Sampled every few ms, etcd never shows
+        env: AgentRig, record_property: Callable[[str, object], None]) -> None:
+    """``virsh migrate --live`` A->B with the agents. Sampled every few ms, etcd never shows
     the disk on two hosts; a third domain started on B over and over during the migration never
     runs; afterwards B holds the disk with a higher token. Guest downtime from QEMU's events."""
     r = env.rig
@@ -143,8 +143,8 @@ def test_live_migration_never_two_holders_and_no_third_domain_gets_in(
 
 
 def test_kill9_of_qemu_frees_the_disk_through_its_lifeline_not_the_lease(
-        env: AgentRig, record_property: pytest.RecordProperty) -> None:
-    """Scenario 5: kill -9 of web1's QEMU on A; B starts a domain on the disk as soon as A's agent
+        env: AgentRig, record_property: Callable[[str, object], None]) -> None:
+    """``kill -9`` of web1's QEMU on A; B starts a domain on the disk as soon as A's agent
     sees the QEMU gone (its lifeline and pidfd), long before A's lease could expire.  The time is
     a figure (0.27-0.47 s on an idle machine; ``make bench`` measures it), the bound only tells the
     lifeline apart from the lease: half the TTL."""
@@ -167,6 +167,7 @@ def _kill_when(pred: Callable[[], int | None], what: str, then: Callable[[int], 
 
     def run() -> None:
         pid = wait_for(pred, timeout, interval=0.002, what=what)
+        assert pid is not None  # wait_for returns the truthy value
         try:
             if then:
                 then(pid)
@@ -187,7 +188,7 @@ def _only_holder(env: AgentRig, domain: str, host: str) -> HeldInfo:
 
 
 def test_migration_with_the_destination_qemu_killed_keeps_the_source_and_its_disk(env: AgentRig) -> None:
-    """Scenario 4a: B's incoming QEMU is killed -9 during the migration: virsh reports the failure,
+    """B's incoming QEMU is killed -9 during the migration: virsh reports the failure,
     web stays running on A, A still holds the disk (same token), B's agent keeps nothing, a domain
     on B stays refused past the reserve grace, and the same migration works afterwards."""
     r = env.rig
@@ -214,7 +215,7 @@ def test_migration_with_the_destination_qemu_killed_keeps_the_source_and_its_dis
 
 
 def test_source_qemu_killed_after_the_destination_resumed_leaves_the_destination_its_disk(env: AgentRig) -> None:
-    """Scenario 4b: the source QEMU is frozen (SIGSTOP) as soon as the destination claimed the
+    """The source QEMU is frozen (SIGSTOP) as soon as the destination claimed the
     disk, so that libvirt's own clean-up cannot end it first, and killed -9 once the destination
     runs: the destination keeps running and keeps the disk with its new token; the source's
     lifeline EOF releases nothing of the destination's.  Libvirt's confirm step can still end
@@ -263,7 +264,7 @@ def test_source_qemu_killed_after_the_destination_resumed_leaves_the_destination
 
 
 def _fenced_before_granted(env: AgentRig, qemu: int, fault: Callable[[], object], repair: Callable[[], object],
-                           taker: str, tag: str, label: str, record_property: pytest.RecordProperty) -> None:
+                           taker: str, tag: str, label: str, record_property: Callable[[str, object], None]) -> None:
     """``fault()`` on host A, then start ``taker`` on B until it works, etcd sampled throughout:
     A's QEMU ``qemu`` must have exited before B was granted the disk -- before the last sample
     that did not show B holding it began (a lower bound of the grant); then ``repair()``.
@@ -293,8 +294,8 @@ def _fenced_before_granted(env: AgentRig, qemu: int, fault: Callable[[], object]
 
 
 def test_agent_killed_and_not_restarted_stops_the_domain_before_b_gets_the_disk(
-        env: AgentRig, record_property: pytest.RecordProperty) -> None:
-    """Scenario 6, no restart: kill -9 of A's agent while a domain runs, no agent back: the
+        env: AgentRig, record_property: Callable[[str, object], None]) -> None:
+    """``kill -9`` of A's agent while a domain runs, no agent back: the
     agent's guard kills the QEMU at the fence deadline, before B can be granted the disk; B
     gets it once etcd expired A's lease."""
     r = env.rig
@@ -308,8 +309,8 @@ def test_agent_killed_and_not_restarted_stops_the_domain_before_b_gets_the_disk(
 
 
 def test_host_cut_off_from_etcd_stops_its_domain_before_b_is_granted(
-        env: AgentRig, record_property: pytest.RecordProperty) -> None:
-    """Scenario 7: A's links to every etcd member go dead (bytes dropped, nothing closed): A's
+        env: AgentRig, record_property: Callable[[str, object], None]) -> None:
+    """A's links to every etcd member go dead (bytes dropped, nothing closed): A's
     agent kills its domain at the fence deadline; B is granted the disk only after that (the
     fence lead); once the links are back, A's agent starts domains again."""
     r = env.rig
@@ -326,7 +327,7 @@ def test_host_cut_off_from_etcd_stops_its_domain_before_b_is_granted(
 
 
 def test_interface_down_and_up_the_fenced_domain_starts_again_on_its_host(
-        env: AgentRig, record_property: pytest.RecordProperty) -> None:
+        env: AgentRig, record_property: Callable[[str, object], None]) -> None:
     """Host A's network interface goes down (``lo`` in A's namespace: the one its agent reaches
     etcd through) past the fence deadline: the agent fences its domain.  Once the interface is
     back, the *same* domain starts again on A at once.  Before the fix every new QEMU of it was
@@ -362,7 +363,7 @@ def _restart_member(env: AgentRig, member: Member) -> None:
 
 
 def test_etcd_leader_killed_during_a_start_and_during_a_migration(env: AgentRig) -> None:
-    """Scenario 8: the etcd leader is killed -9 while ``virsh start`` runs on A, then while a
+    """The etcd leader is killed -9 while ``virsh start`` runs on A, then while a
     migration A->B runs: each operation succeeds or fails cleanly (nothing half-held in etcd),
     the disk is never held by two hosts, and a rival domain never starts on it."""
     r = env.rig

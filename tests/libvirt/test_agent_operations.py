@@ -1,4 +1,4 @@
-"""Scenario 10: the operations guide (deploy/OPERATIONS.md) on real libvirt.
+"""The operations guide (deploy/OPERATIONS.md) on real libvirt.
 
 *Switching a host from virtlockd to the agent*: host A's lock daemon is brought to stock
 virtlockd (the agent stopped while it holds nothing, ``virtlockd -p /run/libvirt/virtlockd.pid``
@@ -26,6 +26,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,8 @@ import pytest
 from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.ops.status import read_status
 from virtlease_lab.libvirt.agentrig import AgentRig, DeathWatch, Watch, serving
-from virtlease_lab.libvirt.rig import STOCK_VIRTLOCKD, wait_for
+from virtlease_lab.libvirt.rig import STOCK_VIRTLOCKD
+from virtlease_lab.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
 
@@ -109,7 +111,7 @@ def test_switching_a_host_from_virtlockd_to_the_agent(env: AgentRig) -> None:
     r.virsh("A", "destroy", "legacy")
 
 
-def test_upgrading_the_agent_with_domains_running(env: AgentRig, record_property: pytest.RecordProperty) -> None:
+def test_upgrading_the_agent_with_domains_running(env: AgentRig, record_property: Callable[[str, object], None]) -> None:
     r = env.rig
     disks = [r.image(f"ops-up{i}.img") for i in range(2)]
     for i, disk in enumerate(disks):

@@ -1,4 +1,4 @@
-"""Scenario 9: 20 small domains per host started at once against a pool of 30 disks.
+"""20 small domains per host started at once against a pool of 30 disks.
 
 Each of the 40 domains uses one disk of the pool, drawn with a fixed seed so that disks are
 wanted by several domains on the same host and across hosts (asserted).  All 40 ``virsh start``
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from virtlease_lab.libvirt.agentrig import AgentRig, Watch
-from virtlease_lab.libvirt.rig import wait_for
+from virtlease_lab.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
 PER_HOST, DISKS, SEED = 20, 30, 9

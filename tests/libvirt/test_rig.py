@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 
-from virtlease_lab.libvirt.rig import Rig, RigError, wait_for
+from virtlease_lab.libvirt.rig import Rig, RigError
+from virtlease_lab.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
 
@@ -54,7 +56,7 @@ def test_start_on_a(hosts: Rig) -> None:
     print(f"start on A: {seconds:.3f} s")
 
 
-def test_same_disk_on_b_refused(hosts: Rig, record_property: pytest.RecordProperty) -> None:
+def test_same_disk_on_b_refused(hosts: Rig, record_property: Callable[[str, object], None]) -> None:
     """The same disk in a second domain on B is refused by B's virtlockd (fcntl conflict, one kernel)."""
     disk = hosts.image("busy.img")
     hosts.define_domain("A", "busy-a", [disk])

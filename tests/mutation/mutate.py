@@ -580,8 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     caught, counted, pct = score(results)
     print(f"\nmutate: {caught}/{counted} killed ({pct:.1f}%) in {seconds / 60:.1f} min; report: {args.out}"
           + (f"; logs: {logs}" if args.keep else ""))
-    bad = [r for r in results if r.status in ("survived", "stale", "invalid", "error")]
-    return 1 if bad or len(results) < len(mutants) else 0
+    unkilled = [r for r in results if r.status in ("survived", "stale", "invalid", "error")]
+    return 1 if unkilled or len(results) < len(mutants) else 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from debroot import (
+
+from virtlease_lab.debroot import (
     Built,
     DebRoot,
     build,
@@ -25,7 +26,6 @@ from debroot import (
     next_version,
     tree_version,
 )
-
 from virtlease_lab.libvirt.rig import missing_requirements
 
 HERE = Path(__file__).resolve().parent

@@ -20,13 +20,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from debroot import Built, DebRoot, processes_in, run
 
-from conftest import EtcdServer
 from virtlease_etcd.config import load_config
 from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.ops.status import HeldInfo, read_status
+from virtlease_lab.debroot import Built, DebRoot, processes_in, run
+from virtlease_lab.etcdserver import EtcdServer
 
 HOST = "hv-deb"
 DROPIN = "usr/share/virtlease/systemd/virtlockd.service.d/virtlease.conf"

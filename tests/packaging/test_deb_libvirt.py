@@ -15,12 +15,12 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from debroot import Built, DebRoot, kill_processes_in
 
+from virtlease_lab.debroot import Built, DebRoot, kill_processes_in
 from virtlease_lab.libvirt.agentrig import AgentRig, DeathWatch, Watch, agent_rig
 from virtlease_lab.libvirt.rig import HOSTS
 
@@ -103,7 +103,7 @@ def test_installed_agents_serve_both_hosts(deb_env: tuple[AgentRig, dict[str, De
 
 
 def test_upgrade_with_a_domain_running(deb_env: tuple[AgentRig, dict[str, DebRoot]], built: Built,
-                                       built_next: Built, record_property: pytest.RecordProperty) -> None:
+                                       built_next: Built, record_property: Callable[[str, object], None]) -> None:
     env, roots = deb_env
     r = env.rig
     disk = r.image("deb-up.img")

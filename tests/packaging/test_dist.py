@@ -11,7 +11,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from debroot import REPO, Built, deb_field, run, tree_version
+from virtlease_lab.debroot import REPO, Built, deb_field, run, tree_version
 
 COMMANDS = {"agent", "check", "demo", "etcd", "hold", "status", "switch-from-virtlockd"}
 

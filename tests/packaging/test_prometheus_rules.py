@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from debroot import REPO, run
+from virtlease_lab.debroot import REPO, run
 
 RULES = REPO / "deploy/prometheus/virtlease.rules.yml"
 TESTS = REPO / "deploy/prometheus/virtlease.rules.test.yml"

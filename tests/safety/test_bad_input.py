@@ -33,8 +33,9 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import STEADY_TTL, EtcdServer, dump, shut
 from virtlease_etcd.model import keyspace as ks
+from virtlease_lab.drivers import STEADY_TTL, shut
+from virtlease_lab.etcdserver import EtcdServer, dump
 
 CAPS = v.Capability.RESOURCES | v.Capability.MIGRATE | v.Capability.HOTPLUG | v.Capability.USES_STATE
 DISK = "/vm/bad-input/disk0.img"
@@ -187,18 +188,18 @@ ABI_CASES = [
     Case("new_object: huge name", lambda w: w.a.new_object(uuid=UUID, name="n" * 5000), v.ValidationError,
          ("name",)),
     Case("new_object: pid 0", lambda w: w.a.new_object(uuid=UUID, name="x", pid=0), v.ValidationError, ("pid",)),
-    Case("new_object: pid str", lambda w: w.a.new_object(uuid=UUID, name="x", pid="12"), v.ValidationError,
+    Case("new_object: pid str", lambda w: w.a.new_object(uuid=UUID, name="x", pid="12"), v.ValidationError,  # type: ignore[arg-type]
          ("pid",)),
     Case("new_object: pid bool", lambda w: w.a.new_object(uuid=UUID, name="x", pid=True), v.ValidationError,
          ("pid",)),
     Case("new_object: id -5", lambda w: w.a.new_object(uuid=UUID, name="x", id=-5), v.ValidationError, ("id",)),
-    Case("new_object: unknown flag", lambda w: w.a.new_object(uuid=UUID, name="x", flags=1 << 7),
+    Case("new_object: unknown flag", lambda w: w.a.new_object(uuid=UUID, name="x", flags=1 << 7),  # type: ignore[arg-type]
          v.ValidationError, ("flags",)),
-    Case("new_object: type int", lambda w: w.a.new_object(5, uuid=UUID, name="x"), v.ValidationError,
+    Case("new_object: type int", lambda w: w.a.new_object(5, uuid=UUID, name="x"), v.ValidationError,  # type: ignore[arg-type]
          ("type",)),
     Case("new_object: empty uri", lambda w: w.a.new_object(uuid=UUID, name="x", uri=""), v.ValidationError,
          ("uri",)),
-    Case("add_resource: type str", lambda w: w.obj().add_resource("disk", DISK), v.ValidationError,
+    Case("add_resource: type str", lambda w: w.obj().add_resource("disk", DISK), v.ValidationError,  # type: ignore[arg-type]
          ("resource type",)),
     Case("add_resource: relative path", lambda w: w.obj().add_resource(v.ResourceType.DISK, "disk.img"),
          v.ValidationError, ("disk path",)),
@@ -206,13 +207,13 @@ ABI_CASES = [
          v.ValidationError, ("disk path",)),
     Case("add_resource: path too long", lambda w: w.obj().add_resource(v.ResourceType.DISK, "/" + "p" * 5000),
          v.ValidationError, ("disk path",)),
-    Case("add_resource: path not str", lambda w: w.obj().add_resource(v.ResourceType.DISK, b"/vm/x"),
+    Case("add_resource: path not str", lambda w: w.obj().add_resource(v.ResourceType.DISK, b"/vm/x"),  # type: ignore[arg-type]
          v.ValidationError, ("disk path",)),
     Case("add_resource: disk with params",
          lambda w: w.obj().add_resource(v.ResourceType.DISK, DISK, params={"lockspace": "x"}),
          v.ValidationError, ("params",)),
     Case("add_resource: params not a mapping",
-         lambda w: w.obj().add_resource(v.ResourceType.LEASE, "k", params=["lockspace"]),
+         lambda w: w.obj().add_resource(v.ResourceType.LEASE, "k", params=["lockspace"]),  # type: ignore[arg-type]
          v.ValidationError, ("params",)),
     Case("add_resource: lease without lockspace", lambda w: w.obj().add_resource(v.ResourceType.LEASE, "k"),
          v.ValidationError, ("lockspace",)),
@@ -225,17 +226,17 @@ ABI_CASES = [
     Case("add_resource: negative offset",
          lambda w: w.obj().add_resource(v.ResourceType.LEASE, "k", params={"lockspace": "l", "offset": -1}),
          v.ValidationError, ("offset",)),
-    Case("add_resource: unknown flag", lambda w: w.obj().add_resource(v.ResourceType.DISK, DISK, flags=1 << 5),
+    Case("add_resource: unknown flag", lambda w: w.obj().add_resource(v.ResourceType.DISK, DISK, flags=1 << 5),  # type: ignore[arg-type]
          v.ValidationError, ("flags",)),
     Case("add_resource: twice", lambda w: w.obj(DISK).add_resource(v.ResourceType.DISK, DISK),
          v.ValidationError, ("resource", DISK)),
-    Case("acquire: unknown flag", lambda w: w.obj(DISK).acquire(flags=1 << 9), v.ValidationError, ("flags",)),
-    Case("acquire: action 99", lambda w: w.obj(DISK).acquire(action=99), v.ValidationError, ("action",)),
-    Case("acquire: action str", lambda w: w.obj(DISK).acquire(action="poweroff"), v.ValidationError,
+    Case("acquire: unknown flag", lambda w: w.obj(DISK).acquire(flags=1 << 9), v.ValidationError, ("flags",)),  # type: ignore[arg-type]
+    Case("acquire: action 99", lambda w: w.obj(DISK).acquire(action=99), v.ValidationError, ("action",)),  # type: ignore[arg-type]
+    Case("acquire: action str", lambda w: w.obj(DISK).acquire(action="poweroff"), v.ValidationError,  # type: ignore[arg-type]
          ("action",)),
     Case("acquire: RESTART without callback",
          lambda w: w.obj(DISK).acquire(action=v.FailureAction.RESTART), v.ValidationError, ("action",)),
-    Case("acquire: state int", lambda w: w.obj(DISK).acquire(123), v.ValidationError, ("state",)),
+    Case("acquire: state int", lambda w: w.obj(DISK).acquire(123), v.ValidationError, ("state",)),  # type: ignore[arg-type]
     Case("acquire: state with NUL", lambda w: w.obj(DISK).acquire("virtlease-state/1 {\0}"), v.ValidationError,
          ("state",)),
     Case("acquire: state too long", lambda w: w.obj(DISK).acquire("x" * (1 << 21)), v.ValidationError,

@@ -19,15 +19,16 @@ from typing import Any
 import pytest
 
 import virtlease as v
-from conftest import shut
-from test_session_clock import FakeClock
 from virtlease.abi import AcquireFlags, FailureAction, ObjectSpec, ObjectType, ResourceSpec, ResourceType
 from virtlease_etcd.config import load_config
 from virtlease_etcd.etcd.client import TransientError
 from virtlease_etcd.ops import grants
+from virtlease_etcd.ops.disks import DiskNames
 from virtlease_etcd.ops.domain import Domain
 from virtlease_etcd.session.hostsession import HostSession
 from virtlease_etcd.session.owners import Policy
+from virtlease_lab.drivers import shut
+from virtlease_lab.fakeclock import FakeClock
 
 
 def _vm() -> subprocess.Popen[bytes]:
@@ -173,12 +174,13 @@ def test_a_grant_whose_reply_comes_past_the_fence_deadline_fails_before_the_fenc
 
         def txn(*args: Any, **kw: Any) -> Any:
             resp = real(*args, **kw)
-            clock.now = session.fence_at + 0.01  # the reply comes just past the fence deadline
+            clock.at = session.fence_at + 0.01  # the reply comes just past the fence deadline
             return resp
 
         session.client.txn = txn  # type: ignore[method-assign]
         d = Domain(session, cfg, Policy(FailureAction.POWEROFF),
-                   ObjectSpec(ObjectType.DOMAIN, "5d2b1c0e-7a51-4e8e-9c44-1f0a9b3c7d22", "racy", pid=vm.pid))
+                   ObjectSpec(ObjectType.DOMAIN, "5d2b1c0e-7a51-4e8e-9c44-1f0a9b3c7d22", "racy", pid=vm.pid),
+                   DiskNames(cfg))
         with pytest.raises(v.LeaseLostError):
             grants.acquire(d, [ResourceSpec(ResourceType.DISK, "/vm/race/clock.img")], None, AcquireFlags(0),
                            FailureAction.POWEROFF)

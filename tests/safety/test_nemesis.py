@@ -1,13 +1,14 @@
 """The short, seeded nemesis run for CI: ``pytest -m safety tests/safety``.
 
 Two runs of about a minute each (fresh three-member etcd per run), three host
-processes, faults every ~2 s, a misbehaving caller in every host (misuse.py:
-replayed, edited, forged and cross-handed states; any success that gives a
-disk two holders is a safety violation).  One worker per host runs VMs through
-the agent's per-disk path (agent_vm.py: start, detach, attach, pivot, pause and
-resume or exit), and the same UUID is started on the other hosts during each
-of those operations (misuse.Twin).  The long run is ``python tests/safety/nemesis.py
---duration 1800`` (see README.md).  Safety violations fail the test; liveness
+processes, faults every ~2 s, a misbehaving caller in every host
+(``virtlease_lab.nemesis.misuse``: replayed, edited, forged and cross-handed
+states; any success that gives a disk two holders is a safety violation).  One
+worker per host runs VMs through the agent's per-disk path
+(``virtlease_lab.nemesis.agent_vm``: start, detach, attach, pivot, pause and
+resume or exit), and the same UUID is started on the other hosts during each of
+those operations (``misuse.Twin``).  The long run is ``make safety-long`` (see
+README.md).  Safety violations fail the test; liveness
 violations (orphaned locks) warn, or fail with ``VIRTLEASE_NEMESIS_STRICT=1``.
 """
 
@@ -18,7 +19,8 @@ import warnings
 from collections import Counter
 
 import pytest
-from nemesis import Settings, run_suite
+
+from virtlease_lab.nemesis.harness import Settings, run_suite
 
 SEED = int(os.environ.get("VIRTLEASE_NEMESIS_SEED", "20261125"))
 DURATION = float(os.environ.get("VIRTLEASE_NEMESIS_DURATION", "120"))

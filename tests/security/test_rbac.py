@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 from etcd3 import transactions as tx
-from pki import make_pki
-from tls_cluster import TlsCluster
 
 import virtlease as v
 from virtlease_etcd.config import load_config
 from virtlease_etcd.devtools.embedded import find_etcd_binary
 from virtlease_etcd.etcd.client import EtcdClient, PermissionDenied
+from virtlease_lab.pki import make_pki
+from virtlease_lab.tlscluster import TlsCluster
 
 REPO = Path(__file__).resolve().parents[2]
 VIRTLEASE = [str(Path(sys.executable).with_name("virtlease"))]

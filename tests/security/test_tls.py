@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pki import expired_client_cert, make_pki
-from tls_cluster import TlsCluster
 
 import virtlease as v
 from virtlease.errors import BackendUnavailableError
+from virtlease_lab.pki import expired_client_cert, make_pki
+from virtlease_lab.tlscluster import TlsCluster
 
 VIRTLEASE = [str(Path(sys.executable).with_name("virtlease"))]
 

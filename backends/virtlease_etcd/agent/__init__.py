@@ -8,10 +8,12 @@ with a small XDR RPC program (0x0EA7BEEF).  This package speaks that protocol:
 * ``server``: an asyncio UNIX-socket server with per-connection state and call-order rules
   as virtlockd enforces them, dispatching to a :class:`~.lockapi.LockBackend` (``lockapi``: the
   backend's contract; ``sockets``: the listening socket's safety checks).
-* ``client``: a small blocking client for tests and benchmarks.
+* ``lockdclient``: a small blocking client for tests and benchmarks.
 
-The etcd side: ``backend`` (lockd calls on the etcd driver), ``tracking`` (owner QEMU processes
-by pidfd), ``restart`` + ``runfile`` + ``guard`` (crash/restart safety: a restarted agent
-continues the lease; a guard process stops the owners if none does), ``metrics`` (Prometheus),
-``main`` + ``command`` (``virtlease agent`` / ``virtlease-agent``).
+The etcd side: ``backend`` (lockd calls on the etcd driver) with its ``tracking.ProcessWatcher``
+(the owners' QEMU processes, watched by pidfd), ``restart`` + ``runfile`` + ``session.guard``
+(crash/restart safety: a restarted agent continues the lease; a guard process stops the owners
+if none does), ``metrics`` (Prometheus),
+``main`` (the agent's run) under ``command`` (its command line: ``virtlease agent``,
+``virtlease-agent``, ``python -m virtlease_etcd.agent``).
 """

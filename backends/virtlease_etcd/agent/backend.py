@@ -45,8 +45,11 @@ The agent owns the host's session (one etcd lease for the host).  What it guaran
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from virtlease.abi import FailureAction, ResourceSpec
@@ -59,24 +62,26 @@ from virtlease.errors import (
     ValidationError,
     VirtleaseError,
 )
+from virtlease_etcd.driver import EtcdDriver
 from virtlease_etcd.ops import handoff
-from virtlease_etcd.ops.lockd import lockd_resource
+from virtlease_etcd.ops.lockd import LockdDomain, lockd_resource
+from virtlease_etcd.session.guard import start_time
 
-from .lockapi import Connection, LockError, ResourceBusy
-from .protocol import AcquireFlags, ErrorCode, Owner
-from .tracking import OwnerTracker, Tracked
+from .lockapi import CallRefused, Connection, ResourceBusy
+from .protocol import AcquireResourceFlags, ErrorCode, LockdOwner
+from .tracking import ProcessWatcher, Tracked
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def resource_spec(lockspace: str, name: str, flags: AcquireFlags | int = 0) -> ResourceSpec:
+def resource_spec(lockspace: str, name: str, flags: AcquireResourceFlags | int = 0) -> ResourceSpec:
     """The driver resource for a lockd (lockspace, name, flags), checked (``ops/lockd.py``);
     an invalid one is an INVALID_ARG error reply."""
     try:
-        return lockd_resource(lockspace, name, shared=bool(int(flags) & int(AcquireFlags.SHARED)))
+        return lockd_resource(lockspace, name, shared=bool(int(flags) & int(AcquireResourceFlags.SHARED)))
     except ValidationError as exc:
-        raise LockError(f"resource {name!r}: {exc}", code=ErrorCode.INVALID_ARG) from None
+        raise CallRefused(f"resource {name!r}: {exc}", code=ErrorCode.INVALID_ARG) from None
 
 
 def describe_holder(h: Holder) -> str:
@@ -91,11 +96,156 @@ def describe_holder(h: Holder) -> str:
     return text + f"; stop that domain, or if host {h.host} is dead wait for its lease to expire"
 
 
-class EtcdLockBackend(OwnerTracker):
-    """A LockBackend over one loaded etcd driver (see the module docstring).
+class EtcdLockBackend:
+    """A LockBackend over one loaded etcd driver (see the module docstring): the owners' QEMU
+    processes (watched by its ``processes``), killed when their lifeline closes, their leases
+    released once they have exited.
 
     Coroutine methods: driver calls run in a private thread pool, process watching runs on
     the server's loop."""
+
+    def __init__(self, driver: EtcdDriver, *, reserve_grace: float = 2.0, kill_grace: float = 5.0,
+                 sigkill_wait: float = 10.0, workers: int = 16) -> None:
+        self.driver = driver
+        self.reserve_grace = reserve_grace
+        self.processes = ProcessWatcher(self._exited, kill_grace=kill_grace, sigkill_wait=sigkill_wait)
+        """Watches the owners' QEMUs (pidfd); tells ``_exited`` when one is gone."""
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="virtlease-etcd")
+        self._tracked: dict[str, Tracked] = {}
+        self.on_change: Callable[[], None] | None = None
+        """Called on the loop whenever an owner starts or stops being tracked or holding
+        (the restart machinery keeps the guard and the state file in step)."""
+        self.count: Callable[[str, str], None] = lambda op, result: None
+        """``count(op, result)`` after every ACQUIRE/RELEASE: the driver's outcome ("granted",
+        "resumed", "claimed", "released", ...) or the refusal ("busy", "unavailable", "lost",
+        "state", "error"); the metrics replace it."""
+
+    def changed(self, *, strict: bool = False) -> None:
+        """Run the change hook; with ``strict`` its failure refuses the call in progress
+        (an ACQUIRE must not let a QEMU start that the guard does not know)."""
+        if self.on_change is None:
+            return
+        try:
+            self.on_change()
+        except Exception as exc:
+            log.exception("owner change hook failed")
+            if strict:
+                raise CallRefused(f"the virtlease agent cannot arm its guard process ({exc}); refusing, "
+                                "so that no QEMU runs unguarded") from exc
+
+    def owners(self) -> list[Tracked]:
+        """Tracked owners whose QEMU has not exited."""
+        return [t for t in self._tracked.values() if not t.gone.is_set()]
+
+    def _lockd(self, uuid: str, name: str, pid: int | None) -> LockdDomain:
+        """The driver's lockd calls for one owner (a fresh one per call: the session may have
+        been renewed meanwhile)."""
+        return self.driver.lockd(uuid, name, pid or None)
+
+    def in_order(self, t: Tracked, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` in the background after every call queued before it for this owner."""
+        before = t.pending
+
+        async def queued() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            await work()
+
+        t.pending = asyncio.get_running_loop().create_task(queued())
+
+    @staticmethod
+    async def after_pending(t: Tracked) -> None:
+        """Wait until what was queued for the owner so far is done (its errors were logged)."""
+        if t.pending is not None and not t.pending.done():
+            await asyncio.wait([t.pending])
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+
+    # ------------------------------------------------------------------ owner processes
+
+    def _watch(self, t: Tracked) -> None:
+        """Watch a registering owner's QEMU; an INVALID_ARG refusal if its pid does not exist."""
+        try:
+            self.processes.watch(t)
+        except ProcessLookupError:
+            raise CallRefused(f"owner pid {t.pid} of domain {t.name} ({t.uuid}) does not exist",
+                            code=ErrorCode.INVALID_ARG) from None
+
+    def _exited(self, t: Tracked) -> None:
+        """The watcher saw ``t``'s process exit: release what it held (``_ending``)."""
+        self._end(t, kill=False)
+
+    def _end(self, t: Tracked, *, kill: bool) -> None:
+        if t.ending is None:
+            t.ending = asyncio.get_running_loop().create_task(self._ending(t, kill))
+
+    async def _ending(self, t: Tracked, kill: bool) -> None:
+        """Make sure the QEMU is gone, then (after the reservation grace) release its leases."""
+        if kill and not t.gone.is_set():
+            await self.processes.stop(t)
+        await t.gone.wait()
+        await self.after_pending(t)
+        self.processes.close_pidfd(t)
+        session = self.driver.session
+        owner = session.owners.peek(t.uuid)
+        if owner is not None and handoff.reserved(owner) and self.reserve_grace > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(t.hurry.wait(), self.reserve_grace)
+        await self._release_owner(t)
+        if self._tracked.get(t.uuid) is t:
+            del self._tracked[t.uuid]
+        self.changed()
+
+    async def _release_owner(self, t: Tracked) -> None:
+        session = self.driver.session
+        while True:
+            owner = session.owners.peek(t.uuid)
+            if owner is None or not owner.active or session.lost is not None:
+                return
+            try:
+                await self._run(self._lockd(t.uuid, t.name, t.pid).release_all)
+                log.info("released every lease of %s", t.who())
+                return
+            except VirtleaseError as exc:
+                log.error("cannot release the leases of exited %s yet (%s); retrying", t.who(), exc)
+                await asyncio.sleep(1.0)
+
+    async def adopt_running(self, uuid: str, name: str, pid: int | None, start: int | None) -> Tracked | None:
+        """Track an owner a previous agent left (its records already re-adopted on the session).
+        Its QEMU runs if ``pid`` exists with start time ``start`` (None: not checked): watched
+        from now on, without a lifeline.  Otherwise its leases are released; returns None."""
+        t = Tracked(uuid=uuid, name=name, pid=pid or 0)
+        if pid and (start is None or start_time(pid) == start):
+            try:
+                self.processes.watch(t)
+            except ProcessLookupError:
+                pass
+            else:
+                if start is None or t.start == start:
+                    self._tracked[uuid] = t
+                    log.info("re-adopted running %s", t.who())
+                    return t
+                self.processes.unwatch(t)
+        log.warning("%s is no longer running: releasing what it held", t.who())
+        t.gone.set()
+        await self._release_owner(t)
+        return None
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def close(self) -> None:
+        """Stop watching (the agent is exiting; call only once nothing is held)."""
+        for t in list(self._tracked.values()):
+            if t.ending is not None and not t.ending.done():
+                t.hurry.set()
+            if not t.gone.is_set():
+                self.processes.unwatch(t)
+        pending = [t.ending for t in self._tracked.values() if t.ending is not None and not t.ending.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _driver_call(self, op: str, what: str, fn: Callable[..., T], *args: Any, counted: bool = True) -> T:
         """A driver call, its errors turned into the lockd error libvirt reports (and counted;
@@ -107,11 +257,11 @@ class EtcdLockBackend(OwnerTracker):
             raise ResourceBusy("; ".join(describe_holder(h) for h in exc.conflicts)) from None
         except BackendUnavailableError as exc:
             self.count(op, "unavailable")
-            raise LockError(f"{what}: etcd unreachable, nothing changed ({exc}); check the etcd "
+            raise CallRefused(f"{what}: etcd unreachable, nothing changed ({exc}); check the etcd "
                             "endpoints of the virtlease agent") from None
         except LeaseLostError as exc:
             self.count(op, "lost")
-            raise LockError(f"{what}: this host's virtlease session is lost ({exc}); its domains were "
+            raise CallRefused(f"{what}: this host's virtlease session is lost ({exc}); its domains were "
                             "fenced, and the agent opens a new session at the next acquire once etcd "
                             "answers") from None
         except ObjectStateError as exc:
@@ -119,7 +269,7 @@ class EtcdLockBackend(OwnerTracker):
             raise ResourceBusy(f"{what}: {exc}") from None
         except VirtleaseError as exc:
             self.count(op, "error")
-            raise LockError(f"{what}: {exc}") from None
+            raise CallRefused(f"{what}: {exc}") from None
         if counted:
             self.count(op, str(result))
         return result
@@ -141,23 +291,23 @@ class EtcdLockBackend(OwnerTracker):
     def _check_alive(self, uuid: str, name: str) -> Tracked:
         t = self._tracked.get(uuid)
         if t is None:
-            raise LockError(f"domain {name} ({uuid}) is not registered with the virtlease agent",
+            raise CallRefused(f"domain {name} ({uuid}) is not registered with the virtlease agent",
                             code=ErrorCode.OPERATION_INVALID)
         if t.gone.is_set() or t.ending is not None:
-            raise LockError(f"{t.who()} has exited or lost its lock connection; its leases are being "
+            raise CallRefused(f"{t.who()} has exited or lost its lock connection; its leases are being "
                             "released", code=ErrorCode.OPERATION_INVALID)
         return t
 
     # ------------------------------------------------------------------ LockBackend
 
-    async def register(self, conn: Connection, owner: Owner) -> None:
+    async def register(self, conn: Connection, owner: LockdOwner) -> None:
         uuid = str(owner.uuid)
         t = self._tracked.get(uuid)
         if t is not None and t.pid == owner.pid and t.ending is None:
             return
         if t is not None:
             if not t.gone.is_set():
-                raise LockError(f"domain {owner.name} ({uuid}): QEMU pid {t.pid} is still running on this "
+                raise CallRefused(f"domain {owner.name} ({uuid}): QEMU pid {t.pid} is still running on this "
                                 f"host; cannot register pid {owner.pid} for the same domain",
                                 code=ErrorCode.OPERATION_INVALID)
             t.hurry.set()  # the old QEMU is gone: release what it had now, then track the new one
@@ -179,8 +329,8 @@ class EtcdLockBackend(OwnerTracker):
     async def create_lockspace(self, conn: Connection, path: str) -> None:
         log.debug("CREATE_LOCKSPACE %s (nothing to create: leases live in etcd)", path)
 
-    async def acquire(self, conn: Connection, owner: Owner, lockspace: str, name: str,
-                      flags: AcquireFlags) -> None:
+    async def acquire(self, conn: Connection, owner: LockdOwner, lockspace: str, name: str,
+                      flags: AcquireResourceFlags) -> None:
         t = self._check_alive(str(owner.uuid), owner.name)
         res = resource_spec(lockspace, name, flags)
         await self.after_pending(t)  # a resume after the pause's RELEASEs: their reservation first
@@ -192,7 +342,7 @@ class EtcdLockBackend(OwnerTracker):
         if t.ending is not None:  # the QEMU ended while the grant was in flight: undo it
             await asyncio.shield(t.ending)
             await self._release_owner(t)
-            raise LockError(f"{t.who()} exited or lost its lock connection during the acquire of {name}; "
+            raise CallRefused(f"{t.who()} exited or lost its lock connection during the acquire of {name}; "
                             "nothing is held for it", code=ErrorCode.OPERATION_INVALID)
         if outcome in ("resumed", "claimed", "granted"):
             t.released.clear()
@@ -215,7 +365,7 @@ class EtcdLockBackend(OwnerTracker):
                         lost[0], self.driver.session.lease_id, what)
             self.changed()
 
-    async def release(self, conn: Connection, owner: Owner, lockspace: str, name: str) -> None:
+    async def release(self, conn: Connection, owner: LockdOwner, lockspace: str, name: str) -> None:
         t = self._check_alive(str(owner.uuid), owner.name)
         res = resource_spec(lockspace, name)
         if name in t.released:
@@ -231,7 +381,7 @@ class EtcdLockBackend(OwnerTracker):
         async def reserve() -> None:
             try:
                 outcome = await self._driver_call("release", what, lockd.release, res)
-            except LockError as exc:
+            except CallRefused as exc:
                 log.error("%s: the disk stays held by the domain, not reserved for it (a migration's "
                           "destination cannot take it over; the domain can resume here): %s", what, exc)
                 return

@@ -1,12 +1,15 @@
-"""``virtlease agent`` (and its alias ``virtlease-agent``): the command line of the agent.
+"""``virtlease agent`` (and its alias ``virtlease-agent``, ``python -m virtlease_etcd.agent``):
+the command line of the agent.
 
 The shared etcd options (``--endpoints``, ``--prefix``, ``--host-id``, ``--ttl``, ``--config``;
-``cli.options``) plus the agent's own; see ``main`` for what the agent does with signals.
+``cli.options``) plus the agent's own; ``main`` (the module) runs the agent and says what it
+does with signals.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import click
 
@@ -48,3 +51,16 @@ def agent(settings: Settings, socket: str, metrics: str | None, state_dir: str, 
     code = run_agent(opts, settings.driver_config(default_action=failure_action))
     if code:
         sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``virtlease-agent`` alias (same options as ``virtlease agent``)."""
+    try:
+        agent.main(args=list(argv) if argv is not None else None, prog_name="virtlease-agent",
+                   standalone_mode=False)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0

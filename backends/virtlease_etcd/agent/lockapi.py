@@ -10,10 +10,18 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .protocol import AcquireFlags, ErrorCode, ErrorDomain, Owner, Procedure, RemoteError, make_error
+from .protocol import (
+    AcquireResourceFlags,
+    ErrorCode,
+    ErrorDomain,
+    LockdOwner,
+    Procedure,
+    RemoteError,
+    make_error,
+)
 
 
-class LockError(Exception):
+class CallRefused(Exception):
     """Raised by a backend to refuse a call; becomes the error reply libvirt reports.
 
     ``message`` is the detail libvirt shows after the code's prefix (e.g. "resource busy: ")."""
@@ -31,7 +39,7 @@ class LockError(Exception):
         return make_error(self.code, self.domain, self.message)
 
 
-class ResourceBusy(LockError):
+class ResourceBusy(CallRefused):
     """The resource is held elsewhere (or, on release, not held): VIR_ERR_RESOURCE_BUSY from
     VIR_FROM_LOCKSPACE, exactly as virtlockd reports it.  Name holder host and domain in the
     message: libvirt shows it to the user as "resource busy: <message>"."""
@@ -60,16 +68,16 @@ class Connection:
 
     id: int
     peer: PeerCredentials
-    owner: Owner | None = None
+    owner: LockdOwner | None = None
     restricted: bool = False
 
 
 class LockBackend(Protocol):
     """What the server dispatches to.  Each method may be a plain function (run in the
     server's thread pool) or a coroutine function (awaited on the loop; it must not block).
-    Refuse a call by raising :class:`LockError` (:class:`ResourceBusy` for a held disk)."""
+    Refuse a call by raising :class:`CallRefused` (:class:`ResourceBusy` for a held disk)."""
 
-    def register(self, conn: Connection, owner: Owner) -> Awaitable[None] | None:
+    def register(self, conn: Connection, owner: LockdOwner) -> Awaitable[None] | None:
         """``conn`` now acts for ``owner`` (first REGISTER on the connection)."""
 
     def restrict(self, conn: Connection) -> Awaitable[None] | None:
@@ -79,11 +87,11 @@ class LockBackend(Protocol):
         """CREATE_LOCKSPACE ``path`` (idempotent in virtlockd; may come unregistered)."""
 
     def acquire(
-        self, conn: Connection, owner: Owner, lockspace: str, name: str, flags: AcquireFlags
+        self, conn: Connection, owner: LockdOwner, lockspace: str, name: str, flags: AcquireResourceFlags
     ) -> Awaitable[None] | None:
         """Acquire resource ``name`` in ``lockspace`` ("" = default/direct) for ``owner``."""
 
-    def release(self, conn: Connection, owner: Owner, lockspace: str, name: str) -> Awaitable[None] | None:
+    def release(self, conn: Connection, owner: LockdOwner, lockspace: str, name: str) -> Awaitable[None] | None:
         """Release resource ``name`` in ``lockspace`` held by ``owner``."""
 
     def connection_closed(self, conn: Connection) -> Awaitable[None] | None:

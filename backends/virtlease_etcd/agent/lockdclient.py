@@ -16,11 +16,11 @@ from types import TracebackType
 
 from .protocol import (
     MAX_REPLY_FRAME,
-    AcquireFlags,
+    AcquireResourceFlags,
     CallArgs,
     CreateLockSpaceArgs,
     Header,
-    Owner,
+    LockdOwner,
     Procedure,
     ProtocolError,
     RegisterArgs,
@@ -48,9 +48,9 @@ class RemoteCallError(Exception):
 
 def make_owner(
     name: str = "vm", *, owner_id: int = 1, pid: int | None = None, owner_uuid: uuid.UUID | None = None
-) -> Owner:
-    """An Owner as libvirt sends it (pid defaults to this process, uuid to a random one)."""
-    return Owner(uuid=owner_uuid or uuid.uuid4(), name=name, id=owner_id, pid=os.getpid() if pid is None else pid)
+) -> LockdOwner:
+    """A LockdOwner as libvirt sends it (pid defaults to this process, uuid to a random one)."""
+    return LockdOwner(uuid=owner_uuid or uuid.uuid4(), name=name, id=owner_id, pid=os.getpid() if pid is None else pid)
 
 
 class LockdClient:
@@ -136,7 +136,7 @@ class LockdClient:
         if error is not None:
             raise RemoteCallError(header, error)
 
-    def register(self, owner: Owner, flags: int = 0) -> None:
+    def register(self, owner: LockdOwner, flags: int = 0) -> None:
         """REGISTER ``owner``."""
         self.call(Procedure.REGISTER, RegisterArgs(owner=owner, flags=flags))
 
@@ -150,7 +150,7 @@ class LockdClient:
 
     def acquire_indirect(self, name: str, lockspace: str) -> None:
         """ACQUIRE_RESOURCE with AUTOCREATE, as libvirt does with file_lockspace_dir."""
-        self.acquire(name, lockspace, AcquireFlags.AUTOCREATE)
+        self.acquire(name, lockspace, AcquireResourceFlags.AUTOCREATE)
 
     def release(self, name: str, lockspace: str = "", flags: int = 0) -> None:
         """RELEASE_RESOURCE ``name`` in ``lockspace``."""

@@ -1,6 +1,7 @@
-"""``virtlease-agent``: serve libvirt's ``lockd`` plugin on the virtlockd socket, leases in etcd.
+"""The agent's run: serve libvirt's ``lockd`` plugin on the virtlockd socket, leases in etcd.
 
-Usage (``virtlease agent`` takes the same options)::
+``command`` is its command line (``virtlease agent``, ``virtlease-agent``, ``python -m
+virtlease_etcd.agent``)::
 
     virtlease-agent --endpoints 10.0.0.1:2379 --host-id hv-07 \\
         [--socket /run/libvirt/virtlockd-sock] [--metrics 127.0.0.1:9477] [--state-dir /run/virtlease] \\
@@ -40,12 +41,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import click
 
 import virtlease
 from virtlease.errors import VirtleaseError
@@ -122,7 +121,9 @@ async def serve(opts: AgentOptions, config: dict[str, Any], activation: Activati
     def load() -> virtlease.Plugin:
         if not prepared:  # once: continue a previous agent's session, or wait it out
             prepared.append(prepare(cfg, opts.state_dir))
-        return virtlease.load_driver("etcd", config=config, capabilities=virtlease.Capability.RESOURCES)
+        prior = prepared[0]  # its continued session, if any, is the driver's (etcd's WithLease)
+        return virtlease.load_driver("etcd", config={**config, "adopted_session": prior and prior.session},
+                                     capabilities=virtlease.Capability.RESOURCES)
 
     opening = loop.create_task(open_driver(load, gate, endpoints=",".join(cfg.endpoints)))
     waiting = loop.create_task(stop.wait())
@@ -239,22 +240,3 @@ def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
     except (VirtleaseError, OSError) as exc:
         log.error("cannot start the etcd driver: %s", exc)
         return 2
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``virtlease-agent`` alias (same options as ``virtlease agent``)."""
-    from .command import agent
-
-    try:
-        agent.main(args=list(argv) if argv is not None else None, prog_name="virtlease-agent",
-                   standalone_mode=False)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

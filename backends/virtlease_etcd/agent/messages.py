@@ -71,7 +71,7 @@ class Status(enum.IntEnum):
     CONTINUE = 2
 
 
-class AcquireFlags(enum.IntFlag):
+class AcquireResourceFlags(enum.IntFlag):
     """virLockSpaceProtocolAcquireResourceFlags: the only flags any procedure accepts."""
 
     SHARED = 1
@@ -146,7 +146,7 @@ class Header:
 
 
 @dataclass(frozen=True, slots=True)
-class Owner:
+class LockdOwner:
     """virLockSpaceProtocolOwner: the VM (QEMU process) a connection acts for."""
 
     uuid: uuid.UUID
@@ -159,7 +159,7 @@ class Owner:
 class RegisterArgs:
     """REGISTER."""
 
-    owner: Owner
+    owner: LockdOwner
     flags: int = 0
 
 

@@ -59,7 +59,6 @@ import functools
 import logging
 import platform
 import threading
-import time
 import weakref
 from collections.abc import Callable, Coroutine
 from importlib import metadata
@@ -68,6 +67,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 import virtlease
+from virtlease_etcd.clock import Clock
 from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.session.hostsession import HostSession
 
@@ -115,7 +115,7 @@ class Metrics:
               registry=r).set_function(lambda: self.session.cfg.margin)
         Gauge("virtlease_agent_fence_deadline_seconds",
               "Seconds until the session fences itself without a successful keepalive", registry=r).set_function(
-            lambda: self.session.fence_at - time.monotonic())
+            lambda: self.session.fence_at - self.session.clock.now())
         self.rtt = Histogram("virtlease_agent_keepalive_rtt_seconds", "Lease keepalive round trip",
                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)
         self.acquire = Histogram("virtlease_agent_acquire_seconds", "ACQUIRE calls, reply included",
@@ -159,7 +159,7 @@ class Metrics:
         session.add_listener(lambda _why: self._lost(session))
         if session.lost is not None:
             self._lost(session)
-        self._time_keepalive(session.client)
+        self._time_keepalive(session.client, session.clock)
 
     def _lost(self, session: HostSession) -> None:
         with self._lock:
@@ -175,16 +175,16 @@ class Metrics:
         if op == "renew" and result == "renewed":
             self._watch(self.session)
 
-    def _time_keepalive(self, client: Any) -> None:
+    def _time_keepalive(self, client: Any, clock: Clock) -> None:
         inner: Callable[..., int] = client.lease_keepalive
 
         @functools.wraps(inner)
         def timed(*args: Any, **kwargs: Any) -> int:
-            t0 = time.perf_counter()
+            t0 = clock.now()
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.rtt.observe(time.perf_counter() - t0)
+                self.rtt.observe(clock.now() - t0)
 
         client.lease_keepalive = timed
 
@@ -193,13 +193,14 @@ class Metrics:
 
         @functools.wraps(inner)
         async def timed(*args: Any, **kwargs: Any) -> None:
-            t0 = time.perf_counter()
+            clock = self.session.clock
+            t0 = clock.now()
             result = "refused"
             try:
                 await inner(*args, **kwargs)
                 result = "ok"
             finally:
-                self.acquire.labels(result).observe(time.perf_counter() - t0)
+                self.acquire.labels(result).observe(clock.now() - t0)
 
         self.backend.acquire = timed  # type: ignore[method-assign]
 
@@ -222,9 +223,9 @@ class Metrics:
                         client = clients.get(endpoint)
                         if client is None:
                             client = clients[endpoint] = EtcdClient(dataclasses.replace(cfg, endpoints=(endpoint,)))
-                        t0 = time.perf_counter()
+                        t0 = client.clock.now()
                         status = client.status(timeout=cfg.request_timeout)
-                        rtt = time.perf_counter() - t0
+                        rtt = client.clock.now() - t0
                         up = 1.0 if status.leader else 0.0
                     except Exception as exc:  # down, refused, TLS...: the gauge says it
                         log.debug("etcd endpoint %s: probe failed: %s", endpoint, exc)

@@ -42,15 +42,15 @@ from .messages import (
     PROGRAM,
     UUID_LEN,
     VERSION,
-    AcquireFlags,
+    AcquireResourceFlags,
     CallArgs,
     CreateLockSpaceArgs,
     ErrorCode,
     ErrorDomain,
     Header,
+    LockdOwner,
     MessageType,
     NewArgs,
-    Owner,
     Procedure,
     ProtocolError,
     RegisterArgs,
@@ -182,7 +182,7 @@ def decode_args(proc: Procedure, payload: bytes, header: Header | None = None) -
     if proc == Procedure.REGISTER:
         raw_uuid = r.opaque_fixed(UUID_LEN, "owner uuid")
         name = r.string(LOCK_STRING_MAX, "owner name")
-        owner = Owner(uuid=uuid.UUID(bytes=raw_uuid), name=name, id=r.u32("owner id"), pid=r.u32("owner pid"))
+        owner = LockdOwner(uuid=uuid.UUID(bytes=raw_uuid), name=name, id=r.u32("owner id"), pid=r.u32("owner pid"))
         result = RegisterArgs(owner=owner, flags=r.u32("flags"))
     elif proc == Procedure.RESTRICT:
         result = RestrictArgs(flags=r.u32("flags"))
@@ -300,8 +300,8 @@ def decode_reply(frame: bytes, max_frame: int = MAX_REPLY_FRAME) -> tuple[Header
 __all__ = [  # the public names (``messages`` ones re-exported)
     "ERROR_LEVEL_ERROR", "HEADER_SIZE", "LEN_SIZE", "LOCK_STRING_MAX", "MAX_CALL_FRAME",
     "MAX_REPLY_FRAME", "MIN_FRAME", "NET_MESSAGE_MAX", "NET_STRING_MAX", "PROGRAM", "UUID_LEN",
-    "VERSION", "AcquireFlags", "CallArgs", "CreateLockSpaceArgs", "ErrorCode", "ErrorDomain",
-    "Header", "MessageType", "NewArgs", "Owner", "Procedure", "ProtocolError", "RegisterArgs",
+    "VERSION", "AcquireResourceFlags", "CallArgs", "CreateLockSpaceArgs", "ErrorCode", "ErrorDomain",
+    "Header", "LockdOwner", "MessageType", "NewArgs", "Procedure", "ProtocolError", "RegisterArgs",
     "RemoteDomain", "RemoteError", "RemoteNetwork", "ResourceArgs", "RestrictArgs", "Status",
     "check_call_header", "decode_args", "decode_call", "decode_error", "decode_frame",
     "decode_reply", "encode_args", "encode_call", "encode_error", "encode_error_reply",

@@ -4,8 +4,8 @@ Three pieces, in the order the agent uses them:
 
 1. ``prepare`` (before the driver loads): if a previous agent of this host left a state file,
    continue its etcd session (``reattach.adopt_session``: lease still > fence margin, host key
-   ours, one keepalive) and install it as the process's session, so the driver loads *on that
-   lease*.  If it cannot be continued, wait until the old lease is gone (its guard stopped the
+   ours, one keepalive); the agent loads the driver with it (``adopted_session``), so the driver
+   runs *on that lease*.  If it cannot be continued, wait until the old lease is gone (its guard stopped the
    owners before that) and stop any owner still running, then start fresh.
 2. ``Continuity.start`` (on the loop, before serving): spawn this agent's guard, re-adopt the
    owners from the records on the lease (``reattach.readopt_owners``) and their QEMUs by pid and
@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,20 +36,25 @@ from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.session import reattach
 from virtlease_etcd.session.failure import GUARD_SIGNALS
 from virtlease_etcd.session.guard import Guard, stand_down, start_time
-from virtlease_etcd.session.registry import install_session
+from virtlease_etcd.session.hostsession import HostSession
 
 from . import runfile as sf
-from .tracking import OwnerTracker
+from .backend import EtcdLockBackend
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Prior:
-    """What a previous agent left, and whether its session was continued."""
+    """What a previous agent left, and its session if it was continued."""
 
     state: sf.AgentState
-    adopted: bool
+    session: HostSession | None
+    """The previous agent's session, continued: load the driver with it (``adopted_session``)."""
+
+    @property
+    def adopted(self) -> bool:
+        return self.session is not None
 
 
 def prepare(cfg: EtcdConfig, state_dir: str) -> Prior | None:
@@ -71,9 +75,8 @@ def prepare(cfg: EtcdConfig, state_dir: str) -> Prior | None:
         log.error("cannot continue the previous agent's session (lease %x, agent pid %d): %s; %s; starting a "
                   "new session", prior.lease, prior.agent_pid, exc,
                   ("its domains: " + "; ".join(fates)) if fates else "it held no domain")
-        return Prior(prior, adopted=False)
-    install_session(adopted.session)
-    return Prior(prior, adopted=True)
+        return Prior(prior, session=None)
+    return Prior(prior, session=adopted.session)
 
 
 def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> list[str]:
@@ -82,14 +85,14 @@ def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> list[str]:
     of each owner, one phrase each (for the log line)."""
     client = EtcdClient(cfg)
     try:
-        until = time.monotonic() + cfg.ttl + 1
-        while time.monotonic() < until:
+        until = client.clock.now() + cfg.ttl + 1
+        while client.clock.now() < until:
             try:
                 if client.lease_ttl(prior.lease, timeout=cfg.request_timeout) < 0:
                     break
             except Exception as exc:
                 log.warning("cannot read the previous lease %x (%s); waiting out its TTL", prior.lease, exc)
-            time.sleep(0.2)
+            client.clock.sleep(0.2)
     finally:
         client.close()
     fates = []
@@ -111,7 +114,7 @@ def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> list[str]:
 class Continuity:
     """Guard and state file of one running agent (steps 2 and 3)."""
 
-    def __init__(self, backend: OwnerTracker, state_dir: str, *, poll: float = 0.1) -> None:
+    def __init__(self, backend: EtcdLockBackend, state_dir: str, *, poll: float = 0.1) -> None:
         self.backend = backend
         self.driver: EtcdDriver = backend.driver
         self.path = sf.state_path(state_dir, self.driver.host_id)
@@ -122,7 +125,7 @@ class Continuity:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, prior: Prior | None) -> None:
-        self.guard = Guard.spawn(log_lines=True)
+        self.guard = Guard.spawn(self.driver.session.clock.clock_id, log_lines=True)
         self.backend.on_change = self.push
         if prior is not None and prior.adopted:
             await self._readopt(prior.state)
@@ -182,7 +185,7 @@ class Continuity:
                 self.guard.send(fence_at, session.cfg.margin / 2, guarded)
             except (OSError, ValueError) as exc:
                 log.error("the guard process (pid %d) is gone (%s); starting a new one", self.guard.pid, exc)
-                self.guard = Guard.spawn(log_lines=True)
+                self.guard = Guard.spawn(session.clock.clock_id, log_lines=True)
                 self.guard.send(fence_at, session.cfg.margin / 2, guarded)
                 self._saved = None
         saved = (session.lease_id, session.session_id, entries)
@@ -215,7 +218,8 @@ class Continuity:
             self.guard.abandon()
         log.warning("handing over: lease %x stays, the guard stops %d owner(s) at the fence deadline "
                     "(%.1fs from now) unless a new agent takes over", self.driver.session.lease_id,
-                    len(self._saved[2] if self._saved else []), self.driver.session.fence_at - time.monotonic())
+                    len(self._saved[2] if self._saved else []),
+                    self.driver.session.fence_at - self.driver.session.clock.now())
 
     def leave(self, *, busy: bool) -> None:
         """The agent exits: with owners still holding, as a handover (guard armed); otherwise

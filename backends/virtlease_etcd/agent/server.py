@@ -15,7 +15,7 @@ rely on:
   called) and another owner is VIR_ERR_OPERATION_INVALID.
 * NEW, CREATE_RESOURCE and DELETE_RESOURCE (never sent by libvirt's QEMU driver) are answered
   VIR_ERR_OPERATION_UNSUPPORTED without reaching the backend.
-* A backend's :class:`LockError` becomes the error reply it describes (its message is what
+* A backend's :class:`CallRefused` becomes the error reply it describes (its message is what
   ``virsh`` prints); any other exception is logged and answered VIR_ERR_INTERNAL_ERROR.
 * A frame whose header could be read but is otherwise bad (program, version, type, status,
   procedure, arguments) is answered with a VIR_ERR_RPC error and the connection stays open; a
@@ -49,21 +49,21 @@ from .lockapi import (
     DENIED,
     REREGISTERED,
     UNREGISTERED,
+    CallRefused,
     Connection,
     LockBackend,
-    LockError,
     PeerCredentials,
     ResourceBusy,
     flag_error,
 )
 from .protocol import (
     MAX_CALL_FRAME,
-    AcquireFlags,
+    AcquireResourceFlags,
     CallArgs,
     CreateLockSpaceArgs,
     ErrorCode,
     ErrorDomain,
-    Owner,
+    LockdOwner,
     Procedure,
     ProtocolError,
     RegisterArgs,
@@ -79,7 +79,7 @@ from .sockets import AgentSetupError, check_socket_dir, peer_credentials, remove
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AgentSetupError", "Connection", "LockBackend", "LockError", "LockdServer", "PeerCredentials",
+__all__ = ["AgentSetupError", "CallRefused", "Connection", "LockBackend", "LockdServer", "PeerCredentials",
            "ResourceBusy", "check_socket_dir", "peer_credentials"]
 
 class LockdServer:
@@ -270,7 +270,7 @@ class LockdServer:
 
     async def _dispatch(self, conn: Connection, proc: Procedure, args: CallArgs) -> RemoteError | None:
         # plain ints: ~ of an IntFlag only complements its defined bits
-        supported = int(AcquireFlags.SHARED | AcquireFlags.AUTOCREATE) if proc == Procedure.ACQUIRE_RESOURCE else 0
+        supported = int(AcquireResourceFlags.SHARED | AcquireResourceFlags.AUTOCREATE) if proc == Procedure.ACQUIRE_RESOURCE else 0
         flags = getattr(args, "flags", 0)
         if (err := flag_error(flags, supported, proc)) is not None:
             return err
@@ -289,14 +289,14 @@ class LockdServer:
                 conn.restricted = True
             return err
         if isinstance(args, ResourceArgs) and proc == Procedure.ACQUIRE_RESOURCE:
-            return await self._backend(self.backend.acquire, conn, owner, args.path, args.name, AcquireFlags(flags))
+            return await self._backend(self.backend.acquire, conn, owner, args.path, args.name, AcquireResourceFlags(flags))
         if isinstance(args, ResourceArgs) and proc == Procedure.RELEASE_RESOURCE:
             return await self._backend(self.backend.release, conn, owner, args.path, args.name)
         return make_error(
             ErrorCode.OPERATION_UNSUPPORTED, ErrorDomain.RPC, f"the virtlease agent does not implement {proc.name}"
         )
 
-    async def _register(self, conn: Connection, owner: Owner) -> RemoteError | None:
+    async def _register(self, conn: Connection, owner: LockdOwner) -> RemoteError | None:
         if not owner.id:
             return UNREGISTERED  # virtlockd's (odd) message for an owner id of 0
         if conn.owner is not None:
@@ -313,7 +313,7 @@ class LockdServer:
     async def _backend(self, fn: Callable[..., Any], *args: Any) -> RemoteError | None:
         try:
             await self._call(fn, *args)
-        except LockError as exc:
+        except CallRefused as exc:
             return exc.to_remote()
         except Exception:
             log.exception("lock backend %s failed", getattr(fn, "__name__", fn))

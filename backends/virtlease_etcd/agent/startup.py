@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from virtlease.errors import BackendUnavailableError
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.session.hostrecord import HostKeyTaken
 
-from .lockapi import Connection, LockBackend, LockError
-from .protocol import AcquireFlags, Owner
+from .lockapi import CallRefused, Connection, LockBackend
+from .protocol import AcquireResourceFlags, LockdOwner
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,7 +68,7 @@ class StartingBackend:
                     await _maybe(backend.register(conn, conn.owner))
                     if conn.restricted:
                         await _maybe(backend.restrict(conn))
-                except LockError as exc:
+                except CallRefused as exc:
                     log.warning("connection %d: its registration of domain %s could not be carried over: %s",
                                 conn.id, conn.owner.name, exc.message)
             self.inner = backend
@@ -84,11 +84,11 @@ class StartingBackend:
         async with self._lock:
             return self.inner
 
-    def _refuse(self, what: str) -> LockError:
-        return LockError(f"{what}: etcd unreachable, nothing changed: the virtlease agent has no etcd session yet "
+    def _refuse(self, what: str) -> CallRefused:
+        return CallRefused(f"{what}: etcd unreachable, nothing changed: the virtlease agent has no etcd session yet "
                          f"({self.reason}); it keeps trying, and grants leases once it has one")
 
-    async def register(self, conn: Connection, owner: Owner) -> None:
+    async def register(self, conn: Connection, owner: LockdOwner) -> None:
         async with self._lock:
             if self.inner is not None:
                 await _maybe(self.inner.register(conn, owner))
@@ -103,13 +103,13 @@ class StartingBackend:
             if self.inner is not None:
                 await _maybe(self.inner.create_lockspace(conn, path))
 
-    async def acquire(self, conn: Connection, owner: Owner, lockspace: str, name: str, flags: AcquireFlags) -> None:
+    async def acquire(self, conn: Connection, owner: LockdOwner, lockspace: str, name: str, flags: AcquireResourceFlags) -> None:
         inner = await self._inner()
         if inner is None:
             raise self._refuse(f"acquire of {name} for domain {owner.name} ({owner.uuid})")
         await _maybe(inner.acquire(conn, owner, lockspace, name, flags))
 
-    async def release(self, conn: Connection, owner: Owner, lockspace: str, name: str) -> None:
+    async def release(self, conn: Connection, owner: LockdOwner, lockspace: str, name: str) -> None:
         inner = await self._inner()
         if inner is None:
             raise self._refuse(f"release of {name} for domain {owner.name} ({owner.uuid})")
@@ -134,13 +134,13 @@ async def open_driver(load: Callable[[], T], gate: StartingBackend, *, endpoints
     (at once, on every change of reason, and every ``REMIND_EVERY`` seconds), and retry with a
     backoff.  Any other error (a configuration error) is raised."""
     loop = asyncio.get_running_loop()
-    delay, said, said_at, since = RETRY_MIN, "", 0.0, time.monotonic()
+    delay, said, said_at, since = RETRY_MIN, "", 0.0, SYSTEM.now()
     while True:
         try:
             return await loop.run_in_executor(None, load)
         except (BackendUnavailableError, HostKeyTaken) as exc:
             gate.reason = str(exc)
-        now = time.monotonic()
+        now = SYSTEM.now()
         if gate.reason != said or now - said_at >= REMIND_EVERY:
             log.warning("no etcd session yet after %.0fs (%s); serving the socket meanwhile: every ACQUIRE is "
                         "refused as 'etcd unreachable' until it opens; retrying every %.0fs at most (endpoints "

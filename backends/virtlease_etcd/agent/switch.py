@@ -31,13 +31,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from virtlease.cli.exitcodes import CommandFailed, ExitCode
+from virtlease_etcd.clock import SYSTEM
 
 from .holding import UnreadableState, holding
 from .runfile import DEFAULT_STATE_DIR
@@ -157,19 +157,19 @@ def _restart_agent() -> None:
 
 def _agent_answers(timeout: float = 30.0) -> bool:
     """Connect to the socket (systemd starts the agent) and wait for its state file."""
-    until = time.monotonic() + timeout
-    while time.monotonic() < until:
+    until = SYSTEM.now() + timeout
+    while SYSTEM.now() < until:
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(2)
                 s.connect(str(SOCKET))
         except OSError:
-            time.sleep(0.2)
+            SYSTEM.sleep(0.2)
             continue
         main = _systemctl("show", "--value", "-p", "MainPID", "virtlockd.service").stdout.strip()
         if main.isdigit() and main != "0" and b"virtlease" in Path(f"/proc/{main}/cmdline").read_bytes():
             return True
-        time.sleep(0.2)
+        SYSTEM.sleep(0.2)
     return False
 
 

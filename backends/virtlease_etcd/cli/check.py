@@ -21,6 +21,7 @@ from rich.text import Text
 from virtlease.cli.exitcodes import ExitCode
 from virtlease.cli.output import out, print_json
 from virtlease.errors import ConfigError
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.etcd.tlsfiles import ClientCertificate, check_tls_files
@@ -234,7 +235,7 @@ def _check_certificate(report: Report, cert: ClientCertificate) -> None:
               f"the user), expires {expiry}")
     if cert.expired:
         report.add("client certificate", FAIL, detail + ": it has expired; issue a new one (deploy/etcd/make-certs.sh)")
-    elif cert.not_after is not None and cert.not_after - time.time() < 30 * 86400:
+    elif cert.not_after is not None and cert.not_after - SYSTEM.wall() < 30 * 86400:
         report.add("client certificate", WARN, detail + ": in less than 30 days; issue a new one in time")
     else:
         report.add("client certificate", OK, detail)

@@ -23,7 +23,6 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from rich.text import Text
 
 from virtlease.cli.exitcodes import CommandFailed, ExitCode, describe_busy
 from virtlease.cli.output import err, out
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.config import ENV_PREFIX, EtcdConfig, load_config
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd
 from virtlease_etcd.devtools.hostprocess import LOG_ENV, HostCallError, HostProcess, spawn_vm, stop_vm
@@ -235,7 +235,7 @@ class Demo:
         b.ok("free", obj="web1")
 
         # 3. Live migration a -> b: a handoff, never zero or two owners.
-        started = time.monotonic()
+        started = SYSTEM.now()
         state = a.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
         say("host-a", f"live-migrates web1 to host-b: prepare_migrate marks the disks for host-b (still held by "
             f"host-a); a {len(state)}-character state travels with the migration stream")
@@ -256,12 +256,12 @@ class Demo:
         a.ok("free", obj="web1")
         stop_vm(vm_a)
         say("host-a", f"complete_migrate_out: source VM process stopped, host-a forgets web1 — migration took "
-            f"{(time.monotonic() - started) * 1000:.0f} ms")
+            f"{(SYSTEM.now() - started) * 1000:.0f} ms")
 
         # 4. host-b crashes; after its TTL host-a takes the disks back.
         b.kill()
         stop_vm(vm_b)
-        crashed = time.monotonic()
+        crashed = SYSTEM.now()
         say("host-b", Text.assemble(("💥 ", "red"), f"crashes: kill -9 of its process {b.pid} (and its VM); "
                                     "nothing is released, its keys stay until its lease expires"))
         vm_a2 = self._vm()
@@ -280,13 +280,13 @@ class Demo:
                     if attempts == 1:
                         say("host-a", f"restarts web1 (stand-in process {vm_a2.pid}) and polls acquire: "
                             f"refused while host-b's lease lives: {describe_busy(exc.conflicts)}")
-                    if time.monotonic() > deadline:
+                    if SYSTEM.now() > deadline:
                         raise CommandFailed(f"host-b's disks were not free {deadline - crashed:.0f} s after its "
                                             "crash", hint="is the etcd cluster healthy? (virtlease check)") from None
                 spinner.update(f"host-a: waiting for host-b's lease to expire "
-                               f"({time.monotonic() - crashed:.1f} s of ~{self.ttl} s)...")
-                time.sleep(POLL_INTERVAL)
-        say("host-a", Text.assemble(("✔ ", "green"), f"took the disks back {time.monotonic() - crashed:.2f} s after "
+                               f"({SYSTEM.now() - crashed:.1f} s of ~{self.ttl} s)...")
+                SYSTEM.sleep(POLL_INTERVAL)
+        say("host-a", Text.assemble(("✔ ", "green"), f"took the disks back {SYSTEM.now() - crashed:.2f} s after "
                                     f"the crash ({attempts} attempts, TTL {self.ttl} s): tokens "
                                     f"{token_set(claimed)} → {token_set(back)}; a late write from host-b "
                                     f"would carry the stale token {token_set(claimed)}"))

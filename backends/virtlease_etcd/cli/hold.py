@@ -220,7 +220,7 @@ class _Guarded:
         self.plugin = plugin
         self.owner = {"pid": pid, "start": start, "sig": sig, "who": who}
         try:
-            self.guard = Guard.spawn()
+            self.guard = Guard.spawn(plugin.driver.session.clock.clock_id)
             self.push()
         except (OSError, RuntimeError, ValueError) as exc:
             raise CommandFailed(f"cannot start the guard process for pid {pid} ({exc}); nothing was acquired",
@@ -240,7 +240,7 @@ class _Guarded:
                 self.push()
             except (OSError, ValueError):
                 err.print("virtlease hold: the guard process is gone; starting a new one")
-                self.guard = Guard.spawn()
+                self.guard = Guard.spawn(self.plugin.driver.session.clock.clock_id)
 
     def end(self, name: str) -> None:
         """hold ends.  Nothing left on a live lease (released, nothing acquired, or the session

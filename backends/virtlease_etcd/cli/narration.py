@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -16,6 +15,7 @@ from typing import Any
 from rich.text import Text
 
 from virtlease.cli.output import out
+from virtlease_etcd.clock import SYSTEM
 
 _ACTOR_STYLE = {"etcd": "magenta", "host-a": "cyan", "host-b": "green", "status": "blue", "cleanup": "dim",
                 "demo": "bold"}
@@ -25,10 +25,10 @@ class Timeline:
     """Narration: one line per event, stamped with the seconds since the start."""
 
     def __init__(self) -> None:
-        self.t0 = time.monotonic()
+        self.t0 = SYSTEM.now()
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.t0
+        return SYSTEM.now() - self.t0
 
     def say(self, actor: str, text: str | Text, style: str | None = None) -> None:
         """Print one event; long text wraps under itself, not under the stamp."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -126,7 +125,7 @@ def etcd_client(cfg: EtcdConfig) -> Iterator[EtcdClient]:
 def with_retries(client: EtcdClient, fn: Callable[[float], T], *, seconds: float) -> T:
     """Run ``fn(timeout)`` with the client's retries for at most ``seconds``;
     BackendUnavailableError if etcd does not answer in time."""
-    return client.retrying(fn, deadline=time.monotonic() + seconds)
+    return client.retrying(fn, deadline=client.clock.now() + seconds)
 
 
 def fetch_status(client: EtcdClient, cfg: EtcdConfig) -> ClusterStatus:

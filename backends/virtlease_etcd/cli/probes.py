@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import ssl
-import time
 import urllib.request
 from dataclasses import dataclass, field
 
 from virtlease.errors import BackendUnavailableError
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.etcd.client import EtcdClient, PermissionDenied, TransientError
 
@@ -106,13 +106,13 @@ def probe_endpoint(cfg: EtcdConfig, endpoint: str) -> EndpointReport:
     report = EndpointReport(endpoint=endpoint, healthy=False)
     client = EtcdClient(single)
     try:
-        started = time.monotonic()
+        started = client.clock.now()
         st = client.status(timeout=cfg.request_timeout)
         try:
             client.get_range(f"{cfg.prefix}/check-probe", timeout=cfg.request_timeout)
         except PermissionDenied:
             pass  # refused after the quorum round: healthy; the permission row says more
-        report.latency_ms = (time.monotonic() - started) * 1000
+        report.latency_ms = (client.clock.now() - started) * 1000
         report.version = str(st.version)
         report.member_id = f"{st.header.member_id:x}"
         report.cluster_id = f"{st.header.cluster_id:x}"
@@ -145,11 +145,11 @@ def clock_skew(cfg: EtcdConfig, endpoint: str) -> float | None:
         if cfg.cert_cert and cfg.cert_key:
             context.load_cert_chain(cfg.cert_cert, cfg.cert_key)
     try:
-        sent = time.time()
+        sent = SYSTEM.wall()
         with urllib.request.urlopen(f"{scheme}://{endpoint}/version", timeout=cfg.request_timeout,
                                     context=context) as resp:
             date = resp.headers.get("Date")
-        received = time.time()
+        received = SYSTEM.wall()
     except Exception:
         return None
     if not date:

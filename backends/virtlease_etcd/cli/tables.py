@@ -16,13 +16,12 @@ See docs/DESIGN.md §2 (Layers).
 
 from __future__ import annotations
 
-import time
-
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from virtlease.cli.output import ago
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.ops.status import ClusterStatus, HeldInfo
 
@@ -68,7 +67,7 @@ def _table(*columns: str, wide: bool, fill: str | None = None) -> Table:
 
 def status_tables(status: ClusterStatus, *, title_suffix: str = "", wide: bool = False) -> list[RenderableType]:
     """The sections of ``virtlease status``: hosts, held resources, handoffs, registered domains, problems."""
-    now = time.time()
+    now = SYSTEM.wall()
     hosts = _table(*(("host", "alive", "TTL left", "pid", "lease", "session since") if wide
                      else ("host", "session", "pid", "lease")), wide=wide)
     for h in sorted(status.hosts, key=lambda h: h.host):

@@ -18,9 +18,10 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
+
+from virtlease_etcd.clock import SYSTEM
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def find_etcd_binary() -> str:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (another process may take it before you)."""
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -59,9 +61,9 @@ def wait_serving(endpoint: str, timeout: float = 30.0) -> None:
     import etcd3
 
     host, port = endpoint.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
+    deadline = SYSTEM.now() + timeout
     last: Exception | None = None
-    while time.monotonic() < deadline:
+    while SYSTEM.now() < deadline:
         client = etcd3.client(host=host, port=int(port), timeout=1)
         try:
             client.status()
@@ -69,7 +71,7 @@ def wait_serving(endpoint: str, timeout: float = 30.0) -> None:
             return
         except Exception as exc:
             last = exc
-            time.sleep(0.1)
+            SYSTEM.sleep(0.1)
         finally:
             client.close()
     raise TimeoutError(f"etcd at {endpoint} did not serve within {timeout:.0f}s: {last}")

@@ -3,8 +3,9 @@ transient failures retried with tenacity — never past a deadline.
 
 Built directly on etcd's gRPC stubs (the protobufs python-etcd3 ships): each
 call carries its own deadline, the transaction's header revision (the
-fencing token) is kept, endpoints fail over on the monotonic clock, and every
-gRPC error is translated in one place.
+fencing token) is kept, endpoints fail over on the session's clock
+(``virtlease_etcd.clock``), and every gRPC error is translated in one place.
+Every deadline here is a time on that clock.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import functools
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from etcd3 import etcdrpc
 from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 
 from virtlease.errors import BackendUnavailableError, ConfigError, TransactionTooLargeError
+from virtlease_etcd.clock import SYSTEM, Clock
 from virtlease_etcd.config import EtcdConfig
 
 from .endpoints import Endpoint, request_op
@@ -43,15 +44,17 @@ class EtcdClient:
     next one is used.  Every gRPC error becomes one of this module's errors
     in one place (``_call``)."""
 
-    def __init__(self, cfg: EtcdConfig) -> None:
-        """ConfigError if the TLS files cannot serve (``tlsfiles``); connects lazily."""
+    def __init__(self, cfg: EtcdConfig, clock: Clock = SYSTEM) -> None:
+        """ConfigError if the TLS files cannot serve (``tlsfiles``); connects lazily.  ``clock``: what
+        every deadline given to this client is a time on (the session's)."""
         self.cfg = cfg
+        self.clock = clock
         creds = None
         if cfg.tls:
             check_tls_files(cfg)
             creds = grpc.ssl_channel_credentials(
                 _read(cfg.ca_cert), _read(cfg.cert_key), _read(cfg.cert_cert))
-        self._endpoints = [Endpoint(ep, creds) for ep in cfg.endpoints]
+        self._endpoints = [Endpoint(ep, creds, clock) for ep in cfg.endpoints]
         self._current = random.randrange(len(self._endpoints))
         self._lock = threading.Lock()
         self._metadata: tuple[tuple[str, str], ...] = ()
@@ -103,7 +106,7 @@ class EtcdClient:
                 raise self._translate(ep, exc, write=False) from exc
 
         seconds = self.cfg.deadline if seconds is None else seconds
-        resp = self.retrying(attempt, deadline=time.monotonic() + seconds)
+        resp = self.retrying(attempt, deadline=self.clock.now() + seconds)
         self.answered = True
         self._metadata = (("token", resp.token),)
 
@@ -276,7 +279,7 @@ class EtcdClient:
     # -- retries -------------------------------------------------------------
 
     def attempt_timeout(self, deadline: float) -> float:
-        left = deadline - time.monotonic()
+        left = deadline - self.clock.now()
         if left <= 0:
             raise self._unreachable("did not answer before the deadline")
         return min(self.cfg.request_timeout, left)
@@ -303,10 +306,10 @@ class EtcdClient:
                  on_ambiguous: Callable[[TransientError], T | None] | None = None) -> T:
         """Call ``fn(timeout)`` until it succeeds, retrying transient errors
         with jittered exponential backoff, never past ``deadline``
-        (monotonic).  After an ambiguous failure ``on_ambiguous`` may resolve
+        (on ``self.clock``).  After an ambiguous failure ``on_ambiguous`` may resolve
         the outcome (returning a result) before the next attempt."""
         def stop(state: Any) -> bool:
-            return time.monotonic() >= deadline - 0.01
+            return self.clock.now() >= deadline - 0.01
 
         def attempt() -> T:
             try:
@@ -321,7 +324,7 @@ class EtcdClient:
                         return resolved
                 raise
 
-        retryer = Retrying(stop=stop, wait=wait_random_exponential(multiplier=0.05, max=1.0),
+        retryer = Retrying(stop=stop, wait=wait_random_exponential(multiplier=0.05, max=1.0), sleep=self.clock.sleep,
                            retry=retry_if_exception_type(TransientError), reraise=True)
         try:
             return retryer(attempt)
@@ -335,9 +338,9 @@ class EtcdClient:
             try:
                 return on_ambiguous(exc)
             except TransientError:
-                if time.monotonic() + 0.1 >= deadline:
+                if self.clock.now() + 0.1 >= deadline:
                     raise
-                time.sleep(0.1)
+                self.clock.sleep(0.1)
 
 
 def _role_get(request: Any, timeout: float, ep: Endpoint, md: tuple[tuple[str, str], ...]) -> Any:

@@ -1,17 +1,18 @@
 """One etcd member's gRPC channel and stubs, and etcd3 transaction ops as protobufs.
 
 ``client.EtcdClient`` holds one ``Endpoint`` per member and fails over between them on the
-monotonic clock (docs/DESIGN.md §5).
+session's clock (``virtlease_etcd.clock``, docs/DESIGN.md §5).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import grpc
 from etcd3 import etcdrpc
 from etcd3 import transactions as tx
+
+from virtlease_etcd.clock import Clock
 
 from .errors import ConnectProblem
 
@@ -26,19 +27,20 @@ _CHANNEL_OPTIONS = [
     ("grpc.use_local_subchannel_pool", 1),
 ]
 ENDPOINT_RETRY = 1.0
-"""Seconds a failed endpoint is skipped before it is tried again (monotonic)."""
+"""Seconds a failed endpoint is skipped before it is tried again."""
 
 
 class Endpoint:
     """One etcd member: its channel and stubs, and when it last failed.
 
-    The failure mark uses the monotonic clock: python-etcd3's endpoints use
-    the wall clock, so a step back of the clock kept every endpoint that had
+    The failure mark uses the fence clock, which never steps: python-etcd3's
+    endpoints use the wall clock, so a step back of the clock kept every endpoint that had
     failed once blacklisted for as long as the step — and a healthy host
     fenced itself."""
 
-    def __init__(self, netloc: str, creds: grpc.ChannelCredentials | None) -> None:
+    def __init__(self, netloc: str, creds: grpc.ChannelCredentials | None, clock: Clock) -> None:
         self.netloc = netloc
+        self.clock = clock
         if creds is not None:
             self.channel = grpc.secure_channel(netloc, creds, options=_CHANNEL_OPTIONS)
         else:
@@ -48,15 +50,15 @@ class Endpoint:
         self.watch = etcdrpc.WatchStub(self.channel)
         self.maintenance = etcdrpc.MaintenanceStub(self.channel)
         self.auth = etcdrpc.AuthStub(self.channel)
-        self.failed_at = 0.0
+        self.failed_at: float | None = None
         self.problem: ConnectProblem | None = None
         """Why connecting failed last, when gRPC said (refused, TLS, ...); None once it answers."""
 
     def failed(self) -> bool:
-        return bool(self.failed_at) and time.monotonic() - self.failed_at < ENDPOINT_RETRY
+        return self.failed_at is not None and self.clock.now() - self.failed_at < ENDPOINT_RETRY
 
     def fail(self) -> None:
-        self.failed_at = time.monotonic()
+        self.failed_at = self.clock.now()
 
 
 def request_op(op: Any) -> Any:

@@ -12,10 +12,10 @@ See docs/DESIGN.md §5.1 (credentials).
 from __future__ import annotations
 
 import ssl
-import time
 from dataclasses import dataclass
 
 from virtlease.errors import ConfigError
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.config import EtcdConfig
 
 
@@ -31,7 +31,7 @@ class ClientCertificate:
 
     @property
     def expired(self) -> bool:
-        return self.not_after is not None and self.not_after < time.time()
+        return self.not_after is not None and self.not_after < SYSTEM.wall()
 
 
 _HINT = ("deploy/etcd/make-certs.sh writes each NAME.crt next to its NAME.key and ca.crt; "

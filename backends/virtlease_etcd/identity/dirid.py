@@ -46,6 +46,8 @@ import socket
 import stat
 import time
 
+from virtlease_etcd.clock import SYSTEM
+
 log = logging.getLogger(__name__)
 
 MARKER = ".virtlease-id"
@@ -116,7 +118,7 @@ def _create(path: str, directory: str) -> str | None:
     """Create the marker with a new id; ``None`` if another host created it first."""
     new = secrets.token_hex(16)
     data = (f"{FORMAT}{new}\n{_NOTE}# created by {socket.gethostname()} at "
-            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n").encode()
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(SYSTEM.wall()))}\n").encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except FileExistsError:
@@ -158,7 +160,7 @@ def read_or_create(directory: str, *, wait: float = INCOMPLETE_WAIT) -> str:
     that another host is writing at this moment (empty, first line not complete)
     is re-read before it is refused."""
     path = marker_path(directory)
-    deadline = time.monotonic() + wait
+    deadline = SYSTEM.now() + wait
     while True:
         try:
             raw = _read(path)
@@ -168,12 +170,12 @@ def read_or_create(directory: str, *, wait: float = INCOMPLETE_WAIT) -> str:
             except DirIdError:
                 # A lost race may come back as another error than EEXIST (SFTP v3 has no "exists":
                 # sshfs says EPERM): if the marker is there now, another host made it.
-                if os.path.lexists(path) and time.monotonic() < deadline:
+                if os.path.lexists(path) and SYSTEM.now() < deadline:
                     continue
                 raise
             if created is not None:
                 return created
-            if time.monotonic() >= deadline:  # it exists, yet this host's lookups miss it
+            if SYSTEM.now() >= deadline:  # it exists, yet this host's lookups miss it
                 raise DirIdError(f"{path} exists (another host created it) but cannot be read here "
                                  f"for {wait:g} s (a stale cache of the directory?); try again") from None
             continue  # another host was first: read its id
@@ -185,9 +187,9 @@ def read_or_create(directory: str, *, wait: float = INCOMPLETE_WAIT) -> str:
         found = _parse(raw)
         if found is not None:
             return found
-        if time.monotonic() >= deadline:
+        if SYSTEM.now() >= deadline:
             raise DirIdError(
                 f"{path} is not a virtlease directory id (its first line must be '{FORMAT}<32 hex "
                 f"digits>', it is {raw[:60]!r}); if no disk in {directory} is in use on any host, "
                 "delete it and the next lock creates a new one")
-        time.sleep(0.02)  # another host is writing it right now
+        SYSTEM.sleep(0.02)  # another host is writing it right now

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +98,7 @@ class Domain:
     def record(self, rid: ks.ResourceId, grant: str) -> bytes:
         return ks.encode(ks.holder_record(
             rid, host=self.host, lease=self.session.lease_id, uuid=self.spec.uuid,
-            name=self.spec.name, pid=self.spec.pid, since=time.time(), grant=grant))
+            name=self.spec.name, pid=self.spec.pid, since=self.session.clock.wall(), grant=grant))
 
     def grants(self, rids: Sequence[ks.ResourceId], tokens: Mapping[str, int] | None = None,
                xgens: Mapping[str, int | None] | None = None,
@@ -188,7 +187,7 @@ class Domain:
         for g in result.grants:
             owner.held[g.rid.rid] = Held(g.rid, g.key, result.tokens[g.key], g.value)
         session = self.session
-        if session.lost is not None or session.clock() >= session.fence_at:
+        if session.lost is not None or session.clock.now() >= session.fence_at:
             session.fence(owner, session.lost or "fence deadline passed while the grant was in flight")
             session.check()
 

@@ -10,7 +10,6 @@ state claims), never widen what this host may take.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,7 +60,7 @@ def acquire(d: Domain, resources: list[ResourceSpec], state: str | None, flags: 
 def register(d: Domain, owner: Owner) -> None:
     key = d.keys.dom(d.host, d.spec.uuid)
     value = ks.encode({"host": d.host, "uuid": d.spec.uuid, "name": d.spec.name,
-                       "pid": d.spec.pid, "since": round(time.time(), 3)})
+                       "pid": d.spec.pid, "since": round(d.session.clock.wall(), 3)})
     txn.run(d.session, [], [tx.Put(key, value, lease=d.session.lease_id)], [],
             deadline=d.session.deadline(), read_back=txn.written(d.session, [(key, value)]))
     owner.registered = True

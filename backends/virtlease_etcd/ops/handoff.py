@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -74,7 +73,7 @@ def mark(d: Domain, owner: Owner, dest_host: str, held: Sequence[Held] | None = 
     marker_key = d.keys.handoff(d.spec.uuid, d.host)
     marker = ks.encode({
         "from": d.host, "to": dest_host, "uuid": d.spec.uuid, "name": d.spec.name,
-        "nonce": secrets.token_hex(16), "lease": d.session.lease_id, "since": round(time.time(), 3),
+        "nonce": secrets.token_hex(16), "lease": d.session.lease_id, "since": round(d.session.clock.wall(), 3),
         "res": [entry(h) for h in held],
     })
     compare = [tx.Mod(h.key) == h.token for h in held] + [tx.Version(marker_key) == 0]

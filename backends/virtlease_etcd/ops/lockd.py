@@ -17,7 +17,6 @@ its form would change the keys under running VMs) and checks it as an absolute p
 
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 from virtlease import validation
@@ -186,13 +185,13 @@ def _same_domain_elsewhere(d: Domain, h: Holder) -> bool:
 def _wait_for_reservation(d: Domain, rid: str) -> tuple[str, bytes] | None:
     """Look for a reservation of this domain listing ``rid`` every few milliseconds, for at
     most :data:`RESERVATION_WAIT` (never past the session's deadline); its key and bytes."""
-    until = min(time.monotonic() + RESERVATION_WAIT, d.session.deadline())
+    until = min(d.session.clock.now() + RESERVATION_WAIT, d.session.deadline())
     pause = 0.002
-    while time.monotonic() < until:
+    while d.session.clock.now() < until:
         found = handoff.reservation_of(d, rid)
         if found is not None:
             return found
-        time.sleep(pause)
+        d.session.clock.sleep(pause)
         pause = min(pause * 1.5, 0.05)
     return None
 

@@ -6,7 +6,6 @@ reads are for display and tests, never for a locking decision).
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,7 +85,7 @@ class ClusterStatus:
 def read_status(client: EtcdClient, keys: ks.Keys, *, timeout: float) -> ClusterStatus:
     """Read everything under the prefix; transient errors are retried until
     ``timeout``, then BackendUnavailableError."""
-    deadline = time.monotonic() + timeout
+    deadline = client.clock.now() + timeout
     return client.retrying(lambda _t: _read(client, keys, deadline), deadline=deadline)
 
 

@@ -6,10 +6,12 @@ service manager's final kill) the host's etcd lease runs out by itself and the d
 other hosts while the QEMUs here still run.  The guard closes that hole from outside the agent.
 
 How: the agent starts it (``Guard.spawn``) before serving, runs it as a script with ``-I`` (only
-the standard library: nothing to import that could fail, a few MB of memory), and writes one JSON
-line to its stdin whenever the fence deadline or the owner list changes::
+the standard library: nothing to import that could fail, a few MB of memory) and the id of the
+session's fence clock as its argument (``virtlease_etcd.clock``: the guard reads that same clock,
+the one module outside it that reads the time), and writes one JSON line to its stdin whenever
+the fence deadline or the owner list changes::
 
-    {"fence_at": <CLOCK_MONOTONIC seconds>, "grace": <s>,
+    {"fence_at": <seconds on the fence clock>, "grace": <s>,
      "owners": [{"pid": 123, "start": <starttime from /proc/123/stat>, "sig": 9, "who": "..."}]}
 
 ``"fence_at": null`` (no owner holds anything on a live lease: none yet, or the session was
@@ -67,10 +69,11 @@ class Guard:
         self._last: str | None = None
 
     @classmethod
-    def spawn(cls, *, log_lines: bool = False) -> Guard:
-        """Start a guard; ``log_lines``: its lines in the agent's log format (``log_line``)."""
+    def spawn(cls, clock_id: int, *, log_lines: bool = False) -> Guard:
+        """Start a guard that reads the clock ``clock_id`` (the session's fence clock);
+        ``log_lines``: its lines in the agent's log format (``log_line``)."""
         script = Path(__file__)
-        proc = subprocess.Popen([sys.executable, "-I", str(script), *([LOG_LINES] if log_lines else [])],
+        proc = subprocess.Popen([sys.executable, "-I", str(script), str(clock_id), *([LOG_LINES] if log_lines else [])],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, close_fds=True)
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
@@ -149,7 +152,9 @@ def say(msg: str, level: str = "info") -> None:
           flush=True)
 
 
-class State:
+class GuardState:
+    """What the guard knows: the fence deadline, the grace, and a pidfd per owner it stops."""
+
     def __init__(self) -> None:
         self.fence_at: float | None = None
         self.grace = 0.0
@@ -187,9 +192,16 @@ class State:
 
 
 def main(argv: list[str]) -> int:
+    """``argv[0]``: the id of the clock ``fence_at`` is a time on (``time.clock_gettime``);
+    ``--log-lines``: write the agent's log format."""
+    clock_id = int(argv[0])
+
+    def now() -> float:
+        return time.clock_gettime(clock_id)
+
     global _lines
     _lines = LOG_LINES in argv
-    state = State()
+    state = GuardState()
 
     def on_usr1(_sig: int, _frame: object) -> None:
         state.stand_down = True
@@ -211,10 +223,10 @@ def main(argv: list[str]) -> int:
         if state.agent_gone and not state.owners:
             return 0
         deadline = state.deadline()
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and now() >= deadline:
             state.fire()
             return 0
-        timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+        timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now()))
         if state.agent_gone:
             time.sleep(timeout)
             continue

@@ -2,20 +2,25 @@
 
 Registering it is how a second live session with the same ``host_id`` is
 refused (docs/DESIGN.md §5, rule 1); its deletion, watched by the session,
-means the lease was revoked from outside.
+means the lease was revoked from outside.  It is written like every other
+record of the driver: one transaction through ``writes.run`` (retries, lease
+check, a lost reply resolved by reading the record back).
 """
 
 from __future__ import annotations
 
 import os
-import time
+from typing import TYPE_CHECKING
 
 from etcd3 import transactions as tx
 
 from virtlease.errors import ConfigError
-from virtlease_etcd.config import EtcdConfig
-from virtlease_etcd.etcd.client import EtcdClient, TransientError
 from virtlease_etcd.model import keyspace as ks
+
+from . import writes
+
+if TYPE_CHECKING:
+    from .hostsession import HostSession
 
 
 class HostKeyTaken(ConfigError):
@@ -26,26 +31,20 @@ class HostKeyTaken(ConfigError):
         self.lease = lease
 
 
-def register(client: EtcdClient, keys: ks.Keys, cfg: EtcdConfig, *, lease_id: int, ttl: int,
-             session_id: str, deadline: float) -> None:
-    """Write this session's host record, unless another live session has one:
+def register(session: HostSession, *, deadline: float) -> None:
+    """Write ``session``'s host record on its lease, unless another live session has one:
     then HostKeyTaken naming it (the caller revokes its fresh lease)."""
-    host_key = keys.host(cfg.host_id)
-    record = ks.encode({"host": cfg.host_id, "lease": lease_id, "pid": os.getpid(),
-                        "ttl": ttl, "started": round(time.time(), 3), "session": session_id})
-
-    def attempt(timeout: float) -> object:
-        return client.txn([tx.Version(host_key) == 0], [tx.Put(host_key, record, lease=lease_id)],
-                          [tx.Get(host_key)], timeout=timeout)
-
-    def already(_: TransientError) -> object | None:
-        kvs, _rev = client.get_range(host_key, timeout=client.attempt_timeout(deadline))
-        return True if kvs and kvs[0].value == record else None
-
-    resp = client.retrying(attempt, deadline=deadline, on_ambiguous=already)
-    if resp is True or resp.succeeded:  # type: ignore[attr-defined]
+    cfg = session.cfg
+    host_key = session.keys.host(cfg.host_id)
+    record = ks.encode({"host": cfg.host_id, "lease": session.lease_id, "pid": os.getpid(),
+                        "ttl": session.ttl, "started": round(session.clock.wall(), 3),
+                        "session": session.session_id})
+    outcome = writes.run(session, [tx.Version(host_key) == 0], [tx.Put(host_key, record, lease=session.lease_id)],
+                         [tx.Get(host_key)], deadline=deadline,
+                         read_back=writes.written(session, [(host_key, record)]))
+    if outcome.succeeded:
         return
-    kvs = resp.responses[0].response_range.kvs  # type: ignore[attr-defined]
+    kvs = outcome.responses[0].response_range.kvs
     other = ks.decode(kvs[0].value, host_key) if kvs else {}
     lease = other.get("lease")
     raise HostKeyTaken(

@@ -4,8 +4,9 @@ Every key this host holds is attached to the session's single lease, so
 keepalive traffic is one refresh per TTL/3 whatever the number of disks.
 
 Clock assumption (the safety argument rests on it): each keepalive is timed
-from when it was *sent*, on this host's monotonic clock.  etcd starts the
-renewed TTL when it *receives* the request, which is later, so
+from when it was *sent*, on this host's fence clock (``virtlease_etcd.clock``:
+it never steps).  etcd starts the renewed TTL when it *receives* the
+request, which is later, so
 ``valid_until = sent + TTL`` is never after etcd's own expiry as long as the
 two clocks advance at about the same rate (drift well below ``margin``).  At
 ``valid_until - margin`` without a newer successful keepalive the session is
@@ -25,10 +26,10 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Callable
 
 from virtlease.errors import BackendUnavailableError, LeaseLostError
+from virtlease_etcd.clock import SYSTEM, Clock
 from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.etcd.client import EtcdClient, LeaseNotFound, TransientError
 from virtlease_etcd.model import keyspace as ks
@@ -44,13 +45,13 @@ LostListener = Callable[[str], None]
 class HostSession:
     """One host's etcd lease and its keepalive/fence threads."""
 
-    def __init__(self, cfg: EtcdConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        """``clock`` is the monotonic clock every fence and keepalive time is
-        read from (injectable for tests)."""
+    def __init__(self, cfg: EtcdConfig, clock: Clock = SYSTEM) -> None:
+        """``clock`` is what every fence, keepalive and deadline time is read from, here and
+        in the session's etcd client (``virtlease_etcd.clock``; a fake one in tests)."""
         self.cfg = cfg
-        self._clock = clock
+        self.clock = clock
         self.keys = ks.Keys(cfg.prefix)
-        self.client = EtcdClient(cfg)
+        self.client = EtcdClient(cfg, clock)
         self.lease_id = 0
         self.ttl = cfg.ttl
         self.session_id = secrets.token_hex(8)
@@ -70,18 +71,17 @@ class HostSession:
     def start(self) -> HostSession:
         """Grant the lease and register the host; raises ConfigError if the
         host_id already has a live session elsewhere."""
-        deadline = self._clock() + self.cfg.deadline
+        deadline = self.clock.now() + self.cfg.deadline
 
         def grant(timeout: float) -> tuple[float, int, int]:
-            sent = self._clock()
+            sent = self.clock.now()
             lease_id, ttl = self.client.lease_grant(self.cfg.ttl, timeout=timeout)
             return sent, lease_id, ttl
 
         sent, self.lease_id, self.ttl = self.client.retrying(grant, deadline=deadline)
         self._valid_until = sent + self.ttl
         try:
-            hostrecord.register(self.client, self.keys, self.cfg, lease_id=self.lease_id, ttl=self.ttl,
-                             session_id=self.session_id, deadline=deadline)
+            hostrecord.register(self, deadline=deadline)
         except BaseException:
             self._revoke_quietly()
             raise
@@ -89,7 +89,7 @@ class HostSession:
 
     def run(self, *, valid_until: float) -> HostSession:
         """Start the watch, keepalive and fence threads on ``self.lease_id``, valid until
-        ``valid_until`` (monotonic).  ``start`` calls it; ``reattach`` calls it on an
+        ``valid_until`` (on ``self.clock``).  ``start`` calls it; ``reattach`` calls it on an
         adopted lease."""
         self._valid_until = valid_until
         self._watch_host_key(self.keys.host(self.cfg.host_id))
@@ -153,13 +153,9 @@ class HostSession:
 
     # -- state -----------------------------------------------------------------
 
-    def clock(self) -> float:
-        """The session's monotonic clock (what every fence time is read from)."""
-        return self._clock()
-
     @property
     def fence_at(self) -> float:
-        """Monotonic time at which the session fences itself."""
+        """The time (``self.clock.now()``) at which the session fences itself."""
         return self._valid_until - self.cfg.margin
 
     @property
@@ -187,7 +183,7 @@ class HostSession:
 
     def check(self) -> None:
         """Raise LeaseLostError unless the session is valid right now."""
-        if self._lost is None and self._clock() >= self.fence_at and not self._closed:
+        if self._lost is None and self.clock.now() >= self.fence_at and not self._closed:
             self._mark_lost("no successful keepalive before the fence deadline")
         if self._lost is not None:
             raise LeaseLostError(
@@ -198,9 +194,9 @@ class HostSession:
             raise LeaseLostError(f"host {self.cfg.host_id}: session closed")
 
     def deadline(self, seconds: float | None = None) -> float:
-        """A monotonic deadline for an operation: ``seconds`` from now (default
+        """A deadline (on ``self.clock``) for an operation: ``seconds`` from now (default
         the configured acquire timeout), never past the fence deadline."""
-        return min(self._clock() + (self.cfg.deadline if seconds is None else seconds), self.fence_at)
+        return min(self.clock.now() + (self.cfg.deadline if seconds is None else seconds), self.fence_at)
 
     def refresh(self) -> bool:
         """Send one keepalive now, outside the keepalive thread's rhythm, and extend the fence
@@ -208,7 +204,7 @@ class HostSession:
         before it hands over to its successor, so the successor gets a whole ``ttl - margin``,
         not as little as two thirds of it.  False if it did not renew (the keepalive thread
         and the fence clock go on as ever)."""
-        sent = self._clock()
+        sent = self.clock.now()
         timeout = min(self.cfg.request_timeout, self.fence_at - sent)
         if timeout <= 0 or self._stopped():
             return False
@@ -233,14 +229,14 @@ class HostSession:
 
     def _keepalive_loop(self) -> None:
         interval = self.ttl / 3
-        next_at = self._clock() + interval
+        next_at = self.clock.now() + interval
         while True:
             with self._cond:
-                while not self._closed and self._lost is None and self._clock() < next_at:
-                    self._cond.wait(next_at - self._clock())
+                while not self._closed and self._lost is None and self.clock.now() < next_at:
+                    self._cond.wait(next_at - self.clock.now())
                 if self._closed or self._lost is not None:
                     return
-            sent = self._clock()
+            sent = self.clock.now()
             try:
                 timeout = min(self.cfg.request_timeout, self.fence_at - sent)
                 if timeout <= 0:
@@ -251,14 +247,14 @@ class HostSession:
                 if self._stopped():  # lost or closed while the request was out
                     return
                 log.warning("host %s: keepalive failed (%s); %.1fs to fence", self.cfg.host_id, exc,
-                            self.fence_at - self._clock())
-                next_at = self._clock() + min(0.25, interval)
+                            self.fence_at - self.clock.now())
+                next_at = self.clock.now() + min(0.25, interval)
                 continue
             except LeaseNotFound:
                 ttl = 0
             except Exception:  # never let the keepalive thread die silently
                 log.exception("host %s: keepalive error", self.cfg.host_id)
-                next_at = self._clock() + min(0.25, interval)
+                next_at = self.clock.now() + min(0.25, interval)
                 continue
             if ttl <= 0:
                 self._mark_lost("etcd reports the lease expired or revoked")
@@ -272,7 +268,7 @@ class HostSession:
     def _fence_loop(self) -> None:
         with self._cond:
             while not self._closed and self._lost is None:
-                left = self.fence_at - self._clock()
+                left = self.fence_at - self.clock.now()
                 if left <= 0:
                     break
                 self._cond.wait(left)
@@ -286,7 +282,7 @@ class HostSession:
             if self._lost is not None:
                 return
             self._lost = reason
-            self._lost_at = self._clock()
+            self._lost_at = self.clock.now()
             listeners = list(self._listeners)
             self._cond.notify_all()
         log.error("host %s: session lost: %s", self.cfg.host_id, reason)
@@ -313,13 +309,13 @@ class HostSession:
         in storage I/O dies only when that I/O completes)."""
         with self._cond:
             not_before = self._valid_until
-        until = self._clock() + 2 * self.ttl + 5
-        while self._clock() < until and not self._closed:
+        until = self.clock.now() + 2 * self.ttl + 5
+        while self.clock.now() < until and not self._closed:
             blocked = self.revocation.blocked()  # a late grant may still be fenced meanwhile
             if blocked is None:
                 return
-            if blocked or self._clock() < not_before:
-                time.sleep(0.1)
+            if blocked or self.clock.now() < not_before:
+                self.clock.sleep(0.1)
                 continue
             try:
                 self.client.lease_revoke(self.lease_id, timeout=min(self.cfg.request_timeout, 1.0))
@@ -327,4 +323,4 @@ class HostSession:
                 return
             except Exception as exc:
                 log.debug("host %s: revoke after fence failed (%s); retrying", self.cfg.host_id, exc)
-                time.sleep(0.5)
+                self.clock.sleep(0.5)

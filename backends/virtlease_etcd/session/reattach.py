@@ -21,11 +21,10 @@ holder keys (``res/``), reservation/handoff markers (``handoff/``) and registrat
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from virtlease.abi import FailureAction
+from virtlease_etcd.clock import SYSTEM, Clock
 from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.etcd.client import LeaseNotFound
 from virtlease_etcd.model import keyspace as ks
@@ -49,10 +48,9 @@ class Adopted:
     """What LeaseTimeToLive reported before the adoption keepalive."""
 
 
-def adopt_session(cfg: EtcdConfig, lease_id: int, session_id: str,
-                  clock: Callable[[], float] = time.monotonic) -> Adopted:
+def adopt_session(cfg: EtcdConfig, lease_id: int, session_id: str, clock: Clock = SYSTEM) -> Adopted:
     """Continue ``lease_id`` as ``session_id`` of ``cfg.host_id`` (see the module docstring).
-    ``clock``: the session's monotonic clock (``HostSession``; injectable for tests)."""
+    ``clock``: the session's clock (``HostSession``; a fake one in tests)."""
     session = HostSession(cfg, clock=clock)
     try:
         timeout = cfg.request_timeout
@@ -68,7 +66,7 @@ def adopt_session(cfg: EtcdConfig, lease_id: int, session_id: str,
         if record is None or int(kvs[0].lease) != lease_id or record.get("session") != session_id:
             raise CannotReattach(f"host key {host_key} is not on lease {lease_id:x} of session {session_id} "
                                  f"(found {record})")
-        sent = session.clock()
+        sent = session.clock.now()
         try:
             ttl = session.client.lease_keepalive(lease_id, timeout=timeout)
         except LeaseNotFound:

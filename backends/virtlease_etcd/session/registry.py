@@ -3,7 +3,9 @@
 Every driver instance of one host shares that host's lease (docs/DESIGN.md §5.1):
 the session is reference counted here, and a second driver that asks for other
 session settings (TTL, margin, timeouts, credentials) is refused rather than
-silently given the first one's.
+silently given the first one's.  A driver loaded with ``adopted_session`` (the
+agent after a restart, ``reattach``) brings its running session instead of
+opening one; the later drivers of that host share it like any other.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ def _key(cfg: EtcdConfig) -> tuple[tuple[str, ...], str, str]:
 def open_session(cfg: EtcdConfig) -> HostSession:
     """The process's session for this host, started on first use and shared
     (reference counted) by every driver instance with the same endpoints,
-    prefix and host_id.  A lost session is replaced by a new one."""
+    prefix and host_id.  A lost session is replaced by a new one.  With
+    ``cfg.adopted_session`` that running session becomes the host's (see
+    ``adopt``)."""
+    if cfg.adopted_session is not None:
+        return adopt(cfg, cfg.adopted_session)
     key = _key(cfg)
     with _sessions_lock:
         entry = _sessions.get(key)
@@ -68,13 +74,24 @@ def close_session(session: HostSession) -> None:
     session.close()
 
 
-def install_session(session: HostSession) -> None:
-    """Make a running ``session`` (one ``reattach`` adopted) the process's session for its
-    host, so the next ``open_session`` of the same settings shares it.  ConfigError if this
-    process already has a live session for that host."""
-    key = _key(session.cfg)
+def adopt(cfg: EtcdConfig, session: object) -> HostSession:
+    """Make the running ``session`` (one ``reattach.adopt_session`` returned) the process's
+    session for ``cfg``'s host, with one reference (the driver that brought it); later
+    ``open_session`` calls with the same settings share it.  ConfigError if it is not a
+    session of that host with those settings, or this process already has a live one."""
+    if not isinstance(session, HostSession):
+        raise ConfigError(f"adopted_session: {type(session).__name__} is not a host session "
+                          "(give the one session.reattach.adopt_session returned)")
+    key = _key(cfg)
+    if _key(session.cfg) != key:
+        raise ConfigError(f"adopted_session: it is host {session.cfg.host_id}'s session under "
+                          f"{session.cfg.prefix}, not host {cfg.host_id}'s under {cfg.prefix}")
+    check_same_session(session.cfg, cfg)
     with _sessions_lock:
         entry = _sessions.get(key)
         if entry is not None and entry[0].lost is None:
-            raise ConfigError(f"host {session.cfg.host_id}: this process already has a live session")
-        _sessions[key] = (session, 0)
+            raise ConfigError(f"adopted_session: host {cfg.host_id} already has a live session in this "
+                              "process; a second one would be refused by etcd")
+        session.check()  # LeaseLostError if it was lost since the adoption
+        _sessions[key] = (session, 1)
+        return session

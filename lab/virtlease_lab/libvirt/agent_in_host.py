@@ -2,7 +2,7 @@
 
 Usage: ``agent_in_host.py PATH@PORT[,PATH@PORT...] [--exec N PROGRAM ARG...] AGENT_ARGS...``:
 relays each ``127.0.0.1:PORT`` (in this network namespace) to the UNIX socket ``PATH`` (served
-by the test in the root namespace, see ``relay.py``), then runs the agent with ``AGENT_ARGS``:
+by the test in the root namespace, see ``virtlease_lab.relay``), then runs the agent with ``AGENT_ARGS``:
 in this process (the agent of this checkout), or, with ``--exec``, by exec'ing the ``N`` words
 ``PROGRAM ARG...`` followed by ``AGENT_ARGS`` (another agent, e.g. an installed package's).
 Either way the agent keeps this process's pid (the rig's ``lockdaemon.pid``); with ``--exec`` the relays run in a child that
@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from virtlease_lab.libvirt.relay import Relay
+from virtlease_lab.relay import Relay
 
 PR_SET_PDEATHSIG = 1
 
@@ -54,6 +54,6 @@ if __name__ == "__main__":
         count = int(rest[1])
         exec_with_relays(links, rest[2:2 + count] + rest[2 + count:])
     start_relays(links)
-    from virtlease_etcd.agent.main import main  # not before --exec: a restart must be quick
+    from virtlease_etcd.agent.command import main  # not before --exec: a restart must be quick
 
     sys.exit(main(rest))

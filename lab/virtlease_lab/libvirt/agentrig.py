@@ -1,6 +1,6 @@
 """The rig with the virtlease agent on both hosts, over a three-member etcd.
 
-Each host's agent reaches every etcd member through its own relay (``relay.py``), so one
+Each host's agent reaches every etcd member through its own relay (``virtlease_lab.relay``), so one
 host can be cut off from etcd (:meth:`AgentRig.cut`) while the other keeps it.  Helpers read
 who holds what from etcd, retry a start until the disk is free, and restart a killed agent the
 way systemd's ``Restart=always`` would.
@@ -29,8 +29,9 @@ from virtlease_etcd.devtools.embedded import EmbeddedEtcd
 from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.ops.status import HeldInfo, read_status
-from virtlease_lab.libvirt.relay import Relay
-from virtlease_lab.libvirt.rig import HOSTS, Rig, wait_for
+from virtlease_lab.libvirt.rig import HOSTS, Rig, RigError
+from virtlease_lab.relay import Relay
+from virtlease_lab.waiting import wait_for
 
 HERE = Path(__file__).resolve().parent
 PORTS = (23790, 23791, 23792)  # the members, as each host's agent sees them (127.0.0.1 in its namespace)
@@ -53,11 +54,13 @@ class AgentRig:
     def cut(self, host: str) -> None:
         """Cut ``host`` off from every etcd member (bytes dropped, nothing closed)."""
         for relay in self.relays[host]:
-            relay.partition()
+            relay.blackhole()
 
     def heal(self, host: str) -> None:
+        """Reconnect ``host``: the connections the cut broke are closed (TCP would have timed
+        them out), new ones relayed."""
         for relay in self.relays[host]:
-            relay.heal()
+            relay.heal(reset=True)
 
     def holders(self, *domains: str) -> list[HeldInfo]:
         """The records of ``domains`` (all if none named) under the rig's prefix, from etcd."""
@@ -87,7 +90,8 @@ class AgentRig:
         """Serve ``host``'s virtlockd socket with ``command`` (the agent, or stock virtlockd)
         once the previous daemon's socket is dead; return the path of its log."""
         h = self.rig.hosts[host]
-        wait_for(lambda: not serving(h.lockd_socket), 5.0, what="the old lock daemon's socket to go dead")
+        wait_for(lambda: not serving(h.lockd_socket), 5.0, what="the old lock daemon's socket to go dead",
+                 error=RigError)
         log_path = h.root / "log" / f"lockdaemon-restarted-{len(self.logs)}.log"
         self.logs.append(log_path)
         with open(log_path, "ab") as log:
@@ -95,7 +99,8 @@ class AgentRig:
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         (h.run / "lockdaemon.pid").write_text(f"{new.pid}\n")
-        wait_for(lambda: serving(h.lockd_socket) or new.poll() is not None, 20.0, what="the new lock daemon")
+        wait_for(lambda: serving(h.lockd_socket) or new.poll() is not None, 20.0, what="the new lock daemon",
+                 error=RigError)
         assert new.poll() is None, log_path.read_text()
         return log_path
 

@@ -46,6 +46,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from virtlease_lab.waiting import wait_for
+
 HERE = Path(__file__).resolve().parent
 HOSTS = ("A", "B")
 IPS = {"A": "10.77.0.1", "B": "10.77.0.2"}
@@ -73,18 +75,6 @@ def missing_requirements() -> str | None:
     if missing:
         return f"libvirt rig tools missing: {' '.join(missing)} (run deploy/libvirt/install.sh)"
     return None
-
-
-def wait_for(pred: Callable[[], T], timeout: float, interval: float = 0.02, what: str = "condition") -> T:
-    """Poll ``pred`` until it returns a truthy value and return it; RigError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RigError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass
@@ -466,7 +456,8 @@ class Rig:
 
     def _load_state(self) -> dict[str, Any]:
         try:
-            return json.loads(self.state_file.read_text())
+            state: dict[str, Any] = json.loads(self.state_file.read_text())
+            return state
         except (OSError, ValueError):
             return {}
 
@@ -592,7 +583,7 @@ libvirtd -d --listen -p /run/libvirt/libvirtd.pid
         proc = self._procs[host.name]
         # the subreaper writes its pid file once it runs in the host's namespaces
         wait_for(lambda: host.pid("subreaper") == proc.pid or proc.poll() is not None, 10.0, 0.005,
-                 f"host {host.name}'s subreaper")
+                 f"host {host.name}'s subreaper", error=RigError)
         net, mnt = _ns_id(proc.pid, "net"), _ns_id(proc.pid, "mnt")
         if not net or not mnt:
             raise RigError(f"host {host.name}: its subreaper exited at once (see {r}/log/start.log)")
@@ -656,7 +647,7 @@ libvirtd -d --listen -p /run/libvirt/libvirtd.pid
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(RigError):
-                wait_for(lambda: not _pid_alive(pid), 5.0, 0.01, f"pid {pid} to exit")
+                wait_for(lambda: not _pid_alive(pid), 5.0, 0.01, f"pid {pid} to exit", error=RigError)
 
 
 def _append(path: Path, text: str, host: str) -> None:

@@ -63,11 +63,11 @@ def warn(line: str) -> None:
     err.print(Text.assemble(("virtlease: warning: ", "yellow"), line))
 
 
-def ago(epoch: float, now: float | None = None, *, short: bool = False) -> str:
-    """``12:03:04 (5s ago)`` for an epoch time (``short``: ``5s ago``); ``-`` for none."""
+def ago(epoch: float, now: float, *, short: bool = False) -> str:
+    """``12:03:04 (5s ago)`` for an epoch time seen at epoch time ``now`` (``short``: ``5s ago``);
+    ``-`` for none."""
     if not epoch:
         return "-"
-    now = time.time() if now is None else now
     delta = max(0.0, now - epoch)
     if delta < 120:
         rel = f"{delta:.0f}s ago"

@@ -1,5 +1,5 @@
-"""Shared test harness for the agent tests: the captured frames, a recording backend, a
-server on a background loop, and the table of malformed frames.
+"""The harness of the agent's protocol and server tests: the captured frames, a recording
+backend, a server on a background loop, and the table of malformed frames.
 
 The server runs on its own asyncio loop in a daemon thread so that tests drive it with the
 blocking LockdClient, as libvirt would.
@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from virtlease_etcd.agent import protocol as p
-from virtlease_etcd.agent.protocol import AcquireFlags, Owner
+from virtlease_etcd.agent.protocol import AcquireResourceFlags, LockdOwner
 from virtlease_etcd.agent.server import Connection, LockdServer, ResourceBusy
 
 T = TypeVar("T")
-DATA = Path(__file__).parent / "data"
 
 
 @dataclass(frozen=True)
@@ -32,10 +31,10 @@ class Vector:
     frame: bytes
 
 
-def load_vectors() -> list[Vector]:
-    """Every frame of the capture, in order."""
+def load_vectors(path: Path) -> list[Vector]:
+    """Every frame of the capture at ``path`` (tests/agent/data/lockd-capture-vectors.txt), in order."""
     vectors = []
-    for line in (DATA / "lockd-capture-vectors.txt").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             conn, direction, hexdata = line.split()
             vectors.append(Vector(int(conn), direction, bytes.fromhex(hexdata)))
@@ -63,7 +62,7 @@ class RecordingBackend:
         if call[0] in self.fail:
             raise RuntimeError(f"injected failure in {call[0]}")
 
-    def register(self, conn: Connection, owner: Owner) -> None:
+    def register(self, conn: Connection, owner: LockdOwner) -> None:
         self._record("register", conn, owner)
 
     def restrict(self, conn: Connection) -> None:
@@ -72,14 +71,14 @@ class RecordingBackend:
     def create_lockspace(self, conn: Connection, path: str) -> None:
         self._record("create_lockspace", conn, path)
 
-    def acquire(self, conn: Connection, owner: Owner, lockspace: str, name: str, flags: AcquireFlags) -> None:
+    def acquire(self, conn: Connection, owner: LockdOwner, lockspace: str, name: str, flags: AcquireResourceFlags) -> None:
         if self.gate is not None:
             self.gate.wait(10)
         self._record("acquire", conn, owner, lockspace, name, flags)
         if (msg := self.busy.get(("acquire", lockspace, name))) is not None:
             raise ResourceBusy(msg)
 
-    def release(self, conn: Connection, owner: Owner, lockspace: str, name: str) -> None:
+    def release(self, conn: Connection, owner: LockdOwner, lockspace: str, name: str) -> None:
         self._record("release", conn, owner, lockspace, name)
         if (msg := self.busy.get(("release", lockspace, name))) is not None:
             raise ResourceBusy(msg)

@@ -1,11 +1,10 @@
-"""The agent as a real process (``python -m virtlease_etcd.agent.main``) for restart tests:
-start it on a socket and state directory, signal or SIGKILL it, read its log."""
+"""The agent as a real process (``python -m virtlease_etcd.agent``) for the restart tests and
+the benchmarks: start it on a socket and state directory, signal or SIGKILL it, read its log."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ class AgentProcess:
         self.state_dir = run / "state"
         self.log_path = run / f"agent-{time.monotonic_ns()}.log"
         head = ([str(Path(sys.executable).with_name("virtlease")), "--endpoints", endpoints, "agent"]
-                if via_virtlease else [sys.executable, "-P", "-m", "virtlease_etcd.agent.main", "--endpoints", endpoints])
+                if via_virtlease else [sys.executable, "-P", "-m", "virtlease_etcd.agent", "--endpoints", endpoints])
         cmd = [*head, "--prefix", prefix, "--host-id", host, "--ttl", str(ttl), "--socket", str(self.socket), "--state-dir",
                str(self.state_dir), "--reserve-grace", "0.3", *extra]
         self.log = open(self.log_path, "w")  # closed in stop()
@@ -78,8 +77,3 @@ class AgentProcess:
             os.kill(guard, signal.SIGKILL)
         self.log.close()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

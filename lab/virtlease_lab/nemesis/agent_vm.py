@@ -52,16 +52,17 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from vm import VmProcess, spawn
-
 import virtlease as v
 from virtlease.abi import FailureAction, ResourceSpec
-from virtlease_etcd.ops.lockd import lockd_resource
+from virtlease_etcd.clock import SYSTEM
+from virtlease_etcd.ops.lockd import LockdDomain, lockd_resource
+
+from .vm import VmProcess, spawn
 
 if TYPE_CHECKING:
-    from host_worker import Host
+    from .host_worker import Host
 
-mono = time.monotonic
+mono = SYSTEM.now
 OPS = {"detach": 3, "attach": 2, "pivot": 3, "pause": 2}
 """The operations on a running VM, drawn at random (these weights) between spells of writing."""
 
@@ -80,7 +81,7 @@ class AgentVM(VmProcess):
         drv = plugin.driver
         try:
             self.session = drv.session
-            self.lockd = drv.lockd(uuid, name, proc.pid)
+            self.lockd: LockdDomain = drv.lockd(uuid, name, proc.pid)
         except v.VirtleaseError:  # the session went away (lost, being replaced)
             proc.kill()
             proc.wait()

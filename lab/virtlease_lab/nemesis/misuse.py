@@ -52,14 +52,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from agent_vm import AgentVM
-
 import virtlease as v
+from virtlease_etcd.clock import SYSTEM
+
+from .agent_vm import AgentVM
 
 if TYPE_CHECKING:
-    from host_worker import Holding, Host
+    from .host_worker import Holding, Host
 
-mono = time.monotonic
+mono = SYSTEM.now
 MAGIC = "virtlease-state/1 "
 KINDS = ("replay", "edited", "forged", "cross")
 OP_WINDOW = 5.0

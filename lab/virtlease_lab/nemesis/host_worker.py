@@ -1,7 +1,7 @@
 """One nemesis "host": a separate process running an etcd driver instance.
 
-Started by ``nemesis.py`` as ``python host_worker.py``, its configuration the first
-line on stdin (the harness wire, ``virtlease_etcd.devtools.jsonwire``).  It
+Started by the harness as ``python -m virtlease_lab.nemesis.host_worker``, its configuration
+the first line on stdin (the harness wire, ``virtlease_etcd.devtools.jsonwire``).  It
 
 * loads the etcd driver with its own ``host_id`` (through the harness's TCP
   proxies), retrying while the previous incarnation's lease is still alive;
@@ -25,8 +25,9 @@ line on stdin (the harness wire, ``virtlease_etcd.devtools.jsonwire``).  It
 libvirt): every path that may still hold something calls ``release()``
 first (``Host.drop``).
 
-All times are ``time.monotonic()``: every process on the machine shares
-CLOCK_MONOTONIC, so host, harness and storage times compare directly.
+All times are the driver's fence clock (``virtlease_etcd.clock.SYSTEM.now``): every process on
+the machine reads the same clock, so host, harness and storage times compare directly, and
+with the session's own times (``lost_at``).
 """
 
 from __future__ import annotations
@@ -43,15 +44,16 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from typing import Any
 
-from agent_vm import AgentVM
-from agent_vm import worker as agent_worker
-from misuse import Gossip, Misuser, Twin
-from vm import VmProcess, spawn
-
 import virtlease as v
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.devtools.jsonwire import Replier
 
-mono = time.monotonic
+from .agent_vm import AgentVM
+from .agent_vm import worker as agent_worker
+from .misuse import Gossip, Misuser, Twin
+from .vm import VmProcess, spawn
+
+mono = SYSTEM.now
 
 
 class Events:
@@ -109,6 +111,10 @@ class Holding(VmProcess):
         self.abandon = False
         self.busy = threading.Lock()  # held by the migrating main thread
         self.host = host
+
+    def park_wanted(self) -> bool:
+        """Whether the harness still wants this holding parked (another thread may clear it)."""
+        return self.park_req or self.preparing
 
 
 class Host:
@@ -293,7 +299,7 @@ class Host:
                 self.close_interval(h, "migrate_park")
                 h.parked.set()
                 while not h.resume.wait(0.5):
-                    if not h.park_req and not h.preparing:
+                    if not h.park_wanted():
                         break  # the harness gave up waiting before we parked
                 h.resume.clear()
                 h.preparing = False

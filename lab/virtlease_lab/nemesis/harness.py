@@ -1,12 +1,12 @@
 """Nemesis suite: prove that no disk ever has two writers under faults.
 
-    python tests/safety/nemesis.py --duration 1800 --seed 7     # the long run
-    pytest -m safety tests/safety                               # the short CI run
+    python -m virtlease_lab.nemesis --duration 1800 --seed 7 --results DIR   # the long run
+    pytest -m safety tests/safety                                             # the short CI run
 
 A run starts a three-member etcd cluster (``EmbeddedEtcd(size=3)``), a storage
 model (``storage_model.StorageServer``) and several hosts
-(``host_worker.py`` processes, each reaching every etcd member through its own
-``TcpProxy``).  The hosts' workers contend for a few disks, write while they
+(``host_worker`` processes, each reaching every etcd member through its own
+``Relay``).  The hosts' workers contend for a few disks, write while they
 hold them and migrate VMs between hosts (the harness relays the states).  A
 nemesis injects faults at random: kill -9 a host (and its VMs) and restart it
 with the same host_id; SIGSTOP a host past its TTL; cut or blackhole a host's
@@ -22,8 +22,8 @@ other host starts the same domain UUID during each of those operations
 
 After each run the checker reads the recorded history (host event logs,
 storage log, nemesis log, keyspace snapshots) and reports violations; the
-summary of every run goes to stdout and ``tests/safety/results/latest.md``.
-See README.md in this directory for what each check means.
+summary of every run goes to stdout and, with ``--results DIR``, to ``DIR/latest.md``.
+tests/safety/README.md says what each check means.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,17 +48,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+import etcd3
 
-import etcd3  # noqa: E402
-from storage_model import StorageServer, Write  # noqa: E402
+from virtlease_etcd.clock import SYSTEM
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd, Member
+from virtlease_etcd.devtools.jsonwire import Channel, launch, python_argv
+from virtlease_lab.relay import Relay
+from virtlease_lab.stats import percentile
 
-from virtlease_etcd.devtools.embedded import EmbeddedEtcd, Member  # noqa: E402
-from virtlease_etcd.devtools.jsonwire import Channel, launch, python_argv  # noqa: E402
-from virtlease_lab.tcpproxy import TcpProxy  # noqa: E402
+from .storage_model import StorageServer, Write
 
-mono = time.monotonic
-RESULTS = HERE / "results"
+mono = SYSTEM.now
+"""Every time of the suite (harness, hosts, storage): the driver's fence clock, so a host's
+``lost_at`` compares with everything else."""
 
 HOST_FAULTS = ("kill_host", "stop_host", "cut_host", "blackhole_host", "delay_host")
 ETCD_FAULTS = ("kill_etcd_leader", "pause_etcd_member")
@@ -109,7 +110,7 @@ class HostHandle:
     def __init__(self, run: Run, host_id: str, members: list[Member]) -> None:
         self.run = run
         self.host_id = host_id
-        self.proxies = [TcpProxy(m.endpoint) for m in members]
+        self.proxies = [Relay.tcp(m.endpoint) for m in members]
         self.inc = 0
         self.proc: subprocess.Popen[str] | None = None
         self.wire: Channel | None = None
@@ -132,10 +133,8 @@ class HostHandle:
             "gossip": str(self.run.gossip_path), "misuse": self.run.s.misuse,
             "agent_workers": self.run.s.agent_workers, "twins": self.run.s.twins,
         }
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
         with open(self.run.dir / f"{self.host_id}.{self.inc}.stderr", "w") as errf:
-            proc = launch(python_argv(HERE / "host_worker.py"), cfg, env=env, stderr=errf, new_session=True)
+            proc = launch(python_argv("virtlease_lab.nemesis.host_worker"), cfg, stderr=errf, new_session=True)
         self.proc, self.wire = proc, Channel(proc)
 
     def wait_ready(self, timeout: float) -> bool:
@@ -657,9 +656,9 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
         tokens = [i.token for i in srt]
         suffix_min = [0.0] * len(srt)
         m = float("inf")
-        for k in range(len(srt) - 1, -1, -1):
-            m = min(m, srt[k].start)
-            suffix_min[k] = m
+        for idx in range(len(srt) - 1, -1, -1):
+            m = min(m, srt[idx].start)
+            suffix_min[idx] = m
         starts_by_disk[disk] = (tokens, suffix_min)
     by_iid = {(iv.iid, iv.disk): iv for iv in intervals}
     for w in writes:
@@ -668,18 +667,18 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
                 res.violations.append(f"token {w.token} of {Path(w.disk).name} used by two holders: {w.why}")
             continue
         tokens, suffix_min = starts_by_disk.get(w.disk, ([], []))
-        k = bisect.bisect_right(tokens, w.token)
-        if k < len(tokens) and suffix_min[k] < w.t_server:
+        idx = bisect.bisect_right(tokens, w.token)
+        if idx < len(tokens) and suffix_min[idx] < w.t_server:
             res.violations.append(
                 f"stale write accepted on {Path(w.disk).name}: {w.host}.{w.inc} token {w.token} at "
-                f"{w.t_server - run.t_start:.3f}, a newer token was granted at {suffix_min[k] - run.t_start:.3f}")
-        iv = by_iid.get((w.iid, w.disk))
-        if iv is None:
+                f"{w.t_server - run.t_start:.3f}, a newer token was granted at {suffix_min[idx] - run.t_start:.3f}")
+        written_in = by_iid.get((w.iid, w.disk))
+        if written_in is None:
             res.violations.append(f"write by {w.host}.{w.inc} to {Path(w.disk).name} outside any recorded grant")
-        elif not iv.start - 0.001 <= w.t_client <= iv.end + 0.001:
+        elif not written_in.start - 0.001 <= w.t_client <= written_in.end + 0.001:
             res.violations.append(
                 f"write by {w.host}.{w.inc} to {Path(w.disk).name} at {w.t_client - run.t_start:.3f} outside its "
-                f"hold interval [{iv.start - run.t_start:.3f}, {iv.end - run.t_start:.3f}]")
+                f"hold interval [{written_in.start - run.t_start:.3f}, {written_in.end - run.t_start:.3f}]")
 
     def first_foreign_grant(iv: Interval, after: float) -> Interval | None:
         cands = [o for o in by_disk[iv.disk] if o.token > iv.token and o.start >= after
@@ -749,9 +748,9 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
     for (host, inc), t_kill in kills.items():
         for iv in intervals:
             if (iv.host, iv.inc) == (host, inc) and iv.start < t_kill <= iv.end + 0.001:
-                g = first_foreign_grant(iv, t_kill)
-                if g is not None:
-                    res.failover.append(g.start - t_kill)
+                taker = first_foreign_grant(iv, t_kill)
+                if taker is not None:
+                    res.failover.append(taker.start - t_kill)
 
     # -- no lease outlives its holder by more than TTL + 2 s ----------------------------------
     etcd_windows = [(f.t0, f.t1 or t_end) for f in faults if f.kind in ETCD_FAULTS]
@@ -790,23 +789,24 @@ def check(run: Run, leftover: dict[str, bytes], t_stop: float, t_end: float) -> 
     granted = {(iv.disk, iv.token) for iv in intervals}
     seen: dict[tuple[str, int], tuple[float, list[float], int]] = {}
     for t_snap, snap in run.snapshots:
-        for key, (ls, rev) in snap.items():
-            if "/v1/res/" in key:
-                span = seen.setdefault((key, rev), (t_snap, [t_snap], ls))
+        for snap_key, (ls, rev) in snap.items():
+            if "/v1/res/" in snap_key:
+                span = seen.setdefault((snap_key, rev), (t_snap, [t_snap], ls))
                 span[1][0] = t_snap
     limit = 3 * ttl + 3
-    for (key, rev), (first, lasts, ls) in seen.items():
-        disk = rid_disk.get(key.split("/v1/res/", 1)[1].split("/", 1)[0], "?")
-        if (disk, rev) not in granted and lasts[0] - first > limit:
+    for (snap_key, rev), (first_seen, lasts, ls) in seen.items():
+        disk = rid_disk.get(snap_key.split("/v1/res/", 1)[1].split("/", 1)[0], "?")
+        if (disk, rev) not in granted and lasts[0] - first_seen > limit:
             res.liveness.append(
-                f"orphaned lock: {Path(disk).name} token {rev} on live lease {ls:x} held {lasts[0] - first:.1f}s "
-                f"from {first - run.t_start:.1f}s by no VM (an acquire/claim reported failure but had committed)")
+                f"orphaned lock: {Path(disk).name} token {rev} on live lease {ls:x} held "
+                f"{lasts[0] - first_seen:.1f}s from {first_seen - run.t_start:.1f}s by no VM (an acquire/claim "
+                "reported failure but had committed)")
 
     # -- nothing left behind ------------------------------------------------------------------
     gen = f"{run.prefix}/v1/gen/"
-    for key in leftover:
-        if not key.startswith(gen):
-            res.violations.append(f"key left in etcd after every host stopped: {key}")
+    for left_key in leftover:
+        if not left_key.startswith(gen):
+            res.violations.append(f"key left in etcd after every host stopped: {left_key}")
     res.misuse = misuse_outcomes(run, events, by_disk, kills, t_end)
     return res
 
@@ -943,10 +943,8 @@ def violation_kind(v: str) -> str:
 def dist(xs: list[float]) -> str:
     if not xs:
         return "n/a"
-    xs = sorted(xs)
-    q = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) >= 2 else [xs[0]] * 9
-    return (f"n={len(xs)} min={xs[0]:.2f}s p50={statistics.median(xs):.2f}s p90={q[8]:.2f}s "
-            f"max={xs[-1]:.2f}s")
+    return (f"n={len(xs)} min={min(xs):.2f}s p50={percentile(xs, 50):.2f}s p90={percentile(xs, 90):.2f}s "
+            f"max={max(xs):.2f}s")
 
 
 @dataclass
@@ -1023,7 +1021,10 @@ class Summary:
 
 
 def run_suite(s: Settings, duration: float, workdir: str | None = None,
-              write_report: bool = True) -> Summary:
+              results_dir: Path | None = None) -> Summary:
+    """Runs of ``s.run_length`` seconds until ``duration`` has passed; their summary (also
+    written to ``results_dir/latest.md`` when given).  Histories are kept (in ``workdir``, or a
+    temporary directory that is printed) only when a run found something."""
     started = mono()
     base = Path(workdir or tempfile.mkdtemp(prefix="virtlease-nemesis-"))
     results: list[RunResult] = []
@@ -1053,9 +1054,9 @@ def run_suite(s: Settings, duration: float, workdir: str | None = None,
             print(f"history kept in {base}", flush=True)
         elif workdir is None:
             shutil.rmtree(base, ignore_errors=True)
-        if write_report and results:
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / "latest.md").write_text(summary.render())
+        if results_dir is not None and results:
+            results_dir.mkdir(parents=True, exist_ok=True)
+            (results_dir / "latest.md").write_text(summary.render())
     return summary
 
 
@@ -1072,6 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttl", type=int, default=3)
     p.add_argument("--fault-every", type=float, default=2.5, help="mean seconds between faults")
     p.add_argument("--workdir", help="keep the histories here")
+    p.add_argument("--results", type=Path, help="also write the summary to RESULTS/latest.md")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-misuse", action="store_true", help="no misbehaving caller in the hosts")
     p.add_argument("--strict", action="store_true", help="also fail (exit 1) on liveness violations")
@@ -1079,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(seed=a.seed, run_length=a.run_length, hosts=a.hosts, workers=a.workers,
                  agent_workers=a.agent_workers, disks=a.disks,
                  ttl=a.ttl, fault_every=a.fault_every, quiet=a.quiet, misuse=not a.no_misuse)
-    summary = run_suite(s, a.duration, a.workdir)
+    summary = run_suite(s, a.duration, a.workdir, a.results)
     print(summary.render())
     failed = summary.violations or summary.errors or (a.strict and summary.liveness)
     return 1 if failed else 0

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 
-mono = time.monotonic
+from virtlease_etcd.clock import SYSTEM
+
+mono = SYSTEM.now
 
 
 def spawn() -> subprocess.Popen[bytes]:

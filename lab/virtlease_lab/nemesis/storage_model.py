@@ -17,8 +17,9 @@ import json
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
+
+from virtlease_etcd.clock import SYSTEM
 
 
 @dataclass
@@ -73,7 +74,7 @@ class StorageServer:
         token = int(req["token"])  # type: ignore[call-overload]
         holder = (str(req["host"]), int(req["inc"]), str(req["obj"]))  # type: ignore[call-overload]
         with self._lock:
-            t_server = time.monotonic()
+            t_server = SYSTEM.now()
             prev = self.newest.get(disk)
             if prev is not None and token < prev[0]:
                 ok, why = False, f"stale token {token} < {prev[0]}"

@@ -1,8 +1,8 @@
 """Start a throwaway single-node etcd in a Docker container for tests (testcontainers).
 
-This is a helper module, not a conftest: fixtures import it explicitly::
+Used by the ``etcd`` fixture of tests/conftest.py::
 
-    from etcd_container import docker_available, prepare_docker, start_etcd_container
+    from virtlease_lab.etcdcontainer import docker_available, prepare_docker, start_etcd_container
 
     reason = prepare_docker()   # None, or why the container pass cannot run here
     container, endpoint = start_etcd_container()
