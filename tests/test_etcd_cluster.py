@@ -15,6 +15,7 @@ from etcd3 import etcdrpc
 
 import virtlease as v
 from conftest import new_uuid, shut
+from virtlease_etcd import clock
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd
 from virtlease_etcd.devtools.hostprocess import HostProcess, process_state
 
@@ -81,7 +82,7 @@ def test_member_killed_while_holding(cluster: EmbeddedEtcd, prefix: str) -> None
 
 def move_leader(cluster: EmbeddedEtcd, limit: float = 5.0) -> None:
     """Hand leadership to another member (retried while the cluster settles)."""
-    deadline = time.monotonic() + limit
+    deadline = clock.now() + limit
     while True:
         try:
             leader = cluster.leader()
@@ -96,7 +97,7 @@ def move_leader(cluster: EmbeddedEtcd, limit: float = 5.0) -> None:
             finally:
                 client.close()
         except Exception:
-            if time.monotonic() > deadline:
+            if clock.now() > deadline:
                 raise
             time.sleep(0.1)
 
@@ -108,9 +109,9 @@ def lease_left(client: etcd3.Etcd3Client, lease_id: int) -> int:
 
 def wait_gone(client: etcd3.Etcd3Client, lease_id: int, limit: float) -> float:
     while lease_left(client, lease_id) >= 0:
-        assert time.monotonic() < limit, f"lease {lease_id:x} still alive"
+        assert clock.now() < limit, f"lease {lease_id:x} still alive"
         time.sleep(0.02)
-    return time.monotonic()
+    return clock.now()
 
 
 @pytest.mark.parametrize("case", ["killed", "paused", "unkillable"])
@@ -137,15 +138,15 @@ def test_fenced_lease_revoked_only_when_safe(cluster: EmbeddedEtcd, prefix: str,
             holder.ok("acquire", obj="vm", action="PAUSE" if case == "paused" else "POWEROFF")
             leader.pause()
             try:
-                limit = time.monotonic() + ttl + 2
+                limit = clock.now() + ttl + 2
                 while not (session := holder.ok("session"))["lost"]:
-                    assert time.monotonic() < limit, "the host was never fenced"
+                    assert clock.now() < limit, "the host was never fenced"
                     time.sleep(0.02)
             finally:
                 leader.resume()
             move_leader(cluster)
             valid_until = session["fence_at"] + margin
-            asked_at = time.monotonic()
+            asked_at = clock.now()
             left = lease_left(client, holder.lease)
             assert left >= 0, "revoked right after the fence, before the lease could have expired"
             # the precondition: left alone, the lease outlives valid_until
@@ -160,7 +161,7 @@ def test_fenced_lease_revoked_only_when_safe(cluster: EmbeddedEtcd, prefix: str,
                 assert gone_at < asked_at + left - 0.3, "never revoked: it expired by itself"
                 return
 
-            time.sleep(max(0.0, valid_until + 1.0 - time.monotonic()))
+            time.sleep(max(0.0, valid_until + 1.0 - clock.now()))
             assert lease_left(client, holder.lease) >= 0, "revoked while the VM could still write"
             assert guest.poll() is None
             if case == "paused":
@@ -168,7 +169,7 @@ def test_fenced_lease_revoked_only_when_safe(cluster: EmbeddedEtcd, prefix: str,
                 wait_gone(client, holder.lease, expires_by)  # etcd alone ends it
                 return
             guest.kill()  # the test (root with CAP_KILL) can; the VM finally exits
-            exited_at = time.monotonic()
+            exited_at = clock.now()
             guest.wait()
             gone_at = wait_gone(client, holder.lease, expires_by)
             assert gone_at - exited_at < 1.0, "not revoked once the VM exited"

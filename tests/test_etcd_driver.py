@@ -15,6 +15,7 @@ import pytest
 
 import virtlease as v
 from conftest import EtcdServer, dump, new_uuid, shut
+from virtlease_etcd import clock
 from virtlease_etcd.devtools.hostprocess import HostProcess
 from virtlease_lab.tcpproxy import TcpProxy
 
@@ -323,11 +324,11 @@ def test_crash_frees_disks_after_ttl_not_before_fence(etcd: EtcdServer, prefix: 
     while True:
         try:
             obj.acquire()
-            granted_at = time.monotonic()
+            granted_at = clock.now()
             break
         except v.ResourceBusyError as exc:
             assert exc.conflicts[0].host == "doomed"
-            assert time.monotonic() - killed_at < ttl + 2, "disk still held TTL + 2 s after the crash"
+            assert clock.now() - killed_at < ttl + 2, "disk still held TTL + 2 s after the crash"
             time.sleep(0.05)
     assert granted_at - killed_at <= ttl + 2
     assert granted_at > fence_at, "granted before the dead holder's fence deadline"
@@ -359,9 +360,9 @@ def test_unresolved_grant_is_withdrawn_not_left_behind(etcd: EtcdServer, prefix:
                     break
                 time.sleep(1.0)
             assert reached, "the grant never reached etcd: the scenario did not happen"
-            deadline = time.monotonic() + 5
+            deadline = clock.now() + 5
             while [k for k in dump(kv, prefix) if "/res/" in k]:
-                assert time.monotonic() < deadline, "the uncertain grant was never withdrawn"
+                assert clock.now() < deadline, "the uncertain grant was never withdrawn"
                 time.sleep(0.1)
             assert plugin.driver.session.lost is None
             obj.acquire()  # and the object can still acquire for real

@@ -14,6 +14,7 @@ import pytest
 
 import virtlease as v
 from conftest import EtcdServer, dump, new_uuid, shut
+from virtlease_etcd import clock
 from virtlease_etcd.devtools.hostprocess import HostProcess
 
 D = v.ResourceType.DISK
@@ -209,7 +210,7 @@ def test_source_killed_before_claim_fails_safely_then_disks_are_free(
     state = src.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
     killed_at = src.kill()
     while holders(kv, prefix):  # the source's lease runs out; its marks go with it
-        assert time.monotonic() - killed_at < 3 + 2, "dead source still holds after TTL + 2 s"
+        assert clock.now() - killed_at < 3 + 2, "dead source still holds after TTL + 2 s"
         steal(third)  # and until then nobody else gets the disks
         time.sleep(0.1)
     assert not [k for k in dump(kv, prefix) if "/handoff/" in k]
@@ -233,9 +234,9 @@ def test_destination_killed_after_claim_frees_and_source_never_regains(
     dst.ok("new", obj="web1", uuid=uuid, name="web1", disks=DISKS, migrate=True)
     dst.ok("acquire", obj="web1", state=state)
     dst.kill()
-    deadline = time.monotonic() + 6
+    deadline = clock.now() + 6
     while holders(kv, prefix):
-        assert time.monotonic() < deadline
+        assert clock.now() < deadline
         time.sleep(0.1)
     # the source's old state cannot silently take the disks back
     assert src.call("complete_migrate_out", obj="web1", cancel=True)["error"] == "StaleStateError"

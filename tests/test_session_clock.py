@@ -175,3 +175,18 @@ def test_an_expired_lease_reply_marks_the_session_lost() -> None:
         assert session.lost is not None and "expired or revoked" in session.lost
     finally:
         session._closed = True
+
+
+def test_one_fence_clock_counts_through_suspend() -> None:
+    """Every fence time is on CLOCK_BOOTTIME (it keeps counting while the machine is
+    suspended), in the session, the etcd client's deadlines and the agent's guard alike."""
+    import time
+
+    from virtlease_etcd import clock
+    from virtlease_etcd.agent import guard
+
+    assert clock.CLOCK_ID == time.CLOCK_BOOTTIME
+    assert guard.CLOCK_ID == clock.CLOCK_ID  # the guard imports nothing of ours: it must agree
+    cfg = load_config({"host_id": "h", "ttl": TTL, "fence_margin": MARGIN})
+    with mock.patch("virtlease_etcd.session.hostsession.EtcdClient"):
+        assert HostSession(cfg)._clock is clock.now

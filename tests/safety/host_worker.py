@@ -21,8 +21,8 @@ line on stdin (the harness wire, ``virtlease_etcd.devtools.jsonwire``).  It
 libvirt): every path that may still hold something calls ``release()``
 first (``Host.drop``).
 
-All times are ``time.monotonic()``: every process on the machine shares
-CLOCK_MONOTONIC, so host, harness and storage times compare directly.
+All times are ``virtlease_etcd.clock.now()`` (CLOCK_BOOTTIME, the driver's fence clock): every
+process on the machine shares it, so host, harness and storage times compare directly.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ from typing import Any
 from misuse import Gossip, Misuser
 
 import virtlease as v
+from virtlease_etcd import clock
 from virtlease_etcd.devtools.jsonwire import Replier
 
-mono = time.monotonic
+mono = clock.now
 
 
 class Events:

@@ -47,11 +47,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import virtlease as v
+from virtlease_etcd import clock
 
 if TYPE_CHECKING:
     from host_worker import Holding, Host
 
-mono = time.monotonic
+mono = clock.now
 MAGIC = "virtlease-state/1 "
 KINDS = ("replay", "edited", "forged", "cross")
 

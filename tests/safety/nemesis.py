@@ -50,11 +50,12 @@ HERE = Path(__file__).resolve().parent
 import etcd3  # noqa: E402
 from storage_model import StorageServer, Write  # noqa: E402
 
+from virtlease_etcd import clock  # noqa: E402
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd, Member  # noqa: E402
 from virtlease_etcd.devtools.jsonwire import Channel, launch, python_argv  # noqa: E402
 from virtlease_lab.tcpproxy import TcpProxy  # noqa: E402
 
-mono = time.monotonic
+mono = clock.now
 RESULTS = HERE / "results"
 
 HOST_FAULTS = ("kill_host", "stop_host", "cut_host", "blackhole_host", "delay_host")

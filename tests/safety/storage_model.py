@@ -6,7 +6,7 @@ Every write names the disk, the writer (host, incarnation, domain uuid, write
 interval) and the fencing token from ``inquire()``.  The server rejects a
 token lower than the newest it has seen for that disk, and a write with the
 newest token from a different holder (two holders with one token is itself
-a violation).  Every request is logged with the writer's monotonic time and
+a violation).  Every request is logged with the writer's time (the fence clock) and
 the server's.
 """
 
@@ -17,8 +17,9 @@ import json
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
+
+from virtlease_etcd import clock
 
 
 @dataclass
@@ -73,7 +74,7 @@ class StorageServer:
         token = int(req["token"])  # type: ignore[call-overload]
         holder = (str(req["host"]), int(req["inc"]), str(req["obj"]))  # type: ignore[call-overload]
         with self._lock:
-            t_server = time.monotonic()
+            t_server = clock.now()
             prev = self.newest.get(disk)
             if prev is not None and token < prev[0]:
                 ok, why = False, f"stale token {token} < {prev[0]}"

@@ -20,6 +20,7 @@ import pytest
 
 import virtlease as v
 from conftest import shut
+from virtlease_etcd import clock
 from virtlease_etcd.etcd.client import TransientError
 
 
@@ -49,8 +50,8 @@ def _delay_reply_until_fenced(plugin: v.Plugin, disk_ops: int) -> threading.Even
         resp = real(compare, success, failure, timeout=timeout)
         if len(success) == disk_ops and not delayed.is_set():
             delayed.set()
-            deadline = time.monotonic() + 10
-            while session.lost is None and time.monotonic() < deadline:
+            deadline = clock.now() + 10
+            while session.lost is None and clock.now() < deadline:
                 time.sleep(0.01)
             time.sleep(0.3)  # let the fence listeners finish before the reply is used
         return resp

@@ -8,7 +8,7 @@ How: the agent starts it (``Guard.spawn``) before serving, runs it as a script w
 the standard library: nothing to import that could fail, a few MB of memory), and writes one JSON
 line to its stdin whenever the fence deadline or the owner list changes::
 
-    {"fence_at": <CLOCK_MONOTONIC seconds>, "grace": <s>,
+    {"fence_at": <CLOCK_BOOTTIME seconds>, "grace": <s>,
      "owners": [{"pid": 123, "start": <starttime from /proc/123/stat>, "sig": 9, "who": "..."}]}
 
 The guard opens a pidfd per owner (a reused pid is never signalled: the start time must match)
@@ -33,6 +33,14 @@ import signal
 import sys
 import time
 from typing import Any
+
+CLOCK_ID = time.CLOCK_BOOTTIME
+"""The agent's fence clock (``virtlease_etcd.clock.CLOCK_ID``; this script imports nothing of
+the project, a test checks the two agree): deadlines keep counting through a suspend."""
+
+
+def now() -> float:
+    return time.clock_gettime(CLOCK_ID)
 
 
 def start_time(pid: int) -> int | None:
@@ -107,10 +115,10 @@ def main() -> int:
         if state.agent_gone and not state.owners:
             return 0
         deadline = state.deadline()
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and now() >= deadline:
             state.fire()
             return 0
-        timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+        timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now()))
         if state.agent_gone:
             time.sleep(timeout)
             continue

@@ -51,7 +51,7 @@ class Metrics:
                           states=["valid", "lost"], registry=r)
         fence = Gauge("virtlease_agent_fence_deadline_seconds",
                       "Seconds until the session fences itself without a successful keepalive", registry=r)
-        fence.set_function(lambda: session.fence_at - time.monotonic())
+        fence.set_function(lambda: session.fence_at - session.clock())
         self.rtt = Histogram("virtlease_agent_keepalive_rtt_seconds", "Lease keepalive round trip",
                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)
         self.requests = Counter("virtlease_agent_requests", "ACQUIRE/RELEASE by op and result",

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtlease.abi import FailureAction
+from virtlease_etcd import clock
 from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.driver import EtcdDriver
 from virtlease_etcd.etcd.client import EtcdClient
@@ -78,8 +79,8 @@ def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:
     then stop every owner of it still running -- it runs without a lease."""
     client = EtcdClient(cfg)
     try:
-        until = time.monotonic() + cfg.ttl + 1
-        while time.monotonic() < until:
+        until = clock.now() + cfg.ttl + 1
+        while clock.now() < until:
             try:
                 if client.lease_ttl(prior.lease, timeout=cfg.request_timeout) < 0:
                     break
@@ -193,7 +194,7 @@ class Continuity:
             self.guard.abandon()
         log.warning("handing over: lease %x stays, the guard stops %d owner(s) at the fence deadline "
                     "(%.1fs from now) unless a new agent takes over", self.driver.session.lease_id,
-                    len(self._saved or []), self.driver.session.fence_at - time.monotonic())
+                    len(self._saved or []), self.driver.session.fence_at - clock.now())
 
     def leave(self, *, busy: bool) -> None:
         """The agent exits: with owners still holding, as a handover (guard armed); otherwise

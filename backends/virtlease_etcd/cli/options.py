@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -26,6 +25,7 @@ import click
 
 from virtlease.cli import Run
 from virtlease.errors import BackendUnavailableError, ConfigError
+from virtlease_etcd import clock
 from virtlease_etcd.config import EtcdConfig, load_config
 from virtlease_etcd.etcd.client import EtcdClient, PermissionDenied
 from virtlease_etcd.model import keyspace as ks
@@ -125,7 +125,7 @@ def etcd_client(cfg: EtcdConfig) -> Iterator[EtcdClient]:
 def with_retries(client: EtcdClient, fn: Callable[[float], T], *, seconds: float) -> T:
     """Run ``fn(timeout)`` with the client's retries for at most ``seconds``;
     BackendUnavailableError if etcd does not answer in time."""
-    return client.retrying(fn, deadline=time.monotonic() + seconds)
+    return client.retrying(fn, deadline=clock.now() + seconds)
 
 
 def fetch_status(client: EtcdClient, cfg: EtcdConfig) -> ClusterStatus:

@@ -50,12 +50,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 import virtlease as v
+from virtlease_etcd import clock
 
 from .jsonwire import Channel, Replier, launch, python_argv
 
@@ -77,7 +77,7 @@ def _handle(plugin: v.Plugin, objects: dict[str, v.LockObject], cmd: dict[str, A
     if op == "lost":
         return {"lost": session.lost}
     if op == "session":
-        return {"fence_at": session.fence_at, "now": time.monotonic(), "lost": session.lost,
+        return {"fence_at": session.fence_at, "now": session.clock(), "lost": session.lost,
                 "lease": session.lease_id}
     if op == "new":
         flags = v.NewFlags.MIGRATE if cmd.get("migrate") else v.NewFlags(0)
@@ -240,10 +240,10 @@ class HostProcess:
         return reply
 
     def kill(self) -> float:
-        """SIGKILL, like a crashed host: nothing is released.  Returns the monotonic time of the kill."""
+        """SIGKILL, like a crashed host: nothing is released.  Returns the time of the kill (``clock.now``)."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGKILL)
-        at = time.monotonic()
+        at = clock.now()
         self.proc.wait()
         return at
 

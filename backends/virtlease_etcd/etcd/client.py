@@ -3,7 +3,7 @@ transient failures retried with tenacity — never past a deadline.
 
 Built directly on etcd's gRPC stubs (the protobufs python-etcd3 ships): each
 call carries its own deadline, the transaction's header revision (the
-fencing token) is kept, endpoints fail over on the monotonic clock, and every
+fencing token) is kept, deadlines are on the fence clock (``clock.now``), and every
 gRPC error is translated in one place.
 """
 
@@ -21,6 +21,7 @@ from etcd3 import etcdrpc
 from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 
 from virtlease.errors import BackendUnavailableError, ConfigError, TransactionTooLargeError
+from virtlease_etcd import clock
 from virtlease_etcd.config import EtcdConfig
 
 from .endpoints import Endpoint, request_op
@@ -231,7 +232,7 @@ class EtcdClient:
     # -- retries -------------------------------------------------------------
 
     def attempt_timeout(self, deadline: float) -> float:
-        left = deadline - time.monotonic()
+        left = deadline - clock.now()
         if left <= 0:
             raise self._unreachable("did not answer before the deadline")
         return min(self.cfg.request_timeout, left)
@@ -252,10 +253,10 @@ class EtcdClient:
                  on_ambiguous: Callable[[TransientError], T | None] | None = None) -> T:
         """Call ``fn(timeout)`` until it succeeds, retrying transient errors
         with jittered exponential backoff, never past ``deadline``
-        (monotonic).  After an ambiguous failure ``on_ambiguous`` may resolve
+        (``clock.now``).  After an ambiguous failure ``on_ambiguous`` may resolve
         the outcome (returning a result) before the next attempt."""
         def stop(state: Any) -> bool:
-            return time.monotonic() >= deadline - 0.01
+            return clock.now() >= deadline - 0.01
 
         def attempt() -> T:
             try:
@@ -282,7 +283,7 @@ class EtcdClient:
             try:
                 return on_ambiguous(exc)
             except TransientError:
-                if time.monotonic() + 0.1 >= deadline:
+                if clock.now() + 0.1 >= deadline:
                     raise
                 time.sleep(0.1)
 

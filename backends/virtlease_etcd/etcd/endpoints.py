@@ -1,17 +1,18 @@
 """One etcd member's gRPC channel and stubs, and etcd3 transaction ops as protobufs.
 
 ``client.EtcdClient`` holds one ``Endpoint`` per member and fails over between them on the
-monotonic clock (docs/DESIGN.md §5).
+fence clock, ``clock.now`` (docs/DESIGN.md §5).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import grpc
 from etcd3 import etcdrpc
 from etcd3 import transactions as tx
+
+from virtlease_etcd import clock
 
 _CHANNEL_OPTIONS = [
     # gRPC's default reconnect backoff grows to 120 s: a member back after an outage
@@ -21,13 +22,13 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 ENDPOINT_RETRY = 1.0
-"""Seconds a failed endpoint is skipped before it is tried again (monotonic)."""
+"""Seconds a failed endpoint is skipped before it is tried again (``clock.now``)."""
 
 
 class Endpoint:
     """One etcd member: its channel and stubs, and when it last failed.
 
-    The failure mark uses the monotonic clock: python-etcd3's endpoints use
+    The failure mark uses the fence clock (never steps): python-etcd3's endpoints use
     the wall clock, so a step back of the clock kept every endpoint that had
     failed once blacklisted for as long as the step — and a healthy host
     fenced itself."""
@@ -48,10 +49,10 @@ class Endpoint:
         """Why connecting failed last, in one line, when gRPC said (TLS, mostly)."""
 
     def failed(self) -> bool:
-        return bool(self.failed_at) and time.monotonic() - self.failed_at < ENDPOINT_RETRY
+        return bool(self.failed_at) and clock.now() - self.failed_at < ENDPOINT_RETRY
 
     def fail(self) -> None:
-        self.failed_at = time.monotonic()
+        self.failed_at = clock.now()
 
 
 def request_op(op: Any) -> Any:

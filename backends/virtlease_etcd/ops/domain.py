@@ -188,7 +188,7 @@ class Domain:
         for g in result.grants:
             owner.held[g.rid.rid] = Held(g.rid, g.key, result.tokens[g.key], g.value)
         session = self.session
-        if session.lost is not None or time.monotonic() >= session.fence_at:
+        if session.lost is not None or session.clock() >= session.fence_at:
             session.fence(owner, session.lost or "fence deadline passed while the grant was in flight")
             session.check()
 

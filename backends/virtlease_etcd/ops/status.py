@@ -6,10 +6,10 @@ reads are for display and tests, never for a locking decision).
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from virtlease_etcd import clock
 from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.model import keyspace as ks
 
@@ -80,7 +80,7 @@ class ClusterStatus:
 def read_status(client: EtcdClient, keys: ks.Keys, *, timeout: float) -> ClusterStatus:
     """Read everything under the prefix; transient errors are retried until
     ``timeout``, then BackendUnavailableError."""
-    deadline = time.monotonic() + timeout
+    deadline = clock.now() + timeout
     return client.retrying(lambda _t: _read(client, keys, deadline), deadline=deadline)
 
 

@@ -4,7 +4,8 @@ Every key this host holds is attached to the session's single lease, so
 keepalive traffic is one refresh per TTL/3 whatever the number of disks.
 
 Clock assumption (the safety argument rests on it): each keepalive is timed
-from when it was *sent*, on this host's monotonic clock.  etcd starts the
+from when it was *sent*, on this host's fence clock (``clock.now``,
+CLOCK_BOOTTIME: it counts while the machine is suspended).  etcd starts the
 renewed TTL when it *receives* the request, which is later, so
 ``valid_until = sent + TTL`` is never after etcd's own expiry as long as the
 two clocks advance at about the same rate (drift well below ``margin``).  At
@@ -29,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from virtlease.errors import BackendUnavailableError, LeaseLostError
+from virtlease_etcd import clock as fence_clock
 from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.etcd.client import EtcdClient, LeaseNotFound, TransientError
 from virtlease_etcd.model import keyspace as ks
@@ -44,9 +46,9 @@ LostListener = Callable[[str], None]
 class HostSession:
     """One host's etcd lease and its keepalive/fence threads."""
 
-    def __init__(self, cfg: EtcdConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        """``clock`` is the monotonic clock every fence and keepalive time is
-        read from (injectable for tests)."""
+    def __init__(self, cfg: EtcdConfig, clock: Callable[[], float] = fence_clock.now) -> None:
+        """``clock`` is the clock every fence and keepalive time is read from
+        (``virtlease_etcd.clock.now``; injectable for tests)."""
         self.cfg = cfg
         self._clock = clock
         self.keys = ks.Keys(cfg.prefix)
@@ -89,7 +91,7 @@ class HostSession:
 
     def run(self, *, valid_until: float) -> HostSession:
         """Start the watch, keepalive and fence threads on ``self.lease_id``, valid until
-        ``valid_until`` (monotonic).  ``start`` calls it; ``reattach`` calls it on an
+        ``valid_until`` (on ``clock``).  ``start`` calls it; ``reattach`` calls it on an
         adopted lease."""
         self._valid_until = valid_until
         self._watch_host_key(self.keys.host(self.cfg.host_id))
@@ -154,12 +156,12 @@ class HostSession:
     # -- state -----------------------------------------------------------------
 
     def clock(self) -> float:
-        """The session's monotonic clock (what every fence time is read from)."""
+        """The session's clock (what every fence time is read from)."""
         return self._clock()
 
     @property
     def fence_at(self) -> float:
-        """Monotonic time at which the session fences itself."""
+        """The time (on ``clock``) at which the session fences itself."""
         return self._valid_until - self.cfg.margin
 
     @property
@@ -198,7 +200,7 @@ class HostSession:
             raise LeaseLostError(f"host {self.cfg.host_id}: session closed")
 
     def deadline(self, seconds: float | None = None) -> float:
-        """A monotonic deadline for an operation: ``seconds`` from now (default
+        """A deadline (on ``clock``) for an operation: ``seconds`` from now (default
         the configured acquire timeout), never past the fence deadline."""
         return min(self._clock() + (self.cfg.deadline if seconds is None else seconds), self.fence_at)
 
