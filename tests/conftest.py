@@ -127,7 +127,7 @@ def new_uuid() -> str:
     return str(uuid.uuid4())
 
 
-SYSTEM_TEST_DIRS = ("identity", "agent", "libvirt")
+SYSTEM_TEST_DIRS = ("identity", "agent", "libvirt", "fencing")
 """Test folders whose skips mean a missing tool or privilege: in CI
 (``VIRTLEASE_REQUIRE_SYSTEM_TESTS=1``, set by .ci/run) such a skip fails."""
 
