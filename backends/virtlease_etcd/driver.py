@@ -36,6 +36,7 @@ from virtlease_etcd.session.hostrecord import HostKeyTaken
 from virtlease_etcd.session.hostsession import HostSession
 from virtlease_etcd.session.owners import Policy
 from virtlease_etcd.session.registry import close_session, open_session
+from virtlease_etcd.session.watchdog import LeaseWatchdog, close_watchdog, open_watchdog
 
 from .config import EtcdConfig, load_config
 
@@ -56,6 +57,8 @@ class EtcdDriver:
         self._lock = threading.Lock()
         self.names: DiskNames | None = None
         """This instance's disk namer: one identity resolver (under a lock) for all its objects."""
+        self.watchdog: LeaseWatchdog | None = None
+        """The watchdog armed by this host's lease (``watchdog_device``), following the session."""
 
     # -- plugin hooks ------------------------------------------------------------
 
@@ -69,7 +72,16 @@ class EtcdDriver:
                                      f"(offers {self.capabilities!r})")
         self.cfg = load_config(config)
         self.policy = Policy(self.cfg.default_action, self.cfg.restart_callback)
-        self._session = open_session(self.cfg)
+        self.watchdog = open_watchdog(self.cfg)
+        try:
+            self._session = open_session(self.cfg)
+        except BaseException:
+            if self.watchdog is not None:
+                close_watchdog(self.watchdog)
+                self.watchdog = None
+            raise
+        if self.watchdog is not None:
+            self.watchdog.follow(self._session)
         self.names = disks.for_config(self.cfg)
         self._session.add_listener(self._on_lost)
 
@@ -94,6 +106,9 @@ class EtcdDriver:
         if self.cfg is not None:
             disks.forget(self.cfg)
         self.names = None
+        if self.watchdog is not None:
+            close_watchdog(self.watchdog)
+            self.watchdog = None
 
     def renew_session(self) -> str | None:
         """Replace a lost session by a new one (a new lease) for the grants that follow; return
@@ -122,6 +137,8 @@ class EtcdDriver:
             old.remove_listener(self._on_lost)
             close_session(old)
             new.add_listener(self._on_lost)
+            if self.watchdog is not None:
+                self.watchdog.follow(new)
             self._session = new
             return old.lost
 

@@ -24,6 +24,7 @@ from virtlease.errors import BackendUnavailableError
 from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.etcd.client import EtcdClient, PermissionDenied, TransientError
 
+from .fencing import check_storage_fencing, check_watchdog
 from .options import Settings, etcd_client, etcd_command, fetch_status
 from .probes import BAD_VERSIONS, FAIL, INFO, OK, WARN, EndpointReport, Report, check_endpoints, parse_version
 
@@ -173,14 +174,19 @@ def render(report: Report, cfg: EtcdConfig) -> None:
 @click.option("--election-timeout", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
               metavar="SECONDS", help="The cluster's --election-timeout (etcd does not report it).")
 @click.option("--strict", is_flag=True, help="Exit non-zero on warnings too.")
+@click.option("--fence-device", "fence_devices", multiple=True, metavar="DEVICE",
+              help="Probe SCSI persistent reservations on the LUN(s) under DEVICE, every path (repeatable).")
 @etcd_command
 @click.pass_context
-def check(ctx: click.Context, settings: Settings, as_json: bool, election_timeout: float, strict: bool) -> None:
+def check(ctx: click.Context, settings: Settings, as_json: bool, election_timeout: float, strict: bool,
+          fence_devices: tuple[str, ...]) -> None:
     """Validate the configuration and reach the cluster.
 
     Checks every endpoint (health, version, leader), the etcd version, the TTL
     against the election timeout, write permission under the prefix (a probe
-    key, removed again), the prefix's contents and the clocks.
+    key, removed again), the prefix's contents and the clocks; the watchdog
+    (arithmetic, device) and storage fencing (persistent reservations on every
+    path of each fenced LUN and --fence-device) when configured.
 
     \b
     Exit codes: 0 healthy (warnings allowed unless --strict), 1 a check failed,
@@ -193,6 +199,8 @@ def check(ctx: click.Context, settings: Settings, as_json: bool, election_timeou
                f"fence margin {cfg.margin:.1f}s, request timeout {cfg.request_timeout:g}s, "
                f"TLS {'on' if cfg.tls else 'off'}, auth {'user ' + cfg.user if cfg.user else 'none'}, "
                f"default action {cfg.default_action.name.lower()}")
+    check_watchdog(report, cfg)
+    check_storage_fencing(report, cfg, fence_devices)
     healthy = check_endpoints(report, cfg)
     if healthy:
         _check_version(report, healthy)

@@ -12,6 +12,7 @@ import click
 
 from virtlease.cli.output import out, print_json
 
+from .fencing import fencing_status, fencing_table
 from .options import Settings, etcd_client, etcd_command, fetch_status
 from .tables import status_tables
 
@@ -21,14 +22,18 @@ from .tables import status_tables
 @etcd_command
 def status(settings: Settings, as_json: bool) -> None:
     """Show live hosts (TTL left), held resources (mode, holder host and domain,
-    fencing token, since) and migrations in flight."""
+    fencing token, since) and migrations in flight; with scsi_pr_luns set, the keys
+    registered on each fenced LUN this host sees."""
     cfg = settings.load()
     with etcd_client(cfg) as client:
         st = fetch_status(client, cfg)
+    fenced = fencing_status(cfg, st)
     if as_json:
-        print_json(st.as_dict())
+        print_json({**st.as_dict(), **({"fencing": fenced} if fenced else {})})
         return
     out.print(f"[bold]virtlease[/] status of prefix {cfg.prefix} at {','.join(cfg.endpoints)} "
               f"(etcd revision {st.revision})")
     for table in status_tables(st):
         out.print(table)
+    if fenced:
+        out.print(fencing_table(fenced))

@@ -23,6 +23,8 @@ Commands act on lock objects by a name of the caller's choosing::
     {"op": "free", "obj": "web1"}    (drops the handle; never releases: ABI 2.0)
     {"op": "lost"}                   -> {"lost": reason or null}
     {"op": "session"}                -> {"fence_at", "now", "lost", "lease"}
+    {"op": "renew"}                  -> {"renewed": why the old session was lost or null, "lease"}
+                                     (``EtcdDriver.renew_session``: a new session after a lost one)
     {"op": "exit"}                   frees the handles, releases what this driver
                                      granted, unloads (revoking the lease), answers, exits
 
@@ -79,6 +81,9 @@ def _handle(plugin: v.Plugin, objects: dict[str, v.LockObject], cmd: dict[str, A
     if op == "session":
         return {"fence_at": session.fence_at, "now": session.clock(), "lost": session.lost,
                 "lease": session.lease_id}
+    if op == "renew":
+        why = plugin.driver.renew_session()
+        return {"renewed": why, "lease": plugin.driver.session.lease_id}
     if op == "new":
         flags = v.NewFlags.MIGRATE if cmd.get("migrate") else v.NewFlags(0)
         obj = plugin.new_object(uuid=cmd["uuid"], name=cmd["name"], pid=cmd.get("pid"), flags=flags)

@@ -27,7 +27,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from virtlease.errors import BackendUnavailableError, LeaseLostError
 from virtlease_etcd import clock as fence_clock
@@ -37,6 +38,10 @@ from virtlease_etcd.model import keyspace as ks
 
 from . import fencing, hostrecord
 from .owners import Owner, Owners
+from .storagefence import StorageFence
+
+if TYPE_CHECKING:
+    from .watchdog import LeaseWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,10 @@ class HostSession:
         self.revocation = fencing.RevocationGate()
         self.keepalives_sent = 0
         self.owners = Owners()
+        self.storage = StorageFence(self, cfg) if cfg.scsi_pr_luns else None
+        """Persistent-reservation fencing of the grants (``scsi_pr_luns``), None when off."""
+        self.watchdog: LeaseWatchdog | None = None
+        """The watchdog armed by this session's lease (the driver's ``LeaseWatchdog.follow``)."""
 
     # -- life cycle ----------------------------------------------------------
 
@@ -198,6 +207,18 @@ class HostSession:
             )
         if self._closed:
             raise LeaseLostError(f"host {self.cfg.host_id}: session closed")
+
+    def before_grant(self) -> None:
+        """Before a grant or claim is sent: the watchdog, if configured, is armed and may be
+        petted (FencingError otherwise: nothing is sent)."""
+        if self.watchdog is not None:
+            self.watchdog.arm_for_grant(self)
+
+    def secure_storage(self, paths: Sequence[str]) -> None:
+        """Before a grant on the disks at ``paths`` is reported: their fenced LUNs carry this
+        session's key and a reservation, and no dead session's key (``StorageFence.secure``)."""
+        if self.storage is not None and paths:
+            self.storage.secure(paths)
 
     def deadline(self, seconds: float | None = None) -> float:
         """A deadline (on ``clock``) for an operation: ``seconds`` from now (default
