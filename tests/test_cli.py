@@ -118,14 +118,14 @@ def keys_under(etcd: EtcdServer, prefix: str) -> list[str]:
 
 def test_second_hold_is_refused_naming_holder_host_and_domain_with_exit_3(
         etcd_process: EtcdServer, prefix: str) -> None:
-    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--name", "web1",
+    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--allow-missing", "--name", "web1",
                  "--disk", "/img/web1-root.qcow2", "--disk", "/img/web1-data.qcow2") as first:
         assert first.line.startswith("held: domain web1 ")
         assert "on host host-a" in first.line
         tokens = re.findall(r"token (\d+)", first.line)
         assert len(tokens) == 2
 
-        second = run(*opts(etcd_process, prefix, "host-b"), "hold", "--name", "web1-copy",
+        second = run(*opts(etcd_process, prefix, "host-b"), "hold", "--allow-missing", "--name", "web1-copy",
                      "--disk", "/img/web1-data.qcow2")
         assert second.returncode == 3
         assert second.stdout == ""
@@ -138,7 +138,7 @@ def test_second_hold_is_refused_naming_holder_host_and_domain_with_exit_3(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_hold_releases_on_signal_and_status_shows_nothing_after(
         etcd_process: EtcdServer, prefix: str, sig: signal.Signals) -> None:
-    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--json", "--name", "db1",
+    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--allow-missing", "--json", "--name", "db1",
                  "--disk", "/img/db1.qcow2") as held:
         info = held.json()
         assert info["held"] is True and info["host"] == "host-a" and info["domain"] == "db1"
@@ -151,13 +151,13 @@ def test_hold_releases_on_signal_and_status_shows_nothing_after(
     after = status_json(etcd_process, prefix)
     assert after["resources"] == [] and after["hosts"] == []  # released and revoked, not left to expire
     # Another host gets the disk at once (the default TTL of 10 s has not passed).
-    with holding(*opts(etcd_process, prefix, "host-b"), "hold", "--name", "db1", "--disk", "/img/db1.qcow2") as b:
+    with holding(*opts(etcd_process, prefix, "host-b"), "hold", "--allow-missing", "--name", "db1", "--disk", "/img/db1.qcow2") as b:
         assert "on host host-b" in b.line
 
 
 def test_status_json_parses_and_shows_the_holder_with_its_token(etcd_process: EtcdServer, prefix: str) -> None:
     uuid = "9d6f3f7e-56a1-4c8e-9a53-2b8f0c7d1e11"
-    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--json", "--name", "web7", "--uuid", uuid,
+    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--allow-missing", "--json", "--name", "web7", "--uuid", uuid,
                  "--disk", "/img/shared.raw:shared", "--disk", "/img/cdrom.iso:readonly",
                  "--lease", "cluster:web7-lock") as held:
         info = held.json()
@@ -184,7 +184,7 @@ def test_hold_exits_5_and_fences_the_vm_when_the_lease_is_lost(prefix: str) -> N
     with EmbeddedEtcd() as server:
         try:
             with holding("--endpoints", server.endpoints, "--prefix", prefix, "--host-id", "host-a", "--ttl", "2",
-                         "hold", "--name", "web1", "--disk", "/img/web1.qcow2", "--pid", str(vm.pid),
+                         "hold", "--allow-missing", "--name", "web1", "--disk", "/img/web1.qcow2", "--pid", str(vm.pid),
                          "--action", "poweroff") as held:
                 server.members[0].pause()  # etcd stops answering: keepalives fail
                 rc = held.proc.wait(timeout=30)
@@ -202,7 +202,7 @@ def test_hold_exits_5_and_fences_the_vm_when_the_lease_is_lost(prefix: str) -> N
 def test_hold_exits_4_when_etcd_is_unreachable(prefix: str) -> None:
     started = time.monotonic()
     result = run("--endpoints", f"127.0.0.1:{free_port()}", "--prefix", prefix, "--ttl", "2",
-                 "hold", "--name", "web1", "--disk", "/img/web1.qcow2")
+                 "hold", "--allow-missing", "--name", "web1", "--disk", "/img/web1.qcow2")
     assert result.returncode == 4
     assert_one_line_error(result.stderr, "etcd at 127.0.0.1:")
     assert "hint: " in result.stderr
@@ -210,21 +210,110 @@ def test_hold_exits_4_when_etcd_is_unreachable(prefix: str) -> None:
 
 
 def test_hold_help_documents_the_exit_codes() -> None:
-    result = run("hold", "--help")
+    result = run("hold", "--allow-missing", "--help")
     assert result.returncode == 0
     for line in ("3  busy", "2  bad arguments", "4  etcd unreachable", "5  the session lease was lost"):
         assert line in result.stdout
+
+
+def test_hold_killed_stops_its_pid_before_another_host_gets_the_disk(
+        etcd_process: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    """``kill -9`` of ``hold --pid P``: P is stopped (poweroff: SIGKILL) by the guard before
+    etcd expires the lease, so never runs while another host holds the disk.  Before the fence
+    existed outside ``hold``, P kept running and another host was granted the disk 8.5 s later."""
+    import virtlease as v
+
+    disk = tmp_path / "web1.img"
+    disk.write_bytes(b"")
+    vm = subprocess.Popen(["sleep", "600"])
+    other = v.load_driver("etcd", config={"endpoints": etcd_process.endpoints, "prefix": prefix,
+                                          "host_id": "host-b"}, capabilities=v.Capability.RESOURCES)
+    obj = other.new_object(uuid="00000000-0000-4000-8000-00000000000b", name="db1")
+    obj.add_resource(v.ResourceType.DISK, str(disk))
+    try:
+        with holding(*opts(etcd_process, prefix, "host-a", ttl=4), "hold", "--name", "web1", "--disk", str(disk),
+                     "--pid", str(vm.pid)) as held:
+            assert held.line.startswith("held: ")
+            vm_exit = DeathTime(vm.pid)
+            held.proc.kill()
+            killed = time.monotonic()
+            taken_at = None
+            while taken_at is None and time.monotonic() - killed < 15:
+                try:
+                    obj.acquire()
+                    taken_at = time.monotonic()
+                except v.ResourceBusyError:
+                    time.sleep(0.05)
+            assert taken_at is not None, "the disk never became free"
+            dead_at = vm_exit.at()
+            assert dead_at is not None and dead_at < taken_at, "the VM still ran when another host got the disk"
+            assert vm.wait(timeout=1) == -signal.SIGKILL
+            print(f"hold killed: VM stopped {dead_at - killed:.2f} s later, the disk granted to host-b "
+                  f"{taken_at - killed:.2f} s later")
+            obj.release()
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.wait()
+        obj.free()
+        other.unload()
+
+
+class DeathTime:
+    """When process ``pid`` exited (monotonic), from a pidfd watched by a thread."""
+
+    def __init__(self, pid: int) -> None:
+        import select
+        import threading
+
+        fd = os.pidfd_open(pid)
+        self._dead: list[float] = []
+
+        def watch() -> None:
+            select.select([fd], [], [])
+            self._dead.append(time.monotonic())
+            os.close(fd)
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+
+    def at(self, timeout: float = 1.0) -> float | None:
+        self._thread.join(timeout)
+        return self._dead[0] if self._dead else None
+
+
+def test_hold_refuses_a_disk_mode_typo_a_missing_path_and_a_directory(
+        etcd_process: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    """``--disk shared.img:shard`` locked ``shared.img:shard`` (a path that does not exist) and
+    left ``shared.img`` unprotected; now nothing is locked and the error says why."""
+    disk = tmp_path / "shared.img"
+    disk.write_bytes(b"")
+    base = [*opts(etcd_process, prefix, "host-a"), "hold", "--name", "web1"]
+    for arg, needle in ((f"{disk}:shard", "unknown mode 'shard'"),
+                        (str(tmp_path / "nosuch.img"), "does not exist"),
+                        (str(tmp_path), "is a directory")):
+        result = run(*base, "--disk", arg)
+        assert result.returncode == 2, result.stderr
+        assert needle in result.stderr, result.stderr
+    assert keys_under(etcd_process, prefix) == []
+    colon = tmp_path / "odd:name.img"  # a real path with a colon is still a path
+    colon.write_bytes(b"")
+    with holding(*base, "--json", "--disk", str(colon)) as held:
+        assert held.json()["resources"][0]["mode"] == "exclusive"
+    with holding(*opts(etcd_process, prefix, "host-b"), "hold", "--name", "web2", "--json", "--allow-missing",
+                 "--disk", str(tmp_path / "later.img")) as held:
+        assert held.json()["held"] is True
 
 
 # -- bad input ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["hold", "--name", "web1", "--disk", "relative.qcow2"], "not an absolute path"),
-    (["hold", "--name", "web1"], "at least one --disk or --lease"),
-    (["hold", "--name", "web1", "--disk", "/a", "--uuid", "not-a-uuid"], "not a UUID"),
-    (["hold", "--name", "web1", "--lease", "no-colon"], "LOCKSPACE:KEY"),
-    (["hold", "--bogus"], "No such option"),
+    (["hold", "--allow-missing", "--name", "web1", "--disk", "relative.qcow2"], "not an absolute path"),
+    (["hold", "--allow-missing", "--name", "web1"], "at least one --disk or --lease"),
+    (["hold", "--allow-missing", "--name", "web1", "--disk", "/a", "--uuid", "not-a-uuid"], "not a UUID"),
+    (["hold", "--allow-missing", "--name", "web1", "--lease", "no-colon"], "LOCKSPACE:KEY"),
+    (["hold", "--allow-missing", "--bogus"], "No such option"),
     (["--ttl", "abc", "status"], "abc"),
     (["--ttl", "1", "status"], "ttl"),
     (["--endpoints", "not-host-port", "status"], "endpoints"),
@@ -264,7 +353,7 @@ def test_command_line_options_override_environment_and_config_file(
     config = tmp_path / "virtlease.toml"
     config.write_text(f'[etcd]\nendpoints = "{etcd_process.endpoints}"\nprefix = "/from-file"\nttl = 7\n')
     env = clean_env(VIRTLEASE_ETCD_PREFIX="/from-env")
-    with holding("--config", str(config), "--prefix", prefix, "--host-id", "host-a", "hold", "--json",
+    with holding("--config", str(config), "--prefix", prefix, "--host-id", "host-a", "hold", "--allow-missing", "--json",
                  "--name", "web1", "--disk", "/img/web1.qcow2", env=env) as held:
         assert held.json()["held"]
         st = run("--config", str(config), "--prefix", prefix, "status", "--json", env=env)
@@ -451,7 +540,7 @@ def test_etcd_options_work_before_and_after_the_command_name(etcd_process: EtcdS
 def test_an_option_beats_the_environment_for_the_driver_too(etcd_process: EtcdServer, prefix: str) -> None:
     """``--ttl`` reaches the driver as an explicit setting: $VIRTLEASE_ETCD_TTL does not override it."""
     env = clean_env(VIRTLEASE_ETCD_TTL="30")
-    with holding(*opts(etcd_process, prefix, ttl=4), "hold", "--json", "--name", "web1",
+    with holding(*opts(etcd_process, prefix, ttl=4), "hold", "--allow-missing", "--json", "--name", "web1",
                  "--disk", "/img/web1.qcow2", env=env) as held:
         assert held.json()["held"]
         st = json.loads(run(*opts(etcd_process, prefix), "status", "--json", env=env).stdout)

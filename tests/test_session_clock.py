@@ -183,7 +183,7 @@ def test_one_fence_clock_counts_through_suspend() -> None:
     import time
 
     from virtlease_etcd import clock
-    from virtlease_etcd.agent import guard
+    from virtlease_etcd.session import guard
 
     assert clock.CLOCK_ID == time.CLOCK_BOOTTIME
     assert guard.CLOCK_ID == clock.CLOCK_ID  # the guard imports nothing of ours: it must agree

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from virtlease import validation
 from virtlease.abi import (
     ABI_VERSION,
     AcquireFlags,
@@ -31,6 +32,7 @@ from virtlease.errors import LeaseLostError, PluginBusyError, PluginVersionError
 from virtlease_etcd.ops import disks, grants, handoff
 from virtlease_etcd.ops.disks import DiskNames
 from virtlease_etcd.ops.domain import Domain
+from virtlease_etcd.ops.lockd import LockdDomain
 from virtlease_etcd.ops.status import ClusterStatus, read_status
 from virtlease_etcd.session.hostrecord import HostKeyTaken
 from virtlease_etcd.session.hostsession import HostSession
@@ -169,6 +171,15 @@ class EtcdDriver:
     def new_object(self, spec: ObjectSpec) -> EtcdObject:
         self.session.check()
         return EtcdObject(self, spec)
+
+    def lockd(self, uuid: str, name: str, pid: int | None) -> LockdDomain:
+        """lockd's calls for one domain on this host (the agent's way in, ``ops/lockd.py``):
+        ``uuid``, ``name`` and ``pid`` are checked by the core's validation, as a lock
+        object's are."""
+        assert self.cfg is not None
+        spec = ObjectSpec(type=ObjectType.DOMAIN, uuid=validation.check_uuid(uuid), name=validation.check_name(name),
+                          pid=validation.check_optional_int(pid, "pid", minimum=1))
+        return LockdDomain(Domain(self.session, self.cfg, self.policy, spec, self.names))
 
     def status(self) -> ClusterStatus:
         """Hosts, held resources and handoffs under this driver's prefix."""

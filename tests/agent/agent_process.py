@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from virtlease_etcd.agent.guard import start_time
 from virtlease_etcd.agent.runfile import load, state_path
+from virtlease_etcd.session.guard import start_time
 
 
 class AgentProcess:

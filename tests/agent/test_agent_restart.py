@@ -8,6 +8,7 @@ second host holds its disk.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -26,7 +27,7 @@ from agent.etcd_agent import StandinQemu, load
 from conftest import EtcdServer
 from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
 from virtlease.errors import ResourceBusyError
-from virtlease_etcd.agent.lockdclient import LockdClient
+from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError
 from virtlease_etcd.session import reattach
 from virtlease_etcd.session.fencing import pid_alive
 
@@ -280,3 +281,45 @@ def test_metrics_port_taken_the_agent_serves_without_metrics(agents: Callable[..
         assert "going on without them" in agent.text()
         with LockdClient(agent.socket) as c:
             c.create_lockspace("/var/lib/libvirt/lockd/files")  # it answers
+
+
+def test_after_a_network_cut_the_fenced_domain_starts_again_on_this_host(
+        etcd_process: EtcdServer, prefix: str, sock_dir: Path, disk: str, qemus: list[StandinQemu]) -> None:
+    """etcd out of reach past the fence deadline: the agent fences the domain (its QEMU killed).
+    Once etcd answers, the same domain starts again on this host: its new QEMU REGISTERs and is
+    not killed by a guard (no lost session covers it), and its ACQUIRE opens a new session.
+    Before the fix the guard, armed with the lost session's past deadline, killed every new
+    QEMU of the domain right after it registered, and was restarted over and over."""
+    from virtlease_lab.tcpproxy import TcpProxy
+
+    with TcpProxy(etcd_process.endpoints.split(",")[0]) as proxy:
+        agent = AgentProcess(sock_dir, proxy.endpoint, prefix, "hv-c", ttl=TTL)
+        try:
+            old = start_vm(agent, disk, qemus)
+            old_lease = json.loads(agent.state_dir.joinpath("agent-hv-c.json").read_text())["lease"]
+            proxy.blackhole()
+            assert gone_soon(old.pid, TTL + 3), "the domain was not fenced"
+            time.sleep(1.0)  # the agent lives on with a lost session for a while
+            proxy.heal()
+            new = StandinQemu(agent.socket, "web1", old.uuid)  # virsh start web1 on this host again
+            qemus.append(new)
+            time.sleep(0.5)
+            assert new.alive(), "a guard killed the new QEMU of the fenced domain"
+            until = time.monotonic() + TTL + 5
+            while True:  # refused while the lost lease is still in etcd (revoked once etcd answers)
+                try:
+                    with LockdClient(agent.socket) as c:
+                        c.register(new.owner())
+                        c.acquire(disk)
+                    break
+                except RemoteCallError as exc:
+                    assert "still in etcd" in str(exc) and time.monotonic() < until, str(exc)
+                    time.sleep(0.2)
+            time.sleep(1.0)
+            assert new.alive(), "the new QEMU was killed after its grant"
+            state = json.loads(agent.state_dir.joinpath("agent-hv-c.json").read_text())
+            assert state["lease"] != old_lease
+            restarts = agent.text().count("starting a new one")
+            assert restarts <= 1, f"the guard was restarted {restarts} times:\n{agent.text()[-3000:]}"
+        finally:
+            agent.stop()

@@ -149,7 +149,7 @@ def test_monitor_user_runs_status_but_not_hold(etcd: TlsCluster, tmp_path: Path)
         assert status.returncode == 0, status.stderr
         assert "host-a" in status.stdout and "db1" in status.stdout
         before = _dump(etcd)
-        hold = subprocess.run([*base, "--host-id", "monitor", "hold", "--name", "intruder", "--disk",
+        hold = subprocess.run([*base, "--host-id", "monitor", "hold", "--allow-missing", "--name", "intruder", "--disk",
                                str(tmp_path / "other.qcow2")], capture_output=True, text=True, env=env, timeout=60)
         assert hold.returncode != 0
         lines = [line for line in hold.stderr.splitlines() if line.strip()]

@@ -14,13 +14,23 @@ The agent owns the host's session (one etcd lease for the host).  What it guaran
   :class:`~.server.ResourceBusy` naming the holder's host and domain (``virsh start`` prints
   it).  etcd unreachable: an error reply once the driver's deadline (``acquire_timeout``,
   default the TTL) passes, never a hang.
-* **RELEASE** while the QEMU lives (pause, the end of a live migration on the source) does
-  not free the disks: they stay *reserved* for the same domain UUID on this host's lease
-  (``handoff/<uuid>/<host>`` with ``to="*"``) until that QEMU exits plus ``reserve_grace``.
-  Another host's ACQUIRE for the same UUID claims the reservation (every disk, new tokens,
-  one transaction); another domain is refused naming the reservation; this host's own
-  ACQUIRE (resume) cancels it.  A second RELEASE of a disk already released is an error
-  ("not locked"), as virtlockd answers.
+* **RELEASE** while the QEMU lives does not free the disk at once: it is *reserved* for the
+  same domain UUID on this host's lease (``handoff/<uuid>/<host>`` with ``to="*"``, listing
+  only the disks released so far) while the owner's other disks stay plainly held.  When the
+  lock connection that released closes, the release is settled: libvirt releases every disk
+  of a domain on one connection when it pauses it (``virsh suspend``, the source of a live
+  migration, managed save), and one disk when it hot-unplugs it or pivots a block job
+  (``detach-disk``, ``blockcopy --pivot``, ``blockcommit --pivot``, an external snapshot
+  dropping the old top image) while the QEMU goes on writing the others.  So a connection
+  that leaves the owner holding disks it did not release was an unplug: its disks are freed
+  then (retried until etcd answers or the session is lost).  Otherwise every disk stays
+  reserved until that QEMU exits plus ``reserve_grace``.  Another host's ACQUIRE for the same
+  UUID claims the reservation (the disks it lists, new tokens, one transaction) -- never a disk
+  the QEMU still writes; another domain is refused naming the reservation; this host's own
+  ACQUIRE of a reserved disk (resume) cancels it.  A second RELEASE of a disk already
+  released is an error ("not locked"), as virtlockd answers.  (A domain whose only locked
+  disk is hot-unplugged looks like a pause: that disk stays reserved for the domain until its
+  QEMU exits.)
 * **Lifeline.**  The connection libvirt opens in the forked child before exec (peer pid ==
   owner pid, RESTRICTed; QEMU inherits it) is the owner's lifeline.  Its EOF means the QEMU
   is gone or lost its lock connection: the agent makes sure the pid is gone (SIGTERM, SIGKILL
@@ -39,16 +49,18 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from virtlease.abi import FailureAction, ResourceFlags, ResourceSpec, ResourceType
+from virtlease.abi import FailureAction, ResourceSpec
 from virtlease.errors import (
     BackendUnavailableError,
     Holder,
     LeaseLostError,
     ObjectStateError,
     ResourceBusyError,
+    ValidationError,
     VirtleaseError,
 )
-from virtlease_etcd.ops import grants, handoff
+from virtlease_etcd.ops import handoff
+from virtlease_etcd.ops.lockd import lockd_resource
 
 from .lockapi import Connection, LockError, ResourceBusy
 from .protocol import AcquireFlags, ErrorCode, Owner
@@ -59,15 +71,12 @@ T = TypeVar("T")
 
 
 def resource_spec(lockspace: str, name: str, flags: AcquireFlags | int = 0) -> ResourceSpec:
-    """The driver resource for a lockd (lockspace, name): a DISK in direct mode, an opaque
-    LEASE ``lockspace:name`` in indirect mode (the sha256 of the path)."""
-    rflags = ResourceFlags.SHARED if int(flags) & int(AcquireFlags.SHARED) else ResourceFlags(0)
-    if not lockspace:
-        if not name.startswith("/"):
-            raise LockError(f"resource {name!r}: a direct-mode lockd resource must be an absolute disk path",
-                            code=ErrorCode.INVALID_ARG)
-        return ResourceSpec(ResourceType.DISK, name, rflags)
-    return ResourceSpec(ResourceType.LEASE, name, rflags, {"lockspace": lockspace})
+    """The driver resource for a lockd (lockspace, name, flags), checked (``ops/lockd.py``);
+    an invalid one is an INVALID_ARG error reply."""
+    try:
+        return lockd_resource(lockspace, name, shared=bool(int(flags) & int(AcquireFlags.SHARED)))
+    except ValidationError as exc:
+        raise LockError(f"resource {name!r}: {exc}", code=ErrorCode.INVALID_ARG) from None
 
 
 def describe_holder(h: Holder) -> str:
@@ -88,8 +97,9 @@ class EtcdLockBackend(OwnerTracker):
     Coroutine methods: driver calls run in a private thread pool, process watching runs on
     the server's loop."""
 
-    async def _driver_call(self, op: str, what: str, fn: Callable[..., T], *args: Any) -> T:
-        """A driver call, its errors turned into the lockd error libvirt reports (and counted)."""
+    async def _driver_call(self, op: str, what: str, fn: Callable[..., T], *args: Any, counted: bool = True) -> T:
+        """A driver call, its errors turned into the lockd error libvirt reports (and counted;
+        its result too unless not ``counted``)."""
         try:
             result = await self._run(fn, *args)
         except ResourceBusyError as exc:
@@ -110,7 +120,8 @@ class EtcdLockBackend(OwnerTracker):
         except VirtleaseError as exc:
             self.count(op, "error")
             raise LockError(f"{what}: {exc}") from None
-        self.count(op, str(result))
+        if counted:
+            self.count(op, str(result))
         return result
 
     def tracked(self, uuid: str) -> Tracked | None:
@@ -172,11 +183,12 @@ class EtcdLockBackend(OwnerTracker):
                       flags: AcquireFlags) -> None:
         t = self._check_alive(str(owner.uuid), owner.name)
         res = resource_spec(lockspace, name, flags)
+        await self.after_pending(t)  # a resume after the pause's RELEASEs: their reservation first
         if self.driver.session.lost is not None:
             await self._renew_session(f"acquire of {name} for domain {owner.name} ({t.uuid})")
-        d = self._domain(t.uuid, owner.name, t.pid)
+        lockd = self._lockd(t.uuid, owner.name, t.pid)
         outcome = await self._driver_call("acquire", f"acquire of {name} for domain {owner.name} ({t.uuid})",
-                                          grants.acquire_one, d, res, FailureAction.DEFAULT)
+                                          lockd.acquire, res, FailureAction.DEFAULT)
         if t.ending is not None:  # the QEMU ended while the grant was in flight: undo it
             await asyncio.shield(t.ending)
             await self._release_owner(t)
@@ -209,19 +221,63 @@ class EtcdLockBackend(OwnerTracker):
         if name in t.released:
             raise ResourceBusy(f"{name} is not locked by domain {owner.name} ({t.uuid}): already released "
                                "(it stays reserved for the domain until its QEMU exits)")
-        d = self._domain(t.uuid, owner.name, t.pid)
-        outcome = await self._driver_call("release", f"release of {name} for domain {owner.name} ({t.uuid})",
-                                          grants.release_one, d, res)
+        lockd = self._lockd(t.uuid, owner.name, t.pid)
+        what = f"release of {name} for domain {owner.name} ({t.uuid})"
+        if not await self._driver_call("release", what, lockd.releasable, res, counted=False):
+            return  # readonly: not locked
         t.released.add(name)
-        self.changed()
-        log.info("release %s %s for %s: %s", lockspace or "-", name, t.who(), outcome)
+        t.releasing.setdefault(conn.id, set()).add(name)
+
+        async def reserve() -> None:
+            try:
+                outcome = await self._driver_call("release", what, lockd.release, res)
+            except LockError as exc:
+                log.error("%s: the disk stays held by the domain, not reserved for it (a migration's "
+                          "destination cannot take it over; the domain can resume here): %s", what, exc)
+                return
+            self.changed()
+            log.info("release %s %s for %s: %s", lockspace or "-", name, t.who(), outcome)
+
+        # answered now: until the reservation commits the disk stays held by this domain, which no
+        # other domain can take either; a migration's destination waits for it (ops/lockd.py)
+        self.in_order(t, reserve)
 
     async def connection_closed(self, conn: Connection) -> None:
         owner = conn.owner
         if owner is None:
             return
         t = self._tracked.get(str(owner.uuid))
-        if t is not None and t.lifeline is conn:
+        if t is None:
+            return
+        if t.lifeline is conn:
             log.info("lifeline connection %d of %s closed", conn.id, t.who())
             self._end(t, kill=True)
+            return
+        t.to_settle |= t.releasing.pop(conn.id, set())
+        if t.to_settle and t.settling is None:
+            t.settling = asyncio.get_running_loop().create_task(self._settle(t))
+
+    async def _settle(self, t: Tracked) -> None:
+        """After lock connections that RELEASEd disks closed: free those disks if that was an
+        unplug or a pivot (``LockdDomain.settle``), retrying until etcd answers, the session
+        is lost (fenced) or the QEMU exits (then everything is released anyway)."""
+        try:
+            await self.after_pending(t)
+            while t.to_settle and t.ending is None and self.driver.session.lost is None:
+                names = set(t.to_settle)
+                try:
+                    freed = await self._run(self._lockd(t.uuid, t.name, t.pid).settle)
+                except VirtleaseError as exc:
+                    log.error("cannot settle the release of %s by %s yet (%s); retrying", ", ".join(sorted(names)),
+                              t.who(), exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                t.to_settle -= names
+                if freed:
+                    t.released -= names
+                    log.info("freed %s: released by %s while it runs (an unplug or a block-job pivot)",
+                             ", ".join(freed), t.who())
+                    self.changed()
+        finally:
+            t.settling = None
 

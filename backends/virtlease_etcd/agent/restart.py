@@ -36,10 +36,11 @@ from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.driver import EtcdDriver
 from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.session import reattach
+from virtlease_etcd.session.failure import GUARD_SIGNALS
+from virtlease_etcd.session.guard import Guard, stand_down, start_time
 from virtlease_etcd.session.registry import install_session
 
 from . import runfile as sf
-from .guard import start_time
 from .tracking import OwnerTracker
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:
     finally:
         client.close()
     for o in prior.owners:
-        sig = sf.GUARD_SIGNALS.get(FailureAction[o.action.upper()])
+        sig = GUARD_SIGNALS.get(FailureAction[o.action.upper()])
         if sig is not None and start_time(o.pid) == o.start:
             log.error("domain %s (%s) QEMU pid %d still runs after its lease ended: sending %s", o.name,
                       o.uuid, o.pid, sig.name)
@@ -106,18 +107,19 @@ class Continuity:
         self.driver: EtcdDriver = backend.driver
         self.path = sf.state_path(state_dir, self.driver.host_id)
         self.poll = poll
-        self.guard: sf.Guard | None = None
-        self._saved: list[sf.OwnerEntry] | None = None
+        self.guard: Guard | None = None
+        self._saved: tuple[int, str, list[sf.OwnerEntry]] | None = None
+        """The lease, session and owners last written to the state file."""
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, prior: Prior | None) -> None:
-        self.guard = sf.Guard.spawn()
+        self.guard = Guard.spawn()
         self.backend.on_change = self.push
         if prior is not None and prior.adopted:
             await self._readopt(prior.state)
         self.push()
         if prior is not None and prior.state.guard:
-            sf.stand_down(prior.state.guard.get("pid", 0), prior.state.guard.get("start", 0))
+            stand_down(prior.state.guard.get("pid", 0), prior.state.guard.get("start", 0))
         self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def _readopt(self, prior: sf.AgentState) -> None:
@@ -144,12 +146,16 @@ class Continuity:
         return out
 
     def guarded(self, entries: list[sf.OwnerEntry]) -> list[dict[str, Any]]:
-        """The owners the guard must stop: those holding anything on the lease."""
+        """The owners the guard must stop: those holding anything on the live lease.  None once
+        the session is lost: the agent's fence already acted on its owners, and a QEMU started
+        since (before its ACQUIRE opens a new session) holds nothing a guard could protect."""
         session = self.driver.session
+        if session.lost is not None:
+            return []
         out = []
         for e in entries:
             owner = session.owners.peek(e.uuid)
-            sig = sf.GUARD_SIGNALS.get(FailureAction[e.action.upper()])
+            sig = GUARD_SIGNALS.get(FailureAction[e.action.upper()])
             if owner is not None and owner.active and sig is not None:
                 out.append({"pid": e.pid, "start": e.start, "sig": int(sig), "who": f"domain {e.name} ({e.uuid})"})
         return out
@@ -158,21 +164,24 @@ class Continuity:
         """Re-arm the guard and, if the owners changed, rewrite the state file."""
         entries = self.snapshot()
         session = self.driver.session
+        guarded = self.guarded(entries)
+        fence_at = session.fence_at if guarded else None  # nothing to guard: no deadline to fire at
         if self.guard is not None:
             try:
                 if self.guard.proc.poll() is not None:
                     raise OSError(f"exited with {self.guard.proc.returncode}")
-                self.guard.send(session.fence_at, session.cfg.margin / 2, self.guarded(entries))
+                self.guard.send(fence_at, session.cfg.margin / 2, guarded)
             except (OSError, ValueError) as exc:
                 log.error("the guard process (pid %d) is gone (%s); starting a new one", self.guard.pid, exc)
-                self.guard = sf.Guard.spawn()
-                self.guard.send(session.fence_at, session.cfg.margin / 2, self.guarded(entries))
+                self.guard = Guard.spawn()
+                self.guard.send(fence_at, session.cfg.margin / 2, guarded)
                 self._saved = None
-        if entries != self._saved:
+        saved = (session.lease_id, session.session_id, entries)
+        if saved != self._saved:  # the owners changed, or a lost session was renewed
             guard = {"pid": self.guard.pid, "start": self.guard.start} if self.guard is not None else {}
             sf.save(self.path, sf.AgentState(self.driver.host_id, session.cfg.prefix, session.lease_id,
                                              session.session_id, os.getpid(), guard, entries))
-            self._saved = entries
+            self._saved = saved
 
     async def run(self) -> None:
         while True:
@@ -194,7 +203,7 @@ class Continuity:
             self.guard.abandon()
         log.warning("handing over: lease %x stays, the guard stops %d owner(s) at the fence deadline "
                     "(%.1fs from now) unless a new agent takes over", self.driver.session.lease_id,
-                    len(self._saved or []), self.driver.session.fence_at - clock.now())
+                    len(self._saved[2] if self._saved else []), self.driver.session.fence_at - clock.now())
 
     def leave(self, *, busy: bool) -> None:
         """The agent exits: with owners still holding, as a handover (guard armed); otherwise

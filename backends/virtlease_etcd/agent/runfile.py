@@ -1,4 +1,4 @@
-"""The agent's state file and its handle on the guard process.
+"""The agent's state file.
 
 ``<state dir>/agent-<host_id>.json`` (default ``/run/virtlease``; directory 0700, file 0600,
 both root-owned, replaced atomically) says what a successor needs to continue the session::
@@ -16,24 +16,15 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import stat
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 from virtlease.abi import FailureAction
-
-from .guard import start_time
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/run/virtlease"
-GUARD_SIGNALS = {FailureAction.POWEROFF: signal.SIGKILL, FailureAction.RESTART: signal.SIGKILL,
-                 FailureAction.PAUSE: signal.SIGSTOP}
-"""What the guard sends each owner, by its failure action (IGNORE: not guarded)."""
 
 
 @dataclass
@@ -98,69 +89,3 @@ def remove(path: Path) -> None:
         os.unlink(path)
 
 
-class Guard:
-    """The agent's end of one guard process (see ``guard``)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.start = start_time(proc.pid) or 0
-        self._last: str | None = None
-
-    @classmethod
-    def spawn(cls) -> Guard:
-        script = Path(__file__).with_name("guard.py")
-        proc = subprocess.Popen([sys.executable, "-I", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                start_new_session=True, close_fds=True)
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != b"ready":
-            proc.kill()
-            raise RuntimeError("the virtlease guard process did not start")
-        proc.stdout.close()
-        return cls(proc)
-
-    def send(self, fence_at: float, grace: float, owners: list[dict[str, Any]]) -> None:
-        """Arm (or re-arm) the guard; repeated identical messages are not sent."""
-        line = json.dumps({"fence_at": round(fence_at, 3), "grace": grace, "owners": owners})
-        if line == self._last:
-            return
-        self._write(line)
-        self._last = line
-
-    def disarm(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._write(json.dumps({"disarm": True}))
-        self.abandon()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-
-    def abandon(self) -> None:
-        """Close our end (the guard then counts down to the deadline on its own)."""
-        stdin: IO[bytes] | None = self.proc.stdin
-        if stdin is not None:
-            with contextlib.suppress(OSError):
-                stdin.close()
-
-    def _write(self, line: str) -> None:
-        stdin = self.proc.stdin
-        assert stdin is not None
-        stdin.write(line.encode() + b"\n")
-        stdin.flush()
-
-
-def stand_down(pid: int, start: int) -> bool:
-    """Tell a previous agent's guard (by pid and start time) to exit without signalling."""
-    if not pid or start_time(pid) != start:
-        return False
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return False
-    try:
-        if start_time(pid) != start:
-            return False
-        signal.pidfd_send_signal(fd, signal.SIGUSR1)
-        log.info("told the previous agent's guard (pid %d) to stand down", pid)
-        return True
-    finally:
-        os.close(fd)

@@ -14,18 +14,17 @@ import functools
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from virtlease.abi import ObjectSpec, ObjectType
 from virtlease.errors import VirtleaseError
 from virtlease_etcd.driver import EtcdDriver
-from virtlease_etcd.ops import grants, handoff
-from virtlease_etcd.ops.domain import Domain
+from virtlease_etcd.ops import handoff
+from virtlease_etcd.ops.lockd import LockdDomain
+from virtlease_etcd.session.guard import start_time
 
-from .guard import start_time
 from .lockapi import Connection, LockError
 from .protocol import ErrorCode
 
@@ -46,6 +45,14 @@ class Tracked:
     lifeline: Connection | None = None
     released: set[str] = field(default_factory=set)
     """Disks RELEASEd since the reservation was made (a second RELEASE is an error)."""
+    releasing: dict[int, set[str]] = field(default_factory=dict)
+    """Per lock connection still open: the disks it RELEASEd (settled when it closes)."""
+    to_settle: set[str] = field(default_factory=set)
+    """Disks RELEASEd on connections that closed, not settled yet."""
+    settling: asyncio.Task[None] | None = None
+    pending: asyncio.Task[None] | None = None
+    """The last driver call queued for this owner after its reply was sent (a RELEASE's
+    reservation); later calls for the owner wait for it (``OwnerTracker.in_order``)."""
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     hurry: asyncio.Event = field(default_factory=asyncio.Event)
     ending: asyncio.Task[None] | None = None
@@ -90,11 +97,27 @@ class OwnerTracker:
         """Tracked owners whose QEMU has not exited."""
         return [t for t in self._tracked.values() if not t.gone.is_set()]
 
-    def _domain(self, uuid: str, name: str, pid: int | None) -> Domain:
-        drv = self.driver
-        assert drv.cfg is not None
-        spec = ObjectSpec(type=ObjectType.DOMAIN, uuid=uuid, name=name, pid=pid)
-        return Domain(drv.session, drv.cfg, drv.policy, spec)
+    def _lockd(self, uuid: str, name: str, pid: int | None) -> LockdDomain:
+        """The driver's lockd calls for one owner (a fresh one per call: the session may have
+        been renewed meanwhile)."""
+        return self.driver.lockd(uuid, name, pid or None)
+
+    def in_order(self, t: Tracked, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` in the background after every call queued before it for this owner."""
+        before = t.pending
+
+        async def queued() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            await work()
+
+        t.pending = asyncio.get_running_loop().create_task(queued())
+
+    @staticmethod
+    async def after_pending(t: Tracked) -> None:
+        """Wait until what was queued for the owner so far is done (its errors were logged)."""
+        if t.pending is not None and not t.pending.done():
+            await asyncio.wait([t.pending])
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -128,6 +151,7 @@ class OwnerTracker:
         if kill and not t.gone.is_set():
             await self._kill(t)
         await t.gone.wait()
+        await self.after_pending(t)
         if t.pidfd is not None:
             os.close(t.pidfd)
             t.pidfd = None
@@ -165,7 +189,7 @@ class OwnerTracker:
             if owner is None or not owner.active or session.lost is not None:
                 return
             try:
-                await self._run(grants.release_owner, self._domain(t.uuid, t.name, t.pid), owner)
+                await self._run(self._lockd(t.uuid, t.name, t.pid).release_all)
                 log.info("released every lease of %s", t.who())
                 return
             except VirtleaseError as exc:

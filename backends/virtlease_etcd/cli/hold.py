@@ -6,6 +6,15 @@ line (with the fencing tokens) and flushes, then holds until SIGTERM or
 SIGINT, releases and exits 0.  If the session is lost while holding, the
 failure action has already run on ``--pid`` (poweroff kills it): it exits 5.
 
+``hold`` is as safe as the agent for the process it holds for: with ``--pid``
+(and a failure action other than ignore) it starts a guard process
+(``session/guard.py``) before it acquires and keeps it armed with the fence
+deadline, so that if ``hold`` itself dies (``kill -9``, OOM) the process is
+stopped before etcd can expire the lease and give the disks to another host.
+A ``--disk`` whose ``:MODE`` is not a mode, a path that does not exist
+(unless ``--allow-missing``) and a directory are refused: each would lock
+something other than the disk meant, and leave that disk unprotected.
+
 See docs/DESIGN.md §2 (Layers).
 """
 
@@ -14,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import threading
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -25,6 +35,8 @@ import click
 import virtlease as v
 from virtlease.cli.exitcodes import CommandFailed, ExitCode, exit_codes_help
 from virtlease.cli.output import err, print_line
+from virtlease_etcd.session.failure import GUARD_SIGNALS
+from virtlease_etcd.session.guard import Guard, start_time
 
 from .options import Settings, etcd_command
 
@@ -52,13 +64,31 @@ class Wanted:
         return self.name
 
 
-def parse_disk(value: str) -> Wanted:
-    """``PATH[:shared|:readonly|:exclusive]`` -> a DISK resource (absolute path)."""
+def parse_disk(value: str, *, allow_missing: bool = False) -> Wanted:
+    """``PATH[:shared|:readonly|:exclusive]`` -> a DISK resource (absolute path).
+
+    A suffix after the last ``:`` must be a mode, unless the whole value names an existing
+    file (a path with a colon in it).  The path must exist (``allow_missing``: it may not yet)
+    and must not be a directory."""
     path, sep, mode = value.rpartition(":")
-    if not sep or mode not in _MODES:
+    if not sep or (mode not in _MODES and os.path.lexists(value)):
         path, mode = value, ""
+    elif mode not in _MODES:
+        raise click.BadParameter(
+            f"{value!r}: unknown mode {mode!r} after the last ':' (one of {', '.join(m for m in _MODES if m)}); "
+            "nothing was locked", param_hint="--disk")
     if not os.path.isabs(path):
         raise click.BadParameter(f"{path!r} is not an absolute path", param_hint="--disk")
+    try:
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            raise click.BadParameter(f"{path} is a directory, not a disk image or block device", param_hint="--disk")
+    except FileNotFoundError:
+        if not allow_missing:
+            raise click.BadParameter(
+                f"{path} does not exist (a typo would lock another name and leave the disk unprotected); "
+                "give --allow-missing to lock a disk that is not created yet", param_hint="--disk") from None
+    except OSError as exc:
+        raise click.BadParameter(f"{path}: {exc.strerror}", param_hint="--disk") from None
     return Wanted(v.ResourceType.DISK, path, _MODES[mode], {})
 
 
@@ -114,21 +144,27 @@ def held_line(summary: dict[str, Any]) -> str:
               help="A disk to lock, repeatable. Exclusive unless :shared; :readonly is not locked.")
 @click.option("--lease", "leases", multiple=True, metavar="LOCKSPACE:KEY",
               help="A named lease to take (exclusive; append :shared for shared), repeatable.")
+@click.option("--allow-missing", is_flag=True,
+              help="Lock a --disk path that does not exist yet (refused otherwise: a typo would lock another name).")
 @click.option("--pid", type=click.IntRange(min=1), metavar="PID",
-              help="The VM's process: the failure action acts on it if the lease is lost.")
+              help="The VM's process: the failure action acts on it if the lease is lost, and a guard "
+                   "process stops it before the lease can expire if hold itself dies (kill -9).")
 @click.option("--action", type=click.Choice(sorted(_ACTIONS)), default="default", show_default=True,
               help="Failure action on --pid if the lease is lost (default: the driver's default_action).")
 @click.option("--json", "as_json", is_flag=True, help="Print the held line as a JSON object.")
 @etcd_command
 def hold(settings: Settings, name: str, uuid_: str | None, disks: tuple[str, ...], leases: tuple[str, ...],
-         pid: int | None, action: str, as_json: bool) -> None:
+         allow_missing: bool, pid: int | None, action: str, as_json: bool) -> None:
     """Acquire a domain's disks and leases; hold them until SIGTERM/SIGINT.
 
     Prints one line when held (with the fencing tokens) and flushes it, so a
     script can wait for it. On SIGTERM or SIGINT it releases and exits 0. If
-    the resources are busy it names the holder and exits 3.
+    the resources are busy it names the holder and exits 3. With --pid, if
+    hold is killed the process is stopped (its --action; not with ignore)
+    before the lease can expire; without --pid nothing stops whatever uses
+    the disks then.
     """
-    wanted = [parse_disk(d) for d in disks] + [parse_lease(x) for x in leases]
+    wanted = [parse_disk(d, allow_missing=allow_missing) for d in disks] + [parse_lease(x) for x in leases]
     if not wanted:
         raise click.UsageError("give at least one --disk or --lease")
     domain_uuid = _domain_uuid(uuid_, name)
@@ -163,12 +199,65 @@ class _Stopper:
             self.wake.wait(0.5)
 
 
+class _Guarded:
+    """The guard of ``hold --pid``: armed with the session's fence deadline every 0.1 s from a
+    thread while the session lives (idle once it is lost: the driver's fence acted already)."""
+
+    def __init__(self, plugin: v.Plugin, pid: int, sig: int, who: str) -> None:
+        start = start_time(pid)
+        if start is None:
+            raise CommandFailed(f"--pid {pid}: no such process", code=ExitCode.BAD_INPUT)
+        self.plugin = plugin
+        self.owner = {"pid": pid, "start": start, "sig": sig, "who": who}
+        try:
+            self.guard = Guard.spawn()
+            self.push()
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise CommandFailed(f"cannot start the guard process for pid {pid} ({exc}); nothing was acquired",
+                                code=ExitCode.FAILED) from exc
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="virtlease-hold-guard", daemon=True)
+        self._thread.start()
+
+    def push(self) -> None:
+        session = self.plugin.driver.session
+        live = session.lost is None
+        self.guard.send(session.fence_at if live else None, session.cfg.margin / 2, [self.owner] if live else [])
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self.push()
+            except (OSError, ValueError):
+                err.print("virtlease hold: the guard process is gone; starting a new one")
+                self.guard = Guard.spawn()
+
+    def end(self, name: str) -> None:
+        """hold ends.  Nothing left on a live lease (released, nothing acquired, or the session
+        lost and fenced): the guard exits without signalling.  Still holding (a release etcd did
+        not answer): it stays armed on its own and stops the process at the fence deadline."""
+        self._stop.set()
+        self._thread.join(2)
+        session = self.plugin.driver.session
+        if session.lost is None and any(o.active for o in session.owners.all()):
+            err.print(f"virtlease hold: domain {name} still holds its disks (the release did not reach etcd); "
+                      f"pid {self.owner['pid']} is stopped at the fence deadline unless released by then")
+            self.guard.abandon()
+        else:
+            self.guard.disarm()
+
+
 def _hold(settings: Settings, name: str, domain_uuid: str, wanted: list[Wanted], pid: int | None,
           action: v.FailureAction, as_json: bool, stopper: _Stopper) -> None:
     plugin = v.load_driver("etcd", config=settings.driver_config(on_lease_lost=stopper.on_lost),
                            capabilities=v.Capability.RESOURCES)
     host = plugin.driver.host_id
+    resolved = action if action is not v.FailureAction.DEFAULT else plugin.driver.cfg.default_action
+    sig = GUARD_SIGNALS.get(resolved)
+    guarded = None
     try:
+        if pid is not None and sig is not None:  # armed before the acquire: pid never runs unguarded
+            guarded = _Guarded(plugin, pid, int(sig), f"domain {name} ({domain_uuid}) pid {pid}")
         obj = plugin.new_object(uuid=domain_uuid, name=name, pid=pid)
         try:
             for w in wanted:
@@ -178,7 +267,6 @@ def _hold(settings: Settings, name: str, domain_uuid: str, wanted: list[Wanted],
             print_line(json.dumps(summary, sort_keys=True) if as_json else held_line(summary))
             stopper.wait()
             if stopper.lost is not None:
-                resolved = action if action is not v.FailureAction.DEFAULT else plugin.driver.cfg.default_action
                 what = {v.FailureAction.IGNORE: "was left running (action ignore)",
                         v.FailureAction.PAUSE: "was stopped (SIGSTOP)"}.get(resolved, "was killed (SIGKILL)")
                 raise CommandFailed(
@@ -191,4 +279,6 @@ def _hold(settings: Settings, name: str, domain_uuid: str, wanted: list[Wanted],
         finally:
             obj.free()
     finally:
+        if guarded is not None:
+            guarded.end(name)
         plugin.unload()

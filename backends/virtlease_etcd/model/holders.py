@@ -21,19 +21,20 @@ def from_failure(responses: Sequence[Any], rids: Sequence[ks.ResourceId], uuid: 
     resource (``rids``: what we asked for, in order) and the handoffs in flight
     last.  Other shared holders do not conflict with a shared request."""
     ranges = [r.response_range for r in responses if r.WhichOneof("response") == "response_range"]
-    handoff_to: dict[tuple[str, str], str] = {}
+    handoff_to: dict[tuple[str, str, str], str] = {}
     for kv in ranges[-1].kvs if ranges else []:
         try:
             rec = ks.decode(kv.value, kv.key.decode(errors="replace"))
-        except ks.ForeignValue:
+            for r in rec.get("res") or []:  # a reservation lists only the disks released so far
+                handoff_to[(str(rec.get("uuid")), str(rec.get("from")), str(r["rid"]))] = str(rec.get("to"))
+        except (ks.ForeignValue, KeyError, TypeError):
             continue
-        handoff_to[(str(rec.get("uuid")), str(rec.get("from")))] = str(rec.get("to"))
     holders: list[Holder] = []
     seen: set[tuple[str, str, str, str, int]] = set()
     for rng, rid in zip(ranges[:-1], rids, strict=False):
         mode = rid.mode
         for kv in rng.kvs:
-            holder = holder_of(kv, handoff_to, resource=rid.readable)
+            holder = holder_of(kv, handoff_to, resource=rid.readable, rid=rid.rid)
             if mode == ks.SHARED and holder.mode == ks.SHARED and holder.domain_uuid != uuid:
                 continue
             once = (holder.resource, holder.host, holder.domain_uuid, holder.mode, holder.token)
@@ -44,11 +45,12 @@ def from_failure(responses: Sequence[Any], rids: Sequence[ks.ResourceId], uuid: 
     return holders
 
 
-def holder_of(kv: Any, handoff_to: dict[tuple[str, str], str] | None = None, *,
-              resource: str | None = None) -> Holder:
-    """The holder recorded at ``kv``.  A value virtlease cannot read (foreign,
-    corrupt, another format) is still a holder — never overwritten — and is
-    reported under ``resource`` (the disk asked for) with its etcd key."""
+def holder_of(kv: Any, handoff_to: dict[tuple[str, str, str], str] | None = None, *,
+              resource: str | None = None, rid: str | None = None) -> Holder:
+    """The holder recorded at ``kv`` (the record of ``rid``).  ``handoff_to``: for each
+    (domain uuid, giver host, rid) a marker lists, where it hands that record.  A value
+    virtlease cannot read (foreign, corrupt, another format) is still a holder — never
+    overwritten — and is reported under ``resource`` (the disk asked for) with its etcd key."""
     key = kv.key.decode(errors="replace")
     try:
         rec = ks.decode(kv.value, key)
@@ -62,5 +64,5 @@ def holder_of(kv: Any, handoff_to: dict[tuple[str, str], str] | None = None, *,
     return Holder(
         resource=str(rec.get("res")), host=host, domain_name=str(rec.get("name")), domain_uuid=uuid,
         mode=str(rec.get("mode")), token=int(kv.mod_revision), since=float(rec.get("since") or 0.0),
-        handoff_to=(handoff_to or {}).get((uuid, host)),
+        handoff_to=(handoff_to or {}).get((uuid, host, str(rid))),
     )

@@ -9,12 +9,16 @@ its own lease with a new token and deletes the marker.  The claimer reads
 the destination and the domain from the marker bytes it compares, never
 from the state's other fields, so an edited state can only fail.
 
-A *reservation* (the agent's pause and the end of a live migration on the
-source) is the same marker with ``to`` = ``"*"`` (:data:`RESERVED`): any host
-may claim it, but only for the same domain UUID (checked from the marker
-bytes the claim compares).  Its records stay on the source's lease, so the
-disks are never free in between; the source cancels it when the domain
-resumes there, and releases everything once its QEMU is gone unclaimed.
+A *reservation* (the agent: a disk RELEASEd by a QEMU that still runs) is the
+same marker with ``to`` = ``"*"`` (:data:`RESERVED`): any host may claim it, but
+only for the same domain UUID (checked from the marker bytes the claim
+compares).  It lists only the records released so far -- one disk after a
+hot-unplug or a block-job pivot, every disk after a pause or at the end of a
+live migration -- so a claim can never take a disk the QEMU still uses.  Its
+records stay on the source's lease, so the disks are never free in between;
+the source cancels it when the domain resumes there, frees what it lists when
+the release turns out to be an unplug (:func:`free_reserved`), and releases
+everything once its QEMU is gone unclaimed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from etcd3 import transactions as tx
 
@@ -30,7 +34,7 @@ from virtlease.errors import BackendUnavailableError, ObjectStateError, StaleSta
 from virtlease_etcd.etcd.errors import TransientError
 from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.model import statestring as st
-from virtlease_etcd.session.owners import Handoff, Owner
+from virtlease_etcd.session.owners import Handoff, Held, Owner
 
 from . import transactions as txn
 from .domain import Domain, GrantResult
@@ -56,8 +60,10 @@ def prepare(d: Domain, dest_host: str) -> str:
         return mark(d, owner, dest_host)
 
 
-def mark(d: Domain, owner: Owner, dest_host: str) -> str:
-    held = list(owner.held.values())
+def mark(d: Domain, owner: Owner, dest_host: str, held: Sequence[Held] | None = None) -> str:
+    """Mark ``held`` (default: every record of the owner) for ``dest_host``: the marker key on
+    this host's lease, in one transaction that compares each record's token."""
+    held = list(owner.held.values()) if held is None else list(held)
     # the claim puts a holder and a gen key per record and deletes the marker, and a destination
     # that reaches a disk by another path also deletes our legacy key of it: refuse now what the
     # destination could not claim, rather than leave it a handoff it cannot take
@@ -122,12 +128,12 @@ def _adopt_claim(d: Domain, owner: Owner, taken: Sequence[str], result: GrantRes
     owner.handed_back = False
 
 
-def _fates(d: Domain, owner: Owner) -> dict[str, str]:
-    """For each record the owner marked: ``ours`` (unchanged), ``claimed`` (the
-    marker's destination holds it for this domain) or ``gone`` (deleted or
-    replaced by anyone else: our lease expired or was revoked)."""
+def _fates(d: Domain, owner: Owner, held: Sequence[Held] | None = None) -> dict[str, str]:
+    """For each record the owner marked (or of ``held``): ``ours`` (unchanged), ``claimed``
+    (the marker's destination, or any host for a reservation, holds it for this domain) or
+    ``gone`` (deleted or replaced by anyone else: our lease expired or was revoked)."""
     assert owner.handoff is not None
-    held = list(owner.held.values())
+    held = list(owner.held.values()) if held is None else list(held)
     resp = txn.run(d.session, [], [tx.Get(h.key) for h in held], [], deadline=d.session.deadline())
     fates: dict[str, str] = {}
     for h, r in zip(held, resp.responses, strict=True):
@@ -139,7 +145,8 @@ def _fates(d: Domain, owner: Owner) -> dict[str, str]:
             rec = ks.decode(kvs[0].value) if kvs else {}
         except ks.ForeignValue:
             rec = {}
-        claimed = rec.get("host") == owner.handoff.to and rec.get("uuid") == d.spec.uuid
+        claimed = (rec.get("host") == owner.handoff.to or owner.handoff.to == RESERVED) \
+            and rec.get("uuid") == d.spec.uuid and rec.get("host") != d.host
         fates[h.rid.rid] = "claimed" if claimed else "gone"
     for h in held:  # a legacy path key the destination does not use: its claim deleted it
         if h.rid.legacy_of is not None and fates[h.rid.rid] == "gone" and fates.get(h.rid.legacy_of) == "claimed":
@@ -238,15 +245,93 @@ def refresh_handed_back(d: Domain, owner: Owner) -> None:
 # -- reservations (the agent: no window in which a paused or migrating domain's disks are free) --
 
 
-def reserve(d: Domain, owner: Owner) -> None:
-    """Keep every record of the owner reserved for its domain (any host may
-    claim it for the same UUID): a marker ``to="*"`` on this host's lease."""
-    mark(d, owner, RESERVED)
+def reserve(d: Domain, owner: Owner, held: Sequence[Held]) -> Literal["reserved", "already"]:
+    """Keep ``held`` (the records of one released disk) reserved for the owner's domain: any
+    host may claim them for the same UUID; the owner's other records stay plainly held.  The
+    first release writes the marker ``to="*"``; each further one rewrites it to list one disk
+    more (one transaction comparing the marker and the new records' tokens).  Returns
+    ``reserved`` or ``already`` (every record of ``held`` was listed)."""
+    marker = owner.handoff
+    if marker is None:
+        mark(d, owner, RESERVED, held)
+        return "reserved"
+    assert reserved(owner)
+    more = [h for h in held if h.rid.rid not in marker.rids]
+    if not more:
+        return "already"
+    listed = [owner.held[rid] for rid in marker.rids if rid in owner.held]
+    return "reserved" if _remark(d, owner, marker, [*listed, *more]) else "already"
+
+
+def _remark(d: Domain, owner: Owner, marker: Handoff, held: Sequence[Held]) -> bool:
+    """Rewrite the owner's reservation marker to list ``held``; False if it is gone (claimed by
+    another host or vanished with our lease: the owner's view is refreshed, StaleStateError)."""
+    raw = ks.decode(marker.value, marker.key)
+    raw["res"] = [entry(h) for h in held]
+    value = ks.encode(raw)
+    compare = [tx.Value(marker.key) == marker.value] + [tx.Mod(h.key) == h.token for h in held]
+    resp = txn.run(d.session, compare, [tx.Put(marker.key, value, lease=d.session.lease_id)], [],
+                   deadline=d.session.deadline(), read_back=txn.written(d.session, [(marker.key, value)]))
+    if resp.succeeded:
+        owner.handoff = Handoff(marker.to, marker.key, value)
+        return True
+    _settle_lost(d, owner)
+    raise StaleStateError(f"release of {d.where()}: its reservation on host {d.host} was taken over by another "
+                          "host or its records vanished meanwhile; nothing changed")
+
+
+def _settle_lost(d: Domain, owner: Owner) -> None:
+    """The owner's reservation changed under it: forget the records it listed that another host
+    claimed or that are gone; keep those still ours, and the marker if it is still there."""
+    assert owner.handoff is not None
+    listed = [owner.held[rid] for rid in owner.handoff.rids if rid in owner.held]
+    for rid, fate in _fates(d, owner, listed).items():
+        if fate != "ours":
+            owner.held.pop(rid, None)
+    kvs, _ = d.session.client.get_range(owner.handoff.key, timeout=d.session.cfg.request_timeout)
+    if not kvs or bytes(kvs[0].value) != owner.handoff.value:
+        owner.handoff = None
 
 
 def reserved(owner: Owner) -> bool:
     """The owner's marker, if any, is a reservation."""
     return owner.handoff is not None and owner.handoff.to == RESERVED
+
+
+def all_reserved(owner: Owner) -> bool:
+    """The owner's reservation lists every record it holds (a pause, or the source at the end of
+    a live migration), not only some of them (an unplug or a pivot)."""
+    return reserved(owner) and set(owner.held) <= (owner.handoff.rids if owner.handoff else frozenset())
+
+
+def free_reserved(d: Domain, owner: Owner) -> list[str]:
+    """A release that turned out to be an unplug or a block-job pivot (the QEMU still runs and
+    still holds other disks): free the reserved disks now, in one transaction that deletes the
+    marker and their records (comparing each).  Returns the readable names freed; the owner
+    forgets what another host claimed meanwhile.  No-op unless part of the records is reserved."""
+    marker = owner.handoff
+    if marker is None or not reserved(owner) or all_reserved(owner):
+        return []
+    listed = [owner.held[rid] for rid in marker.rids if rid in owner.held]
+    compare = [tx.Value(marker.key) == marker.value] + [tx.Mod(h.key) == h.token for h in listed]
+    success = [tx.Delete(marker.key)] + [tx.Delete(h.key) for h in listed]
+
+    def freed(timeout: float) -> txn.Outcome | None:
+        kvs, _ = d.session.client.get_range(marker.key, timeout=timeout)
+        if kvs:
+            return None if bytes(kvs[0].value) == marker.value else txn.Outcome.found(succeeded=False)
+        return txn.deleted(d.session, [(h.key, h.token) for h in listed])(timeout)
+
+    resp = txn.run(d.session, compare, success, [], deadline=d.session.deadline(), read_back=freed)
+    if not resp.succeeded:
+        _settle_lost(d, owner)
+        if owner.handoff is not None:
+            raise StaleStateError(f"cannot free the released disks of {d.where()}: their records changed")
+        return []
+    for h in listed:
+        owner.held.pop(h.rid.rid, None)
+    owner.handoff = None
+    return sorted({h.rid.readable for h in listed if h.rid.legacy_of is None})
 
 
 def unreserve(d: Domain, owner: Owner) -> None:

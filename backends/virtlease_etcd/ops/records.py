@@ -37,15 +37,25 @@ def read_xgens(d: Domain, held: Sequence[Held]) -> dict[str, int]:
 
 def delete_held(d: Domain, owner: Owner, held: Sequence[Held], *, also_dom: bool) -> int:
     """Delete the owner's records that are still exactly ours (compare each
-    token).  Whatever happens, the owner no longer counts them as held: a
-    record that was replaced or expired is not ours any more."""
+    token).  Once etcd has answered, the owner no longer counts them as held
+    (a record that was replaced or expired is not ours any more either: a
+    StaleStateError names it).  When etcd did not answer (BackendUnavailableError,
+    LeaseLostError) the owner keeps them: the records may still be on our lease,
+    and a release retried later must find them."""
     try:
-        return _delete(d, held, also_dom=also_dom)
-    finally:
-        for h in held:
-            owner.held.pop(h.rid.rid, None)
-        if also_dom:
-            owner.registered = False
+        revision = _delete(d, held, also_dom=also_dom)
+    except StaleStateError:
+        _forget(owner, held, also_dom=also_dom)
+        raise
+    _forget(owner, held, also_dom=also_dom)
+    return revision
+
+
+def _forget(owner: Owner, held: Sequence[Held], *, also_dom: bool) -> None:
+    for h in held:
+        owner.held.pop(h.rid.rid, None)
+    if also_dom:
+        owner.registered = False
 
 
 def _delete(d: Domain, held: Sequence[Held], *, also_dom: bool) -> int:

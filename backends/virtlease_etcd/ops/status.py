@@ -115,17 +115,19 @@ def _read(client: EtcdClient, keys: ks.Keys, deadline: float) -> ClusterStatus:
             status.domains.append(DomainInfo(host=str(rec.get("host")), domain_name=str(rec.get("name")),
                                              domain_uuid=str(rec.get("uuid")), pid=rec.get("pid"),
                                              since=float(rec.get("since") or 0)))
-    pending: dict[tuple[str, str], str] = {}
+    pending: dict[tuple[str, str, str], str] = {}  # (uuid, giver, resource) -> to: what a marker lists
     for rec in handoff_recs:
         res = [r for r in rec.get("res") or [] if r.get("legacy") is None]  # a legacy key: its disk is listed
         claimed = any(tokens.get(f"{rec.get('uuid')}|{r.get('res')}") != r.get("token") for r in res)
         if not claimed:
-            pending[(str(rec.get("uuid")), str(rec.get("from")))] = str(rec.get("to"))
+            for r in res:
+                pending[(str(rec.get("uuid")), str(rec.get("from")), str(r.get("res")))] = str(rec.get("to"))
         status.handoffs.append(HandoffInfo(
             domain_name=str(rec.get("name")), domain_uuid=str(rec.get("uuid")), from_host=str(rec.get("from")),
             to_host=str(rec.get("to")), resources=[str(r.get("res")) for r in res],
             since=float(rec.get("since") or 0), claimed=claimed))
     status.resources = [
-        HeldInfo(**{**asdict(r), "handoff_to": pending.get((r.domain_uuid, r.host))}) for r in status.resources
+        HeldInfo(**{**asdict(r), "handoff_to": pending.get((r.domain_uuid, r.host, r.resource))})
+        for r in status.resources
     ]
     return status

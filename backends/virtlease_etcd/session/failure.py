@@ -21,6 +21,11 @@ from virtlease.abi import FailureAction, ObjectSpec
 log = logging.getLogger(__name__)
 
 
+GUARD_SIGNALS = {FailureAction.POWEROFF: signal.SIGKILL, FailureAction.RESTART: signal.SIGKILL,
+                 FailureAction.PAUSE: signal.SIGSTOP}
+"""What the guard (``guard``) sends an owner, by its failure action (IGNORE: not guarded)."""
+
+
 def resolve(action: FailureAction, default: FailureAction) -> FailureAction:
     return default if action is FailureAction.DEFAULT else action
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from virtlease.abi import FailureAction
@@ -35,11 +36,20 @@ class Held:
 
 @dataclass(frozen=True)
 class Handoff:
-    """A handoff marker this owner wrote (its records are marked for ``to``)."""
+    """A handoff marker this owner wrote: the records it lists are marked for ``to``."""
 
     to: str
     key: str
     value: bytes
+
+    @cached_property
+    def rids(self) -> frozenset[str]:
+        """The rids of the records the marker lists (a reservation may list only some of the
+        owner's records: those released while the others stay plainly held)."""
+        try:
+            return frozenset(str(r["rid"]) for r in ks.decode(self.value, self.key)["res"])
+        except (ks.ForeignValue, KeyError, TypeError):
+            return frozenset()
 
 
 @dataclass(frozen=True)

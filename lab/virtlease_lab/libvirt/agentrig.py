@@ -100,25 +100,48 @@ class AgentRig:
         return log_path
 
 
+@dataclass
+class Intruder:
+    """A domain a :class:`Watch` keeps starting, and what came of it."""
+
+    host: str
+    name: str
+    tries: int = 0
+    ran: list[float] = field(default_factory=list)
+    """Monotonic instants of the starts that worked (the domain was destroyed right after)."""
+    refusals: list[str] = field(default_factory=list)
+    """virsh's stderr of every refused start."""
+
+
 class Watch:
-    """While entered: read etcd every ~5 ms (who holds each disk of ``domains``) and, if
-    ``intruder`` = (host, domain) is given, keep starting that domain (a start that works is
-    recorded and the domain destroyed).  Leaving lingers ``linger`` s, then stops both."""
+    """While entered: read etcd every ~5 ms (who holds each disk of ``domains``) and keep
+    starting each intruder (``intruder`` = (host, domain), and every one of ``intruders``): a
+    start that works is recorded and the domain destroyed.  Leaving lingers ``linger`` s, then
+    stops them all."""
 
     def __init__(self, env: AgentRig, domains: Sequence[str], intruder: tuple[str, str] | None = None,
-                 linger: float = 0.5) -> None:
-        self.env, self.domains, self.intruder, self.linger = env, tuple(domains), intruder, linger
+                 linger: float = 0.5, intruders: Sequence[tuple[str, str]] = ()) -> None:
+        self.env, self.domains, self.linger = env, tuple(domains), linger
+        self.intruders = [Intruder(h, n) for h, n in ([intruder] if intruder else []) + list(intruders)]
         self.samples: list[frozenset[HeldInfo]] = []
         """Per sample: the records read."""
-        self.intruder_ran: list[float] = []
-        self.intruder_tries = 0
-        self.refusals: list[str] = []
-        """virsh's stderr of every refused intruder start."""
         self.read_errors = 0
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._sample, daemon=True)]
-        if intruder:
-            self._threads.append(threading.Thread(target=self._intrude, daemon=True))
+        self._threads += [threading.Thread(target=self._intrude, args=(i,), daemon=True) for i in self.intruders]
+
+    @property
+    def intruder_ran(self) -> list[float]:
+        """The first intruder's starts that worked."""
+        return self.intruders[0].ran
+
+    @property
+    def intruder_tries(self) -> int:
+        return self.intruders[0].tries
+
+    @property
+    def refusals(self) -> list[str]:
+        return self.intruders[0].refusals
 
     def __enter__(self) -> Watch:
         for t in self._threads:
@@ -148,24 +171,22 @@ class Watch:
     def _sample(self) -> None:
         while not self._stop.is_set():
             try:
-                found = self.env.holders(*self.domains, *(self.intruder[1:] if self.intruder else ()))
+                found = self.env.holders(*self.domains, *(i.name for i in self.intruders))
             except VirtleaseError:  # etcd unavailable for a moment (a leader killed): sample on
                 self.read_errors += 1
                 continue
             self.samples.append(frozenset(found))
             time.sleep(0.005)
 
-    def _intrude(self) -> None:
-        assert self.intruder
-        host, name = self.intruder
+    def _intrude(self, who: Intruder) -> None:
         while not self._stop.is_set():
-            cp, _ = self.env.rig.start(host, name, check=False)
-            self.intruder_tries += 1
+            cp, _ = self.env.rig.start(who.host, who.name, check=False)
+            who.tries += 1
             if cp.returncode != 0:
-                self.refusals.append(cp.stderr)
+                who.refusals.append(cp.stderr)
             else:
-                self.intruder_ran.append(time.monotonic())
-                self.env.rig.virsh(host, "destroy", name, check=False)
+                who.ran.append(time.monotonic())
+                self.env.rig.virsh(who.host, "destroy", who.name, check=False)
 
 
 class DeathWatch:

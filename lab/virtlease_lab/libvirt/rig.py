@@ -383,27 +383,40 @@ class Rig:
         return path
 
     def define_domain(self, host: str, name: str, disks: Sequence[str | Path] = (),
-                      shareable: bool = False) -> str:
+                      shareable: bool = False, uuid: str | None = None, bus: str = "virtio") -> str:
         """Define a persistent 64 MiB TCG domain on ``host`` with ``disks`` (paths or image names).
 
         A bare name is taken from (and created in) the shared images directory.
-        ``shareable`` marks every disk ``<shareable/>`` (a shared lease in lockd).
+        ``shareable`` marks every disk ``<shareable/>`` (a shared lease in lockd).  ``uuid``: the
+        domain's UUID (the same UUID defined on both hosts is one domain libvirt could start
+        twice); libvirt picks one when None.  ``bus``: ``virtio`` (vda, vdb, ...) or ``scsi``
+        (sda, sdb, ... on a virtio-scsi controller: hot-unplugged at once, with no guest to ask).
         """
-        disk_xml = []
-        for i, disk in enumerate(disks):
-            path = Path(disk) if os.sep in str(disk) else self.image(str(disk))
-            disk_xml.append(
-                "    <disk type='file' device='disk'>\n"
-                "      <driver name='qemu' type='raw'/>\n"
-                f"      <source file='{path}'/>\n"
-                f"      <target dev='vd{chr(ord('a') + i)}' bus='virtio'/>\n"
-                + ("      <shareable/>\n" if shareable else "")
-                + "    </disk>\n")
-        xml = DOMAIN_TEMPLATE.format(name=name, emulator=self.emulator, disks="".join(disk_xml))
+        disk_xml = [self.disk_xml(disk, self.target(bus, i), bus, shareable=shareable)
+                    for i, disk in enumerate(disks)]
+        controller = "    <controller type='scsi' model='virtio-scsi'/>\n" if bus == "scsi" else ""
+        xml = DOMAIN_TEMPLATE.format(name=name, emulator=self.emulator, disks=controller + "".join(disk_xml),
+                                     uuid=f"  <uuid>{uuid}</uuid>\n" if uuid else "")
         path = self.workdir / f"{name}.{host}.xml"
         path.write_text(xml)
         self.virsh(host, "define", str(path))
         return name
+
+    @staticmethod
+    def target(bus: str, index: int) -> str:
+        """The target device name of the ``index``-th disk on ``bus``: vda, vdb... or sda, sdb..."""
+        return ("sd" if bus == "scsi" else "vd") + chr(ord("a") + index)
+
+    def disk_xml(self, disk: str | Path, target: str, bus: str = "virtio", *, shareable: bool = False,
+                 fmt: str = "raw") -> str:
+        """A ``<disk>`` element for ``disk`` (a path, or an image name in the shared directory)."""
+        path = Path(disk) if os.sep in str(disk) else self.image(str(disk))
+        return ("    <disk type='file' device='disk'>\n"
+                f"      <driver name='qemu' type='{fmt}'/>\n"
+                f"      <source file='{path}'/>\n"
+                f"      <target dev='{target}' bus='{bus}'/>\n"
+                + ("      <shareable/>\n" if shareable else "")
+                + "    </disk>\n")
 
     def start(self, host: str, name: str, check: bool = True) -> tuple[subprocess.CompletedProcess[str], float]:
         """``virsh start`` a defined domain; return the result and its wall time in seconds."""
@@ -654,7 +667,7 @@ def _append(path: Path, text: str, host: str) -> None:
 
 DOMAIN_TEMPLATE = """<domain type='qemu'>
   <name>{name}</name>
-  <memory unit='MiB'>64</memory>
+{uuid}  <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
   <on_poweroff>destroy</on_poweroff>

@@ -1,6 +1,7 @@
-"""The agent's guard: a minimal process that stops the owners if no agent keeps the lease.
+"""The guard: a minimal process that stops the owners if nothing keeps the lease any more.
 
-Why: the agent's own fence thread dies with the agent.  After a SIGKILL (OOM, a crash, a
+Used by the agent and by ``virtlease hold``: whatever holds a host session for running
+processes.  Why: the holder's own fence thread dies with it.  After a SIGKILL (OOM, a crash, a
 service manager's final kill) the host's etcd lease runs out by itself and the disks go to
 other hosts while the QEMUs here still run.  The guard closes that hole from outside the agent.
 
@@ -11,12 +12,18 @@ line to its stdin whenever the fence deadline or the owner list changes::
     {"fence_at": <CLOCK_BOOTTIME seconds>, "grace": <s>,
      "owners": [{"pid": 123, "start": <starttime from /proc/123/stat>, "sig": 9, "who": "..."}]}
 
+``"fence_at": null`` (no owner holds anything on a live lease: none yet, or the session was
+lost and its owners were fenced by the agent already) leaves the guard idle, with no deadline.
+
 The guard opens a pidfd per owner (a reused pid is never signalled: the start time must match)
 and, at the deadline, sends each owner its signal (9 = poweroff, 19 = pause; "ignore" owners are
 not listed) and exits.  The deadline is ``fence_at`` once the agent is gone (its stdin hit EOF),
 or ``fence_at + grace`` while the agent lives but stopped sending (frozen: its own fence thread
 cannot run either; ``grace`` < the fence margin, so this is still before etcd can expire the
 lease).  Lines ``{"disarm": true}`` (the agent exits with nothing held) end it without signalling.
+
+This module is both the guard (run as a script) and the holder's handle on it (:class:`Guard`);
+it imports only the standard library.
 
 A restarted agent that re-attached to the lease starts a guard of its own first, then sends the
 old guard SIGUSR1: it exits without signalling.  SIGTERM, SIGINT and SIGHUP are ignored (logged):
@@ -26,13 +33,19 @@ stops it, which the unit file never sends to it (KillMode=process, see deploy/li
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
 
 CLOCK_ID = time.CLOCK_BOOTTIME
 """The agent's fence clock (``virtlease_etcd.clock.CLOCK_ID``; this script imports nothing of
@@ -52,6 +65,76 @@ def start_time(pid: int) -> int | None:
         return None
 
 
+class Guard:
+    """The holder's end of one guard process (the module docstring)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.start = start_time(proc.pid) or 0
+        self._last: str | None = None
+
+    @classmethod
+    def spawn(cls) -> Guard:
+        script = Path(__file__)
+        proc = subprocess.Popen([sys.executable, "-I", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                start_new_session=True, close_fds=True)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            proc.kill()
+            raise RuntimeError("the virtlease guard process did not start")
+        proc.stdout.close()
+        return cls(proc)
+
+    def send(self, fence_at: float | None, grace: float, owners: list[dict[str, Any]]) -> None:
+        """Arm (or re-arm) the guard; ``fence_at`` None leaves it idle.  Repeated identical
+        messages are not sent."""
+        line = json.dumps({"fence_at": None if fence_at is None else round(fence_at, 3), "grace": grace,
+                           "owners": owners})
+        if line == self._last:
+            return
+        self._write(line)
+        self._last = line
+
+    def disarm(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._write(json.dumps({"disarm": True}))
+        self.abandon()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+    def abandon(self) -> None:
+        """Close our end (the guard then counts down to the deadline on its own)."""
+        stdin: IO[bytes] | None = self.proc.stdin
+        if stdin is not None:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def _write(self, line: str) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        stdin.write(line.encode() + b"\n")
+        stdin.flush()
+
+
+def stand_down(pid: int, start: int) -> bool:
+    """Tell a previous agent's guard (by pid and start time) to exit without signalling."""
+    if not pid or start_time(pid) != start:
+        return False
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if start_time(pid) != start:
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGUSR1)
+        log.info("told the previous agent's guard (pid %d) to stand down", pid)
+        return True
+    finally:
+        os.close(fd)
+
+
 def say(msg: str) -> None:
     print(f"virtlease-guard[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
 
@@ -65,7 +148,7 @@ class State:
         self.stand_down = False
 
     def update(self, msg: dict[str, Any]) -> None:
-        self.fence_at = float(msg["fence_at"])
+        self.fence_at = None if msg["fence_at"] is None else float(msg["fence_at"])
         self.grace = float(msg.get("grace", 0.0))
         want = {(int(o["pid"]), int(o["start"])): o for o in msg.get("owners", [])}
         for key in [k for k in self.owners if k not in want]:
