@@ -1,0 +1,80 @@
+"""The watchdog armed by the lease, with the real agent in the lab guest.
+
+The agent (``watchdog_device = /dev/watchdog``, the guest's emulated i6300esb) holds a disk for
+a stand-in QEMU; the test SIGSTOPs the agent and its guard, so nothing of that host can fence
+any more.  The watchdog must expire -- QEMU's watchdog action, seen on QMP -- strictly before
+etcd expires the host's lease, the earliest moment another host could be granted the disk.
+The lead is measured on this machine's clock: QMP's WATCHDOG event as it arrives, and the
+first poll (every 5 ms) that finds the host record gone from etcd.  The last run uses QEMU's
+``poweroff`` action: the guest really dies.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any
+
+from conftest import EtcdServer
+from virtlease_etcd.config import watchdog_plan
+from virtlease_lab.fencing.guest import LabGuest, now
+
+from .conftest import guest_endpoint
+
+RUNS = 20
+TTL = 6
+MARGIN = TTL / 5
+TIMEOUT = watchdog_plan(TTL, MARGIN).max_timeout  # the largest that fits: 3 s
+
+
+def _expiry(etcd: EtcdServer, key: str, lease: int, found: dict[str, float], stop: threading.Event) -> None:
+    client = etcd.client()
+    try:
+        while not stop.is_set():
+            value, meta = client.get(key)
+            if value is None or meta.lease_id != lease:
+                found["at"] = now()
+                return
+            time.sleep(0.005)
+    finally:
+        client.close()
+
+
+def test_a_stopped_host_is_reset_before_etcd_expires_its_lease(
+        lab: LabGuest, etcd_process: EtcdServer, lab_prefix: str, record_property: Any) -> None:
+    assert TIMEOUT >= 1
+    lab.set_watchdog_action("pause")
+    lab.call("wdlab:start_agent", endpoints=guest_endpoint(etcd_process.endpoints), prefix=lab_prefix,
+             ttl=TTL, timeout=TIMEOUT)
+    leads: list[float] = []
+    key = f"{lab_prefix}/v1/hosts/wd-host"
+    for run in range(1, RUNS + 1):
+        last = run == RUNS
+        vm = lab.call("wdlab:run_vm", name=f"wd{run}")
+        if last:
+            lab.set_watchdog_action("poweroff")
+        found: dict[str, float] = {}
+        stop = threading.Event()
+        watcher = threading.Thread(target=_expiry, args=(etcd_process, key, vm["lease"], found, stop), daemon=True)
+        watcher.start()
+        stopped = now()
+        lab.call("wdlab:stop_host")
+        event = lab.qmp.wait_event("WATCHDOG", TTL + 20, since=stopped)
+        watcher.join(TTL + 20)
+        stop.set()
+        assert event is not None, f"run {run}: the watchdog never fired: {lab.console_tail()}"
+        assert "at" in found, f"run {run}: the lease never expired"
+        lead = found["at"] - event.at
+        leads.append(lead)
+        print(f"run {run}: stopped -> reset {event.at - stopped:.2f} s, reset -> lease expiry {lead:.2f} s")
+        assert lead > 0, f"run {run}: etcd expired the lease {-lead:.2f} s before the watchdog reset the host"
+        if last:
+            assert lab.wait_exit(30) is not None, "QEMU's poweroff action did not end the guest"
+        else:
+            lab.resume()
+            lab.call("wdlab:continue_host")
+    record_property("reset_lead_min_s", round(min(leads), 3))
+    record_property("reset_lead_median_s", round(statistics.median(leads), 3))
+    print(f"\nwatchdog, {RUNS} runs (TTL {TTL} s, margin {MARGIN:g} s, watchdog timeout {TIMEOUT} s): reset before "
+          f"the earliest takeover by min {min(leads):.2f} s, median {statistics.median(leads):.2f} s")
