@@ -9,9 +9,12 @@ session and writes again, and migrations between live hosts preempt nobody.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from typing import Any
+
+import pytest
 
 from conftest import EtcdServer
 from virtlease_lab.fencing.guest import LabGuest
@@ -20,7 +23,7 @@ from .conftest import guest_endpoint
 
 FREEZE_CYCLES = 20
 CONTROL_CYCLES = 3
-TTL = 5
+TTL = 6
 
 
 def test_one_lun_seen_by_both_hosts_with_one_wwid(lab: LabGuest) -> None:
@@ -32,20 +35,25 @@ def test_one_lun_seen_by_both_hosts_with_one_wwid(lab: LabGuest) -> None:
 
 
 def _freeze(lab: LabGuest, etcd: EtcdServer, prefix: str, pair: str, lun: str, fenced: bool,
-            cycles: int) -> list[dict[str, Any]]:
+            cycles: int, record_property: Any) -> dict[str, Any]:
     lab.call("scenarios:start_hosts", pair=pair, lun=lun, fenced=fenced,
              endpoints=guest_endpoint(etcd.endpoints), prefix=prefix, ttl=TTL)
     try:
-        result: list[dict[str, Any]] = lab.call("scenarios:freeze", pair=pair, cycles=cycles,
-                                                wait=cycles * 60)["cycles"]
+        result: dict[str, Any] = lab.call("scenarios:freeze", pair=pair, cycles=cycles, wait=cycles * 60)
     finally:
         lab.call("scenarios:stop_hosts", pair=pair)
+    record_property(f"{pair}_cycles_run_again", len(result["spoiled"]))
+    if result["spoiled"]:
+        print(f"\n{len(result['spoiled'])} cycle(s) run again: a healthy host was fenced for want of CPU "
+              f"(a false fence, not a safety question): {result['spoiled'][:2]}")
     return result
 
 
+@pytest.mark.timeout(FREEZE_CYCLES * 60)
 def test_frozen_hosts_late_writes_never_land_with_storage_fencing(
         lab: LabGuest, etcd_process: EtcdServer, lab_prefix: str, record_property: Any) -> None:
-    cycles = _freeze(lab, etcd_process, lab_prefix, "fz", "fenced", True, FREEZE_CYCLES)
+    run = _freeze(lab, etcd_process, lab_prefix, "fz", "fenced", True, FREEZE_CYCLES, record_property)
+    cycles = run["cycles"]
     assert len(cycles) == FREEZE_CYCLES
     for c in cycles:
         assert c["overwrite_ok"] == 32 and c["overwrite_failed"] == 0, c  # the taker writes every block
@@ -57,9 +65,10 @@ def test_frozen_hosts_late_writes_never_land_with_storage_fencing(
         assert c["taker_lease"] in keys["keys"] and c["frozen_lease"] not in keys["keys"], c
         assert keys["reservation"] in keys["keys"] and keys["type"] == 5, c  # WERO, held by a live key
         assert c["renewed_lease"] != c["frozen_lease"]
-    # every host was fenced and came back with a new session that registered and wrote again
-    takers = {(c["taker"], c["taker_lease"]) for c in cycles}
-    assert len(takers) == FREEZE_CYCLES
+    # renewal: a host fenced in one cycle takes the disk in the next with the session it opened
+    # after the fence -- a new key, registered, and its every write landed (overwrite_ok above)
+    renewed = [(a, b) for a, b in itertools.pairwise(cycles) if b["cycle"] == a["cycle"] + 1]
+    assert renewed and all(b["taker"] == a["frozen"] and b["taker_lease"] == a["renewed_lease"] for a, b in renewed)
     landed = sum(c["late_landed"] for c in cycles)
     attempts = sum(c["late_attempts"] for c in cycles)
     takeover = [c["takeover_s"] for c in cycles]
@@ -69,12 +78,46 @@ def test_frozen_hosts_late_writes_never_land_with_storage_fencing(
           f"takeover after the freeze p50 {statistics.median(takeover):.2f} s (TTL {TTL} s)")
 
 
+@pytest.mark.timeout(CONTROL_CYCLES * 60 + 60)
 def test_without_storage_fencing_late_writes_land(
         lab: LabGuest, etcd_process: EtcdServer, lab_prefix: str, record_property: Any) -> None:
     """The negative control: the same freeze on a LUN without fencing."""
-    cycles = _freeze(lab, etcd_process, lab_prefix, "ctl", "control", False, CONTROL_CYCLES)
+    cycles = _freeze(lab, etcd_process, lab_prefix, "ctl", "control", False, CONTROL_CYCLES, record_property)["cycles"]
     landed = [c["late_landed"] for c in cycles]
     record_property("late_writes_landed_without_fencing", sum(landed))
     print(f"\nwithout storage fencing, {CONTROL_CYCLES} freeze cycles: late writes landed {landed}")
     assert all(n > 0 for n in landed), json.dumps(cycles, indent=1)
     assert all(c["late_ok"] > 0 and not c["late_errors"] for c in cycles), json.dumps(cycles, indent=1)
+
+
+MIGRATIONS = 6
+
+
+@pytest.mark.timeout(600)
+def test_migrations_between_registered_hosts_preempt_neither(
+        lab: LabGuest, etcd_process: EtcdServer, lab_prefix: str, record_property: Any) -> None:
+    """Live migrations back and forth between two live, registered hosts (A through multipath,
+    B through one path): each claim runs the fence on the destination, which must leave the
+    source's key in place -- the source writes until the migration completes, and never fails."""
+    lab.call("scenarios:start_hosts", pair="mig", lun="fenced", fenced=True,  # nothing waits on this TTL:
+             endpoints=guest_endpoint(etcd_process.endpoints), prefix=lab_prefix, ttl=15)  # long, no false fence
+    try:
+        rounds = lab.call("scenarios:migrate", pair="mig", rounds=MIGRATIONS, wait=600)["rounds"]
+        cost = lab.call("scenarios:grant_cost", pair="mig", n=20, wait=600)
+    finally:
+        lab.call("scenarios:stop_hosts", pair="mig")
+    assert len(rounds) == MIGRATIONS
+    for r in rounds:
+        assert set(r["leases"].values()) <= set(r["keys_after_claim"]), r  # nobody preempted
+        assert r["source_writes"]["attempts"] > 0 and not r["source_writes"]["errors"], r
+        assert r["dest_writes"]["attempts"] > 0 and not r["dest_writes"]["errors"], r
+    claim = statistics.median(r["claim_ms"] for r in rounds)
+    record_property("migration_claim_ms_p50", claim)
+    record_property("grant_ms_fenced_p50", cost["fenced"]["median_ms"])
+    record_property("grant_ms_unfenced_p50", cost["unfenced"]["median_ms"])
+    record_property("scsi_pr_on_grant_ms_p50", cost["secure_ms"]["median"])
+    assert cost["secure_ms"]["n"] == 20  # the fenced grants did the PR work, the unfenced did not
+    print(f"\n{MIGRATIONS} migrations, claim p50 {claim:.0f} ms; acquire of one disk (TCG guest, driver in a "
+          f"host process, n=20 each) p50 {cost['fenced']['median_ms']:.0f} ms fenced vs "
+          f"{cost['unfenced']['median_ms']:.0f} ms unfenced; the persistent-reservation work inside the fenced "
+          f"grant p50 {cost['secure_ms']['median']:.1f} ms (max {cost['secure_ms']['max']:.1f})")

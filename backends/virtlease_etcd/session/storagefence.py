@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -103,6 +105,10 @@ class StorageFence:
         self._registered: set[str] = set()
         """LUNs (normalised WWIDs) this session registered its key on."""
         self._lock = threading.Lock()
+        self.durations: deque[float] = deque(maxlen=256)
+        """Seconds each :meth:`secure` with a fenced LUN took (the cost on the grant path)."""
+        self.preempted = 0
+        """Keys this session preempted."""
 
     @property
     def key(self) -> int:
@@ -134,11 +140,15 @@ class StorageFence:
         """Make the fenced LUNs under ``paths`` safe to report a grant on (module docstring).
         FencingError (one line: the LUN, the key, what to do) if it cannot; LeaseLostError
         if this session's key was preempted."""
+        started = time.perf_counter()
         lun_list = self.luns_of(paths)
         if not lun_list:
             return []
         with self._lock:
-            return [self._secure(lun) for lun in lun_list]
+            done = [self._secure(lun) for lun in lun_list]
+        self.durations.append(time.perf_counter() - started)
+        self.preempted += sum(len(d.preempted) for d in done)
+        return done
 
     def _fail(self, lun: lunmap.Lun, what: str, exc: Exception | None = None) -> FencingError:
         detail = f": {exc}" if exc is not None else ""
