@@ -137,7 +137,7 @@ class WatchdogPlan:
 
     @property
     def lead(self) -> float:
-        return self.takeover - self.deadline
+        return round(self.takeover - self.deadline, 3)
 
     @property
     def fits(self) -> bool:
@@ -156,7 +156,8 @@ def watchdog_plan(ttl: int, margin: float, timeout: int | None = None) -> Watchd
             best = candidate
     chosen = best if timeout is None else timeout
     return WatchdogPlan(ttl=ttl, margin=margin, timeout=chosen, pet_every=pet_interval(max(chosen, 1), margin),
-                        keepalive_every=round(ttl / 3, 3), fence_at=ttl - margin, deadline=ttl - margin / 2,
+                        keepalive_every=round(ttl / 3, 3), fence_at=round(ttl - margin, 3),
+                        deadline=round(ttl - margin / 2, 3),
                         takeover=float(ttl), max_timeout=best)
 
 

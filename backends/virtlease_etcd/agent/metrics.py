@@ -12,6 +12,9 @@
 ``virtlease_agent_held_disks``             gauge    records held on this host's lease
 =========================================  =======  ==========================================
 
+and, when configured, the watchdog's (last pet, armed, pets) and storage fencing's
+(``fencemetrics``).
+
 Values are read when scraped (nothing is updated on the lock path except one counter
 increment).  The keepalive RTT is measured by timing the session client's
 ``lease_keepalive`` (the agent wraps that one method of its own session's client).
@@ -27,6 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, start_http_server
 
+from . import fencemetrics
 from .tracking import OwnerTracker
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,7 @@ class Metrics:
         Gauge("virtlease_agent_held_disks", "Records held on this host's lease", registry=r).set_function(
             lambda: sum(len(o.held) for o in session.owners.all()))
         backend.count = lambda op, result: self.requests.labels(op, result).inc()
+        fencemetrics.register(r, backend.driver)  # watchdog and storage fencing, when configured
         self._session = session
         self._time_keepalive(session.client)
         self._server: Any = None

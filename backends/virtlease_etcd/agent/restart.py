@@ -39,6 +39,7 @@ from virtlease_etcd.session import reattach
 from virtlease_etcd.session.failure import GUARD_SIGNALS
 from virtlease_etcd.session.guard import Guard, stand_down, start_time
 from virtlease_etcd.session.registry import install_session
+from virtlease_etcd.session.storagefence import remember_fenced
 
 from . import runfile as sf
 from .tracking import OwnerTracker
@@ -91,6 +92,8 @@ def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:
     finally:
         client.close()
     for o in prior.owners:
+        if start_time(o.pid) == o.start:  # no new reservation key of this host while it runs
+            remember_fenced(o.pid, f"domain {o.name} ({o.uuid}) of the previous agent")
         sig = GUARD_SIGNALS.get(FailureAction[o.action.upper()])
         if sig is not None and start_time(o.pid) == o.start:
             log.error("domain %s (%s) QEMU pid %d still runs after its lease ended: sending %s", o.name,

@@ -111,7 +111,12 @@ def storage_of(path: str, *, sysfs: str = "/sys", dev_root: str = "/dev") -> Sto
     found = _device_of(path)
     if found is None:
         return None
-    leaves, names = _leaves(_disk_dir(sysfs, *found), set())
+    return storage_of_device(*found, sysfs=sysfs, dev_root=dev_root)
+
+
+def storage_of_device(major: int, minor: int, *, sysfs: str = "/sys", dev_root: str = "/dev") -> Storage:
+    """:func:`storage_of` for the block device ``major:minor``."""
+    leaves, names = _leaves(_disk_dir(sysfs, major, minor), set())
     by_wwid: dict[str, list[str]] = {}
     uncovered: list[str] = []
     for leaf in leaves:

@@ -22,9 +22,11 @@ Boot to a ready server takes about 5-10 s under TCG; the console goes to ``WORKD
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import json
 import logging
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +45,13 @@ log = logging.getLogger(__name__)
 def now() -> float:
     """The lab's clock on this machine: CLOCK_BOOTTIME, the driver's fence clock."""
     return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _die_with_parent() -> None:
+    """In QEMU's child before exec: SIGKILL it if the process that started it dies (a test run
+    killed mid-way leaves no guest behind)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class GuestError(RuntimeError):
@@ -178,7 +187,8 @@ class LabGuest:
         ]
         self.started = now()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.workdir / "qemu.log", "ab"), start_new_session=True)
+                                     stderr=open(self.workdir / "qemu.log", "ab"), start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         self._ids = itertools.count(1)
         self._call_lock = threading.Lock()
         self._ctl: socket.socket | None = None

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,14 @@ RUN = Path("/run/vl-agent")
 HOST = "wd-host"
 DISK = "/tmp/wd-disk.img"
 AGENT: dict[str, Any] = {}
+METRICS = "127.0.0.1:9477"
+
+
+def metrics() -> dict[str, float]:
+    """The agent's watchdog metrics, as scraped."""
+    body = urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=30).read().decode()
+    return {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+            if line.startswith("virtlease_agent_watchdog")}
 
 
 def _log() -> Path:
@@ -45,7 +54,8 @@ def start_agent(endpoints: str, prefix: str, ttl: int, timeout: int) -> dict[str
     log = open(_log(), "a")
     cmd = [sys.executable, "-m", "virtlease_etcd.agent.main", "--endpoints", endpoints, "--prefix", prefix,
            "--host-id", HOST, "--ttl", str(ttl), "--socket", str(RUN / "virtlockd-sock"),
-           "--state-dir", str(RUN / "state"), "--reserve-grace", "0.3", "--kill-grace", "1"]
+           "--state-dir", str(RUN / "state"), "--reserve-grace", "0.3", "--kill-grace", "1",
+           "--metrics", METRICS]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     until = time.monotonic() + 120
     while "virtlease agent serving" not in _log().read_text():
@@ -70,7 +80,7 @@ def _standin(name: str, owner_uuid: uuid.UUID) -> int:
     if pid == 0:  # the child: no Python frames of the parent's may run here
         try:
             os.close(ready_r)
-            client = LockdClient(RUN / "virtlockd-sock")
+            client = LockdClient(RUN / "virtlockd-sock", timeout=120)
             client.register(make_owner(name, pid=os.getpid(), owner_uuid=owner_uuid))
             client.restrict()
             os.dup2(client.sock.fileno(), 3)
@@ -94,7 +104,7 @@ def run_vm(name: str) -> dict[str, Any]:
     until = time.monotonic() + 60
     while True:
         try:
-            with LockdClient(RUN / "virtlockd-sock") as c:
+            with LockdClient(RUN / "virtlockd-sock", timeout=120) as c:
                 c.register(make_owner(name, pid=pid, owner_uuid=owner_uuid))
                 c.acquire(DISK)
             break
@@ -107,7 +117,8 @@ def run_vm(name: str) -> dict[str, Any]:
             raise RuntimeError("the agent did not arm the watchdog")
         time.sleep(0.05)
     state = _state()
-    return {"qemu": pid, "lease": state.lease, "guard": state.guard.get("pid"), "agent": AGENT["proc"].pid}
+    return {"qemu": pid, "lease": state.lease, "guard": state.guard.get("pid"), "agent": AGENT["proc"].pid,
+            "metrics": metrics()}
 
 
 def stop_host() -> float:
@@ -138,7 +149,23 @@ def continue_host() -> dict[str, Any]:
         if time.monotonic() > until:
             raise RuntimeError("the agent did not disarm the watchdog after the fence")
         time.sleep(0.05)
-    return {"fenced": qemu}
+    return {"fenced": qemu, "metrics": metrics()}
+
+
+def drop_vm() -> dict[str, Any]:
+    """After a false reset (the machine's load starved the agent past the watchdog's timeout: the
+    emulated device then disables itself): kill the stand-in, wait until the agent released its
+    disk and disarmed the watchdog, so that the next run arms it afresh."""
+    qemu = AGENT["qemus"][-1]
+    with contextlib.suppress(ProcessLookupError, ChildProcessError):
+        os.kill(qemu, signal.SIGKILL)
+        os.waitpid(qemu, 0)
+    until = time.monotonic() + 60
+    while describe("/dev/watchdog").state == "active":
+        if time.monotonic() > until:
+            raise RuntimeError("the agent did not disarm the watchdog once the stand-in was gone")
+        time.sleep(0.05)
+    return {"dropped": qemu}
 
 
 def stop_agent() -> None:
