@@ -35,3 +35,4 @@ def test_watchdog_fires_when_the_pets_stop_and_not_after_a_magic_close(lab: LabG
     print(f"\nwatchdog (timeout 1 s) expired {event.at - stopped:.2f} s after the last pet")
     assert event.at - stopped < 3
     lab.resume()
+    lab.call("devices:watchdog_release")  # the device is free for the next module's agent

@@ -104,6 +104,7 @@ def test_migrations_between_registered_hosts_preempt_neither(
     try:
         rounds = lab.call("scenarios:migrate", pair="mig", rounds=MIGRATIONS, wait=600)["rounds"]
         cost = lab.call("scenarios:grant_cost", pair="mig", n=20, wait=600)
+        _check_and_status_show_the_keys(lab, etcd_process, lab_prefix, rounds[-1]["leases"])
     finally:
         lab.call("scenarios:stop_hosts", pair="mig")
     assert len(rounds) == MIGRATIONS
@@ -121,3 +122,24 @@ def test_migrations_between_registered_hosts_preempt_neither(
           f"host process, n=20 each) p50 {cost['fenced']['median_ms']:.0f} ms fenced vs "
           f"{cost['unfenced']['median_ms']:.0f} ms unfenced; the persistent-reservation work inside the fenced "
           f"grant p50 {cost['secure_ms']['median']:.1f} ms (max {cost['secure_ms']['max']:.1f})")
+
+
+def _check_and_status_show_the_keys(lab: LabGuest, etcd: EtcdServer, prefix: str, leases: dict[str, int]) -> None:
+    """On the real LUN: ``virtlease check --fence-device`` probes every path of host A's multipath
+    map; ``virtlease status`` names the live host of each registered key."""
+    luns = lab.call("scsilab:standard")
+    wwid = luns["wwid"]["fenced"]
+    args = ["--endpoints", guest_endpoint(etcd.endpoints), "--prefix", prefix, "--host-id", "mig-A"]
+    env = {"VIRTLEASE_ETCD_SCSI_PR_LUNS": wwid}
+    check = lab.call("scenarios:cli", args=[*args, "check", "--json", "--fence-device", luns["devices"]["fenced"]["A"]],
+                     env=env)
+    findings = [f for f in check["json"]["findings"] if f["check"] == f"scsi pr {wwid}"]
+    probed = [f for f in findings if f["level"] == "ok"]
+    assert len(probed) == 2 and all("persistent reservations work (WERO supported)" in f["detail"] for f in probed), \
+        findings  # both paths of the map
+    status = lab.call("scenarios:cli", args=[*args, "status", "--json"], env=env)
+    (lun,) = status["json"]["fencing"]
+    named = {k["host"] for k in lun["keys"]}
+    assert {"mig-A", "mig-B"} <= named, lun  # both live hosts' keys, named by their lease
+    assert lun["reservation"]["type"] == "Write Exclusive - Registrants Only", lun
+    assert {f"{lease:#018x}" for lease in leases.values()} <= {k["key"] for k in lun["keys"]}, (lun, leases)

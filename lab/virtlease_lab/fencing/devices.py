@@ -94,6 +94,12 @@ def watchdog_pets(timeout: int, pet_for: float) -> dict[str, Any]:
 _KEEP: list[Watchdog] = []
 
 
+def watchdog_release() -> None:
+    """Close what :func:`watchdog_pets` left open (magic close): the device is free again."""
+    while _KEEP:
+        _KEEP.pop().disarm()
+
+
 def watchdog_disarmed(timeout: int, quiet_for: float) -> dict[str, Any]:
     """Arm, pet, magic-close; then wait ``quiet_for`` s (the lab machine sees no expiry)."""
     while _KEEP:

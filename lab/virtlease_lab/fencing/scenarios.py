@@ -398,3 +398,15 @@ def cleanup() -> None:
         stop_hosts(pair)
     for lun in ("fenced", "control"):
         scsilab.remove_multipath(f"mp-{lun}")
+
+
+def cli(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the ``virtlease`` command in the guest (its JSON output parsed when there is any)."""
+    proc = subprocess.run([sys.executable, "-m", "virtlease.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=300)
+    out: dict[str, Any] = {"rc": proc.returncode, "stderr": proc.stderr[-3000:]}
+    try:
+        out["json"] = json.loads(proc.stdout)
+    except ValueError:
+        out["stdout"] = proc.stdout[-3000:]
+    return out
