@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint safety safety-long bench bench-quick clean
+.PHONY: demo test lint safety safety-long bench bench-quick clean dist deb lock
 
 $(STAMP): pyproject.toml lab/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,28 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick $(if $(BENCH_OUT),--out $(BENCH_OUT))
 
+# The release's one version: src/virtlease/_version.py.
+VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/virtlease/_version.py)
+
+# Wheel and sdist in dist/ (python -m build: an isolated build environment from the index).
+dist: $(STAMP)
+	rm -f dist/virtlease-$(VERSION)-*.whl dist/virtlease-$(VERSION).tar.gz
+	$(BIN)/python -m build --outdir dist .
+
+# The Debian package (bookworm) in dist/: deploy/build-deb.sh; its tools: deploy/packaging-tools.sh.
+deb: dist
+	deploy/build-deb.sh dist/virtlease-$(VERSION)-py3-none-any.whl dist
+
+# Re-resolve the .deb's environment (exact versions, every file's hash) after changing the
+# dependencies in pyproject.toml; commit the result.
+lock: $(STAMP)
+	$(BIN)/pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+	    --output-file deploy/debian/requirements.lock pyproject.toml
+
 lint: $(STAMP)
 	$(BIN)/ruff check src backends tests bench lab
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info backends/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info backends/*.egg-info .pytest_cache

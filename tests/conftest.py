@@ -10,6 +10,7 @@ run instead of skipping.  Every test gets its own key prefix.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -123,11 +124,23 @@ def shut(plugin: v.Plugin) -> None:
     plugin.unload()
 
 
+_THIS = sys.modules[__name__]
+
+
+def pytest_plugin_registered(plugin: object, manager: pytest.PytestPluginManager) -> None:
+    """Keep this file the module ``conftest`` that tests import the etcd helpers from.
+
+    pytest imports every package-less conftest.py (tests/libvirt/, tests/packaging/) as the
+    module ``conftest`` too, the last one loaded winning."""
+    if plugin is not _THIS and Path(str(getattr(plugin, "__file__", ""))).name == "conftest.py":
+        sys.modules["conftest"] = _THIS
+
+
 def new_uuid() -> str:
     return str(uuid.uuid4())
 
 
-SYSTEM_TEST_DIRS = ("identity", "agent", "libvirt", "fencing")
+SYSTEM_TEST_DIRS = ("identity", "agent", "libvirt", "packaging", "fencing")
 """Test folders whose skips mean a missing tool or privilege: in CI
 (``VIRTLEASE_REQUIRE_SYSTEM_TESTS=1``, set by .ci/run) such a skip fails."""
 

@@ -18,6 +18,7 @@ See ``virtlease.abi`` for the contract and README.md for the etcd driver.
 See docs/DESIGN.md §2 (Layers).
 """
 
+from ._version import __version__ as __version__
 from .abi import (
     ABI_VERSION,
     ENTRY_POINT_GROUP,
@@ -58,8 +59,6 @@ from .errors import (
 )
 from .loader import Plugin, load_driver
 from .objects import LockObject, Phase
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ABI_VERSION",

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import virtlease as v
-from virtlease.abi import ObjectSpec, ObjectType
+from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
+from virtlease.errors import ResourceBusyError
 from virtlease_etcd.agent.backend import EtcdLockBackend
 from virtlease_etcd.ops.domain import Domain
 
@@ -33,6 +34,16 @@ def domain(plugin: v.Plugin, uuid: str, name: str, pid: int | None = None) -> Do
 def backend(plugin: v.Plugin, **kwargs: Any) -> EtcdLockBackend:
     """The etcd backend over ``plugin``."""
     return EtcdLockBackend(plugin.driver, **kwargs)
+
+
+def take(plugin: v.Plugin, disk: str) -> bool:
+    """The second host tries to take ``disk`` (no pid: nothing of ours is ever fenced)."""
+    obj = plugin.driver.new_object(ObjectSpec(ObjectType.DOMAIN, str(uuidlib.uuid4()), "intruder"))
+    try:
+        obj.acquire_resource(ResourceSpec(ResourceType.DISK, disk))
+        return True
+    except ResourceBusyError:
+        return False
 
 
 class StandinQemu:

@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 import urllib.request
-import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,10 +22,8 @@ import pytest
 
 import virtlease as v
 from agent.agent_process import AgentProcess, free_port
-from agent.etcd_agent import StandinQemu, load
+from agent.etcd_agent import StandinQemu, load, take
 from conftest import EtcdServer
-from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
-from virtlease.errors import ResourceBusyError
 from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError
 from virtlease_etcd.session import reattach
 from virtlease_etcd.session.fencing import pid_alive
@@ -74,16 +71,6 @@ def start_vm(agent: AgentProcess, disk: str, qemus: list[StandinQemu]) -> Standi
         c.register(q.owner())
         c.acquire(disk)
     return q
-
-
-def take(plugin: v.Plugin, disk: str) -> bool:
-    """The second host tries to take ``disk`` (no pid: nothing of ours is ever fenced)."""
-    obj = plugin.driver.new_object(ObjectSpec(ObjectType.DOMAIN, str(uuidlib.uuid4()), "intruder"))
-    try:
-        obj.acquire_resource(ResourceSpec(ResourceType.DISK, disk))
-        return True
-    except ResourceBusyError:
-        return False
 
 
 def death_watch(q: StandinQemu) -> dict[str, float]:
@@ -193,8 +180,9 @@ def test_sigterm_with_a_vm_refuses_and_keeps_protection(
 
 
 def test_metrics_endpoint(agents: Callable[..., AgentProcess], qemus: list[StandinQemu], disk: str,
-                          other_host: v.Plugin) -> None:
+                          other_host: v.Plugin, etcd_process: EtcdServer) -> None:
     port = free_port()
+    etcd_endpoint = etcd_process.endpoints.split(",")[0]
     agent = agents("--metrics", f"127.0.0.1:{port}")
     start_vm(agent, disk, qemus)
     other = StandinQemu(agent.socket, "db1")
@@ -207,8 +195,15 @@ def test_metrics_endpoint(agents: Callable[..., AgentProcess], qemus: list[Stand
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     metrics = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in body.splitlines() if line and not line.startswith("#")}
-    assert metrics['virtlease_agent_session_state{virtlease_agent_session_state="valid"}'] == 1
+    assert metrics['virtlease_agent_session_state{state="valid"}'] == 1
+    assert metrics['virtlease_agent_session_state{state="lost"}'] == 0
+    assert metrics["virtlease_agent_session_losses_total"] == 0
     assert 0 < metrics["virtlease_agent_fence_deadline_seconds"] <= TTL
+    assert metrics["virtlease_agent_ttl_seconds"] == TTL
+    assert metrics[f'virtlease_agent_etcd_endpoint_up{{endpoint="{etcd_endpoint}"}}'] == 1
+    assert metrics['virtlease_agent_acquire_seconds_count{result="ok"}'] == 1
+    assert metrics['virtlease_agent_acquire_seconds_count{result="refused"}'] == 1
+    assert [k for k in metrics if k.startswith("virtlease_build_info{") and f'version="{v.__version__}"' in k]
     assert metrics['virtlease_agent_requests_total{op="acquire",result="granted"}'] == 1
     assert metrics['virtlease_agent_requests_total{op="acquire",result="busy"}'] == 1
     assert metrics["virtlease_agent_owners"] == 2

@@ -6,29 +6,12 @@ without them they are skipped with a one-line reason.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from virtlease_lab.libvirt.agentrig import AgentRig, agent_rig
 from virtlease_lab.libvirt.rig import Rig, missing_requirements
-
-
-def pytest_plugin_registered(plugin: object, manager: pytest.PytestPluginManager) -> None:
-    """Give the module name ``conftest`` back to tests/conftest.py once this file is loaded.
-
-    pytest imports every package-less conftest.py as the module ``conftest``, the
-    last one loaded winning; the tests above this folder ``from conftest import``
-    the etcd helpers and would otherwise get this file.
-    """
-    if plugin is not sys.modules[__name__]:
-        return
-    parent = Path(__file__).resolve().parent.parent / "conftest.py"
-    for other in manager.get_plugins():
-        if getattr(other, "__file__", None) and Path(other.__file__).resolve() == parent:
-            sys.modules["conftest"] = other
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -4,12 +4,18 @@ Usage (``virtlease agent`` takes the same options)::
 
     virtlease-agent --endpoints 10.0.0.1:2379 --host-id hv-07 \\
         [--socket /run/libvirt/virtlockd-sock] [--metrics 127.0.0.1:9477] [--state-dir /run/virtlease] \\
-        [--prefix /virtlease] [--ttl 10] [--config /etc/virtlease.toml] \\
+        [--prefix /virtlease] [--ttl 10] [--config /etc/virtlease/virtlease.toml] \\
         [--failure-action poweroff|pause|ignore] [--reserve-grace 2] [--kill-grace 5] [--log-level info]
 
 The etcd settings are the driver's (``VIRTLEASE_ETCD_*`` environment variables and
 ``VIRTLEASE_CONFIG`` apply as everywhere); options given here override the file.  Logs are one
 line per event on stderr (``ts=... level=... logger=... msg="..."``).
+
+Socket activation: started by a service manager with ``LISTEN_FDS`` (systemd's
+``virtlockd.socket`` through the package's drop-in for ``virtlockd.service``, or
+``systemd-socket-activate``), the agent serves the passed socket bound to ``--socket`` and
+neither creates nor removes it (``sockets.take_activation``); other passed sockets (virtlockd's
+admin socket) get their connections closed at once.
 
 Signals -- the trade-off (docs/DESIGN.md section 9).  While any domain holds or reserves a lease
 through this agent, exiting would end the host's etcd session: its lease expires after the TTL
@@ -34,7 +40,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +56,7 @@ from .metrics import start_metrics
 from .restart import Continuity, Prior, prepare
 from .runfile import DEFAULT_STATE_DIR
 from .server import LockdServer
-from .sockets import AgentSetupError, check_socket_dir, remove_stale_socket
+from .sockets import Activation, AgentSetupError, check_socket_dir, remove_stale_socket, take_activation
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +94,12 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | None = None) -> int:
-    """Serve until a stop request finds no owner holding anything (or a handover)."""
+async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | None = None,
+                activation: Activation | None = None) -> int:
+    """Serve until a stop request finds no owner holding anything (or a handover); on the
+    socket the service manager passed when ``activation`` is given."""
     backend = EtcdLockBackend(plugin.driver, reserve_grace=opts.reserve_grace, kill_grace=opts.kill_grace)
-    server = LockdServer(opts.socket, backend)
+    server = LockdServer(opts.socket, backend, sock=activation.lockd if activation else None)
     continuity = Continuity(backend, opts.state_dir)
     stop, handover = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -115,7 +123,10 @@ async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | Non
     except BaseException:
         continuity.leave(busy=bool(backend.busy_owners()))
         raise
-    log.info("virtlease agent serving %s for host %s", opts.socket, plugin.driver.host_id)
+    refusers = [await asyncio.start_unix_server(_refuse(label), sock=sock)
+                for label, sock in (activation.others if activation else [])]
+    log.info("virtlease agent serving %s for host %s (virtlease %s)", opts.socket, plugin.driver.host_id,
+             virtlease.__version__)
     try:
         while True:
             await stop.wait()
@@ -144,6 +155,8 @@ async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | Non
             continuity.leave(busy=True)
             logging.shutdown()
             os._exit(1)
+        for refuser in refusers:
+            refuser.close()
         await server.close()
         await backend.close()
         continuity.leave(busy=False)
@@ -151,12 +164,25 @@ async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | Non
             metrics.close()
 
 
+def _refuse(label: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A connection handler that closes at once: for the sockets the service manager passes
+    besides the lockd one (virtlockd's admin socket), so that their clients are not left hanging."""
+
+    async def close_at_once(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        log.info("closing a connection to %s: the virtlease agent serves no admin protocol", label)
+        writer.close()
+
+    return close_at_once
+
+
 def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
     """Load the driver (continuing a previous agent's session if it left one) and serve."""
     setup_logging(opts.log_level)
     try:  # before touching a previous agent's lease: refuse if one still serves the socket
-        check_socket_dir(Path(opts.socket).parent)
-        asyncio.run(remove_stale_socket(Path(opts.socket)))
+        activation = take_activation(opts.socket)
+        if activation is None:  # no socket activation: the agent makes the socket itself
+            check_socket_dir(Path(opts.socket).parent)
+            asyncio.run(remove_stale_socket(Path(opts.socket)))
     except AgentSetupError as exc:
         log.error("cannot serve %s: %s", opts.socket, exc)
         return 2
@@ -167,7 +193,7 @@ def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
         log.error("cannot start the etcd driver: %s", exc)
         return 2
     try:
-        return asyncio.run(serve(opts, plugin, prior))
+        return asyncio.run(serve(opts, plugin, prior, activation))
     except AgentSetupError as exc:
         log.error("cannot serve %s: %s", opts.socket, exc)
         return 2

@@ -24,7 +24,8 @@ rely on:
   seen (every accepted root peer), after its last call finished, also at server shutdown.
 * Peers whose SO_PEERCRED uid is not 0 are refused (logged, closed, backend never called).
 * The socket is created with mode 0700 before it listens, only in a directory owned by root and
-  not writable by group or others; :class:`AgentSetupError` otherwise.
+  not writable by group or others; :class:`AgentSetupError` otherwise.  A listening socket given
+  as ``sock`` (socket activation: the service manager's) is served as it is and never removed.
 """
 
 from __future__ import annotations
@@ -97,8 +98,10 @@ class LockdServer:
         max_connections: int = 1024,
         workers: int = 16,
         shutdown_timeout: float = 5.0,
+        sock: socket.socket | None = None,
     ) -> None:
         self.path = Path(path)
+        self._given = sock
         self.backend = backend
         self.max_frame = max_frame
         self.max_connections = max_connections
@@ -114,7 +117,14 @@ class LockdServer:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Check the directory, create the socket (0700) and start accepting."""
+        """Check the directory, create the socket (0700) and start accepting (or accept on the
+        socket given as ``sock``)."""
+        if self._given is not None:
+            self._given.setblocking(False)
+            self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="virtlease-agent")
+            self._server = await asyncio.start_unix_server(self._handle, sock=self._given)
+            log.info("virtlease agent listening on %s (socket from the service manager)", self.path)
+            return
         check_socket_dir(self.path.parent)
         await remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

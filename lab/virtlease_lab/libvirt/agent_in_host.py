@@ -1,20 +1,59 @@
 """Start ``virtlease-agent`` inside a rig host with relays to the test's etcd members.
 
-Usage: ``agent_in_host.py PATH@PORT[,PATH@PORT...] AGENT_ARGS...``: relays each
-``127.0.0.1:PORT`` (in this network namespace) to the UNIX socket ``PATH`` (served by the test
-in the root namespace, see ``relay.py``), then runs the agent in this process with
-``AGENT_ARGS``.
+Usage: ``agent_in_host.py PATH@PORT[,PATH@PORT...] [--exec N PROGRAM ARG...] AGENT_ARGS...``:
+relays each ``127.0.0.1:PORT`` (in this network namespace) to the UNIX socket ``PATH`` (served
+by the test in the root namespace, see ``relay.py``), then runs the agent with ``AGENT_ARGS``:
+in this process (the agent of this checkout), or, with ``--exec``, by exec'ing the ``N`` words
+``PROGRAM ARG...`` followed by ``AGENT_ARGS`` (another agent, e.g. an installed package's).
+Either way the agent keeps this process's pid (the rig's ``lockdaemon.pid``); with ``--exec`` the relays run in a child that
+dies with it (``PR_SET_PDEATHSIG``), so that a restarted agent brings its own.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import sys
 
-from virtlease_etcd.agent.main import main
 from virtlease_lab.libvirt.relay import Relay
 
-if __name__ == "__main__":
-    for spec in sys.argv[1].split(","):
+PR_SET_PDEATHSIG = 1
+
+
+def start_relays(links: str) -> None:
+    for spec in links.split(","):
         path, _, port = spec.rpartition("@")
         Relay.tcp_to_unix(int(port), path)
-    sys.exit(main(sys.argv[2:]))
+
+
+def exec_with_relays(links: str, argv: list[str]) -> None:
+    """Fork the relays into a child bound to this process's life, wait until they listen, exec."""
+    parent = os.getpid()
+    ready_r, ready_w = os.pipe()
+    if os.fork() == 0:
+        os.close(ready_r)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the agent is already gone
+            os._exit(0)
+        start_relays(links)
+        os.write(ready_w, b"1")
+        os.close(ready_w)
+        while True:
+            signal.pause()
+    os.close(ready_w)
+    if os.read(ready_r, 1) != b"1":
+        sys.exit("agent_in_host.py: the relays did not start")
+    os.close(ready_r)
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    links, rest = sys.argv[1], sys.argv[2:]
+    if rest[:1] == ["--exec"]:
+        count = int(rest[1])
+        exec_with_relays(links, rest[2:2 + count] + rest[2 + count:])
+    start_relays(links)
+    from virtlease_etcd.agent.main import main  # not before --exec: a restart must be quick
+
+    sys.exit(main(rest))

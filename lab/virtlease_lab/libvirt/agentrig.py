@@ -222,8 +222,12 @@ def serving(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def agent_rig(workdir: Path, *, reserve_grace: float = 2.0) -> Iterator[AgentRig]:
-    """Bring up a three-member etcd, the relays and the rig with an agent per host; take all down."""
+def agent_rig(workdir: Path, *, reserve_grace: float = 2.0, agent: Sequence[str] = (),
+              ttl: int = TTL) -> Iterator[AgentRig]:
+    """Bring up a three-member etcd, the relays and the rig with an agent per host; take all down.
+
+    ``agent``: the program that runs each host's agent, before the agent's options (``{host}`` is
+    the host's name, as in ``Rig.lock_daemon``); by default this checkout's agent."""
     short = Path(tempfile.mkdtemp(prefix="vl-relay-", dir="/tmp"))  # UNIX socket paths must be short
     prefix = f"/vltest/{uuid.uuid4().hex[:12]}"
     relays: dict[str, list[Relay]] = {}
@@ -235,13 +239,14 @@ def agent_rig(workdir: Path, *, reserve_grace: float = 2.0) -> Iterator[AgentRig
                                 for i, m in enumerate(etcd.members)]
             links = ",".join(f"{short}/{{host}}{i}.sock@{port}" for i, port in enumerate(PORTS))
             command = [sys.executable, str(HERE / "agent_in_host.py"), links,
+                       *(["--exec", str(len(agent)), *agent] if agent else []),
                        "--socket", "{socket}", "--endpoints", ",".join(f"127.0.0.1:{p}" for p in PORTS),
-                       "--host-id", "host{host}", "--prefix", prefix, "--ttl", str(TTL),
+                       "--host-id", "host{host}", "--prefix", prefix, "--ttl", str(ttl),
                        "--reserve-grace", str(reserve_grace)]
             observer = EtcdClient(load_config({"endpoints": etcd.endpoints, "host_id": "observer"}, environ={}))
             try:
                 with Rig(workdir / "rig", lock_daemon=command) as r:
-                    yield AgentRig(r, etcd, relays, prefix, observer)
+                    yield AgentRig(r, etcd, relays, prefix, observer, ttl)
             finally:
                 observer.close()
         finally:

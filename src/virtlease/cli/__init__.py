@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import click
 
+from .._version import __version__
 from .exitcodes import ExitCode, describe, exit_code_for
 from .output import error, warn
 from .registry import PluginGroup
@@ -43,7 +44,7 @@ class Run:
 
 @click.group(cls=PluginGroup, context_settings=CONTEXT_SETTINGS, warn=warn)
 @click.option("--debug", is_flag=True, help="Log at debug level to stderr; show tracebacks on errors.")
-@click.version_option(package_name="virtlease", prog_name="virtlease")
+@click.version_option(version=__version__, prog_name="virtlease")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Cluster-wide VM disk leases.
