@@ -25,7 +25,8 @@ from virtlease_etcd.fence.errors import FencingError
 
 @pytest.mark.parametrize(("ttl", "margin", "timeout", "reset", "lead"), [
     (10, 2.0, 5, 9.0, 1.0),   # the defaults: docs/DESIGN.md section 11's table
-    (6, 1.2, 3, 5.4, 0.6),    # the lab's storage and watchdog runs
+    (8, 1.6, 4, 7.2, 0.8),    # the lab's watchdog runs
+    (6, 1.2, 3, 5.4, 0.6),
     (5, 1.0, 2, 4.5, 0.5),
     (30, 6.0, 16, 27.0, 3.0),
 ])

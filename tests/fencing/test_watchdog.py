@@ -29,9 +29,9 @@ from virtlease_lab.fencing.guest import LabGuest, now
 from .conftest import guest_endpoint
 
 RUNS = 20
-TTL = 6
+TTL = 8  # the guest runs under TCG on a shared machine: a shorter TTL starves its keepalives
 MARGIN = TTL / 5
-TIMEOUT = watchdog_plan(TTL, MARGIN).max_timeout  # the largest that fits: 3 s
+TIMEOUT = watchdog_plan(TTL, MARGIN).max_timeout  # the largest that fits: 4 s
 
 
 def _expiry(etcd: EtcdServer, key: str, lease: int, found: dict[str, float], stop: threading.Event) -> None:
@@ -64,7 +64,7 @@ def _run_vm(lab: LabGuest, name: str) -> dict[str, Any] | None:
     while call.is_alive():
         if lab.qmp.wait_event("WATCHDOG", 0.2, since=since) is not None:
             lab.resume()
-            call.join(120)
+            call.join()  # whatever it says now: the run is void
             lab.call("wdlab:drop_vm")
             return None
     if failed:
@@ -112,13 +112,15 @@ def test_a_stopped_host_is_reset_before_etcd_expires_its_lease(
         assert event is not None, f"run {run}: the watchdog never fired: {lab.console_tail()}"
         assert "at" in found, f"run {run}: the lease never expired"
         lead = found["at"] - event.at
+        expired = now()
         if event.at < stopped:  # it fired before the stop: a false reset while the agent ran
             false_resets += 1
             lab.resume()
             lab.call("wdlab:continue_host")
             continue
         leads.append(lead)
-        print(f"run {run}: stopped -> reset {event.at - stopped:.2f} s, reset -> lease expiry {lead:.2f} s")
+        line = (f"run {run}: stopped -> reset {event.at - stopped:.2f} s, reset -> lease expiry {lead:.2f} s "
+                f"(VM start {stopped - began:.1f} s")
         assert lead > 0, f"run {run}: etcd expired the lease {-lead:.2f} s before the watchdog reset the host"
         if last:
             assert lab.wait_exit(30) is not None, "QEMU's poweroff action did not end the guest"
@@ -126,6 +128,8 @@ def test_a_stopped_host_is_reset_before_etcd_expires_its_lease(
             lab.resume()
             after = lab.call("wdlab:continue_host")["metrics"]
             assert after["virtlease_agent_watchdog_armed"] == 0, after  # fenced: nothing left to guard
+            line += f", recovery {now() - expired:.1f} s"
+        print(line + ")")
     record_property("seconds_per_run", round((time.monotonic() - started) / RUNS, 1))
     record_property("false_resets", false_resets)
     record_property("reset_lead_min_s", round(min(leads), 3))

@@ -195,7 +195,7 @@ class LabGuest:
         try:
             self.qmp = Qmp(qmp)
             self._ctl = _connect(ctl, 30.0)
-            self._ctl_file = self._ctl.makefile("rb")
+            self._buffer = b""
             hello = self._read_line(boot_timeout)
             if not hello.get("hello"):
                 raise GuestError(f"unexpected first line from the guest: {hello}")
@@ -206,16 +206,25 @@ class LabGuest:
             raise
 
     def _read_line(self, timeout: float) -> dict[str, Any]:
+        """The next line from the guest server (a timeout leaves the stream usable: a late reply
+        is read, and skipped by its id, on the next call)."""
         assert self._ctl is not None
-        self._ctl.settimeout(timeout)
-        try:
-            line = self._ctl_file.readline()
-        except TimeoutError:
-            raise GuestError(f"the guest server said nothing in {timeout:.0f} s; console: "
-                             f"{self.console_tail()}") from None
-        if not line:
-            raise GuestError(f"the guest's control port closed (QEMU exit status {self.proc.poll()}); "
-                             f"console: {self.console_tail()}")
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestError(f"the guest server said nothing in {timeout:.0f} s; console: "
+                                 f"{self.console_tail()}")
+            self._ctl.settimeout(left)
+            try:
+                chunk = self._ctl.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise GuestError(f"the guest's control port closed (QEMU exit status {self.proc.poll()}); "
+                                 f"console: {self.console_tail()}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
         result: dict[str, Any] = json.loads(line)
         return result
 
@@ -236,8 +245,10 @@ class LabGuest:
             request_id = next(self._ids)
             self._ctl.sendall(json.dumps({"id": request_id, "call": function, "kwargs": kwargs}).encode() + b"\n")
             reply = self._read_line(wait)
-        if reply.get("id") != request_id:
-            raise GuestError(f"reply {reply.get('id')} to call {request_id}: the wire is out of step")
+            while reply.get("id") != request_id:  # the late reply of a call that timed out
+                if not isinstance(reply.get("id"), int) or reply["id"] > request_id:
+                    raise GuestError(f"reply {reply.get('id')} to call {request_id}: the wire is out of step")
+                reply = self._read_line(wait)
         if not reply.get("ok"):
             raise GuestError(f"{function} failed in the guest: {reply.get('error')}\n{reply.get('traceback')}")
         return reply.get("result")

@@ -80,7 +80,7 @@ def _standin(name: str, owner_uuid: uuid.UUID) -> int:
     if pid == 0:  # the child: no Python frames of the parent's may run here
         try:
             os.close(ready_r)
-            client = LockdClient(RUN / "virtlockd-sock", timeout=120)
+            client = LockdClient(RUN / "virtlockd-sock", timeout=60)
             client.register(make_owner(name, pid=os.getpid(), owner_uuid=owner_uuid))
             client.restrict()
             os.dup2(client.sock.fileno(), 3)
@@ -104,7 +104,7 @@ def run_vm(name: str) -> dict[str, Any]:
     until = time.monotonic() + 60
     while True:
         try:
-            with LockdClient(RUN / "virtlockd-sock", timeout=120) as c:
+            with LockdClient(RUN / "virtlockd-sock", timeout=60) as c:
                 c.register(make_owner(name, pid=pid, owner_uuid=owner_uuid))
                 c.acquire(DISK)
             break
