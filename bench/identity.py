@@ -14,7 +14,7 @@ transactions) against the *same* two etcd transactions built by hand with
 python-etcd3 (per key: compare no holder, put holder on a lease, put gen;
 then compare each token and delete), on one embedded etcd.  The ratio is
 driver p50 / hand p50, the two called in turn (load from elsewhere hits
-both alike); issue 13's target is at most about 2.8x.  Cases: 64
+both alike); the target is at most about 2.8x.  Cases: 64
 files on the ext4 loop mount with ``legacy_path_keys`` off (64 identity
 keys) and on (32 disks: identity + legacy path key each, as many keys; 64
 disks would need 256 operations, over etcd's default ``--max-txn-ops`` of

@@ -189,7 +189,7 @@ def _identity(res: dict[str, Any]) -> list[str]:
     head = ["## Disk identity: driver vs the same transactions by hand", "",
             "One domain's acquire + release through the etcd driver (identity resolution included) and the "
             "same two etcd transactions built by hand on the same client, called in turn (bench/identity.py; "
-            "issue 13's target: at most about 2.8x).", ""]
+            "the target: at most about 2.8x).", ""]
     return [*head, *_table(["case", "disks", "keys", "driver p50 ms", "by hand p50 ms", "ratio"], rows)] if rows else []
 
 

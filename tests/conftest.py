@@ -9,13 +9,17 @@ run instead of skipping.  Every test gets its own key prefix.
 
 from __future__ import annotations
 
+# isort: off
+import virtlease_etcd  # noqa: F401  (first: it quiets gRPC's C core before etcd3 imports grpc)
+
+# isort: on
 import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import etcd3
 import pytest
@@ -42,14 +46,25 @@ def etcd_process() -> Iterator[EtcdServer]:
 
 @pytest.fixture(scope="session")
 def etcd_container() -> Iterator[EtcdServer]:
-    from etcd_container import docker_available, start_etcd_container
+    """etcd in a container (tests/etcd_container.py finds or builds its image).  Where it cannot
+    run, every container test is skipped with one reason (pytest -ra prints it once), or fails
+    with VIRTLEASE_REQUIRE_CONTAINER=1 (.ci/run)."""
+    from etcd_container import EtcdContainerError, docker_available, prepare_docker, start_etcd_container
+
+    def cannot(why: str) -> NoReturn:
+        if os.environ.get("VIRTLEASE_REQUIRE_CONTAINER") == "1":
+            pytest.fail(f"VIRTLEASE_REQUIRE_CONTAINER=1 but the container etcd cannot run: {why}")
+        pytest.skip(f"container etcd not tested: {why} (VIRTLEASE_REQUIRE_CONTAINER=1 makes this a failure)")
 
     if not docker_available():
-        if os.environ.get("VIRTLEASE_REQUIRE_CONTAINER") == "1":
-            pytest.fail("VIRTLEASE_REQUIRE_CONTAINER=1 but no Docker engine is reachable")
-        pytest.skip("no Docker engine reachable: container etcd not tested (set VIRTLEASE_REQUIRE_CONTAINER=1 "
-                    "to make this a failure)")
-    container, endpoint = start_etcd_container()
+        cannot("no Docker engine reachable")
+    problem = prepare_docker()
+    if problem is not None:
+        cannot(problem)
+    try:
+        container, endpoint = start_etcd_container()
+    except EtcdContainerError as exc:
+        cannot(str(exc).splitlines()[0])
     try:
         yield EtcdServer("container", endpoint)
     finally:
@@ -88,13 +103,27 @@ def dump(client: etcd3.Etcd3Client, prefix: str) -> dict[str, tuple[bytes, int, 
             for value, meta in client.get_prefix(prefix + "/")}
 
 
+STEADY_TTL = 30
+"""The session TTL of tests that must never be fenced: a loaded machine (load 25 on 2 cores)
+delays keepalives by seconds, and a 3 s TTL (fenced 2.4 s after the last keepalive) turned that
+into 'session lost' failures of tests about something else.  Tests of expiry, failover and
+fencing set a short TTL themselves, with bounds that allow for such delays."""
+FAST_TTL = 3
+"""The TTL of a host a test kills or cuts off, to see its lease run out in a few seconds."""
+EXPIRY_SLACK = 5.0
+"""How late after its TTL a dead host's lease may still be in etcd before a test calls it a failure:
+etcd expires leases in a background pass that a loaded machine delays (a liveness bound; the
+safety bound, never before the lease could expire, is asserted without slack)."""
+
+
 @pytest.fixture
 def make_driver(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., v.Plugin]]:
-    """Load an etcd driver instance for a host: ``make_driver("host-a", ttl=3)``."""
+    """Load an etcd driver instance for a host: ``make_driver("host-a", ttl=3)`` (default
+    ``STEADY_TTL``)."""
     plugins: list[v.Plugin] = []
 
     def make(host_id: str, **config: Any) -> v.Plugin:
-        cfg = {"endpoints": etcd.endpoints, "prefix": prefix, "host_id": host_id, "ttl": 3, **config}
+        cfg = {"endpoints": etcd.endpoints, "prefix": prefix, "host_id": host_id, "ttl": STEADY_TTL, **config}
         plugin = v.load_driver("etcd", config=cfg, capabilities=v.Capability.RESOURCES)
         plugins.append(plugin)
         return plugin

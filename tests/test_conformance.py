@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, new_uuid, shut
+from conftest import STEADY_TTL, EtcdServer, new_uuid, shut
 
 D = v.ResourceType.DISK
 L = v.ResourceType.LEASE
@@ -27,7 +27,7 @@ def driver_factory(request: pytest.FixtureRequest, prefix: str) -> Iterator[Call
         config = {}
         if request.param == "etcd":
             server: EtcdServer = request.getfixturevalue("etcd_process")
-            config = {"endpoints": server.endpoints, "prefix": prefix, "host_id": host_id, "ttl": 3}
+            config = {"endpoints": server.endpoints, "prefix": prefix, "host_id": host_id, "ttl": STEADY_TTL}
         plugin = v.load_driver(request.param, config=config, capabilities=ALL)
         plugins.append(plugin)
         return plugin

@@ -76,7 +76,9 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ({"user": "u"}, "user/password"),
         ({"user": "u", "password": "p"}, "only over TLS"),
         ({"ca_cert": "/nonexistent/ca.pem"}, "ca_cert: /nonexistent/ca.pem does not exist"),
-        ({"colour": "blue"}, "unknown setting"),
+        ({"colour": "blue"}, "unknown setting 'colour'; the settings are: acquire_timeout, "),
+        ({"endpoint": "a:1"}, "unknown setting 'endpoint' \\(did you mean 'endpoints'\\?\\)$"),
+        ({"fence-margin": 1}, "did you mean 'fence_margin'"),
         ({"config_file": "/nonexistent.toml"}, "does not exist"),
     ],
 )
@@ -95,3 +97,14 @@ def test_bad_toml_is_reported_with_its_path(tmp_path: Path) -> None:
 def test_environment_override_is_validated() -> None:
     with pytest.raises(ConfigError, match="endpoints"):
         load_config({}, environ={"VIRTLEASE_ETCD_ENDPOINTS": "bad"})
+
+
+def test_unknown_keys_never_list_program_only_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config({"colour": "blue"}, environ={})
+    for key in ("on_lease_lost", "restart_callback", "config_file"):
+        assert key not in str(exc.value)
+    conf = tmp_path / "virtlease.toml"
+    conf.write_text('[etcd]\non_lease_lost = "print"\n')
+    with pytest.raises(ConfigError, match="on_lease_lost can only be given by a program"):
+        load_config({"config_file": str(conf)}, environ={})

@@ -13,7 +13,7 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid, shut
+from conftest import EXPIRY_SLACK, FAST_TTL, STEADY_TTL, EtcdServer, dump, new_uuid, shut
 from virtlease_etcd import clock
 from virtlease_etcd.devtools.hostprocess import HostProcess
 
@@ -25,7 +25,7 @@ DISKS = ["/srv/mig/root.img", "/srv/mig/data.img"]
 def hosts(etcd_process: EtcdServer, prefix: str) -> Iterator[Callable[..., HostProcess]]:
     started: list[HostProcess] = []
 
-    def start(host_id: str, ttl: int = 3) -> HostProcess:
+    def start(host_id: str, ttl: int = STEADY_TTL) -> HostProcess:
         proc = HostProcess(etcd_process.endpoints, prefix, host_id, ttl=ttl)
         started.append(proc)
         return proc
@@ -43,7 +43,7 @@ def kv(kv_process: etcd3.Etcd3Client) -> etcd3.Etcd3Client:
 @pytest.fixture
 def third(etcd_process: EtcdServer, prefix: str) -> Iterator[v.Plugin]:
     plugin = v.load_driver("etcd", config={"endpoints": etcd_process.endpoints, "prefix": prefix,
-                                           "host_id": "thief", "ttl": 3})
+                                           "host_id": "thief", "ttl": STEADY_TTL})
     yield plugin
     for obj in plugin.objects:
         obj.free()
@@ -171,7 +171,7 @@ def test_two_concurrent_claims_exactly_one_wins(etcd_process: EtcdServer, prefix
     # two driver instances of host-b in two processes cannot exist (host_id is
     # unique), so race two objects of the destination host in one process
     plugin = v.load_driver("etcd", config={"endpoints": etcd_process.endpoints, "prefix": prefix,
-                                           "host_id": "host-b", "ttl": 3})
+                                           "host_id": "host-b", "ttl": STEADY_TTL})
     try:
         objs = []
         for _ in range(2):
@@ -204,13 +204,13 @@ def test_two_concurrent_claims_exactly_one_wins(etcd_process: EtcdServer, prefix
 
 def test_source_killed_before_claim_fails_safely_then_disks_are_free(
         hosts: Callable[..., HostProcess], third: v.Plugin, kv: etcd3.Etcd3Client, prefix: str) -> None:
-    src, dst = hosts("host-a"), hosts("host-b")
+    src, dst = hosts("host-a", ttl=FAST_TTL), hosts("host-b")
     uuid = new_uuid()
     start_vm(src, uuid)
     state = src.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
     killed_at = src.kill()
     while holders(kv, prefix):  # the source's lease runs out; its marks go with it
-        assert clock.now() - killed_at < 3 + 2, "dead source still holds after TTL + 2 s"
+        assert clock.now() - killed_at < FAST_TTL + EXPIRY_SLACK, "dead source still holds well after its TTL"
         steal(third)  # and until then nobody else gets the disks
         time.sleep(0.1)
     assert not [k for k in dump(kv, prefix) if "/handoff/" in k]
@@ -227,14 +227,14 @@ def test_source_killed_before_claim_fails_safely_then_disks_are_free(
 
 def test_destination_killed_after_claim_frees_and_source_never_regains(
         hosts: Callable[..., HostProcess], third: v.Plugin, kv: etcd3.Etcd3Client, prefix: str) -> None:
-    src, dst = hosts("host-a"), hosts("host-b")
+    src, dst = hosts("host-a"), hosts("host-b", ttl=FAST_TTL)
     uuid = new_uuid()
     start_vm(src, uuid)
     state = src.ok("prepare_migrate", obj="web1", dest="host-b")["state"]
     dst.ok("new", obj="web1", uuid=uuid, name="web1", disks=DISKS, migrate=True)
     dst.ok("acquire", obj="web1", state=state)
     dst.kill()
-    deadline = clock.now() + 6
+    deadline = clock.now() + FAST_TTL + EXPIRY_SLACK
     while holders(kv, prefix):
         assert clock.now() < deadline
         time.sleep(0.1)

@@ -19,7 +19,7 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid
+from conftest import STEADY_TTL, EtcdServer, dump, new_uuid
 
 D = v.ResourceType.DISK
 MakeDriver = Callable[..., v.Plugin]
@@ -32,7 +32,7 @@ def make_driver(etcd_process: EtcdServer, prefix: str) -> Iterator[MakeDriver]:
     plugins: list[v.Plugin] = []
 
     def make(host_id: str, **config: object) -> v.Plugin:
-        cfg = {"endpoints": etcd_process.endpoints, "prefix": prefix, "host_id": host_id, "ttl": 3, **config}
+        cfg = {"endpoints": etcd_process.endpoints, "prefix": prefix, "host_id": host_id, "ttl": STEADY_TTL, **config}
         plugin = v.load_driver("etcd", config=cfg, capabilities=ALL)
         plugins.append(plugin)
         return plugin

@@ -13,6 +13,10 @@ grant revisions (``keyspace``); mark-then-claim migration handoff
 (``driver``).  Configuration: ``config``.
 """
 
+# First, before anything imports grpc: its C core reads its log settings once, at import.
+from .etcd import grpclog as grpclog
+
+# isort: split
 from virtlease_etcd.ops.status import ClusterStatus, read_status
 
 from .config import EtcdConfig, load_config

@@ -10,6 +10,7 @@ when no ``config_file`` is given.  A key given as ``None`` counts as not given.
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 import stat
@@ -169,6 +170,11 @@ _MAPS = {"identity_map", "server_aliases"}
 _BOOLS = {"strict_identity", "legacy_path_keys", "scsi_pr_preempt_abort"}
 _LISTS = {"scsi_pr_luns"}
 KNOWN_KEYS = {f.name for f in fields(EtcdConfig)} | {"config_file"}
+PROGRAM_ONLY = _CALLABLES | {"config_file"}
+"""Keys only a program's config dict can give (callables, the file's own name): never in a file
+or the environment, and never offered as a suggestion."""
+SETTINGS = sorted(KNOWN_KEYS - PROGRAM_ONLY)
+"""What a file, the environment or a command line may set (deploy/virtlease.toml documents each)."""
 
 
 def _parse_action(value: Any) -> FailureAction:
@@ -296,6 +302,10 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"config_file: {path} holds a password but others can read it (mode "
                           f"{stat.S_IMODE(mode):04o}): chmod 600 {path}, or give the password in "
                           f"{ENV_PREFIX}PASSWORD instead")
+    program_only = sorted(PROGRAM_ONLY & set(section))
+    if program_only:
+        raise ConfigError(f"config_file: {path}: {', '.join(program_only)} can only be given by a program "
+                          "(load_driver's config dict), not in a file")
     return {k: v for k, v in section.items() if not isinstance(v, dict) or k in _MAPS}
 
 
@@ -316,11 +326,24 @@ def load_config(raw: Mapping[str, Any] | None = None, *, environ: Mapping[str, s
     merged.update(given)
     unknown = set(merged) - KNOWN_KEYS
     if unknown:
-        raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")
+        raise unknown_settings(unknown)
     values = {k: _coerce(k, v) for k, v in merged.items() if v is not None}
     cfg = EtcdConfig(**values)
     _validate(cfg)
     return cfg
+
+
+def unknown_settings(keys: set[str]) -> ConfigError:
+    """One line for unknown keys: the nearest valid setting for each, or the list of settings
+    when none is near (program-only keys are neither suggested nor listed)."""
+    parts, lost = [], False
+    for key in sorted(keys):
+        near = difflib.get_close_matches(key.lower().replace("-", "_"), SETTINGS, n=1, cutoff=0.6)
+        parts.append(f"{key!r} (did you mean {near[0]!r}?)" if near else repr(key))
+        lost = lost or not near
+    return ConfigError(f"unknown setting{'s' if len(keys) > 1 else ''} {', '.join(parts)}"
+                       + (f"; the settings are: {', '.join(SETTINGS)}" if lost else ""),
+                       hint="deploy/virtlease.toml documents every setting")
 
 
 def _validate(cfg: EtcdConfig) -> None:

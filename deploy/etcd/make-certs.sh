@@ -6,6 +6,9 @@
 #   etcdN-peer.crt / .key             member N's peer cert (serverAuth+clientAuth, used both ways)
 #   virtlease.crt / .key              client cert for virtlease hosts, CN=virtlease; with auth
 #                                     enabled, etcd maps the CN to the etcd user `virtlease`
+#   virtlease-monitor.crt / .key      client cert for monitoring (`virtlease status`,
+#                                     `virtlease check --read-only`), CN=virtlease-monitor: the
+#                                     read-only etcd user of rbac.sh
 #   root.crt / .key                   admin client cert, CN=root (for rbac.sh and etcdctl)
 #
 # Usage: deploy/etcd/make-certs.sh [OUT_DIR]      (default $ETCD_PKI_DIR or /etc/etcd/pki)
@@ -26,7 +29,7 @@ out=""
 for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         -*) echo "make-certs.sh: unknown option $arg" >&2; exit 2 ;;
         *) out="$arg" ;;
     esac
@@ -43,7 +46,8 @@ umask 077
 mkdir -p "$out"
 cd "$out"
 if [ "$force" -eq 1 ]; then
-    rm -f ca.crt ca.key ca.srl ./*-server.* ./*-peer.* virtlease.crt virtlease.key root.crt root.key
+    rm -f ca.crt ca.key ca.srl ./*-server.* ./*-peer.* virtlease.crt virtlease.key virtlease-monitor.crt \
+        virtlease-monitor.key root.crt root.key
 fi
 
 newkey() {  # EC P-256 private key, PKCS#8 PEM
@@ -101,6 +105,9 @@ for spec in $ETCD_MEMBERS; do
     issue "$member-peer" "$member" "$san" "serverAuth,clientAuth"
 done
 issue virtlease virtlease "" "clientAuth"
+issue virtlease-monitor virtlease-monitor "" "clientAuth"
 issue root root "" "clientAuth"
 rm -f ca.srl
-echo "make-certs.sh: done; copy ca.crt and the member's etcdN-* files to /etc/etcd/pki/ on each member host"
+echo "make-certs.sh: done; copy ca.crt and the member's etcdN-* files to /etc/etcd/pki/ on each member host,"
+echo "make-certs.sh: ca.crt and virtlease.crt/.key to /etc/virtlease/pki/ on each hypervisor,"
+echo "make-certs.sh: ca.crt and virtlease-monitor.crt/.key to the monitoring host"

@@ -37,9 +37,10 @@ log() { echo "rbac.sh: $*" >&2; }
 command -v "$ETCDCTL" >/dev/null 2>&1 || die "etcdctl not found (set ETCDCTL)"
 case "$PREFIX" in /*/) ;; *) die "VIRTLEASE_PREFIX must start and end with '/': $PREFIX" ;; esac
 
-# Is auth already enabled? (`auth status` exists since etcd 3.5.)
+# Is auth already enabled? (`auth status` exists since etcd 3.5; 3.4's etcdctl prints its help
+# for it and exits 0, so only its answer line counts.)
 auth_enabled=false
-if status="$("$ETCDCTL" auth status 2>/dev/null)"; then
+if status="$("$ETCDCTL" auth status 2>/dev/null)" && grep -qi 'Authentication Status:' <<<"$status"; then
     grep -qi 'Authentication Status: true' <<<"$status" && auth_enabled=true
 else
     # Older etcdctl or access denied: probe with a read that needs no permission when auth is off.
@@ -60,12 +61,14 @@ ctl() {
     fi
 }
 
-has_line() { grep -qxF "$1"; }
+# has_line LINE TEXT: whether TEXT has LINE (the listing is read whole first: `etcdctl ... | grep -q`
+# breaks the pipe when grep exits at the first match, and with pipefail the test then fails at random)
+has_line() { grep -qxF "$1" <<<"$2"; }
 
 # add_user NAME PASSWORD
 add_user() {
     local name="$1" password="$2"
-    if ctl user list | has_line "$name"; then
+    if has_line "$name" "$(ctl user list)"; then
         log "user $name exists"
     elif [ -n "$password" ]; then
         printf '%s\n' "$password" | ctl user add "$name" --interactive=false >/dev/null
@@ -78,7 +81,7 @@ add_user() {
 
 # add_role NAME
 add_role() {
-    if ctl role list | has_line "$1"; then
+    if has_line "$1" "$(ctl role list)"; then
         log "role $1 exists"
     else
         ctl role add "$1" >/dev/null

@@ -110,10 +110,18 @@ class Holder:
     """Wall-clock time (epoch seconds) of the grant."""
     handoff_to: str | None = None
     """Destination host, if the holder is handing the resource over."""
+    note: str | None = None
+    """What the backend says about the resource's name, shown in brackets after it (the etcd
+    backend: ``path://, this host only`` for a disk without a cluster-wide identity)."""
+
+    @property
+    def shown(self) -> str:
+        """``resource``, with ``note`` in brackets: how messages name it."""
+        return f"{self.resource} [{self.note}]" if self.note else self.resource
 
     def describe(self) -> str:
         text = (
-            f"{self.resource} is held {self.mode} by domain "
+            f"{self.shown} is held {self.mode} by domain "
             f"{self.domain_name} ({self.domain_uuid}) on host {self.host}, "
             f"token {self.token}"
         )

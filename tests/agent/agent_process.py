@@ -14,35 +14,42 @@ from pathlib import Path
 from virtlease_etcd.agent.runfile import load, state_path
 from virtlease_etcd.session.guard import start_time
 
+SERVING = "virtlease agent serving"
+"""The agent's log line once it has an etcd session and grants leases."""
+LISTENING = "virtlease agent listening on"
+"""Its line once the socket is open (before the session, when etcd does not answer yet)."""
+
 
 class AgentProcess:
     """One ``virtlease-agent`` process of ``host`` (TTL 4 s unless ``ttl`` says otherwise)."""
 
     def __init__(self, run: Path, endpoints: str, prefix: str, host: str, *, ttl: int = 4,
-                 extra: tuple[str, ...] = (), via_virtlease: bool = False) -> None:
+                 extra: tuple[str, ...] = (), via_virtlease: bool = False, ready: str = SERVING) -> None:
         """``via_virtlease``: run it as ``virtlease --endpoints E agent ...`` (the subcommand,
-        etcd options before its name) instead of the ``virtlease-agent`` module."""
+        etcd options before its name) instead of the ``virtlease-agent`` module.  ``ready``: the
+        log line to wait for (``LISTENING``: the socket is open, the etcd session maybe not)."""
         self.run, self.host = run, host
         self.socket = run / "virtlockd-sock"
         self.state_dir = run / "state"
         self.log_path = run / f"agent-{time.monotonic_ns()}.log"
         head = ([str(Path(sys.executable).with_name("virtlease")), "--endpoints", endpoints, "agent"]
-                if via_virtlease else [sys.executable, "-m", "virtlease_etcd.agent.main", "--endpoints", endpoints])
+                if via_virtlease else [sys.executable, "-P", "-m", "virtlease_etcd.agent.main", "--endpoints", endpoints])
         cmd = [*head, "--prefix", prefix, "--host-id", host, "--ttl", str(ttl), "--socket", str(self.socket), "--state-dir",
                str(self.state_dir), "--reserve-grace", "0.3", *extra]
         self.log = open(self.log_path, "w")  # closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        self.wait_ready(ready)
 
-    def _wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, line: str = SERVING, timeout: float = 60.0) -> None:
+        """Wait until the log says ``line``."""
         until = time.monotonic() + timeout
         while time.monotonic() < until:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited {self.proc.returncode}: {self.text()}")
-            if "virtlease agent serving" in self.text():
+            if line in self.text():
                 return
             time.sleep(0.05)
-        raise RuntimeError(f"agent not serving after {timeout}s: {self.text()}")
+        raise RuntimeError(f"agent log without {line!r} after {timeout}s: {self.text()}")
 
     def text(self) -> str:
         return self.log_path.read_text()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import virtlease as v
+from conftest import STEADY_TTL
 from virtlease.abi import ObjectSpec, ObjectType, ResourceSpec, ResourceType
 from virtlease.errors import ResourceBusyError
 from virtlease_etcd.agent.backend import EtcdLockBackend
@@ -20,8 +21,8 @@ STANDIN = Path(__file__).with_name("standin_qemu.py")
 
 
 def load(endpoints: str, prefix: str, host: str, **config: Any) -> v.Plugin:
-    """An etcd driver for ``host``."""
-    cfg = {"endpoints": endpoints, "prefix": prefix, "host_id": host, "ttl": 4, **config}
+    """An etcd driver for ``host`` (TTL ``STEADY_TTL`` unless ``config`` says otherwise)."""
+    cfg = {"endpoints": endpoints, "prefix": prefix, "host_id": host, "ttl": STEADY_TTL, **config}
     return v.load_driver("etcd", config=cfg, capabilities=v.Capability.RESOURCES)
 
 
@@ -53,7 +54,7 @@ class StandinQemu:
     def __init__(self, socket: Path, name: str, owner_uuid: str | None = None, *, close: bool = False) -> None:
         self.uuid = owner_uuid or str(uuidlib.uuid4())
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, str(STANDIN), str(socket), self.uuid, name, *(["close"] if close else [])],
+        self.proc = subprocess.Popen([sys.executable, "-P", str(STANDIN), str(socket), self.uuid, name, *(["close"] if close else [])],
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from agent.etcd_agent import StandinQemu
 from agent.test_agent_etcd import _agent_behind_proxy, _hold_then_cut, images, wait_for
-from conftest import EtcdServer
+from conftest import FAST_TTL, EtcdServer
 from virtlease_etcd.agent.lockdclient import LockdClient
 from virtlease_etcd.agent.metrics import Metrics
 
 
 def test_a_lost_session_is_counted_once_and_the_state_comes_back(etcd_process: EtcdServer, prefix: str,
                                                                   tmp_path: Path) -> None:
-    with _agent_behind_proxy(etcd_process, prefix, tmp_path, "host-m") as (proxy, plugin, server):
+    with _agent_behind_proxy(etcd_process, prefix, tmp_path, "host-m", ttl=FAST_TTL) as (proxy, plugin, server):
         metrics = Metrics(server.server.backend)
 
         def sample(name: str, **labels: str) -> float | None:

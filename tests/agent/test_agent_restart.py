@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -17,18 +18,25 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import etcd3
 import pytest
 
 import virtlease as v
-from agent.agent_process import AgentProcess, free_port
+from agent.agent_process import LISTENING, SERVING, AgentProcess, free_port
 from agent.etcd_agent import StandinQemu, load, take
-from conftest import EtcdServer
+from conftest import EXPIRY_SLACK, EtcdServer
 from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError
+from virtlease_etcd.devtools.embedded import EmbeddedEtcd
 from virtlease_etcd.session import reattach
 from virtlease_etcd.session.fencing import pid_alive
 
 TTL = 4
+"""The agent's TTL where a test waits for its guard to fire or its lease to run out."""
+STEADY = 10
+"""Where the agent must keep its session whatever the machine's load (a restart that must come
+back within the fence deadline: a Python start took 7 s at load 25 on 2 cores)."""
 
 
 @pytest.fixture
@@ -36,8 +44,8 @@ def agents(etcd_process: EtcdServer, prefix: str, sock_dir: Path) -> Iterator[Ca
     """agents(*extra_options) -> an agent process of host hv-a on ``sock_dir`` (one at a time)."""
     made: list[AgentProcess] = []
 
-    def start(*extra: str, via_virtlease: bool = False) -> AgentProcess:
-        a = AgentProcess(sock_dir, etcd_process.endpoints, prefix, "hv-a", ttl=TTL, extra=extra,
+    def start(*extra: str, via_virtlease: bool = False, ttl: int = TTL) -> AgentProcess:
+        a = AgentProcess(sock_dir, etcd_process.endpoints, prefix, "hv-a", ttl=ttl, extra=extra,
                          via_virtlease=via_virtlease)
         made.append(a)
         return a
@@ -128,21 +136,37 @@ def test_dead_or_frozen_agent_stops_the_owner_before_another_host_gets_the_disk(
     assert died["dead"] <= taken_at
     assert q.proc.returncode == -signal.SIGKILL
     kill_delay = died["dead"] - killed_at
-    assert kill_delay < TTL
+    assert kill_delay < TTL + EXPIRY_SLACK  # a liveness bound: the safety one is died <= taken_at above
     record_property(f"{how}_owner_killed_after_s", round(kill_delay, 3))
     record_property(f"{how}_disk_free_after_s", round(taken_at - killed_at, 3))
     assert gone_soon(guard), "the guard outlived its job"
+    # the guard's lines are in the agent's log, in its format
+    assert f"sent signal 9 to domain web1 ({q.uuid})" in agent.text(), agent.text()
+    assert_log_format(agent.text())
     if how == "sigkill":  # an agent back too late starts a fresh session (the old lease is gone)
         agent.stop()
         again = agents()
-        assert "cannot continue the previous agent's session" in again.text()
+        (line,) = [x for x in again.text().splitlines() if "cannot continue the previous agent's session" in x]
+        assert "is gone from etcd" in line and "-1s" not in line, line
+        assert f"domain web1 ({q.uuid}) QEMU pid {q.pid} has exited (fenced by the previous agent's guard" in line
+        assert_log_format(again.text())
+
+
+LOG_LINE = re.compile(r'ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=(debug|info|warning|error|critical) '
+                      r'logger=[\w.]+ msg=".*"')
+
+
+def assert_log_format(text: str) -> None:
+    """Every line of an agent's log (its guard's included) is one event in the agent's format."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines and all(LOG_LINE.fullmatch(line) for line in lines), text
 
 
 @pytest.mark.parametrize("how", ["sigkill", "sigusr2"])
 def test_restart_within_ttl_readopts_the_running_owner(
         how: str, agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu],
         disk: str) -> None:
-    first = agents(via_virtlease=True)  # the subcommand; the alias takes over from it
+    first = agents(via_virtlease=True, ttl=STEADY)  # the subcommand; the alias takes over from it
     q = start_vm(first, disk, qemus)
     old_guard = first.guard_pid()
     if how == "sigkill":
@@ -151,10 +175,10 @@ def test_restart_within_ttl_readopts_the_running_owner(
     else:
         first.signal(signal.SIGUSR2)
         assert first.wait() == 75
-    second = agents()
+    second = agents(ttl=STEADY)
     assert "re-attached to lease" in second.text()
     assert f"re-adopted running domain web1 ({q.uuid}) QEMU pid {q.pid}" in second.text()
-    time.sleep(TTL + 1)  # past the old fence deadline and the old lease's TTL
+    time.sleep(STEADY + 1)  # past the old fence deadline and the old lease's TTL
     assert q.alive(), "the restarted agent let the old guard kill a QEMU it had re-adopted"
     assert gone_soon(old_guard), "the old guard did not stand down"
     assert not take(other_host, disk), "the disk went free while its QEMU runs"
@@ -166,10 +190,10 @@ def test_restart_within_ttl_readopts_the_running_owner(
 
 def test_sigterm_with_a_vm_refuses_and_keeps_protection(
         agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str) -> None:
-    agent = agents()
+    agent = agents(ttl=STEADY)
     q = start_vm(agent, disk, qemus)
     agent.signal(signal.SIGTERM)
-    time.sleep(TTL + 1)
+    time.sleep(STEADY + 1)
     assert agent.proc.poll() is None
     assert "REFUSING TO EXIT: 1 domain(s)" in agent.text()
     assert q.alive() and not take(other_host, disk)
@@ -217,7 +241,7 @@ def test_reattach_refuses_a_lease_that_is_not_ours(etcd_process: EtcdServer, pre
         session = plugin.driver.session
         with pytest.raises(reattach.CannotReattach, match="is not on lease"):
             reattach.adopt_session(session.cfg, session.lease_id, "not-the-session")
-        with pytest.raises(reattach.CannotReattach, match="too late"):
+        with pytest.raises(reattach.CannotReattach, match="is gone from etcd"):
             reattach.adopt_session(session.cfg, session.lease_id + 12345, session.session_id)
         assert session.lost is None  # the failed attempts did not touch the live session
     finally:
@@ -226,14 +250,14 @@ def test_reattach_refuses_a_lease_that_is_not_ours(etcd_process: EtcdServer, pre
 
 def test_a_second_agent_on_a_live_socket_touches_nothing(
         agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str) -> None:
-    first = agents()
+    first = agents(ttl=STEADY)
     q = start_vm(first, disk, qemus)
     guard = first.guard_pid()
     with pytest.raises(RuntimeError, match="exited 2") as exc:
-        agents()
+        agents(ttl=STEADY)
     assert "is in use by a running daemon" in str(exc.value)
     assert "re-attached" not in str(exc.value)
-    time.sleep(TTL + 1)
+    time.sleep(STEADY + 1)
     assert pid_alive(guard) and first.guard_pid() == guard, "the running agent's guard was touched"
     assert q.alive() and not take(other_host, disk)
 
@@ -256,16 +280,16 @@ def test_a_killed_guard_is_replaced_and_still_protects(
 
 def test_restart_releases_what_an_owner_that_died_meanwhile_held(
         agents: Callable[..., AgentProcess], other_host: v.Plugin, qemus: list[StandinQemu], disk: str) -> None:
-    first = agents()
+    first = agents(ttl=STEADY)
     q = start_vm(first, disk, qemus)
     first.proc.kill()
     first.wait()
     q.kill()  # the QEMU exits while no agent runs
     killed_at = time.monotonic()
-    second = agents()
+    second = agents(ttl=STEADY)
     assert "is no longer running: releasing what it held" in second.text()
-    taken_at = wait_taken(other_host, disk, TTL)
-    assert taken_at is not None and taken_at - killed_at < TTL - 1, "released by the new agent, not by expiry"
+    taken_at = wait_taken(other_host, disk, STEADY)
+    assert taken_at is not None and taken_at - killed_at < STEADY - 1, "released by the new agent, not by expiry"
 
 
 def test_metrics_port_taken_the_agent_serves_without_metrics(agents: Callable[..., AgentProcess]) -> None:
@@ -318,3 +342,99 @@ def test_after_a_network_cut_the_fenced_domain_starts_again_on_this_host(
             assert restarts <= 1, f"the guard was restarted {restarts} times:\n{agent.text()[-3000:]}"
         finally:
             agent.stop()
+
+
+def test_an_agent_started_before_etcd_serves_at_once_and_grants_once_etcd_answers(
+        sock_dir: Path, prefix: str, disk: str, qemus: list[StandinQemu]) -> None:
+    """A site-wide power-on where the hypervisors boot first: the agent listens at once, refuses
+    ACQUIREs with 'etcd unreachable' (saying why) while it retries, and grants once etcd is up --
+    for a domain registered before that too (its registration and lifeline carry over)."""
+    etcd = EmbeddedEtcd()  # its ports chosen; not started yet
+    agent = None
+    try:
+        agent = AgentProcess(sock_dir, etcd.endpoints, prefix, "hv-a", ready=LISTENING)
+        early = StandinQemu(agent.socket, "web0")  # REGISTER + RESTRICT: accepted, nothing held
+        qemus.append(early)
+        with LockdClient(agent.socket) as c:
+            c.register(early.owner())
+            with pytest.raises(RemoteCallError) as refused:
+                c.acquire(disk)
+        msg = refused.value.error.message or ""
+        assert "etcd unreachable, nothing changed: the virtlease agent has no etcd session yet" in msg, msg
+        assert "connection refused" in msg, msg
+        assert "no etcd session yet" in agent.text() and agent.proc.poll() is None
+        etcd.start()
+        agent.wait_ready(SERVING)
+        with LockdClient(agent.socket) as c:
+            c.register(early.owner())
+            c.acquire(disk)  # granted on the session opened after the start
+        dump = etcd_dump(etcd.endpoints, prefix)
+        assert [(r["host"], r["name"]) for r in dump] == [("hv-a", "web0")], dump
+        early.kill()  # its lifeline, opened before the session, is watched: the disk goes free
+        until = time.monotonic() + 10
+        while etcd_dump(etcd.endpoints, prefix) and time.monotonic() < until:
+            time.sleep(0.05)
+        assert etcd_dump(etcd.endpoints, prefix) == []
+        assert_log_format(agent.text())
+    finally:
+        if agent is not None:
+            agent.stop()
+        etcd.stop()
+
+
+def etcd_dump(endpoints: str, prefix: str) -> list[dict[str, Any]]:
+    """The holder records under ``prefix``."""
+    host, port = endpoints.rsplit(":", 1)
+    client = etcd3.client(host=host, port=int(port))
+    try:
+        return [json.loads(value) for value, meta in client.get_prefix(prefix + "/")
+                if b"/res/" in meta.key and b"legacy" not in value]
+    finally:
+        client.close()
+
+
+def test_the_agents_log_says_when_a_disk_is_locked_by_this_hosts_path_only(
+        agents: Callable[..., AgentProcess], qemus: list[StandinQemu]) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm (tmpfs)")
+    disk = shm / f"vl-agent-host-only-{os.getpid()}.img"
+    disk.write_bytes(b"")
+    try:
+        agent = agents()
+        start_vm(agent, str(disk), qemus)
+        (line,) = [x for x in agent.text().splitlines() if "has no cluster-wide identity" in x]
+        assert f"disk {disk} has no cluster-wide identity: it is locked as path://{disk}, this host's path only" \
+            in line and "level=warning" in line, line
+    finally:
+        disk.unlink()
+
+
+def test_a_handover_renews_the_lease_first_so_the_successor_has_a_whole_ttl(
+        etcd_process: EtcdServer, prefix: str, sock_dir: Path, disk: str, qemus: list[StandinQemu]) -> None:
+    """SIGUSR2 just before a keepalive was due: the old agent renews the lease once more before it
+    hands over, so its guard's deadline (and the successor's time to re-attach) is a whole
+    ``ttl - margin`` away, not what was left of the keepalive rhythm (as little as two thirds of
+    the TTL minus the margin: a successor slow to start under load found the VMs fenced)."""
+    from virtlease_etcd.config import load_config
+    from virtlease_etcd.etcd.client import EtcdClient
+
+    ttl = 9
+    agent = AgentProcess(sock_dir, etcd_process.endpoints, prefix, "hv-h", ttl=ttl)
+    client = EtcdClient(load_config({"endpoints": etcd_process.endpoints}, environ={}))
+    try:
+        start_vm(agent, disk, qemus)
+        lease = json.loads(agent.state_dir.joinpath("agent-hv-h.json").read_text())["lease"]
+        until = time.monotonic() + 2 * ttl
+        while client.lease_ttl(lease, timeout=2) > ttl * 2 // 3:  # the next keepalive is 0-1 s away
+            assert time.monotonic() < until
+            time.sleep(0.05)
+        agent.signal(signal.SIGUSR2)
+        assert agent.wait() == 75
+        line = next(x for x in agent.text().splitlines() if "handing over: lease" in x)
+        left = float(line.split("fence deadline (")[1].split("s from now")[0])
+        margin = load_config({"endpoints": etcd_process.endpoints, "ttl": ttl}, environ={}).margin
+        assert left >= ttl - margin - 1.0, line
+    finally:
+        client.close()
+        agent.stop()

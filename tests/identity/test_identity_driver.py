@@ -1,4 +1,4 @@
-"""The etcd driver names disks by their cluster-wide identity (issue 13), on real etcd and real mounts.
+"""The etcd driver names disks by their cluster-wide identity, on real etcd and real mounts.
 
 Each "host" of the multi-host tests is a ``virtlease_etcd.devtools.hostprocess`` process started under
 ``unshare -m`` (its own mount namespace) after mounting the shared storage where it likes; one-host
@@ -24,7 +24,7 @@ import pytest
 from test_identity_system import filesystem, mounted, need, sshd, sshfs
 
 import virtlease as v
-from conftest import EtcdServer, dump, new_uuid
+from conftest import STEADY_TTL, EtcdServer, dump, new_uuid
 from virtlease_etcd.devtools.hostprocess import HostProcess
 
 __all__ = ["sshd"]  # the fixture, imported for the sshfs test
@@ -64,7 +64,7 @@ def hosts(etcd: EtcdServer, prefix: str) -> Iterator[Callable[..., HostProcess]]
         script = "".join(f"mkdir -p {shlex.quote(str(at))} && mount {shlex.quote(dev)} {shlex.quote(str(at))} && "
                          for dev, at in mounts) + 'exec "$@"'
         wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "host"]
-        host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **settings)
+        host = HostProcess(etcd.endpoints, prefix, host_id, wrapper=wrapper, **{"ttl": STEADY_TTL, **settings})
         started.append(host)
         return host
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from virtlease_lab.libvirt.agentrig import AgentRig, DeathWatch, Watch
+from virtlease_lab.libvirt.rig import wait_for
 
 pytestmark = pytest.mark.libvirt
 
@@ -45,6 +46,12 @@ def twin(env: AgentRig, name: str, disks: list[Path]) -> str:
 def held(env: AgentRig, name: str) -> dict[str, tuple[str, str | None]]:
     """Disk file name -> (host, handoff) of every record of domain ``name`` in etcd."""
     return {Path(h.resource.split(" (")[0]).name: (h.host, h.handoff_to) for h in env.holders(name)}
+
+
+def settles_to(env: AgentRig, name: str, expected: dict[str, tuple[str, str | None]]) -> None:
+    """Wait until etcd shows ``expected`` for domain ``name``: the agent frees an unplugged or
+    pivoted disk once the lock connection that released it has closed, just after virsh returns."""
+    wait_for(lambda: held(env, name) == expected, 5.0, what=f"{name}'s records to be {expected}")
 
 
 def never_ran(watch: Watch) -> None:
@@ -70,7 +77,7 @@ def test_detach_disk_frees_it_at_once_and_keeps_the_others_held(
         _, granted = env.start_once_free("B", "cp1-rival", detached, 5, pause=0.02)
     never_ran(watch)
     assert r.qemu_pid("A", "cp1") == qemu and r.domstate("A", "cp1") == "running"
-    assert held(env, "cp1") == {"cp1-root.img": ("hostA", None)}  # held, not reserved
+    settles_to(env, "cp1", {"cp1-root.img": ("hostA", None)})  # held, not reserved
     assert held(env, "cp1-rival") == {"cp1-data.img": ("hostB", None)}
     assert any("held exclusive by domain cp1" in e and "on host hostA" in e for e in watch.intruders[0].refusals)
     record_property("detached_disk_free_s", round(granted, 3))
@@ -108,7 +115,7 @@ def test_blockcopy_pivot_holds_the_copy_first_and_frees_the_source_after(env: Ag
         r.virsh("A", "blockcopy", "cp3", "sdb", str(copy), "--wait", "--pivot", "--transient-job",
                 "--format", "raw", timeout=120)
     never_ran(watch)
-    assert held(env, "cp3") == {"cp3-root.img": ("hostA", None), "cp3-copy.img": ("hostA", None)}
+    settles_to(env, "cp3", {"cp3-root.img": ("hostA", None), "cp3-copy.img": ("hostA", None)})
     names = [{Path(h.resource.split(" (")[0]).name for h in s} for s in watch.samples]
     first_copy = next(i for i, s in enumerate(names) if "cp3-copy.img" in s)
     last_data = max(i for i, s in enumerate(names) if "cp3-data.img" in s)
@@ -126,10 +133,10 @@ def test_external_snapshot_holds_the_overlay_and_blockcommit_pivot_holds_the_bas
     with Watch(env, ["cp4"], intruders=[("B", "cp4")]) as watch:
         r.virsh("A", "snapshot-create-as", "cp4", "snap1", "--disk-only", "--atomic", "--no-metadata",
                 "--diskspec", "sda,snapshot=no", "--diskspec", f"sdb,file={r.images / 'cp4-data.snap1'}")
-        assert held(env, "cp4") == {"cp4-root.img": ("hostA", None), "cp4-data.snap1": ("hostA", None)}
+        settles_to(env, "cp4", {"cp4-root.img": ("hostA", None), "cp4-data.snap1": ("hostA", None)})
         r.virsh("A", "blockcommit", "cp4", "sdb", "--active", "--pivot", "--wait", timeout=120)
     never_ran(watch)
-    assert held(env, "cp4") == {"cp4-root.img": ("hostA", None), "cp4-data.img": ("hostA", None)}
+    settles_to(env, "cp4", {"cp4-root.img": ("hostA", None), "cp4-data.img": ("hostA", None)})
     r.define_domain("B", "cp4-rival", [r.images / "cp4-data.snap1"], bus="scsi")
     env.start_once_free("B", "cp4-rival", time.monotonic(), 3)  # the committed overlay is free
     r.virsh("B", "destroy", "cp4-rival")

@@ -264,20 +264,27 @@ def test_source_qemu_killed_after_the_destination_resumed_leaves_the_destination
 
 def _fenced_before_granted(env: AgentRig, qemu: int, fault: Callable[[], object], repair: Callable[[], object],
                            taker: str, tag: str, label: str, record_property: pytest.RecordProperty) -> None:
-    """``fault()`` on host A, then start ``taker`` on B until it works: A's QEMU ``qemu`` must
-    have exited before that start began (the grant came later still); then ``repair()``.
+    """``fault()`` on host A, then start ``taker`` on B until it works, etcd sampled throughout:
+    A's QEMU ``qemu`` must have exited before B was granted the disk -- before the last sample
+    that did not show B holding it began (a lower bound of the grant); then ``repair()``.
     Records and prints when A's QEMU died, when B's start worked and the fence lead between."""
     death = DeathWatch(qemu)
-    t0 = time.monotonic()
-    fault()
-    try:
-        tried, done = env.start_once_free("B", taker, t0, 3 * TTL, pause=0.05)
-        dead = death.wait(0)
-        assert dead is not None, "B was granted the disk while A's QEMU still ran"
-        assert dead - t0 < tried, f"A's QEMU died {dead - t0:.3f} s after the fault, B's start began at {tried:.3f} s"
-    finally:
-        repair()
-    lead = tried - (dead - t0)
+    with Watch(env, [taker], linger=0.1) as watch:
+        t0 = time.monotonic()
+        fault()
+        try:
+            _, done = env.start_once_free("B", taker, t0, 3 * TTL, pause=0.05)
+        finally:
+            repair()
+    dead = death.wait(0)
+    assert dead is not None, "B was granted the disk while A's QEMU still ran"
+    before_b = [t for t, s in zip(watch.sample_times, watch.samples, strict=True)
+                if not any(h.domain_name == taker for h in s)]
+    assert before_b and max(before_b) > t0, "no etcd sample before B's grant"
+    granted_after = max(before_b) - t0
+    assert dead - t0 < granted_after, \
+        f"A's QEMU died {dead - t0:.3f} s after the fault, B was granted the disk after {granted_after:.3f} s"
+    lead = granted_after - (dead - t0)
     record_property(f"{tag}_to_qemu_killed_s", round(dead - t0, 3))
     record_property(f"{tag}_to_b_started_s", round(done, 3))
     record_property(f"fence_lead_{tag}_s", round(lead, 3))

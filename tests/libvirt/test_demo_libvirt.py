@@ -33,7 +33,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_libvirt_demo_runs_the_three_scenarios() -> None:
-    cp = subprocess.run([sys.executable, "-m", "virtlease_lab.libvirt.demo"], capture_output=True, text=True, timeout=120)
+    cp = subprocess.run([sys.executable, "-P", "-m", "virtlease_lab.libvirt.demo"], capture_output=True, text=True, timeout=120)
     out = cp.stdout
     print(out)
     assert cp.returncode == 0, out + cp.stderr

@@ -33,7 +33,7 @@ import etcd3
 import pytest
 
 import virtlease as v
-from conftest import EtcdServer, dump, shut
+from conftest import STEADY_TTL, EtcdServer, dump, shut
 from virtlease_etcd.model import keyspace as ks
 
 CAPS = v.Capability.RESOURCES | v.Capability.MIGRATE | v.Capability.HOTPLUG | v.Capability.USES_STATE
@@ -64,7 +64,7 @@ class World:
     ctx: Any = None
 
     def config(self, **extra: Any) -> dict[str, Any]:
-        return {"endpoints": self.etcd.endpoints, "prefix": self.prefix, "host_id": "host-a", "ttl": 3,
+        return {"endpoints": self.etcd.endpoints, "prefix": self.prefix, "host_id": "host-a", "ttl": STEADY_TTL,
                 **extra}
 
     def obj(self, *disks: str, flags: v.NewFlags = v.NewFlags(0), uuid: str = UUID) -> v.LockObject:
@@ -77,9 +77,9 @@ class World:
 @pytest.fixture
 def world(etcd: EtcdServer, prefix: str, kv: etcd3.Etcd3Client) -> Iterator[World]:
     a = v.load_driver("etcd", config={"endpoints": etcd.endpoints, "prefix": prefix, "host_id": "host-a",
-                                      "ttl": 3}, capabilities=CAPS)
+                                      "ttl": STEADY_TTL}, capabilities=CAPS)
     b = v.load_driver("etcd", config={"endpoints": etcd.endpoints, "prefix": prefix, "host_id": "host-b",
-                                      "ttl": 3}, capabilities=CAPS)
+                                      "ttl": STEADY_TTL}, capabilities=CAPS)
     vm = subprocess.Popen(["sleep", "600"])
     # host-b holds BUSY_DISK; host-a held DISK and released it (gen key, a state)
     held = b.new_object(uuid=str(uuidlib.uuid4()), name="b-vm")
@@ -368,7 +368,7 @@ CONFIG_CASES = [
     Case("config: host_id with space", lambda w: load(w, w.tmp, host_id="a b"), v.ConfigError, ("host_id",)),
     Case("config: host_id empty", lambda w: load(w, w.tmp, host_id=""), v.ConfigError, ("host_id",)),
     Case("config: host_id with slash", lambda w: load(w, w.tmp, host_id="a/b"), v.ConfigError, ("host_id",)),
-    Case("config: fence_margin above ttl/2", lambda w: load(w, w.tmp, fence_margin=2.0), v.ConfigError,
+    Case("config: fence_margin above ttl/2", lambda w: load(w, w.tmp, ttl=3, fence_margin=2.0), v.ConfigError,
          ("fence_margin",)),
     Case("config: request_timeout 0", lambda w: load(w, w.tmp, request_timeout=0), v.ConfigError,
          ("request_timeout",)),

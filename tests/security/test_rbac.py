@@ -8,6 +8,7 @@ tokens that expire during a long hold do not make the host fence itself.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -16,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from etcd3 import transactions as tx
@@ -34,12 +36,16 @@ PASSWORDS = {"root": "r00t-secret", "virtlease": "host-secret", "virtlease-monit
 TOKEN_TTL = 2
 
 
-def _rbac(etcd: TlsCluster) -> subprocess.CompletedProcess[str]:
+def _rbac(etcd: TlsCluster, *, certificates: bool = False) -> subprocess.CompletedProcess[str]:
+    """rbac.sh as an administrator runs it: with passwords, or with the root client certificate."""
     env = {**os.environ, "ETCDCTL": str(Path(find_etcd_binary()).with_name("etcdctl")),
            "ETCDCTL_ENDPOINTS": ",".join(f"https://{ep}" for ep in etcd.endpoints.split(",")),
-           "ETCDCTL_CACERT": str(etcd.pki / "ca.crt"), "VIRTLEASE_PREFIX": PREFIX + "/",
-           "ROOT_PASSWORD": PASSWORDS["root"], "VIRTLEASE_PASSWORD": PASSWORDS["virtlease"],
-           "MONITOR_PASSWORD": PASSWORDS["virtlease-monitor"]}
+           "ETCDCTL_CACERT": str(etcd.pki / "ca.crt"), "VIRTLEASE_PREFIX": PREFIX + "/"}
+    if certificates:
+        env.update(ETCDCTL_CERT=str(etcd.pki / "root.crt"), ETCDCTL_KEY=str(etcd.pki / "root.key"))
+    else:
+        env.update(ROOT_PASSWORD=PASSWORDS["root"], VIRTLEASE_PASSWORD=PASSWORDS["virtlease"],
+                   MONITOR_PASSWORD=PASSWORDS["virtlease-monitor"])
     return subprocess.run(["bash", str(REPO / "deploy" / "etcd" / "rbac.sh")], env=env, capture_output=True,
                           text=True, timeout=60)
 
@@ -58,6 +64,21 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsCluster]:
         again = _rbac(server)  # idempotent, now with auth on
         assert again.returncode == 0, again.stderr
         assert "auth already enabled" in again.stderr and "user virtlease exists" in again.stderr
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cert_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsCluster]:
+    """The production shape of deploy/etcd/: client certificates from make-certs.sh, their CN the
+    etcd user, rbac.sh run with the root certificate."""
+    pki = make_pki(tmp_path_factory.mktemp("cert-pki"))
+    server = TlsCluster(tmp_path_factory.mktemp("cert-rbac-etcd"), pki)
+    try:
+        server.wait()
+        result = _rbac(server, certificates=True)
+        assert result.returncode == 0, result.stderr
         yield server
     finally:
         server.stop()
@@ -82,7 +103,7 @@ def _dump(etcd: TlsCluster) -> dict[bytes, bytes]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: val for k, val in os.environ.items() if not k.startswith("VIRTLEASE_")}
+    env = {k: val for k, val in os.environ.items() if not k.startswith(("VIRTLEASE_", "GRPC_"))}
     return {**env, **extra}
 
 
@@ -220,3 +241,68 @@ def test_config_file_with_a_password_must_not_be_readable_by_others(etcd: TlsClu
                          text=True, env=_env(), timeout=60)
     assert res.returncode == 0, res.stderr
     assert PASSWORDS["virtlease"] not in res.stdout + res.stderr
+
+
+def _check(etcd: TlsCluster, cn: str, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``virtlease check --json`` as the holder of the ``cn`` client certificate of make-certs.sh."""
+    env = _env(**{f"VIRTLEASE_ETCD_{k.upper()}": val for k, val in etcd.tls(cn).items()})
+    result = subprocess.run([*VIRTLEASE, "--endpoints", etcd.endpoints, "--prefix", PREFIX, "--host-id", "host-c",
+                             "check", "--json", *args], capture_output=True, text=True, env=env, timeout=60)
+    assert result.stderr == "", result.stderr
+    return result, json.loads(result.stdout)
+
+
+def _rows(report: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    rows: dict[str, list[tuple[str, str]]] = {}
+    for f in report["findings"]:
+        rows.setdefault(f["check"], []).append((f["level"], f["detail"]))
+    return rows
+
+
+def test_check_keeps_health_and_permission_apart(cert_etcd: TlsCluster) -> None:
+    """A prefix outside the host's role: every member is healthy, one permission row fails,
+    naming the prefix and the role it needs (exit 1, not 'unreachable')."""
+    result, report = _check(cert_etcd, "virtlease", "--prefix", "/elsewhere")
+    assert result.returncode == 1, result.stdout
+    rows = _rows(report)
+    assert [e["healthy"] for e in report["endpoints"]] == [True, True, True]
+    assert all(rows[f"endpoint {ep}"] == [("ok", rows[f"endpoint {ep}"][0][1])]
+               for ep in cert_etcd.endpoints.split(","))
+    assert rows["etcd user"] == [("info", f"etcd user virtlease (role virtlease: readwrite on prefix {PREFIX}/)")]
+    ((level, detail),) = rows["permission"]
+    assert level == "fail" and "cannot read under /elsewhere/" in detail, detail
+    assert "readwrite on prefix /elsewhere/ (deploy/etcd/rbac.sh role virtlease" in detail, detail
+    assert report["worst"] == "fail"
+
+
+def test_the_monitoring_certificate_passes_a_read_only_check(cert_etcd: TlsCluster) -> None:
+    result, report = _check(cert_etcd, "virtlease-monitor", "--read-only", "--strict")
+    rows = _rows(report)
+    assert rows["permission"][0][0] == "ok", rows
+    assert rows["client certificate"][0][0] == "ok" and "CN=virtlease-monitor" in rows["client certificate"][0][1]
+    assert rows["etcd user"] == [("info", f"etcd user virtlease-monitor (role virtlease-monitor: read on prefix "
+                                          f"{PREFIX}/)")]
+    # --strict fails on warnings only: the etcd version's, where the version has a known defect
+    warnings = {check for check, found in rows.items() for level, _ in found if level != "ok" and level != "info"}
+    assert warnings <= {"etcd version"}, rows
+    assert result.returncode == (0 if not warnings else 1), result.stdout
+    # the same user checked as a host: it cannot write, and the row says what to do
+    host, report = _check(cert_etcd, "virtlease-monitor")
+    ((level, detail),) = _rows(report)["permission"]
+    assert host.returncode == 1 and level == "fail" and "cannot write under /vlrbac/" in detail, detail
+    assert "role virtlease," in detail and "check --read-only" in detail, detail
+
+
+def test_a_wrong_password_is_an_authentication_error(etcd: TlsCluster, tmp_path: Path) -> None:
+    env = _env(VIRTLEASE_ETCD_USER="virtlease", VIRTLEASE_ETCD_PASSWORD="not-the-password",
+               VIRTLEASE_ETCD_CA_CERT=str(etcd.pki / "ca.crt"))
+    base = [*VIRTLEASE, "--endpoints", etcd.endpoints, "--prefix", PREFIX]
+    status = subprocess.run([*base, "status"], capture_output=True, text=True, env=env, timeout=60)
+    assert status.returncode == 2, status.stderr
+    lines = [line for line in status.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and "refused to authenticate user virtlease" in lines[0], lines
+    check = subprocess.run([*base, "check", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert check.returncode == 1, check.stdout + check.stderr
+    rows = _rows(json.loads(check.stdout))
+    assert all(level == "ok" for level, _ in rows[f"endpoint {etcd.endpoints.split(',')[0]}"])
+    assert rows["authentication"][0][0] == "fail" and "refused to authenticate" in rows["authentication"][0][1]

@@ -55,7 +55,7 @@ def _toml(path: Path, settings: dict[str, object]) -> Path:
 
 
 def _env() -> dict[str, str]:
-    return {k: val for k, val in os.environ.items() if not k.startswith("VIRTLEASE_")}
+    return {k: val for k, val in os.environ.items() if not k.startswith(("VIRTLEASE_", "GRPC_"))}
 
 
 def _cli(conf: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -196,7 +196,73 @@ def test_refused_connection_says_why_in_one_line(case: str, cluster: TlsCluster,
     assert EXPECTED[case] in message and "\n" not in message, message
     assert "Traceback" not in message and "_InactiveRpcError" not in message
     conf = _toml(tmp_path / "virtlease.toml", settings)
-    check = _cli(conf, "check")
+    check = _cli(conf, "check", "--json")  # whole findings: the table folds long details
     assert check.returncode == 4, check.stdout + check.stderr
-    assert EXPECTED[case] in check.stdout + check.stderr, check.stdout + check.stderr
+    assert EXPECTED[case] in check.stdout, check.stdout + check.stderr
     assert "Traceback" not in check.stderr
+
+
+def _stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_no_grpc_log_line_reaches_the_terminal_on_a_failed_handshake(cluster: TlsCluster, refusals: dict[
+        str, dict[str, str]], tmp_path: Path) -> None:
+    """gRPC's C core logs every failed handshake (dozens of lines per command); only the one
+    error line and its hint may reach stderr -- unless --debug asks for gRPC's own lines."""
+    conf = _toml(tmp_path / "virtlease.toml", {**_config(cluster, "/tls-quiet", "host-quiet"),
+                                                **refusals["server certificate from another CA"]})
+    quiet = _cli(conf, "status")
+    assert quiet.returncode == 4
+    lines = _stderr_lines(quiet)
+    assert len(lines) == 2 and lines[0].startswith("virtlease: error: ") and lines[1].startswith("hint: "), lines
+    assert "server certificate not signed by ca_cert" in lines[0]
+    debug = _cli(conf, "--debug", "status")  # the control: gRPC does log here when asked
+    assert "ssl_transport_security" in debug.stderr and "Handshake failed" in debug.stderr, debug.stderr[-2000:]
+
+
+def test_a_key_that_is_not_the_certificates_gets_its_own_line(cluster: TlsCluster, pki: Path, tmp_path: Path) -> None:
+    mismatched = {"ca_cert": str(pki / "ca.crt"), "cert_cert": str(pki / "virtlease.crt"),
+                  "cert_key": str(pki / "root.key")}
+    conf = _toml(tmp_path / "virtlease.toml", {**_config(cluster, "/tls-mismatch", "host-mm"), **mismatched})
+    (tmp_path / "web1.qcow2").write_bytes(b"")
+    for command in (["status"], ["hold", "--name", "web1", "--disk", str(tmp_path / "web1.qcow2")], ["check"]):
+        result = _cli(conf, *command, timeout=30)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        lines = _stderr_lines(result)
+        assert len(lines) == 2 and lines[1].startswith("hint: "), (command, lines)
+        assert lines[0] == (f"virtlease: error: cert_key: {pki / 'root.key'} is not the private key of cert_cert "
+                            f"{pki / 'virtlease.crt'} (they do not match): give the key that certificate was "
+                            "issued with"), lines
+        assert result.stdout == "", result.stdout
+    with pytest.raises(v.ConfigError, match="is not the private key of cert_cert"):
+        v.load_driver("etcd", config={**_config(cluster, "/tls-mismatch", "host-mm"), **mismatched},
+                      capabilities=v.Capability.RESOURCES)
+
+
+def test_the_agents_log_has_no_grpc_line_and_says_why_it_has_no_session(cluster: TlsCluster, refusals: dict[
+        str, dict[str, str]], tmp_path: Path) -> None:
+    """An agent whose CA does not match the members' serves its socket, retries, and logs why in
+    its own format: not one line of gRPC's own in its log."""
+    settings = {**_config(cluster, "/tls-agent-quiet", "host-aq"), **refusals["server certificate from another CA"]}
+    conf = _toml(tmp_path / "virtlease.toml", settings)
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    log = tmp_path / "agent.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*VIRTLEASE, "--config", str(conf), "agent", "--socket", str(run / "sock"),
+                                 "--state-dir", str(run / "state")], stdout=out, stderr=subprocess.STDOUT, env=_env())
+    try:
+        for _ in range(400):
+            if "no etcd session yet" in log.read_text() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(1.5)  # a few more attempts, each a failed handshake per member
+        text = log.read_text()
+        assert "no etcd session yet" in text and "server certificate not signed by ca_cert" in text, text
+        lines = [line for line in text.splitlines() if line.strip()]
+        assert all(line.startswith("ts=") and " logger=virtlease_etcd." in line for line in lines), text
+        assert "ssl_transport_security" not in text and "Handshake failed" not in text, text
+    finally:
+        proc.send_signal(signal.SIGTERM)  # no session, nothing held: it exits at once
+        assert proc.wait(20) == 0, log.read_text()

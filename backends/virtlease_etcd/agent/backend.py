@@ -82,9 +82,9 @@ def resource_spec(lockspace: str, name: str, flags: AcquireFlags | int = 0) -> R
 def describe_holder(h: Holder) -> str:
     """One conflicting holder, as ``virsh`` shows it after "resource busy: "."""
     if h.handoff_to == handoff.RESERVED:
-        return (f"{h.resource} is reserved for domain {h.domain_name} ({h.domain_uuid}) paused/migrating on "
+        return (f"{h.shown} is reserved for domain {h.domain_name} ({h.domain_uuid}) paused/migrating on "
                 f"host {h.host} (virtlease token {h.token}); it is free once that domain's QEMU exits there")
-    text = (f"{h.resource} is held {h.mode} by domain {h.domain_name} ({h.domain_uuid}) on host {h.host} "
+    text = (f"{h.shown} is held {h.mode} by domain {h.domain_name} ({h.domain_uuid}) on host {h.host} "
             f"(virtlease token {h.token})")
     if h.handoff_to:
         text += f", being migrated to host {h.handoff_to}"

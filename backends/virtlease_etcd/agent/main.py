@@ -50,13 +50,15 @@ import click
 import virtlease
 from virtlease.errors import VirtleaseError
 from virtlease_etcd.config import load_config
+from virtlease_etcd.etcd.tlsfiles import check_tls_files
 
 from .backend import EtcdLockBackend
 from .metrics import start_metrics
 from .restart import Continuity, Prior, prepare
-from .runfile import DEFAULT_STATE_DIR
+from .runfile import DEFAULT_STATE_DIR, ensure_dir
 from .server import LockdServer
 from .sockets import Activation, AgentSetupError, check_socket_dir, remove_stale_socket, take_activation
+from .startup import StartingBackend, open_driver
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +96,11 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | None = None,
-                activation: Activation | None = None) -> int:
-    """Serve until a stop request finds no owner holding anything (or a handover); on the
-    socket the service manager passed when ``activation`` is given."""
-    backend = EtcdLockBackend(plugin.driver, reserve_grace=opts.reserve_grace, kill_grace=opts.kill_grace)
-    server = LockdServer(opts.socket, backend, sock=activation.lockd if activation else None)
-    continuity = Continuity(backend, opts.state_dir)
+async def serve(opts: AgentOptions, config: dict[str, Any], activation: Activation | None = None) -> int:
+    """Listen at once (on the socket the service manager passed when ``activation`` is given),
+    open the etcd session in the background (``startup``: ACQUIREs wait for it, then are refused
+    as 'etcd unreachable'), then serve until a stop request finds no owner holding anything (or a
+    handover)."""
     stop, handover = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -111,20 +111,59 @@ async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | Non
         stop.set()
 
     loop.add_signal_handler(signal.SIGUSR2, hand_over)
-    await continuity.start(prior)
+    cfg = load_config(config)
+    gate = StartingBackend(wait=cfg.deadline)
+    server = LockdServer(opts.socket, gate, sock=activation.lockd if activation else None)
+    await server.start()
+    refusers = [await asyncio.start_unix_server(_refuse(label), sock=sock)
+                for label, sock in (activation.others if activation else [])]
+    prepared: list[Prior | None] = []
+
+    def load() -> virtlease.Plugin:
+        if not prepared:  # once: continue a previous agent's session, or wait it out
+            prepared.append(prepare(cfg, opts.state_dir))
+        return virtlease.load_driver("etcd", config=config, capabilities=virtlease.Capability.RESOURCES)
+
+    opening = loop.create_task(open_driver(load, gate, endpoints=",".join(cfg.endpoints)))
+    waiting = loop.create_task(stop.wait())
+    await asyncio.wait({opening, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if not opening.done():  # stopped before etcd answered: nothing is held, nothing to hand over
+        opening.cancel()
+        waiting.cancel()
+        for refuser in refusers:
+            refuser.close()
+        await server.close()
+        log.info("stop requested before the etcd session opened: exiting")
+        return HANDOVER_EXIT if handover.is_set() else 0
+    waiting.cancel()
+    try:
+        plugin = opening.result()
+    except BaseException:
+        await server.close()
+        raise
+    try:
+        return await _serve(opts, plugin, prepared[0], server, gate, stop, handover)
+    finally:
+        for refuser in refusers:
+            refuser.close()
+        try:
+            plugin.unload()
+        except VirtleaseError as exc:
+            log.error("unload: %s", exc)
+
+
+async def _serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | None, server: LockdServer,
+                 gate: StartingBackend, stop: asyncio.Event, handover: asyncio.Event) -> int:
+    backend = EtcdLockBackend(plugin.driver, reserve_grace=opts.reserve_grace, kill_grace=opts.kill_grace)
+    continuity = Continuity(backend, opts.state_dir)
+    await continuity.start(prior)  # the guard armed before any lease can be granted
     metrics = None
     if opts.metrics:
         try:
             metrics = start_metrics(opts.metrics, backend)
         except OSError as exc:  # no metrics is no reason to leave the VMs unprotected
             log.error("cannot serve metrics on %s: %s; going on without them", opts.metrics, exc)
-    try:
-        await server.start()
-    except BaseException:
-        continuity.leave(busy=bool(backend.busy_owners()))
-        raise
-    refusers = [await asyncio.start_unix_server(_refuse(label), sock=sock)
-                for label, sock in (activation.others if activation else [])]
+    await gate.switch(backend, server.connections)
     log.info("virtlease agent serving %s for host %s (virtlease %s)", opts.socket, plugin.driver.host_id,
              virtlease.__version__)
     try:
@@ -155,8 +194,6 @@ async def serve(opts: AgentOptions, plugin: virtlease.Plugin, prior: Prior | Non
             continuity.leave(busy=True)
             logging.shutdown()
             os._exit(1)
-        for refuser in refusers:
-            refuser.close()
         await server.close()
         await backend.close()
         continuity.leave(busy=False)
@@ -176,7 +213,8 @@ def _refuse(label: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
-    """Load the driver (continuing a previous agent's session if it left one) and serve."""
+    """Check the configuration, then serve (``serve``: the socket at once, the session when etcd
+    answers).  Exit 2 on a configuration or setup error, which no retry could fix."""
     setup_logging(opts.log_level)
     try:  # before touching a previous agent's lease: refuse if one still serves the socket
         activation = take_activation(opts.socket)
@@ -187,21 +225,20 @@ def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
         log.error("cannot serve %s: %s", opts.socket, exc)
         return 2
     try:
-        prior = prepare(load_config(config), opts.state_dir)
-        plugin = virtlease.load_driver("etcd", config=config, capabilities=virtlease.Capability.RESOURCES)
+        cfg = load_config(config)
+        check_tls_files(cfg)
+        ensure_dir(opts.state_dir)
     except (VirtleaseError, OSError) as exc:
         log.error("cannot start the etcd driver: %s", exc)
         return 2
     try:
-        return asyncio.run(serve(opts, plugin, prior, activation))
+        return asyncio.run(serve(opts, config, activation))
     except AgentSetupError as exc:
         log.error("cannot serve %s: %s", opts.socket, exc)
         return 2
-    finally:
-        try:
-            plugin.unload()
-        except VirtleaseError as exc:
-            log.error("unload: %s", exc)
+    except (VirtleaseError, OSError) as exc:
+        log.error("cannot start the etcd driver: %s", exc)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

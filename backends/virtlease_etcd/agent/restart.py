@@ -69,16 +69,19 @@ def prepare(cfg: EtcdConfig, state_dir: str) -> Prior | None:
     try:
         adopted = reattach.adopt_session(cfg, prior.lease, prior.session)
     except reattach.CannotReattach as exc:
-        log.error("cannot continue the previous agent's session: %s", exc)
-        wait_out(cfg, prior)
+        fates = wait_out(cfg, prior)
+        log.error("cannot continue the previous agent's session (lease %x, agent pid %d): %s; %s; starting a "
+                  "new session", prior.lease, prior.agent_pid, exc,
+                  ("its domains: " + "; ".join(fates)) if fates else "it held no domain")
         return Prior(prior, adopted=False)
     install_session(adopted.session)
     return Prior(prior, adopted=True)
 
 
-def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:
+def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> list[str]:
     """The previous session cannot be continued: wait (at most a TTL) until its lease is gone,
-    then stop every owner of it still running -- it runs without a lease."""
+    then stop every owner of it still running -- it runs without a lease.  Returns what became
+    of each owner, one phrase each (for the log line)."""
     client = EtcdClient(cfg)
     try:
         until = clock.now() + cfg.ttl + 1
@@ -91,15 +94,22 @@ def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> None:
             time.sleep(0.2)
     finally:
         client.close()
+    fates = []
     for o in prior.owners:
+        who = f"domain {o.name} ({o.uuid}) QEMU pid {o.pid}"
         if start_time(o.pid) == o.start:  # no new reservation key of this host while it runs
             remember_fenced(o.pid, f"domain {o.name} ({o.uuid}) of the previous agent")
         sig = GUARD_SIGNALS.get(FailureAction[o.action.upper()])
-        if sig is not None and start_time(o.pid) == o.start:
-            log.error("domain %s (%s) QEMU pid %d still runs after its lease ended: sending %s", o.name,
-                      o.uuid, o.pid, sig.name)
+        if start_time(o.pid) != o.start:
+            fates.append(f"{who} has exited (fenced by the previous agent's guard at the fence deadline, "
+                         "or stopped before)")
+        elif sig is None:
+            fates.append(f"{who} still runs, without a lease (failure action {o.action}: left running)")
+        else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(o.pid, sig)
+            fates.append(f"{who} still ran after its lease ended: sent {sig.name} (failure action {o.action})")
+    return fates
 
 
 class Continuity:
@@ -116,7 +126,7 @@ class Continuity:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, prior: Prior | None) -> None:
-        self.guard = Guard.spawn()
+        self.guard = Guard.spawn(log_lines=True)
         self.backend.on_change = self.push
         if prior is not None and prior.adopted:
             await self._readopt(prior.state)
@@ -176,7 +186,7 @@ class Continuity:
                 self.guard.send(fence_at, session.cfg.margin / 2, guarded)
             except (OSError, ValueError) as exc:
                 log.error("the guard process (pid %d) is gone (%s); starting a new one", self.guard.pid, exc)
-                self.guard = Guard.spawn()
+                self.guard = Guard.spawn(log_lines=True)
                 self.guard.send(fence_at, session.cfg.margin / 2, guarded)
                 self._saved = None
         saved = (session.lease_id, session.session_id, entries)
@@ -199,8 +209,11 @@ class Continuity:
             self._task.cancel()
 
     def handover(self) -> None:
-        """Leave for a successor: state file written, guard armed and on its own."""
+        """Leave for a successor: the lease renewed once more (so the successor has a whole
+        ``ttl - margin`` to re-attach, not what is left of the keepalive's rhythm), the state
+        file written, the guard armed with that deadline and on its own."""
         self._stop_task()
+        self.driver.session.refresh()
         self.push()
         if self.guard is not None:
             self.guard.abandon()

@@ -1,32 +1,45 @@
 """``virtlease check``: is this configuration safe to run VMs with?
 
-Validates the configuration, then asks every endpoint for its status (health,
-version, leader) with a linearizable read (which needs quorum), checks the
-etcd version against known data-loss bugs, the TTL against the election
-timeout, write permission under the prefix (a probe key on a probe lease,
-deleted and revoked), what already lives under the prefix, and the clocks.
+Validates the configuration and its TLS files, then asks every endpoint for its health
+(status, alarms, a linearizable read, which needs quorum; no permission needed: ``probes``),
+judges the etcd version against the versions tested and known data-loss bugs, the TTL against
+the election timeout, the etcd user and its permission under the prefix (``access``: a probe
+key on a probe lease, deleted and revoked; ``--read-only``: a read), what already lives under
+the prefix, and the clocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import secrets
+import time
 from typing import Any
 
 import click
-from etcd3 import transactions as tx
 from rich.table import Table
 from rich.text import Text
 
 from virtlease.cli.exitcodes import ExitCode
 from virtlease.cli.output import out, print_json
-from virtlease.errors import BackendUnavailableError
+from virtlease.errors import ConfigError
 from virtlease_etcd.config import EtcdConfig
-from virtlease_etcd.etcd.client import EtcdClient, PermissionDenied, TransientError
+from virtlease_etcd.etcd.client import EtcdClient
+from virtlease_etcd.etcd.tlsfiles import ClientCertificate, check_tls_files
 
+from .access import check_access, identify
 from .fencing import check_storage_fencing, check_watchdog
 from .options import Settings, etcd_client, etcd_command, fetch_status
-from .probes import BAD_VERSIONS, FAIL, INFO, OK, WARN, EndpointReport, Report, check_endpoints, parse_version
+from .probes import (
+    FAIL,
+    INFO,
+    OK,
+    WARN,
+    EndpointReport,
+    Report,
+    check_endpoints,
+    judge_version,
+    parse_version,
+)
+from .storage import storage_roots
 
 _STYLE = {OK: ("✔ ok", "green"), INFO: ("• info", "cyan"), WARN: ("! warn", "yellow"), FAIL: ("✘ FAIL", "bold red")}
 
@@ -37,15 +50,9 @@ def _check_version(report: Report, healthy: list[EndpointReport]) -> None:
         parsed = parse_version(text)
         if parsed is None:
             report.add("etcd version", WARN, f"cannot parse version {text!r}")
-        elif parsed in BAD_VERSIONS:
-            report.add("etcd version", WARN,
-                       f"etcd {text} has the 3.5.0-3.5.2 data inconsistency bug: a member killed while "
-                       "applying writes can come back without some committed writes (etcd-io/etcd#13766). "
-                       "Use 3.5.3 or newer (the newest 3.5.x) for anything but throwaway test clusters")
-        elif parsed < (3, 4, 0):
-            report.add("etcd version", WARN, f"etcd {text} is older than 3.4: untested, upgrade")
         else:
-            report.add("etcd version", OK, f"etcd {text}")
+            level, detail = judge_version(parsed)
+            report.add("etcd version", level, f"etcd {text}: {detail}")
     if len(versions) > 1:
         report.add("etcd version", INFO, f"members run different versions ({', '.join(versions)}): "
                    "fine during a rolling upgrade only")
@@ -76,37 +83,7 @@ def _check_ttl(report: Report, cfg: EtcdConfig, election_timeout: float) -> None
                    "a hung keepalive leaves fewer retries before the fence deadline")
 
 
-def _check_write(report: Report, client: EtcdClient, cfg: EtcdConfig) -> None:
-    key = f"{cfg.prefix}/check-probe/{cfg.host_id}.{secrets.token_hex(4)}"
-    lease_id = 0
-    try:
-        lease_id, granted = client.lease_grant(cfg.ttl, timeout=cfg.request_timeout)
-        client.txn([], [tx.Put(key, b"virtlease check probe", lease=lease_id)], timeout=cfg.request_timeout)
-        kvs, _ = client.get_range(key, timeout=cfg.request_timeout)
-        client.txn([], [tx.Delete(key)], timeout=cfg.request_timeout)
-        left, _ = client.get_range(key, timeout=cfg.request_timeout)
-        if not kvs or left:
-            report.add("write permission", FAIL, f"probe {key} was not written and deleted as expected")
-        else:
-            report.add("write permission", OK, f"lease grant, put, read and delete under {cfg.prefix}/ work")
-        if granted != cfg.ttl:
-            report.add("lease ttl", FAIL, f"etcd granted TTL {granted}s for a requested {cfg.ttl}s: its minimum "
-                       "lease TTL (1.5x election timeout) is above the configured TTL; raise ttl")
-    except PermissionDenied as exc:
-        report.add("write permission", FAIL, f"{exc}: the user needs readwrite on {cfg.prefix}/ "
-                   "(deploy/etcd/rbac.sh)")
-    except (TransientError, BackendUnavailableError) as exc:
-        report.add("write permission", FAIL, f"probe write failed: {exc}")
-    finally:
-        if lease_id:
-            try:
-                client.lease_revoke(lease_id, timeout=cfg.request_timeout)
-            except Exception as exc:
-                report.add("write permission", WARN, f"could not revoke probe lease {lease_id:x} "
-                           f"(it expires in {cfg.ttl}s): {exc}")
-
-
-def _check_contents(report: Report, client: EtcdClient, cfg: EtcdConfig) -> None:
+def _check_contents(report: Report, client: EtcdClient, cfg: EtcdConfig, *, read_only: bool) -> None:
     try:
         st = fetch_status(client, cfg)
     except Exception as exc:
@@ -116,6 +93,8 @@ def _check_contents(report: Report, client: EtcdClient, cfg: EtcdConfig) -> None
                f"{len(st.hosts)} live host(s), {len(st.resources)} held resource(s), "
                f"{len(st.handoffs)} handoff(s) in flight" + (
                    f"; {len(st.problems)} foreign key(s) under the prefix: {st.problems[0]}" if st.problems else ""))
+    if read_only:
+        return  # a monitoring user is no host: its host_id means nothing
     mine = [h for h in st.hosts if h.host == cfg.host_id and h.ttl_left > 0]
     if mine:
         report.add("host id", INFO, f"host_id {cfg.host_id!r} has a live session (pid {mine[0].pid}): a second "
@@ -161,7 +140,7 @@ def render(report: Report, cfg: EtcdConfig) -> None:
         out.print(Text("Endpoints", style="bold"), eps)
     table = Table()
     table.add_column("result", no_wrap=True)
-    table.add_column("check", no_wrap=True)
+    table.add_column("check", overflow="fold", max_width=32)
     table.add_column("detail")
     for f in report.findings:
         label, style = _STYLE[f.level]
@@ -174,41 +153,53 @@ def render(report: Report, cfg: EtcdConfig) -> None:
 @click.option("--election-timeout", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
               metavar="SECONDS", help="The cluster's --election-timeout (etcd does not report it).")
 @click.option("--strict", is_flag=True, help="Exit non-zero on warnings too.")
+@click.option("--read-only", is_flag=True,
+              help="For monitoring users: check read permission under the prefix, not write; no host checks.")
 @click.option("--fence-device", "fence_devices", multiple=True, metavar="DEVICE",
               help="Probe SCSI persistent reservations on the LUN(s) under DEVICE, every path (repeatable).")
 @etcd_command
 @click.pass_context
 def check(ctx: click.Context, settings: Settings, as_json: bool, election_timeout: float, strict: bool,
-          fence_devices: tuple[str, ...]) -> None:
+          read_only: bool, fence_devices: tuple[str, ...]) -> None:
     """Validate the configuration and reach the cluster.
 
-    Checks every endpoint (health, version, leader), the etcd version, the TTL
-    against the election timeout, write permission under the prefix (a probe
-    key, removed again), the prefix's contents and the clocks; the watchdog
-    (arithmetic, device) and storage fencing (persistent reservations on every
-    path of each fenced LUN and --fence-device) when configured.
+    Checks the TLS files, every endpoint's health (status, alarms, a quorum read; no
+    permission needed), the etcd version, the TTL against the election timeout, the etcd user
+    and its permission under the prefix (a host: write, with a probe key removed again;
+    --read-only: read), the prefix's contents and the clocks; the watchdog (arithmetic,
+    device) and storage fencing (persistent reservations on every path of each fenced LUN
+    and --fence-device) when configured.
 
     \b
-    Exit codes: 0 healthy (warnings allowed unless --strict), 1 a check failed,
-    2 bad configuration, 4 no endpoint reachable.
+    Exit codes: 0 healthy (warnings allowed unless --strict), 1 a check failed
+    (e.g. permission), 2 bad configuration, 4 no endpoint reachable.
     """
     cfg = settings.load()
+    cert = check_tls_files(cfg)
     report = Report()
     report.add("configuration", OK,
                f"endpoints {','.join(cfg.endpoints)}, prefix {cfg.prefix}, host_id {cfg.host_id}, ttl {cfg.ttl}s, "
                f"fence margin {cfg.margin:.1f}s, request timeout {cfg.request_timeout:g}s, "
                f"TLS {'on' if cfg.tls else 'off'}, auth {'user ' + cfg.user if cfg.user else 'none'}, "
-               f"default action {cfg.default_action.name.lower()}")
-    check_watchdog(report, cfg)
-    check_storage_fencing(report, cfg, fence_devices)
+               f"default action {cfg.default_action.name.lower()}" + (", read-only check" if read_only else ""))
+    if cert is not None:
+        _check_certificate(report, cert)
+    if not read_only:  # this host's own devices: not a monitoring user's business
+        check_watchdog(report, cfg)
+        check_storage_fencing(report, cfg, fence_devices)
     healthy = check_endpoints(report, cfg)
     if healthy:
         _check_version(report, healthy)
-    _check_ttl(report, cfg, election_timeout)
+    if not read_only:
+        _check_ttl(report, cfg, election_timeout)
+        _check_storage(report, cfg)
     if healthy:
-        with etcd_client(dataclasses.replace(cfg, endpoints=tuple(r.endpoint for r in healthy))) as client:
-            _check_write(report, client, cfg)
-            _check_contents(report, client, cfg)
+        try:
+            with etcd_client(dataclasses.replace(cfg, endpoints=tuple(r.endpoint for r in healthy))) as client:
+                if check_access(report, client, cfg, identify(client, cfg, cert), read_only=read_only):
+                    _check_contents(report, client, cfg, read_only=read_only)
+        except ConfigError as exc:  # authentication refused
+            report.add("authentication", FAIL, str(exc))
         _check_clock(report, healthy, cfg)
     worst = report.worst()
     ok = worst == OK or (worst == WARN and not strict)
@@ -228,3 +219,30 @@ def check(ctx: click.Context, settings: Settings, as_json: bool, election_timeou
         ctx.exit(ExitCode.UNREACHABLE)
     if not ok:
         ctx.exit(ExitCode.FAILED)
+
+
+def _check_storage(report: Report, cfg: EtcdConfig) -> None:
+    """One row per storage root this host sees: how a disk there is named (``storage``)."""
+    try:
+        roots = storage_roots(cfg)
+    except OSError as exc:
+        report.add("storage", WARN, f"cannot read this host's mount table: {exc}")
+        return
+    for root in roots:
+        where = f"{root.fstype} {root.source}" if root.fstype != "identity_map" else "identity_map"
+        report.add(f"storage {root.path}", INFO, f"{where}: {root.naming}"
+                   + ("" if root.cluster_wide or cfg.strict_identity else
+                      "; a host reaching a disk there by another path is not excluded: set identity_map for "
+                      "shared storage (strict_identity refuses such disks)"))
+
+
+def _check_certificate(report: Report, cert: ClientCertificate) -> None:
+    expiry = time.strftime("%Y-%m-%d", time.gmtime(cert.not_after)) if cert.not_after else "unknown"
+    detail = (f"{cert.path}: CN={cert.common_name or '?'} (with client-certificate auth etcd takes the CN as "
+              f"the user), expires {expiry}")
+    if cert.expired:
+        report.add("client certificate", FAIL, detail + ": it has expired; issue a new one (deploy/etcd/make-certs.sh)")
+    elif cert.not_after is not None and cert.not_after - time.time() < 30 * 86400:
+        report.add("client certificate", WARN, detail + ": in less than 30 days; issue a new one in time")
+    else:
+        report.add("client certificate", OK, detail)

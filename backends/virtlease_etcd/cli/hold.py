@@ -20,6 +20,7 @@ See docs/DESIGN.md §2 (Layers).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -33,12 +34,13 @@ from typing import Any
 import click
 
 import virtlease as v
-from virtlease.cli.exitcodes import CommandFailed, ExitCode, exit_codes_help
-from virtlease.cli.output import err, print_line
+from virtlease.cli.exitcodes import CommandFailed, ExitCode, describe_busy, exit_codes_help
+from virtlease.cli.output import err, print_line, warn
 from virtlease_etcd.session.failure import GUARD_SIGNALS
 from virtlease_etcd.session.guard import Guard, start_time
 
 from .options import Settings, etcd_command
+from .storage import host_only_disks
 
 _MODES = {"": v.ResourceFlags(0), "exclusive": v.ResourceFlags(0), "shared": v.ResourceFlags.SHARED,
           "readonly": v.ResourceFlags.READONLY}
@@ -127,6 +129,13 @@ def held_summary(obj: v.LockObject, wanted: list[Wanted], host: str, lease: int)
             "pid": obj.spec.pid, "holder_pid": os.getpid(), "resources": resources}
 
 
+def busy_summary(exc: v.ResourceBusyError, name: str, uuid: str, host: str) -> dict[str, Any]:
+    """``hold --json``'s line when a resource is busy: the holders, as status names them."""
+    return {"held": False, "busy": True, "host": host, "domain": name, "uuid": uuid,
+            "error": f"busy: {describe_busy(exc.conflicts)}", "hint": exc.hint,
+            "conflicts": [dataclasses.asdict(h) for h in exc.conflicts]}
+
+
 def held_line(summary: dict[str, Any]) -> str:
     parts = []
     for r in summary["resources"]:
@@ -151,7 +160,8 @@ def held_line(summary: dict[str, Any]) -> str:
                    "process stops it before the lease can expire if hold itself dies (kill -9).")
 @click.option("--action", type=click.Choice(sorted(_ACTIONS)), default="default", show_default=True,
               help="Failure action on --pid if the lease is lost (default: the driver's default_action).")
-@click.option("--json", "as_json", is_flag=True, help="Print the held line as a JSON object.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the held line as a JSON object (busy: a JSON object naming the holders, exit 3).")
 @etcd_command
 def hold(settings: Settings, name: str, uuid_: str | None, disks: tuple[str, ...], leases: tuple[str, ...],
          allow_missing: bool, pid: int | None, action: str, as_json: bool) -> None:
@@ -262,7 +272,17 @@ def _hold(settings: Settings, name: str, domain_uuid: str, wanted: list[Wanted],
         try:
             for w in wanted:
                 obj.add_resource(w.type, w.name, flags=w.flags, params=w.params)
-            obj.acquire(action=action)
+            try:
+                obj.acquire(action=action)
+            except v.ResourceBusyError as exc:
+                if as_json:  # the script reading stdout gets JSON either way; stderr keeps the one line
+                    print_line(json.dumps(busy_summary(exc, name, domain_uuid, host), sort_keys=True))
+                raise
+            for found in host_only_disks(plugin.driver.cfg, [w.name for w in wanted if w.type is v.ResourceType.DISK
+                                                             and not w.flags & v.ResourceFlags.READONLY]):
+                warn(f"disk {found.path} has no cluster-wide identity: held as path://{found.path}, this host's "
+                     "path only; a host reaching it by another path is not excluded (set identity_map for its "
+                     "storage, or strict_identity to refuse such disks)")
             summary = held_summary(obj, wanted, host, plugin.driver.session.lease_id)
             print_line(json.dumps(summary, sort_keys=True) if as_json else held_line(summary))
             stopper.wait()

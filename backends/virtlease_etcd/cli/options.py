@@ -26,7 +26,7 @@ import click
 from virtlease.cli import Run
 from virtlease.errors import BackendUnavailableError, ConfigError
 from virtlease_etcd import clock
-from virtlease_etcd.config import EtcdConfig, load_config
+from virtlease_etcd.config import MIN_TTL, EtcdConfig, load_config
 from virtlease_etcd.etcd.client import EtcdClient, PermissionDenied
 from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.ops.status import ClusterStatus, read_status
@@ -101,8 +101,9 @@ def etcd_command(fn: F) -> F:
                      help="etcd client endpoints (driver key endpoints; env VIRTLEASE_ETCD_ENDPOINTS)."),
         click.option("--prefix", metavar="/PATH", help="Key prefix in etcd (default /virtlease)."),
         click.option("--host-id", metavar="NAME", help="This host's unique name in the cluster (default: hostname)."),
-        click.option("--ttl", type=click.IntRange(min=1), metavar="SECONDS",
-                     help="Session lease TTL: the failover time after a host dies (default 10)."),
+        click.option("--ttl", type=click.IntRange(min=MIN_TTL), metavar="SECONDS",
+                     help=f"Session lease TTL: the failover time after a host dies (default 10, at least "
+                          f"{MIN_TTL}; below 5 only for tests: 'check' warns)."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
                      help="TOML configuration file (keys at top level or under [etcd]; env VIRTLEASE_CONFIG)."),
     ]

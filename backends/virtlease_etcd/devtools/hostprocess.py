@@ -209,6 +209,7 @@ class HostProcess:
         self.lease = 0
         self.ttl = 0
         self._log = open(log_path, "ab") if log_path is not None else None
+        self._log_path = log_path
         self.proc = launch([*(wrapper or []), *python_argv("virtlease_etcd.devtools.hostprocess")], cfg,
                            env=env, stderr=self._log)
         self._wire = Channel(self.proc)
@@ -233,7 +234,20 @@ class HostProcess:
         return self.proc.pid
 
     def _exited(self) -> dict[str, Any]:
-        return {"error": "HostExited", "message": f"host process exited (status {self.proc.wait()})"}
+        status = self.proc.wait()
+        last = self._last_error_line()
+        return {"error": "HostExited",
+                "message": f"host process exited (status {status})" + (f": {last}" if last else "")}
+
+    def _last_error_line(self) -> str | None:
+        """The last line the child wrote to its log (``log_path``): a crash's exception line."""
+        if self._log_path is None:
+            return None  # its stderr is ours: the user saw it
+        try:
+            lines = [line.strip() for line in self._log_path.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return None
+        return lines[-1] if lines else None
 
     def call(self, op: str, **kw: Any) -> dict[str, Any]:
         """Run one command; its reply, failed or not."""
@@ -280,7 +294,7 @@ class HostProcess:
 def spawn_vm(env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """A stand-in for a VM's qemu process: the pid a failure action would kill."""
     sleep = shutil.which("sleep")
-    args = [sleep, "3600"] if sleep else [sys.executable, "-c", "import time; time.sleep(3600)"]
+    args = [sleep, "3600"] if sleep else [sys.executable, "-I", "-c", "import time; time.sleep(3600)"]
     return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=env)  # a Ctrl-C on the terminal is the parent's to handle
 

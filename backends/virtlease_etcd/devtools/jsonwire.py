@@ -40,10 +40,13 @@ def launch(argv: list[str], config: Mapping[str, Any], *, env: Mapping[str, str]
 
 
 def python_argv(module_or_script: str | Path) -> list[str]:
-    """This interpreter running a module (``pkg.mod``) or a script path."""
+    """This interpreter running a module (``pkg.mod``) or a script path, with ``-P``: neither the
+    working directory nor the script's own is put on ``sys.path`` (run next to a clone named
+    ``virtlease``, ``python -m`` would import that folder as the ``virtlease`` package).
+    ``PYTHONPATH`` still counts: a harness that needs its own folder says so there."""
     if isinstance(module_or_script, Path):
-        return [sys.executable, str(module_or_script)]
-    return [sys.executable, "-m", module_or_script]
+        return [sys.executable, "-P", str(module_or_script)]
+    return [sys.executable, "-P", "-m", module_or_script]
 
 
 class Channel:

@@ -9,6 +9,7 @@ gRPC error is translated in one place.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -25,13 +26,15 @@ from virtlease_etcd import clock
 from virtlease_etcd.config import EtcdConfig
 
 from .endpoints import Endpoint, request_op
-from .errors import TRANSIENT_CODES, connect_problem
+from .errors import HINTS, TRANSIENT_CODES, connect_problem
 from .errors import LeaseNotFound as LeaseNotFound
 from .errors import PermissionDenied as PermissionDenied
 from .errors import TransientError as TransientError
+from .tlsfiles import check_tls_files
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_PERM_TYPES = {0: "READ", 1: "WRITE", 2: "READWRITE"}
 
 class EtcdClient:
     """One connection to an etcd cluster (every member), shared by a host session.
@@ -42,9 +45,11 @@ class EtcdClient:
     in one place (``_call``)."""
 
     def __init__(self, cfg: EtcdConfig) -> None:
+        """ConfigError if the TLS files cannot serve (``tlsfiles``); connects lazily."""
         self.cfg = cfg
         creds = None
         if cfg.tls:
+            check_tls_files(cfg)
             creds = grpc.ssl_channel_credentials(
                 _read(cfg.ca_cert), _read(cfg.cert_key), _read(cfg.cert_cert))
         self._endpoints = [Endpoint(ep, creds) for ep in cfg.endpoints]
@@ -52,6 +57,10 @@ class EtcdClient:
         self._lock = threading.Lock()
         self._metadata: tuple[tuple[str, str], ...] = ()
         self.cluster_id: int | None = None
+        self.answered = False
+        """True once any member answered a request: from then on a failed connection is an
+        outage to ride out (retried until the deadline); before, one that every member refuses
+        for a known reason (``errors.ConnectProblem``) is a configuration to report at once."""
         if cfg.user is not None:
             self._authenticate()
 
@@ -75,19 +84,28 @@ class EtcdClient:
                     return self._endpoints[index]
         raise TransientError("no etcd endpoint available", ambiguous=False)
 
-    def _authenticate(self) -> None:
-        ep = self._pick()
+    def _authenticate(self, seconds: float | None = None) -> None:
+        """Get an auth token, retrying transient failures (a loaded member can take seconds to
+        answer a TLS handshake) for ``seconds`` (default the acquire deadline).  ConfigError if
+        etcd refuses the user or password."""
         request = etcdrpc.AuthenticateRequest(name=self.cfg.user, password=self.cfg.password)
-        try:
-            resp = ep.auth.Authenticate(request, self.cfg.request_timeout)
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-                        grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
-                raise ConfigError(f"user/password: etcd refused authentication: {exc.details()}") from None
-            raise BackendUnavailableError(
-                f"cannot reach etcd at {','.join(self.cfg.endpoints)} to authenticate: {exc.details()}"
-            ) from None
+
+        def attempt(timeout: float) -> Any:
+            ep = self._pick()
+            try:
+                return ep.auth.Authenticate(request, timeout)
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise ConfigError(f"user/password: etcd at {ep.netloc} refused to authenticate user "
+                                      f"{self.cfg.user}: {exc.details()}",
+                                      hint="check user and password (deploy/etcd/rbac.sh creates the users)"
+                                      ) from None
+                raise self._translate(ep, exc, write=False) from exc
+
+        seconds = self.cfg.deadline if seconds is None else seconds
+        resp = self.retrying(attempt, deadline=clock.now() + seconds)
+        self.answered = True
         self._metadata = (("token", resp.token),)
 
     def _call(self, request: Callable[[Endpoint, tuple[tuple[str, str], ...]], T], *, write: bool) -> T:
@@ -97,23 +115,28 @@ class EtcdClient:
         for renewed in (False, True):
             ep = self._pick()
             try:
-                return request(ep, self._metadata)
+                result = request(ep, self._metadata)
             except grpc.RpcError as exc:
                 details = exc.details() or exc.code().name
                 if not renewed and self.cfg.user is not None and "auth token" in details:
                     log.info("etcd auth token expired (%s); authenticating again", details)
-                    self._authenticate()
+                    self._authenticate(self.cfg.request_timeout)
                     continue
                 raise self._translate(ep, exc, write=write) from exc
+            ep.problem = None
+            self.answered = True
+            return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _translate(self, ep: Endpoint, exc: grpc.RpcError, *, write: bool) -> Exception:
         code = exc.code()
         details = exc.details() or code.name
-        if code in TRANSIENT_CODES:
+        problem = connect_problem(details, ep.netloc, self.cfg)
+        if code in TRANSIENT_CODES or problem is not None:
             ep.fail()
-            ep.problem = connect_problem(details, ep.netloc, self.cfg)
-            return TransientError(f"etcd {ep.netloc}: {ep.problem or details}", ambiguous=write)
+            ep.problem = problem
+            return TransientError(f"etcd {problem.text}" if problem else f"etcd {ep.netloc}: {details}",
+                                  ambiguous=write)
         if "lease not found" in details:
             return LeaseNotFound(details)
         if "too many operations" in details:
@@ -121,6 +144,9 @@ class EtcdClient:
                 f"etcd refused the transaction: {details}; raise the cluster's --max-txn-ops "
                 "or split the domain's resources"
             )
+        if "user name is empty" in details:
+            return PermissionDenied("etcd refused the request: authentication is on and no user was given "
+                                    "(set user/password, or a client certificate whose CN is an etcd user)")
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             return PermissionDenied(f"etcd refused the request: {details}")
         return BackendUnavailableError(f"etcd error {code.name}: {details}")
@@ -225,6 +251,25 @@ class EtcdClient:
         except LeaseNotFound:
             return
 
+    def alarms(self, *, timeout: float) -> list[str]:
+        """The cluster's raised alarms (``NOSPACE on member 8e9e05c52164694d``); needs no permission."""
+        request = etcdrpc.AlarmRequest(action=etcdrpc.AlarmRequest.GET)
+        resp = self._call(lambda ep, md: ep.maintenance.Alarm(request, timeout, metadata=md), write=False)
+        return [f"{etcdrpc.AlarmType.Name(a.alarm)} on member {a.memberID:x}" for a in resp.alarms]
+
+    def user_permissions(self, user: str, *, timeout: float) -> dict[str, list[tuple[str, str, str]]]:
+        """The roles of ``user`` (etcd lets a user read its own) and each role's permissions as
+        ``(READ|WRITE|READWRITE, key, range_end)``; PermissionDenied for another user's."""
+        resp = self._call(lambda ep, md: ep.auth.UserGet(etcdrpc.AuthUserGetRequest(name=user), timeout,
+                                                         metadata=md), write=False)
+        roles: dict[str, list[tuple[str, str, str]]] = {}
+        for role in resp.roles:
+            request = etcdrpc.AuthRoleGetRequest(role=role)
+            got = self._call(functools.partial(_role_get, request, timeout), write=False)
+            roles[role] = [(_PERM_TYPES.get(p.permType, str(p.permType)), p.key.decode(errors="replace"),
+                            p.range_end.decode(errors="replace")) for p in got.perm]
+        return roles
+
     def status(self, *, timeout: float) -> Any:
         return self._call(lambda ep, md: ep.maintenance.Status(etcdrpc.StatusRequest(), timeout, metadata=md),
                           write=False)
@@ -237,14 +282,20 @@ class EtcdClient:
             raise self._unreachable("did not answer before the deadline")
         return min(self.cfg.request_timeout, left)
 
+    def hopeless(self) -> bool:
+        """No member ever answered and every one failed to connect for a known reason (refused,
+        a name that does not resolve, no route, TLS, not etcd): retrying cannot help."""
+        return not self.answered and all(ep.problem is not None and ep.problem.definite for ep in self._endpoints)
+
     def _unreachable(self, what: str, cause: Exception | None = None) -> BackendUnavailableError:
-        """The error once the deadline passed: the connect problems seen (a TLS
-        refusal, say) rather than only "no answer"."""
-        problems = sorted({ep.problem for ep in self._endpoints if ep.problem})
+        """The error once the deadline passed (or ``hopeless``): the connect problems seen (a
+        refused connection, a TLS refusal) rather than only "no answer"."""
+        problems = [ep.problem for ep in self._endpoints if ep.problem is not None]
         if problems:
-            return BackendUnavailableError(f"etcd at {','.join(self.cfg.endpoints)} {what}: " + "; ".join(problems),
-                                           hint="fix the TLS settings (ca_cert, cert_cert, cert_key) or the "
-                                                "endpoint names; virtlease check shows each member")
+            texts = sorted({p.text for p in problems})
+            hints = list(dict.fromkeys(HINTS[p.kind] for p in sorted(problems, key=lambda p: p.text)))
+            return BackendUnavailableError(f"etcd at {','.join(self.cfg.endpoints)} {what}: " + "; ".join(texts),
+                                           hint="; ".join(hints))
         return BackendUnavailableError(
             f"etcd at {','.join(self.cfg.endpoints)} {what}" + (f": {cause}" if cause else ""),
             hint="check the etcd cluster's health (virtlease check) and this host's network")
@@ -262,6 +313,8 @@ class EtcdClient:
             try:
                 return fn(self.attempt_timeout(deadline))
             except TransientError as exc:
+                if self.hopeless() and not (exc.ambiguous and on_ambiguous is not None):
+                    raise self._unreachable("cannot be reached") from exc
                 if exc.ambiguous and on_ambiguous is not None:
                     log.info("outcome unknown (%s); reading back", exc)
                     resolved = self._resolve(on_ambiguous, exc, deadline)
@@ -286,6 +339,10 @@ class EtcdClient:
                 if clock.now() + 0.1 >= deadline:
                     raise
                 time.sleep(0.1)
+
+
+def _role_get(request: Any, timeout: float, ep: Endpoint, md: tuple[tuple[str, str], ...]) -> Any:
+    return ep.auth.RoleGet(request, timeout, metadata=md)
 
 
 def _read(path: str | None) -> bytes | None:

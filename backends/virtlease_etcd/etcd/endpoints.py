@@ -14,12 +14,17 @@ from etcd3 import transactions as tx
 
 from virtlease_etcd import clock
 
+from .errors import ConnectProblem
+
 _CHANNEL_OPTIONS = [
     # gRPC's default reconnect backoff grows to 120 s: a member back after an outage
     # would stay unused for minutes while the fence deadline runs
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # a connection of its own per channel: a shared one (gRPC's default, per target) hands a new
+    # client the failure an older client's connection saw before the member came back
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 ENDPOINT_RETRY = 1.0
 """Seconds a failed endpoint is skipped before it is tried again (``clock.now``)."""
@@ -45,8 +50,8 @@ class Endpoint:
         self.maintenance = etcdrpc.MaintenanceStub(self.channel)
         self.auth = etcdrpc.AuthStub(self.channel)
         self.failed_at = 0.0
-        self.problem: str | None = None
-        """Why connecting failed last, in one line, when gRPC said (TLS, mostly)."""
+        self.problem: ConnectProblem | None = None
+        """Why connecting failed last, when gRPC said (refused, TLS, ...); None once it answers."""
 
     def failed(self) -> bool:
         return bool(self.failed_at) and clock.now() - self.failed_at < ENDPOINT_RETRY

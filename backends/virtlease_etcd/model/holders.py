@@ -65,4 +65,5 @@ def holder_of(kv: Any, handoff_to: dict[tuple[str, str, str], str] | None = None
         resource=str(rec.get("res")), host=host, domain_name=str(rec.get("name")), domain_uuid=uuid,
         mode=str(rec.get("mode")), token=int(kv.mod_revision), since=float(rec.get("since") or 0.0),
         handoff_to=(handoff_to or {}).get((uuid, host, str(rid))),
+        note=ks.HOST_ONLY if ks.host_only(str(rec.get("identity") or "")) else None,
     )

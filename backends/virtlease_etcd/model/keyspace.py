@@ -74,6 +74,17 @@ def legacy_disk_rid(real_path: str) -> str:
     return hashlib.sha256(b"disk\0" + real_path.encode()).hexdigest()
 
 
+HOST_ONLY = "path://, this host only"
+"""Said next to a disk locked under ``path://<real path>``: no cluster-wide identity (tmpfs,
+overlay, a local file system without a UUID, ``strict_identity`` off), so a host that reaches
+the same file by another path is not excluded."""
+
+
+def host_only(identity: str) -> bool:
+    """Whether a record's identity key is this host's path only."""
+    return identity.startswith("path://")
+
+
 def identity_disk_rid(key: str, *, fallback: bool, real_path: str) -> str:
     """The key of a disk with cluster-wide identity ``key`` (see the module
     doc); a ``path://`` fallback keeps the legacy key."""

@@ -11,6 +11,7 @@ thread-safe: every call goes through one lock.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -19,6 +20,8 @@ from virtlease.errors import ValidationError
 from virtlease_etcd.config import EtcdConfig
 from virtlease_etcd.identity import IdentityConfig, IdentityError, Resolver
 from virtlease_etcd.model import keyspace as ks
+
+log = logging.getLogger(__name__)
 
 
 def identity_config(cfg: EtcdConfig) -> IdentityConfig:
@@ -34,6 +37,7 @@ class DiskNames:
         self.legacy = cfg.legacy_path_keys
         self.resolver = resolver or Resolver(identity_config(cfg))
         self._lock = threading.Lock()
+        self._warned: set[str] = set()
 
     def close(self) -> None:
         with self._lock:
@@ -61,6 +65,12 @@ class DiskNames:
                 out.append([ks.ResourceId.of(spec)])
                 continue
             f = next(found)
+            if f.fallback and f.path not in self._warned:
+                self._warned.add(f.path)
+                log.warning("disk %s has no cluster-wide identity: it is locked as path://%s, this host's path "
+                            "only; a host that reaches the same file by another path is not excluded (set "
+                            "identity_map for its storage, or strict_identity to refuse such disks)", spec.name,
+                            f.path)
             out.append(ks.disk_ids(spec, f.key, f.readable, f.path, f.fallback, legacy=self.legacy))
         return out
 

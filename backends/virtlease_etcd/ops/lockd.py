@@ -173,7 +173,7 @@ def _acquire(d: Domain, resource: ResourceSpec, action: FailureAction) -> Acquir
                               "(a reservation claimed or released meanwhile); nothing was taken, retry")
 
 
-RESERVATION_WAIT = 1.0
+RESERVATION_WAIT = 2.0
 """Seconds a destination waits for the source's reservation of the same domain to appear in etcd
 before it reports the disk busy (the source answers libvirt's RELEASE before its reservation
 commits, to keep it out of the migration's guest downtime)."""

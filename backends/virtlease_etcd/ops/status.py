@@ -36,6 +36,8 @@ class HeldInfo:
     since: float
     lease: int
     handoff_to: str | None = None
+    identity: str = ""
+    """A disk's identity key (``path://...``: this host's path only); empty for a lease."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,11 @@ class ClusterStatus:
     """Keys under the prefix that are not virtlease records of this format."""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data for JSON; lease ids as hex strings, as every virtlease output prints them."""
+        data = asdict(self)
+        for row in (*data["hosts"], *data["resources"]):
+            row["lease"] = f"{row['lease']:x}"
+        return data
 
     def holder_of(self, resource: str) -> list[HeldInfo]:
         return [r for r in self.resources if r.resource == resource]
@@ -108,7 +114,8 @@ def _read(client: EtcdClient, keys: ks.Keys, deadline: float) -> ClusterStatus:
             status.resources.append(HeldInfo(
                 resource=str(rec.get("res")), kind=str(rec.get("kind")), mode=str(rec.get("mode")),
                 host=str(rec.get("host")), domain_name=str(rec.get("name")), domain_uuid=str(rec.get("uuid")),
-                token=int(kv.mod_revision), since=float(rec.get("since") or 0), lease=int(kv.lease)))
+                token=int(kv.mod_revision), since=float(rec.get("since") or 0), lease=int(kv.lease),
+                identity=str(rec.get("identity") or "")))
         elif key.startswith(keys.handoffs):
             handoff_recs.append(rec)
         elif key.startswith(keys.doms):

@@ -75,10 +75,11 @@ class Guard:
         self._last: str | None = None
 
     @classmethod
-    def spawn(cls) -> Guard:
+    def spawn(cls, *, log_lines: bool = False) -> Guard:
+        """Start a guard; ``log_lines``: its lines in the agent's log format (``log_line``)."""
         script = Path(__file__)
-        proc = subprocess.Popen([sys.executable, "-I", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen([sys.executable, "-I", str(script), *([LOG_LINES] if log_lines else [])],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, close_fds=True)
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
             proc.kill()
@@ -135,8 +136,25 @@ def stand_down(pid: int, start: int) -> bool:
         os.close(fd)
 
 
-def say(msg: str) -> None:
-    print(f"virtlease-guard[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+LOGGER = "virtlease_etcd.session.guard"
+LOG_LINES = "--log-lines"
+"""The guard's argument for writing its lines in the agent's log format (``log_line``)."""
+_lines = False
+
+
+def log_line(level: str, logger: str, msg: str, created: float | None = None) -> str:
+    """``ts=<iso> level=<level> logger=<name> msg=<json string>``: the agent's log format, one
+    line per event (``agent.main.LineFormatter`` writes its records with it, the guard its own)."""
+    created = time.time() if created is None else created
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    return f"ts={ts} level={level} logger={logger} msg={json.dumps(msg)}"
+
+
+def say(msg: str, level: str = "info") -> None:
+    """One line on stderr (the holder's: the agent's log, or hold's terminal)."""
+    text = f"guard pid {os.getpid()}: {msg}"
+    print(log_line(level, LOGGER, text) if _lines else f"virtlease-guard[{os.getpid()}]: {msg}", file=sys.stderr,
+          flush=True)
 
 
 class State:
@@ -170,19 +188,22 @@ class State:
         for pidfd, sig, who in self.owners.values():
             try:
                 signal.pidfd_send_signal(pidfd, sig)
-                say(f"no virtlease agent kept the lease up to the fence deadline: sent signal {sig} to {who}")
+                say(f"no virtlease agent kept the lease up to the fence deadline: sent signal {sig} to {who}",
+                    "error")
             except ProcessLookupError:
                 say(f"{who} already gone")
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    global _lines
+    _lines = LOG_LINES in argv
     state = State()
 
     def on_usr1(_sig: int, _frame: object) -> None:
         state.stand_down = True
 
     def on_ignored(sig: int, _frame: object) -> None:
-        say(f"ignoring signal {sig}: the owners it guards would lose their protection")
+        say(f"ignoring signal {sig}: the owners it guards would lose their protection", "warning")
 
     signal.signal(signal.SIGUSR1, on_usr1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -215,7 +236,7 @@ def main() -> int:
         if not chunk:
             state.agent_gone = True
             say(f"agent gone; owners stopped at the fence deadline unless a new agent takes over "
-                f"({len(state.owners)} guarded)")
+                f"({len(state.owners)} guarded)", "warning")
             continue
         buf += chunk
         while b"\n" in buf:
@@ -227,4 +248,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

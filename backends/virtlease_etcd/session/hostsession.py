@@ -225,6 +225,29 @@ class HostSession:
         the configured acquire timeout), never past the fence deadline."""
         return min(self._clock() + (self.cfg.deadline if seconds is None else seconds), self.fence_at)
 
+    def refresh(self) -> bool:
+        """Send one keepalive now, outside the keepalive thread's rhythm, and extend the fence
+        deadline by it (timed from when it was sent, as every keepalive).  The agent does this
+        before it hands over to its successor, so the successor gets a whole ``ttl - margin``,
+        not as little as two thirds of it.  False if it did not renew (the keepalive thread
+        and the fence clock go on as ever)."""
+        sent = self._clock()
+        timeout = min(self.cfg.request_timeout, self.fence_at - sent)
+        if timeout <= 0 or self._stopped():
+            return False
+        try:
+            ttl = self.client.lease_keepalive(self.lease_id, timeout=timeout)
+        except (TransientError, BackendUnavailableError, LeaseNotFound) as exc:
+            log.warning("host %s: keepalive before the handover failed (%s)", self.cfg.host_id, exc)
+            return False
+        if ttl <= 0:
+            return False  # the keepalive thread finds out too, and declares the session lost
+        with self._cond:
+            if sent + ttl > self._valid_until:
+                self._valid_until = sent + ttl
+            self._cond.notify_all()
+        return True
+
     # -- threads ---------------------------------------------------------------
 
     def _stopped(self) -> bool:

@@ -53,9 +53,11 @@ def adopt_session(cfg: EtcdConfig, lease_id: int, session_id: str) -> Adopted:
     try:
         timeout = cfg.request_timeout
         ttl_left = session.client.lease_ttl(lease_id, timeout=timeout)
+        if ttl_left < 0:
+            raise CannotReattach(f"its lease {lease_id:x} is gone from etcd (expired or revoked)")
         if ttl_left <= cfg.margin:
-            raise CannotReattach(f"lease {lease_id:x} has {ttl_left}s left (fence margin {cfg.margin}s): "
-                                 "too late to continue it")
+            raise CannotReattach(f"its lease {lease_id:x} has {ttl_left}s left, within the fence margin "
+                                 f"({cfg.margin:g}s): too late to continue it")
         host_key = session.keys.host(cfg.host_id)
         kvs, _rev = session.client.get_range(host_key, timeout=timeout)
         record = ks.decode(kvs[0].value, host_key) if kvs else None

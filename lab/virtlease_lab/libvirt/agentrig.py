@@ -125,6 +125,9 @@ class Watch:
         self.intruders = [Intruder(h, n) for h, n in ([intruder] if intruder else []) + list(intruders)]
         self.samples: list[frozenset[HeldInfo]] = []
         """Per sample: the records read."""
+        self.sample_times: list[float] = []
+        """Per sample: the monotonic instant its read began (the records were committed by then
+        or later)."""
         self.read_errors = 0
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._sample, daemon=True)]
@@ -170,12 +173,14 @@ class Watch:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
+            began = time.monotonic()
             try:
                 found = self.env.holders(*self.domains, *(i.name for i in self.intruders))
             except VirtleaseError:  # etcd unavailable for a moment (a leader killed): sample on
                 self.read_errors += 1
                 continue
             self.samples.append(frozenset(found))
+            self.sample_times.append(began)
             time.sleep(0.005)
 
     def _intrude(self, who: Intruder) -> None:
@@ -238,7 +243,7 @@ def agent_rig(workdir: Path, *, reserve_grace: float = 2.0, agent: Sequence[str]
                 relays[host] = [Relay.unix_to_tcp(str(short / f"{host}{i}.sock"), "127.0.0.1", m.client_port)
                                 for i, m in enumerate(etcd.members)]
             links = ",".join(f"{short}/{{host}}{i}.sock@{port}" for i, port in enumerate(PORTS))
-            command = [sys.executable, str(HERE / "agent_in_host.py"), links,
+            command = [sys.executable, "-P", str(HERE / "agent_in_host.py"), links,
                        *(["--exec", str(len(agent)), *agent] if agent else []),
                        "--socket", "{socket}", "--endpoints", ",".join(f"127.0.0.1:{p}" for p in PORTS),
                        "--host-id", "host{host}", "--prefix", prefix, "--ttl", str(ttl),

@@ -175,7 +175,7 @@ def main() -> int:
             outcome += f"; work directory kept: {work}"
         elif (work / "rig" / "rig.json").exists():
             outcome += (f"; the rig is NOT fully down, its state is kept: take it down with "
-                        f"{sys.executable} -m virtlease_lab.libvirt.rig_cli --workdir {work / 'rig'} down")
+                        f"{sys.executable} -P -m virtlease_lab.libvirt.rig_cli --workdir {work / 'rig'} down")
             rc = rc or 1
         else:
             shutil.rmtree(work, ignore_errors=True)

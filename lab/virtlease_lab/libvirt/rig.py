@@ -585,7 +585,7 @@ libvirtd -d --listen -p /run/libvirt/libvirtd.pid
         log = open(r / "log" / "start.log", "ab")
         self._procs[host.name] = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--propagation", "private",
-             "--", sys.executable, str(HERE / "subreaper.py"), str(r / "run" / "subreaper.pid"),
+             "--", sys.executable, "-I", str(HERE / "subreaper.py"), str(r / "run" / "subreaper.pid"),
              "/bin/sh", str(r / "start.sh")],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

@@ -22,6 +22,7 @@ See docs/DESIGN.md §2 (Layers).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -33,6 +34,11 @@ from .exitcodes import ExitCode, describe, exit_code_for
 from .output import error, warn
 from .registry import PluginGroup
 
+DEBUG_ENV = "VIRTLEASE_DEBUG"
+"""``--debug`` as an environment variable.  ``main`` sets it when ``--debug`` is given, before
+any backend is imported: a backend whose libraries fix their logging at import (gRPC's C
+core) reads it then."""
+
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -43,7 +49,9 @@ class Run:
 
 
 @click.group(cls=PluginGroup, context_settings=CONTEXT_SETTINGS, warn=warn)
-@click.option("--debug", is_flag=True, help="Log at debug level to stderr; show tracebacks on errors.")
+@click.option("--debug", is_flag=True, envvar=DEBUG_ENV,
+              help=f"Log at debug level to stderr (the backends' own libraries too); show tracebacks on "
+                   f"errors. Env {DEBUG_ENV}=1.")
 @click.version_option(version=__version__, prog_name="virtlease")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
@@ -66,8 +74,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run the command, map failures to one line and an exit code."""
     run = Run()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args[: args.index("--") if "--" in args else len(args)]:
+        os.environ[DEBUG_ENV] = "1"
     try:
-        rv = cli.main(args=list(argv) if argv is not None else None, prog_name="virtlease",
+        rv = cli.main(args=args, prog_name="virtlease",
                       standalone_mode=False, obj=run)
         code = int(rv) if isinstance(rv, int) else ExitCode.OK
     except click.exceptions.Exit as exc:  # pragma: no cover - click returns it in non-standalone mode

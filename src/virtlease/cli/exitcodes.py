@@ -106,7 +106,7 @@ def describe_busy(conflicts: Sequence[Holder]) -> str:
     pieces = []
     for (host, name, uuid, mode, handoff_to), holders in groups.items():
         tokens = sorted({h.token for h in holders})
-        text = (f"{', '.join(h.resource for h in holders)} held {mode} by domain {name} ({uuid}) "
+        text = (f"{', '.join(h.shown for h in holders)} held {mode} by domain {name} ({uuid}) "
                 f"on host {host} (token {', '.join(map(str, tokens))})")
         if handoff_to:
             text += f", being migrated to host {handoff_to}"

@@ -33,6 +33,12 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.std
 """Errors, hints and progress (stderr)."""
 
 
+def print_wide(renderable: Any) -> None:
+    """Results on stdout at their natural width, whatever the terminal's: for a table that
+    must keep one line per row (the terminal or a pager may wrap it)."""
+    Console(highlight=False, soft_wrap=False, width=100_000).print(renderable)
+
+
 def print_json(data: Any) -> None:
     """Results as JSON on stdout (plain: no colour, no wrapping)."""
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -57,8 +63,8 @@ def warn(line: str) -> None:
     err.print(Text.assemble(("virtlease: warning: ", "yellow"), line))
 
 
-def ago(epoch: float, now: float | None = None) -> str:
-    """``12:03:04 (5s ago)`` for an epoch time; ``-`` for none."""
+def ago(epoch: float, now: float | None = None, *, short: bool = False) -> str:
+    """``12:03:04 (5s ago)`` for an epoch time (``short``: ``5s ago``); ``-`` for none."""
     if not epoch:
         return "-"
     now = time.time() if now is None else now
@@ -71,4 +77,4 @@ def ago(epoch: float, now: float | None = None) -> str:
         rel = f"{delta / 3600:.0f}h ago"
     else:
         rel = f"{delta / 86400:.0f}d ago"
-    return f"{time.strftime('%H:%M:%S', time.localtime(epoch))} ({rel})"
+    return rel if short else f"{time.strftime('%H:%M:%S', time.localtime(epoch))} ({rel})"
