@@ -19,6 +19,8 @@ import os
 import stat
 from dataclasses import dataclass
 
+from .sysfs import read as _read
+
 
 @dataclass(frozen=True)
 class Lun:
@@ -38,14 +40,6 @@ class Storage:
     """Leaf block devices that are not SCSI disks (``nvme0n1``, ``vda``, ``loop0``)."""
     stack: str
     """How the disk reaches its leaves, for messages (``dm-2 <- dm-0 <- sdb, sdc``)."""
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
 
 
 def _device_of(path: str) -> tuple[int, int] | None:

@@ -21,6 +21,8 @@ import stat
 import struct
 from dataclasses import dataclass
 
+from .sysfs import read as _read
+
 WDIOC_KEEPALIVE = 0x80045705
 WDIOC_SETTIMEOUT = 0xC0045706
 WDIOC_GETTIMEOUT = 0x80045707
@@ -45,14 +47,6 @@ class WatchdogInfo:
     nowayout: bool | None
     state: str | None
     """``active`` while some process holds it armed."""
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
 
 
 def _int(path: str) -> int | None:
