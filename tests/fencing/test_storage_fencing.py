@@ -102,7 +102,9 @@ def test_migrations_between_registered_hosts_preempt_neither(
     lab.call("scenarios:start_hosts", pair="mig", lun="fenced", fenced=True,  # nothing waits on this TTL:
              endpoints=guest_endpoint(etcd_process.endpoints), prefix=lab_prefix, ttl=15)  # long, no false fence
     try:
-        rounds = lab.call("scenarios:migrate", pair="mig", rounds=MIGRATIONS, wait=600)["rounds"]
+        migrated = lab.call("scenarios:migrate", pair="mig", rounds=MIGRATIONS, wait=600)
+        rounds = migrated["rounds"]
+        record_property("migration_rounds_run_again", len(migrated["spoiled"]))
         cost = lab.call("scenarios:grant_cost", pair="mig", n=20, wait=600)
         _check_and_status_show_the_keys(lab, etcd_process, lab_prefix, rounds[-1]["leases"])
     finally:

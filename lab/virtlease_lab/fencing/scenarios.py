@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from virtlease_etcd.devtools.hostprocess import HostProcess
+from virtlease_etcd.devtools.hostprocess import HostCallError, HostProcess
 from virtlease_etcd.fence import scsi_pr
 
 from . import scsilab
@@ -110,6 +110,8 @@ class Pair:
     ttl: int
     spares: dict[str, WriterProc] = field(default_factory=dict)
     """A VM started ahead for each host's next turn as the taker (Python starts slowly here)."""
+    started_with: dict[str, Any] = field(default_factory=dict)
+    """``start_hosts``' arguments (a spoiled migration starts the pair again)."""
 
 
 PAIRS: dict[str, Pair] = {}
@@ -128,7 +130,8 @@ def start_hosts(pair: str, lun: str, fenced: bool, endpoints: str, prefix: str, 
     for name, proc in starting.items():
         proc.wait_ready()
         hosts[name] = Host(name, proc, luns["devices"][lun][name], leases=[proc.lease])
-    PAIRS[pair] = Pair(hosts, wwid, fenced, ttl)
+    PAIRS[pair] = Pair(hosts, wwid, fenced, ttl, started_with={
+        "lun": lun, "fenced": fenced, "endpoints": endpoints, "prefix": prefix, "ttl": ttl, "margin": margin})
     return {"wwid": wwid, "devices": {n: h.device for n, h in hosts.items()},
             "leases": {n: h.lease for n, h in hosts.items()}}
 
@@ -161,12 +164,13 @@ def lun_keys(pair: str) -> dict[str, Any]:
     return {"keys": sorted(set(keys)), "registrations": len(keys), "reservation": held.key, "type": held.type}
 
 
-def _hold(host: Host, name: str) -> float:
+def _hold(host: Host, name: str, vm_uuid: str | None = None) -> float:
     """``host`` starts VM ``name``: a writer, then the grant (retried while busy); returns the
     time the grant returned."""
     writer = host.writer = WriterProc(host.device, name).wait_ready()
     host.obj = name
-    reply = host.proc.call("new", obj=name, uuid=str(uuid.uuid4()), name=name, pid=writer.pid, disks=[host.device])
+    reply = host.proc.call("new", obj=name, uuid=vm_uuid or str(uuid.uuid4()), name=name, pid=writer.pid,
+                           disks=[host.device])
     if not reply.get("ok"):
         raise Spoiled(f"host {host.name}: new {name}: {reply.get('error')}: {reply.get('message')}")
     return _acquire(host, name, timeout=60)
@@ -327,26 +331,51 @@ def _idle(p: Pair) -> None:
 def migrate(pair: str, rounds: int) -> dict[str, Any]:
     """``rounds`` live migrations of one VM between the two (registered, live) hosts, back and
     forth: source and destination write throughout; every claim must leave both keys
-    registered (nothing preempted) and no write may fail."""
+    registered (nothing preempted) and no write may fail.  A round in which the machine's load
+    starved a host past its fence deadline (``Spoiled``) is counted and run again."""
     p = PAIRS[pair]
     src, dst = p.hosts["A"], p.hosts["B"]
-    _idle(p)
-    vm = str(uuid.uuid4())
-    src.writer = WriterProc(src.device, f"{pair}-m0").wait_ready()
-    src.obj = "m0"
-    src.proc.ok("new", obj="m0", uuid=vm, name="migrant", pid=src.writer.pid, disks=[src.device])
-    _acquire(src, "m0", timeout=30)
-    src.writer.call("go")
-    results = []
-    for k in range(1, rounds + 1):
-        obj = f"m{k}"
-        writer = WriterProc(dst.device, f"{pair}-m{k}").wait_ready()
+    results: list[dict[str, Any]] = []
+    spoiled: list[str] = []
+    vm = ""
+    while len(results) < rounds:
+        if len(spoiled) > rounds:
+            raise RuntimeError(f"{len(spoiled)} migration rounds spoiled by false fences: {spoiled[-2:]}")
+        try:
+            if src.writer is None:  # the first round, or after a spoiled one: the VM starts on src
+                _idle(p)
+                vm = str(uuid.uuid4())
+                _hold(src, f"{pair}-m0-{len(spoiled)}", vm_uuid=vm)
+                assert src.writer is not None
+                src.writer.call("go")
+            results.append(_migrate_once(p, src, dst, vm, len(results) + 1))
+        except (Spoiled, RuntimeError) as exc:  # a host process's call failed: was it a false fence?
+            if all(_valid(h) for h in p.hosts.values()) and not isinstance(exc, Spoiled):
+                raise
+            log.warning("migration round spoiled: %s", exc)
+            spoiled.append(str(exc))
+            stop_hosts(pair)  # whatever either host still holds of the interrupted migration goes
+            start_hosts(pair, **p.started_with)
+            p = PAIRS[pair]
+            src, dst = p.hosts["A"], p.hosts["B"]
+            continue
+        log.info("migration %d: %s", len(results), results[-1])
+        src, dst = dst, src
+    return {"rounds": results, "spoiled": spoiled}
+
+
+def _migrate_once(p: Pair, src: Host, dst: Host, vm: str, k: int) -> dict[str, Any]:
+    pair = next(name for name, found in PAIRS.items() if found is p)
+    obj = f"m{k}"
+    writer = WriterProc(dst.device, f"{pair}-m{k}-{now():.0f}").wait_ready()
+    try:
         started = now()
         state = src.proc.ok("prepare_migrate", obj=src.obj, dest=f"{pair}-{dst.name}")["state"]
         dst.proc.ok("new", obj=obj, uuid=vm, name="migrant", pid=writer.pid, disks=[dst.device], migrate=True)
         t0 = now()
         dst.proc.ok("acquire", obj=obj, state=state)
         claim_s = now() - t0
+        dst.writer, dst.obj = writer, obj
         writer.call("go")  # the destination runs while the source has not finished
         keys = lun_keys(pair)
         time.sleep(0.2)
@@ -355,16 +384,16 @@ def migrate(pair: str, rounds: int) -> dict[str, Any]:
         src.writer.call("stop")
         source_writes = src.writer.call("report", since=started)
         src.proc.ok("complete_migrate_out", obj=src.obj)
-        src.writer.kill()
-        dest_writes = writer.call("report", since=started)
-        results.append({"round": k, "from": src.name, "to": dst.name, "claim_ms": round(claim_s * 1000, 1),
-                        "keys_after_claim": keys["keys"], "leases": {src.name: src.lease, dst.name: dst.lease},
-                        "source_writes": source_writes, "dest_writes": dest_writes})
-        log.info("migration %d: %s", k, results[-1])
-        src.writer, src.obj = None, None
-        dst.writer, dst.obj = writer, obj
-        src, dst = dst, src
-    return {"rounds": results}
+    except HostCallError as exc:
+        if dst.writer is not writer:
+            writer.kill()
+        raise RuntimeError(str(exc)) from None
+    src.writer.kill()
+    dest_writes = writer.call("report", since=started)
+    src.writer, src.obj = None, None
+    return {"round": k, "from": src.name, "to": dst.name, "claim_ms": round(claim_s * 1000, 1),
+            "keys_after_claim": keys["keys"], "leases": {src.name: src.lease, dst.name: dst.lease},
+            "source_writes": source_writes, "dest_writes": dest_writes}
 
 
 def grant_cost(pair: str, n: int) -> dict[str, Any]:
