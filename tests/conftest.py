@@ -154,7 +154,7 @@ def frozen() -> Iterator[Any]:
         yield fz
 
 
-SYSTEM_TEST_DIRS = ("identity", "agent", "libvirt", "packaging")
+SYSTEM_TEST_DIRS = ("identity", "agent", "libvirt", "packaging", "fencing")
 """Test folders whose skips mean a missing tool or privilege: in CI
 (``VIRTLEASE_REQUIRE_SYSTEM_TESTS=1``, set by .ci/run) such a skip fails.  A test elsewhere
 says the same with ``@pytest.mark.system``."""

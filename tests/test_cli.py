@@ -28,15 +28,8 @@ import pytest
 from virtlease_etcd.config import PROGRAM_ONLY, EtcdConfig, load_config
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd, free_port
 from virtlease_etcd.devtools.hostprocess import HostCallError, HostProcess
-from virtlease_lab.cliproc import VIRTLEASE, assert_one_line_error, clean_env, run
+from virtlease_lab.cliproc import VIRTLEASE, assert_one_line_error, clean_env, opts, run
 from virtlease_lab.etcdserver import EtcdServer
-
-
-def opts(etcd: EtcdServer, prefix: str, host: str = "host-t", ttl: int | None = None) -> list[str]:
-    out = ["--endpoints", etcd.endpoints, "--prefix", prefix, "--host-id", host]
-    if ttl is not None:
-        out += ["--ttl", str(ttl)]
-    return out
 
 
 class Holder:

@@ -22,13 +22,13 @@ from typing import Any
 
 import etcd3
 import pytest
-from virtlease_lab.relay import Relay
 
 import virtlease as v
 from virtlease_etcd.session.fencing import RevocationGate, pid_alive
 from virtlease_lab import freezer
 from virtlease_lab.drivers import new_uuid
 from virtlease_lab.etcdserver import EtcdServer
+from virtlease_lab.relay import Relay
 
 TTL, MARGIN = 3, 1.2
 

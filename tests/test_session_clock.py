@@ -11,13 +11,16 @@ exact numbers.
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace, TracebackType
 from typing import Any
+from unittest import mock
 
 import pytest
 
 from virtlease.abi import FailureAction, ObjectSpec, ObjectType
 from virtlease.errors import BackendUnavailableError, LeaseLostError
+from virtlease_etcd.clock import FENCE_CLOCK, SYSTEM
 from virtlease_etcd.config import EtcdConfig, load_config
 from virtlease_etcd.etcd.client import EtcdClient, TransientError
 from virtlease_etcd.ops.disks import DiskNames
@@ -231,3 +234,13 @@ def test_the_grant_path_checks_the_fence_on_the_session_clock() -> None:
         assert fenced and session.lost is not None
     finally:
         session._closed = True
+
+
+def test_one_fence_clock_counts_through_suspend() -> None:
+    """Every fence time is on CLOCK_BOOTTIME (it keeps counting while the machine is
+    suspended): the session's clock, hence its etcd client's deadlines and the guard's (told
+    the clock's id)."""
+    assert FENCE_CLOCK == time.CLOCK_BOOTTIME and SYSTEM.clock_id == FENCE_CLOCK
+    cfg = load_config({"host_id": "h", "ttl": TTL, "fence_margin": MARGIN})
+    with mock.patch("virtlease_etcd.session.hostsession.EtcdClient"):
+        assert HostSession(cfg).clock is SYSTEM

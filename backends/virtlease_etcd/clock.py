@@ -9,8 +9,12 @@ that one clock, so a test's fake clock moves all of them together (tests/test_se
 
 Two kinds of time, never mixed:
 
-* :meth:`Clock.now`: seconds on the **fence clock**, a clock that never steps (``FENCE_CLOCK``).
-  Every deadline and duration.  The safety argument rests on it (docs/DESIGN.md section 5): a
+* :meth:`Clock.now`: seconds on the **fence clock** (``FENCE_CLOCK``, ``CLOCK_BOOTTIME``).  Like
+  ``CLOCK_MONOTONIC`` it never jumps with the wall clock; unlike it, it keeps counting while the
+  machine is suspended.  A host that sleeps through its fence deadline must wake up *past* it:
+  with ``CLOCK_MONOTONIC`` the suspended time would not count, the session would believe it
+  still had that much time left, and its VMs would run on while etcd has already expired the
+  lease and handed their disks to another host.  Every deadline and duration.  The safety argument rests on it (docs/DESIGN.md section 5): a
   keepalive is timed from when it was sent on this clock, and the fence deadline is read from it.
   The guard process (``session/guard.py``, standard library only) is told the clock's id
   and reads the same clock, so the deadlines it is sent mean the same there.
@@ -24,9 +28,8 @@ from __future__ import annotations
 import time
 from typing import Final
 
-FENCE_CLOCK: Final[int] = time.CLOCK_MONOTONIC
-"""The clock every deadline is read from: the one line that chooses it (CLOCK_BOOTTIME would
-also count time the host spent suspended)."""
+FENCE_CLOCK: Final[int] = time.CLOCK_BOOTTIME
+"""The clock every deadline is read from: the one line that chooses it."""
 
 
 class Clock:

@@ -77,6 +77,22 @@ class EtcdConfig:
     """Also lock each disk under the path key of the release before the
     previous one (mixed clusters): a third key per file disk, so
     ``max_txn_ops // 6`` disks per transaction instead of ``// 4``."""
+    scsi_pr_luns: tuple[str, ...] = ()
+    """Storage fencing (docs/DESIGN.md §11): the SCSI LUNs to fence with persistent
+    reservations keyed by this host's lease -- WWIDs as ``/sys/block/sdX/device/wwid`` or
+    ``multipath -ll`` spell them (``naa.6001405...``, ``36001405...``), or ``*`` for every
+    SCSI LUN a locked disk lives on.  Empty: off."""
+    scsi_pr_preempt_abort: bool = True
+    """Fence with PREEMPT AND ABORT (the victim's queued commands are aborted too); false for
+    targets that do not implement it (then PREEMPT)."""
+    scsi_pr_timeout: float = 10.0
+    """Deadline of one persistent-reservation command, seconds."""
+    watchdog_device: str | None = None
+    """A watchdog device (``/dev/watchdog``) this host's session arms while it protects VMs
+    and pets only while the lease allows (docs/DESIGN.md §11).  None: off."""
+    watchdog_timeout: int | None = None
+    """The watchdog's timeout, whole seconds; default the largest the TTL and fence margin
+    allow (``watchdog_plan``), at most 60."""
 
     @property
     def margin(self) -> float:
@@ -92,13 +108,74 @@ class EtcdConfig:
     def tls(self) -> bool:
         return self.ca_cert is not None
 
+    @property
+    def watchdog(self) -> WatchdogPlan | None:
+        """The watchdog arithmetic of this configuration, None without a watchdog."""
+        if self.watchdog_device is None:
+            return None
+        return watchdog_plan(self.ttl, self.margin, self.watchdog_timeout)
 
-_FLOATS = {"fence_margin", "request_timeout", "acquire_timeout"}
-_INTS = {"ttl", "max_txn_ops"}
-_STRS = {"prefix", "host_id", "ca_cert", "cert_cert", "cert_key", "user", "password"}
+
+def pet_interval(timeout: float, margin: float) -> float:
+    """How often the watchdog is petted: often enough that a pet resumes within half the
+    fence margin (after a fence), and several times per timeout."""
+    return round(min(1.0, timeout / 4, margin / 4), 3)
+
+
+@dataclass(frozen=True)
+class WatchdogPlan:
+    """The watchdog arithmetic (docs/DESIGN.md §11).  Times after the send of the last
+    successful keepalive ``s``: the lease is valid until ``s + ttl`` by this host's clock (etcd
+    expires it no earlier); the host fences at ``s + fence_at``; the guard of a silent agent at
+    ``s + deadline``; the watchdog is petted only while ``now + timeout <= s + deadline``, so a
+    host whose agent stops is reset by ``s + deadline``, ``lead`` before anyone may take over."""
+
+    ttl: int
+    margin: float
+    timeout: int
+    pet_every: float
+    keepalive_every: float
+    fence_at: float
+    deadline: float
+    """The latest reset: the fence deadline of the watchdog (``ttl - margin/2``)."""
+    takeover: float
+    """The earliest another host can be granted the disks (etcd's expiry: ``ttl``)."""
+    max_timeout: int
+    """The largest timeout that never pauses the pets on a healthy host."""
+
+    @property
+    def lead(self) -> float:
+        return round(self.takeover - self.deadline, 3)
+
+    @property
+    def fits(self) -> bool:
+        return 1 <= self.timeout <= self.max_timeout
+
+
+def watchdog_plan(ttl: int, margin: float, timeout: int | None = None) -> WatchdogPlan:
+    """The arithmetic for ``ttl``, ``margin`` and a watchdog ``timeout`` (default: the
+    largest that fits, at most 60 s).  A healthy host renews every ``ttl/3``: just before a
+    renewal ``deadline - now`` is ``2ttl/3 - margin/2``, and the pets must not pause then, so
+    ``timeout + pet interval <= 2ttl/3 - margin/2``."""
+    room = 2 * ttl / 3 - margin / 2
+    best = 0
+    for candidate in range(1, 61):
+        if candidate + pet_interval(candidate, margin) <= room + 1e-9:
+            best = candidate
+    chosen = best if timeout is None else timeout
+    return WatchdogPlan(ttl=ttl, margin=margin, timeout=chosen, pet_every=pet_interval(max(chosen, 1), margin),
+                        keepalive_every=round(ttl / 3, 3), fence_at=round(ttl - margin, 3),
+                        deadline=round(ttl - margin / 2, 3),
+                        takeover=float(ttl), max_timeout=best)
+
+
+_FLOATS = {"fence_margin", "request_timeout", "acquire_timeout", "scsi_pr_timeout"}
+_INTS = {"ttl", "max_txn_ops", "watchdog_timeout"}
+_STRS = {"prefix", "host_id", "ca_cert", "cert_cert", "cert_key", "user", "password", "watchdog_device"}
 _CALLABLES = {"on_lease_lost", "restart_callback"}
 _MAPS = {"identity_map", "server_aliases"}
-_BOOLS = {"strict_identity", "legacy_path_keys"}
+_BOOLS = {"strict_identity", "legacy_path_keys", "scsi_pr_preempt_abort"}
+_LISTS = {"scsi_pr_luns"}
 KNOWN_KEYS = {f.name for f in fields(EtcdConfig)} | {"config_file"}
 PROGRAM_ONLY = _CALLABLES | {"adopted_session", "config_file"}
 """Keys only a program's config dict can give (callables, a running session, the file's own
@@ -169,9 +246,19 @@ def _parse_bool(key: str, value: Any) -> bool:
     raise ConfigError(f"{key}: {value!r} is not a boolean (true or false)")
 
 
+def _parse_list(key: str, value: Any) -> tuple[str, ...]:
+    """A list (TOML/dict) or ``a,b`` (environment) of non-empty strings."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    return tuple(i.strip() for i in items if i.strip())
+
+
 def _coerce(key: str, value: Any) -> Any:
     if value is None:
         return None
+    if key in _LISTS:
+        return _parse_list(key, value)
     if key in _MAPS:
         return _parse_map(key, value)
     if key in _BOOLS:
@@ -297,6 +384,33 @@ def _validate(cfg: EtcdConfig) -> None:
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{key}: {path} does not exist")
     _validate_identity(cfg)
+    _validate_fencing(cfg)
+
+
+def _validate_fencing(cfg: EtcdConfig) -> None:
+    if cfg.scsi_pr_timeout <= 0:
+        raise ConfigError("scsi_pr_timeout: must be > 0")
+    for wwid in cfg.scsi_pr_luns:
+        if wwid != "*" and any(c in wwid for c in "/\t\r\n\x00"):
+            raise ConfigError(f"scsi_pr_luns: {wwid!r} is not a WWID (naa.6001405..., as "
+                              "/sys/block/sdX/device/wwid says) or '*'")
+    plan = cfg.watchdog
+    if plan is None:
+        if cfg.watchdog_timeout is not None:
+            raise ConfigError("watchdog_timeout: set watchdog_device too (e.g. /dev/watchdog)")
+        return
+    if not cfg.watchdog_device or not cfg.watchdog_device.startswith("/"):
+        raise ConfigError(f"watchdog_device: {cfg.watchdog_device!r} must be an absolute path (/dev/watchdog)")
+    if plan.max_timeout < 1:
+        raise ConfigError(f"watchdog_device: TTL {cfg.ttl} s with fence margin {cfg.margin:g} s leaves no room for a "
+                          f"watchdog of at least 1 s (needs 1 s + the pet interval <= 2/3 TTL - margin/2 = "
+                          f"{2 * cfg.ttl / 3 - cfg.margin / 2:.2f} s); raise ttl")
+    if not plan.fits:
+        raise ConfigError(f"watchdog_timeout: {plan.timeout} s does not fit TTL {cfg.ttl} s with fence margin "
+                          f"{cfg.margin:g} s: a healthy host's pets would pause before each keepalive and the "
+                          f"watchdog could reset it (needs timeout + pet interval {plan.pet_every:g} s <= 2/3 TTL "
+                          f"- margin/2 = {2 * cfg.ttl / 3 - cfg.margin / 2:.2f} s); use at most "
+                          f"{plan.max_timeout} s, or raise ttl")
 
 
 def _validate_identity(cfg: EtcdConfig) -> None:

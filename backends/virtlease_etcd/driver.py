@@ -39,6 +39,7 @@ from virtlease_etcd.session.hostrecord import HostKeyTaken
 from virtlease_etcd.session.hostsession import HostSession
 from virtlease_etcd.session.owners import Policy
 from virtlease_etcd.session.registry import close_session, open_session
+from virtlease_etcd.session.watchdog import LeaseWatchdog, close_watchdog, open_watchdog
 
 from .config import EtcdConfig, load_config
 
@@ -58,6 +59,8 @@ class EtcdDriver:
         self._session: HostSession | None = None
         self._lock = threading.Lock()
         self._names: DiskNames | None = None
+        self.watchdog: LeaseWatchdog | None = None
+        """The watchdog armed by this host's lease (``watchdog_device``), following the session."""
 
     # -- plugin hooks ------------------------------------------------------------
 
@@ -71,7 +74,16 @@ class EtcdDriver:
                                      f"(offers {self.capabilities!r})")
         cfg = load_config(config)
         self.policy = Policy(cfg.default_action, cfg.restart_callback)
-        self._session = open_session(cfg)  # continues cfg.adopted_session if given
+        self.watchdog = open_watchdog(cfg)
+        try:
+            self._session = open_session(cfg)  # continues cfg.adopted_session if given
+        except BaseException:
+            if self.watchdog is not None:
+                close_watchdog(self.watchdog)
+                self.watchdog = None
+            raise
+        if self.watchdog is not None:
+            self.watchdog.follow(self._session)
         self.cfg = dataclasses.replace(cfg, adopted_session=None)  # a renewal opens a new one
         self._names = DiskNames(self.cfg)
         self._session.add_listener(self._on_lost)
@@ -97,6 +109,9 @@ class EtcdDriver:
         if self._names is not None:
             self._names.close()
         self._names = None
+        if self.watchdog is not None:
+            close_watchdog(self.watchdog)
+            self.watchdog = None
 
     def renew_session(self) -> str | None:
         """Replace a lost session by a new one (a new lease) for the grants that follow; return
@@ -125,6 +140,8 @@ class EtcdDriver:
             old.remove_listener(self._on_lost)
             close_session(old)
             new.add_listener(self._on_lost)
+            if self.watchdog is not None:
+                self.watchdog.follow(new)
             self._session = new
             return old.lost
 

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+from virtlease_lab.etcdserver import EtcdServer
+
 _SCRIPT = shutil.which("virtlease", path=os.path.dirname(sys.executable))
 VIRTLEASE: list[str] = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "virtlease.cli"]
 
@@ -24,6 +26,14 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
         cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*VIRTLEASE, *args], capture_output=True, text=True, timeout=timeout,
                           env=env if env is not None else clean_env(), cwd=cwd)
+
+
+def opts(etcd: EtcdServer, prefix: str, host: str = "host-t", ttl: int | None = None) -> list[str]:
+    """The command-line options of a ``virtlease`` command for ``host`` on ``etcd`` under ``prefix``."""
+    out = ["--endpoints", etcd.endpoints, "--prefix", prefix, "--host-id", host]
+    if ttl is not None:
+        out += ["--ttl", str(ttl)]
+    return out
 
 
 def assert_one_line_error(stderr: str, *needles: str) -> None:

@@ -24,8 +24,8 @@ import etcd3
 import pytest
 
 import virtlease as v
-from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError
 from virtlease_etcd import clock as clocks
+from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError
 from virtlease_etcd.config import load_config
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd
 from virtlease_etcd.session import reattach

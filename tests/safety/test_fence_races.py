@@ -20,6 +20,7 @@ import pytest
 
 import virtlease as v
 from virtlease.abi import AcquireFlags, FailureAction, ObjectSpec, ObjectType, ResourceSpec, ResourceType
+from virtlease_etcd.clock import SYSTEM
 from virtlease_etcd.config import load_config
 from virtlease_etcd.etcd.client import TransientError
 from virtlease_etcd.ops import grants
@@ -57,8 +58,8 @@ def _delay_reply_until_fenced(plugin: v.Plugin, disk_ops: int) -> threading.Even
         resp = real(compare, success, failure, timeout=timeout)
         if len(success) == disk_ops and not delayed.is_set():
             delayed.set()
-            deadline = time.monotonic() + 10
-            while session.lost is None and time.monotonic() < deadline:
+            deadline = SYSTEM.now() + 10
+            while session.lost is None and SYSTEM.now() < deadline:
                 time.sleep(0.01)
             time.sleep(0.3)  # let the fence listeners finish before the reply is used
         return resp
@@ -165,7 +166,7 @@ def test_a_grant_whose_reply_comes_past_the_fence_deadline_fails_before_the_fenc
     """The reply arrives after the fence deadline, but the fence thread has not run yet (it is
     asleep until then, or slow): the grant itself sees the deadline passed, fences the owner
     and fails.  The session's clock is the test's: it jumps past the deadline during the reply."""
-    clock = FakeClock(time.monotonic())
+    clock = FakeClock(SYSTEM.now())
     cfg = load_config({"endpoints": etcd.endpoints, "prefix": prefix, "host_id": "host-race-clock", "ttl": 10})
     session = HostSession(cfg, clock=clock).start()
     vm = _vm()

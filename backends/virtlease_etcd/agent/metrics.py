@@ -42,6 +42,9 @@
                                                                locked under one or more keys)
 ==================================================  =========  =======================================
 
+and, when configured, the watchdog's (armed, last pet, pets) and storage fencing's metrics
+(``fencemetrics``).
+
 What a caller may rely on: gauges are read when scraped, from the session in place then (a lost
 session is replaced by a new one at the next ACQUIRE); the only work on the lock path is a
 counter increment and the ACQUIRE timing; a loss is counted once, when it happens (a listener on
@@ -71,6 +74,7 @@ from virtlease_etcd.clock import Clock
 from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.session.hostsession import HostSession
 
+from . import fencemetrics
 from .backend import EtcdLockBackend
 
 log = logging.getLogger(__name__)
@@ -137,6 +141,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._count_inner = backend.count
         backend.count = self._count
+        fencemetrics.register(r, backend.driver)  # watchdog and storage fencing, when configured
         self._time_acquire()
         self._watch(backend.driver.session)
         self._server: Any = None

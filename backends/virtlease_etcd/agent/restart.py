@@ -37,6 +37,7 @@ from virtlease_etcd.session import reattach
 from virtlease_etcd.session.failure import GUARD_SIGNALS
 from virtlease_etcd.session.guard import Guard, stand_down, start_time
 from virtlease_etcd.session.hostsession import HostSession
+from virtlease_etcd.session.storagefence import remember_fenced
 
 from . import runfile as sf
 from .backend import EtcdLockBackend
@@ -98,6 +99,8 @@ def wait_out(cfg: EtcdConfig, prior: sf.AgentState) -> list[str]:
     fates = []
     for o in prior.owners:
         who = f"domain {o.name} ({o.uuid}) QEMU pid {o.pid}"
+        if start_time(o.pid) == o.start:  # no new reservation key of this host while it runs
+            remember_fenced(o.pid, f"domain {o.name} ({o.uuid}) of the previous agent")
         sig = GUARD_SIGNALS.get(FailureAction[o.action.upper()])
         if start_time(o.pid) != o.start:
             fates.append(f"{who} has exited (fenced by the previous agent's guard at the fence deadline, "

@@ -27,6 +27,7 @@ from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.etcd.tlsfiles import ClientCertificate, check_tls_files
 
 from .access import check_access, identify
+from .fencing import check_storage_fencing, check_watchdog
 from .options import Settings, etcd_client, etcd_command, fetch_status
 from .probes import (
     FAIL,
@@ -155,16 +156,20 @@ def render(report: Report, cfg: EtcdConfig) -> None:
 @click.option("--strict", is_flag=True, help="Exit non-zero on warnings too.")
 @click.option("--read-only", is_flag=True,
               help="For monitoring users: check read permission under the prefix, not write; no host checks.")
+@click.option("--fence-device", "fence_devices", multiple=True, metavar="DEVICE",
+              help="Probe SCSI persistent reservations on the LUN(s) under DEVICE, every path (repeatable).")
 @etcd_command
 @click.pass_context
 def check(ctx: click.Context, settings: Settings, as_json: bool, election_timeout: float, strict: bool,
-          read_only: bool) -> None:
+          read_only: bool, fence_devices: tuple[str, ...]) -> None:
     """Validate the configuration and reach the cluster.
 
     Checks the TLS files, every endpoint's health (status, alarms, a quorum read; no
     permission needed), the etcd version, the TTL against the election timeout, the etcd user
     and its permission under the prefix (a host: write, with a probe key removed again;
-    --read-only: read), the prefix's contents and the clocks.
+    --read-only: read), the prefix's contents and the clocks; the watchdog (arithmetic,
+    device) and storage fencing (persistent reservations on every path of each fenced LUN
+    and --fence-device) when configured.
 
     \b
     Exit codes: 0 healthy (warnings allowed unless --strict), 1 a check failed
@@ -180,6 +185,9 @@ def check(ctx: click.Context, settings: Settings, as_json: bool, election_timeou
                f"default action {cfg.default_action.name.lower()}" + (", read-only check" if read_only else ""))
     if cert is not None:
         _check_certificate(report, cert)
+    if not read_only:  # this host's own devices: not a monitoring user's business
+        check_watchdog(report, cfg)
+        check_storage_fencing(report, cfg, fence_devices)
     healthy = check_endpoints(report, cfg)
     if healthy:
         _check_version(report, healthy)

@@ -18,6 +18,7 @@ import click
 from virtlease.cli.output import out, print_json, print_wide
 from virtlease_etcd.ops.status import ClusterStatus
 
+from .fencing import fencing_status, fencing_table
 from .options import Settings, etcd_client, etcd_command, fetch_status
 from .tables import status_tables
 
@@ -55,14 +56,17 @@ def only(status: ClusterStatus, hosts: tuple[str, ...], domains: tuple[str, ...]
 @etcd_command
 def status(settings: Settings, as_json: bool, wide: bool, hosts: tuple[str, ...], domains: tuple[str, ...]) -> None:
     """Show live hosts (TTL left), held resources (mode, holder host and domain,
-    fencing token, since) and migrations in flight.
+    fencing token, since) and migrations in flight; with scsi_pr_luns set, the keys
+    registered on each fenced LUN this host sees.
 
     The default layout fits an 80-column terminal; --wide shows every column."""
     cfg = settings.load()
     with etcd_client(cfg) as client:
-        st = only(fetch_status(client, cfg), hosts, domains)
+        full = fetch_status(client, cfg)
+    fenced = fencing_status(cfg, full)  # every live host names its keys, whatever is shown
+    st = only(full, hosts, domains)
     if as_json:
-        print_json(st.as_dict())
+        print_json({**st.as_dict(), **({"fencing": fenced} if fenced else {})})
         return
     shown = [f"host {', '.join(hosts)}"] if hosts else []
     shown += [f"domain {', '.join(domains)}"] if domains else []
@@ -73,3 +77,5 @@ def status(settings: Settings, as_json: bool, wide: bool, hosts: tuple[str, ...]
             print_wide(table)
         else:
             out.print(table)
+    if fenced:
+        out.print(fencing_table(fenced))

@@ -22,7 +22,10 @@ Commands act on lock objects by a name of the caller's choosing::
     {"op": "complete_migrate_out", "obj": "web1", "cancel": false}
     {"op": "free", "obj": "web1"}    (drops the handle; never releases: ABI 2.0)
     {"op": "lost"}                   -> {"lost": reason or null}
-    {"op": "session"}                -> {"fence_at", "now", "lost", "lease"}
+    {"op": "session"}                -> {"fence_at", "now", "lost", "lease", "storage_s": the
+                                     durations of the session's storage fencing on grants}
+    {"op": "renew"}                  -> {"renewed": why the old session was lost or null, "lease"}
+                                     (``EtcdDriver.renew_session``: a new session after a lost one)
     {"op": "exit"}                   frees the handles, releases what this driver
                                      granted, unloads (revoking the lease), answers, exits
 
@@ -78,7 +81,11 @@ def _handle(plugin: v.Plugin, objects: dict[str, v.LockObject], cmd: dict[str, A
         return {"lost": session.lost}
     if op == "session":
         return {"fence_at": session.fence_at, "now": session.clock.now(), "lost": session.lost,
-                "lease": session.lease_id}
+                "lease": session.lease_id,
+                "storage_s": list(session.storage.durations) if session.storage is not None else None}
+    if op == "renew":
+        why = plugin.driver.renew_session()
+        return {"renewed": why, "lease": plugin.driver.session.lease_id}
     if op == "new":
         flags = v.NewFlags.MIGRATE if cmd.get("migrate") else v.NewFlags(0)
         obj = plugin.new_object(uuid=cmd["uuid"], name=cmd["name"], pid=cmd.get("pid"), flags=flags)

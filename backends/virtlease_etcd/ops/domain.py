@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from virtlease.abi import ObjectSpec, ResourceSpec
 from virtlease.errors import BackendUnavailableError, LeaseLostError, ObjectStateError, ValidationError
 from virtlease_etcd.config import EtcdConfig
+from virtlease_etcd.fence.errors import FencingError
 from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.model import statestring as st
 from virtlease_etcd.session.hostsession import HostSession
@@ -57,6 +58,8 @@ class Domain:
         self.spec = spec
         self.host = session.cfg.host_id
         self.keys = session.keys
+        self._paths: dict[str, str] = {}
+        """The caller's path of each disk ``locked`` named, by rid (storage fencing)."""
 
     # -- names -------------------------------------------------------------------
 
@@ -85,7 +88,24 @@ class Domain:
                                           f"resource ({rid.readable}) of {self.where()}")
                 seen[rid.rid] = res.name
                 out.append(rid)
+                if rid.kind == "disk":
+                    self._paths[rid.rid] = res.name
         return out
+
+    def disk_paths(self, rids: Iterable[ks.ResourceId]) -> list[str]:
+        """This host's paths of the disks among ``rids`` (each once): what storage fencing
+        maps to LUNs.  A claimed record names no path; the path ``locked`` saw is used."""
+        out: list[str] = []
+        for rid in rids:
+            path = (rid.path or self._paths.get(rid.rid, "")) if rid.kind == "disk" and rid.legacy_of is None else ""
+            if path and path not in out:
+                out.append(path)
+        return out
+
+    def secure_storage(self, rids: Iterable[ks.ResourceId]) -> None:
+        """Storage fencing before a grant is reported (``HostSession.secure_storage``): also
+        for a disk the owner already holds, e.g. one a migration claim took with another."""
+        self.session.secure_storage(self.disk_paths(rids))
 
     def refuse_if_migrating(self, owner: Owner, call: str) -> None:
         if owner.handoff is not None:
@@ -136,6 +156,7 @@ class Domain:
         deadline, or the session lost meanwhile), every attempt's records are
         withdrawn in the background, so no grant is left that nobody knows of."""
         session = self.session
+        session.before_grant()
         sent: list[list[txn.Grant]] = []
 
         def attempt(timeout: float) -> GrantResult:
@@ -190,6 +211,13 @@ class Domain:
         if session.lost is not None or session.clock.now() >= session.fence_at:
             session.fence(owner, session.lost or "fence deadline passed while the grant was in flight")
             session.check()
+        try:
+            self.secure_storage(g.rid for g in result.grants)
+        except FencingError:
+            for g in result.grants:  # not reported: the grant is withdrawn (its records, by value)
+                owner.held.pop(g.rid.rid, None)
+            txn.withdraw_in_background(session, [(g.key, g.value) for g in result.grants])
+            raise
 
     def adopt_policy(self, owner: Owner, action: Any) -> None:
         """Before a grant (a fence racing its reply must use these)."""

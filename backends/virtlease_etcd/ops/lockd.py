@@ -131,6 +131,7 @@ def _acquire(d: Domain, resource: ResourceSpec, action: FailureAction) -> Acquir
             if have.rid.mode != rid.mode:
                 raise ValidationError("resource", f"{rid.readable} is held {have.rid.mode} by {d.where()} on "
                                       f"host {d.host}; release it before acquiring it {rid.mode}")
+            d.secure_storage(rids)  # e.g. taken by a claim with another disk: fenced before QEMU runs
             return outcome
 
         def claimed(found: tuple[str, bytes]) -> bool:

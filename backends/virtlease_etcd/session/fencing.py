@@ -16,6 +16,7 @@ from virtlease.abi import FailureAction, ObjectSpec, ObjectType
 
 from .failure import run_failure_action
 from .owners import Owner
+from .storagefence import remember_fenced
 
 
 class RevocationGate:
@@ -55,6 +56,7 @@ def fence(owner: Owner, reason: str, gate: RevocationGate) -> None:
     action = owner.action
     killed = action in (FailureAction.POWEROFF, FailureAction.RESTART) and owner.pid is not None
     gate.hold(owner.pid if killed else None)
+    remember_fenced(owner.pid, f"domain {owner.name} ({owner.uuid})")  # no new key while it runs
     spec = ObjectSpec(type=ObjectType.DOMAIN, uuid=owner.uuid, name=owner.name, pid=owner.pid)
     restart = owner.policy.restart_callback if owner.policy is not None else None
     run_failure_action(action, spec, reason=reason, restart=restart)

@@ -49,7 +49,6 @@ from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
-
 def start_time(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat (clock ticks since boot), None if no such process."""
     try:

@@ -5,8 +5,8 @@ keepalive traffic is one refresh per TTL/3 whatever the number of disks.
 
 Clock assumption (the safety argument rests on it): each keepalive is timed
 from when it was *sent*, on this host's fence clock (``virtlease_etcd.clock``:
-it never steps).  etcd starts the renewed TTL when it *receives* the
-request, which is later, so
+CLOCK_BOOTTIME, which never steps and counts while the machine is suspended).
+etcd starts the renewed TTL when it *receives* the request, which is later, so
 ``valid_until = sent + TTL`` is never after etcd's own expiry as long as the
 two clocks advance at about the same rate (drift well below ``margin``).  At
 ``valid_until - margin`` without a newer successful keepalive the session is
@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from virtlease.errors import BackendUnavailableError, LeaseLostError
 from virtlease_etcd.clock import SYSTEM, Clock
@@ -36,6 +37,10 @@ from virtlease_etcd.model import keyspace as ks
 
 from . import fencing, hostrecord
 from .owners import Owner, Owners
+from .storagefence import StorageFence
+
+if TYPE_CHECKING:
+    from .watchdog import LeaseWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,10 @@ class HostSession:
         self.revocation = fencing.RevocationGate()
         self.keepalives_sent = 0
         self.owners = Owners()
+        self.storage = StorageFence(self, cfg) if cfg.scsi_pr_luns else None
+        """Persistent-reservation fencing of the grants (``scsi_pr_luns``), None when off."""
+        self.watchdog: LeaseWatchdog | None = None
+        """The watchdog armed by this session's lease (the driver's ``LeaseWatchdog.follow``)."""
 
     # -- life cycle ----------------------------------------------------------
 
@@ -192,6 +201,18 @@ class HostSession:
             )
         if self._closed:
             raise LeaseLostError(f"host {self.cfg.host_id}: session closed")
+
+    def before_grant(self) -> None:
+        """Before a grant or claim is sent: the watchdog, if configured, is armed and may be
+        petted (FencingError otherwise: nothing is sent)."""
+        if self.watchdog is not None:
+            self.watchdog.arm_for_grant(self)
+
+    def secure_storage(self, paths: Sequence[str]) -> None:
+        """Before a grant on the disks at ``paths`` is reported: their fenced LUNs carry this
+        session's key and a reservation, and no dead session's key (``StorageFence.secure``)."""
+        if self.storage is not None and paths:
+            self.storage.secure(paths)
 
     def deadline(self, seconds: float | None = None) -> float:
         """A deadline (on ``self.clock``) for an operation: ``seconds`` from now (default

@@ -6,7 +6,7 @@ Every write names the disk, the writer (host, incarnation, domain uuid, write
 interval) and the fencing token from ``inquire()``.  The server rejects a
 token lower than the newest it has seen for that disk, and a write with the
 newest token from a different holder (two holders with one token is itself
-a violation).  Every request is logged with the writer's monotonic time and
+a violation).  Every request is logged with the writer's time (the fence clock) and
 the server's.
 """
 
