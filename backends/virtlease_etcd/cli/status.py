@@ -13,7 +13,7 @@ import click
 from virtlease.cli.output import out, print_json
 
 from .options import Settings, etcd_client, etcd_command, fetch_status
-from .tables import status_tables
+from .tables import print_status
 
 
 @click.command()
@@ -30,5 +30,4 @@ def status(settings: Settings, as_json: bool) -> None:
         return
     out.print(f"[bold]virtlease[/] status of prefix {cfg.prefix} at {','.join(cfg.endpoints)} "
               f"(etcd revision {st.revision})")
-    for table in status_tables(st):
-        out.print(table)
+    print_status(st, out)
