@@ -16,13 +16,14 @@
   QEMU survived past the TTL.
 * ``libvirt`` (full run, or ``--libvirt``): ``virsh start`` of a small TCG domain and live
   migrations back and forth (wall time, guest downtime) on the two-host libvirt rig
-  (tests/libvirt/rig.py) with stock virtlockd and with the agent over this etcd (needs root and
+  (lab/virtlease_lab/libvirt/) with stock virtlockd and with the agent over a three-member etcd (root and
   deploy/libvirt/install.sh; skipped with the reason otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -142,40 +143,44 @@ def crash(cluster: Cluster, tmp: Path, disk: str, ttl: int) -> dict[str, Any]:
     return out
 
 
-def libvirt_rig(cluster: Cluster, n: int) -> dict[str, Any]:
-    """On the two-host rig, stock virtlockd vs the agent: ``virsh start`` wall times (s) and
-    ``virsh migrate --live`` back and forth: wall time (s) and guest downtime (ms, QEMU's STOP on
-    the source to RESUME on the destination)."""
+def libvirt_rig(n: int) -> dict[str, Any]:
+    """On the two-host rig, stock virtlockd vs the agent over a three-member etcd (the rig's own,
+    ``virtlease_lab.libvirt.agentrig``): ``virsh start`` wall times (s) and ``virsh migrate --live``
+    back and forth: wall time (s) and guest downtime (ms, QEMU's STOP on the source to RESUME on
+    the destination).  The two are measured in turns of ``n // 2`` (virtlockd, agent, virtlockd,
+    agent), so both meet the same machine load."""
     if os.geteuid() != 0 or not shutil.which("libvirtd"):
         return {"skipped": "needs root and libvirt (deploy/libvirt/install.sh)"}
-    from virtlease_lab.libvirt.relay import Relay
+    from virtlease_lab.libvirt.agentrig import agent_rig
     from virtlease_lab.libvirt.rig import Rig
     from virtlockd_baseline import measure_migrations, measure_starts, summary
 
-    out: dict[str, Any] = {"start_s": {}, "migrate_s": {}, "downtime_ms": {}}
-    host, port = cluster.endpoint.rsplit(":", 1)
+    raw: dict[str, dict[str, list[float]]] = {label: {"start": [], "wall": [], "downtime": []}
+                                              for label in ("virtlockd", "agent")}
     with tempfile.TemporaryDirectory(prefix="vl-bench-rig-", dir="/tmp") as name:
         tmp = Path(name)
-        relay = Relay.unix_to_tcp(str(tmp / "etcd.sock"), host, int(port))
-        agent = [sys.executable, "-m", "virtlease_lab.libvirt.agent_in_host", f"{tmp / 'etcd.sock'}@23790", "--socket",
-                 "{socket}", "--endpoints", "127.0.0.1:23790", "--host-id", f"host{{host}}-{cluster.run_id}",
-                 "--prefix", cluster.prefix, "--ttl", "10"]
-        try:
-            for label, daemon in (("virtlockd", "virtlockd"), ("agent", agent)):
-                r = Rig(tmp / label, cache_dir=tmp / "cache", lock_daemon=daemon)
-                r.up()
-                try:
-                    out["start_s"][label] = summary(measure_starts(r, n))
-                    mig = measure_migrations(r, n)
-                    out["migrate_s"][label] = summary(mig["wall"])
-                    out["downtime_ms"][label] = summary(mig["downtime"], 1000.0)
-                finally:
-                    r.down()
-                progress(f"{label} on the rig: virsh start p50 {out['start_s'][label]['p50']:.3f} s, migrate p50 "
-                         f"{out['migrate_s'][label]['p50']:.3f} s, guest downtime p50 "
-                         f"{out['downtime_ms'][label]['p50']:.1f} ms (max {out['downtime_ms'][label]['max']:.1f})")
-        finally:
-            relay.close()
+        for turn in range(2):
+            for label in ("virtlockd", "agent"):
+                work = tmp / f"{label}-{turn}"
+                with contextlib.ExitStack() as stack:
+                    if label == "virtlockd":
+                        r = stack.enter_context(Rig(work, cache_dir=tmp / "cache", lock_daemon="virtlockd"))
+                    else:
+                        r = stack.enter_context(agent_rig(work)).rig
+                    raw[label]["start"] += measure_starts(r, max(1, n // 4))
+                    mig = measure_migrations(r, n // 2)
+                    raw[label]["wall"] += mig["wall"]
+                    raw[label]["downtime"] += mig["downtime"]
+    out: dict[str, Any] = {"start_s": {}, "migrate_s": {}, "downtime_ms": {}, "etcd_members": {"agent": 3},
+                           "load_after": os.getloadavg()[0]}
+    for label, got in raw.items():
+        out["start_s"][label] = summary(got["start"])
+        out["migrate_s"][label] = summary(got["wall"])
+        out["downtime_ms"][label] = summary(got["downtime"], 1000.0)
+        progress(f"{label} on the rig: virsh start p50 {out['start_s'][label]['p50']:.3f} s, migrate p50 "
+                 f"{out['migrate_s'][label]['p50']:.3f} s, guest downtime p50 "
+                 f"{out['downtime_ms'][label]['p50']:.1f} ms p99 {out['downtime_ms'][label]['p99']:.1f} ms "
+                 f"(n={len(got['downtime'])})")
     return out
 
 
@@ -209,7 +214,7 @@ def agent_section(cluster: Cluster, plan: Plan, *, libvirt: bool | None = None) 
         res["crash"] = crash(cluster, tmp, str(disk), ttl)
         progress(f"agent crash: {res['crash']}")
     if libvirt if libvirt is not None else not plan.quick:
-        res["libvirt"] = libvirt_rig(cluster, 5 if plan.quick else 10)
+        res["libvirt"] = libvirt_rig(6 if plan.quick else 24)
     return res
 
 

@@ -165,14 +165,20 @@ def _agent(res: dict[str, Any]) -> list[str]:
                   f"{crash['owner_killed_after_s']:.2f} s (before the lease could expire); restarted at once, "
                   f"the new agent served after {crash['restart_serving_after_s']:.2f} s and the owner "
                   f"{'survived' if crash['owner_survived_restart'] else 'did NOT survive'}.", ""]
+    floor, pair = a.get("etcd_txn_ms") or {}, a.get("agent_ms") or {}
+    if "p50_ms" in floor and "p50_ms" in pair:
+        lines += [f"The agent's pair is {pair['p50_ms'] / floor['p50_ms']:.2f}x one etcd transaction (p50, same run).", ""]
     rig = a.get("libvirt") or {}
-    rows = [[what, *(f"{rig[key][d]['p50']:.{digits}f} ({rig[key][d]['max']:.{digits}f})" for d in ("agent", "virtlockd")),
+    rows = [[what, *(f"{rig[key][d]['p50']:.{digits}f} / {rig[key][d]['p99']:.{digits}f} / "
+                     f"{rig[key][d]['max']:.{digits}f}" for d in ("agent", "virtlockd")),
              str(rig[key]["agent"]["n"])]
             for what, key, digits in (("`virsh start`, s", "start_s", 3), ("`virsh migrate --live`, s", "migrate_s", 3),
                                       ("guest downtime, ms", "downtime_ms", 1))
             if all("p50" in rig.get(key, {}).get(d, {}) for d in ("agent", "virtlockd"))]
     if rows:
-        lines += ["On the two-host libvirt rig (one etcd member; p50, max in brackets):", "",
+        members = (rig.get("etcd_members") or {}).get("agent", 1)
+        lines += [f"On the two-host libvirt rig (the agent over {members} etcd member(s), the two measured in "
+                  f"turns; p50 / p99 / max; load average after: {rig.get('load_after', float('nan')):.1f}):", "",
                   *_table(["", "agent", "virtlockd", "n"], rows)]
     return lines
 

@@ -114,16 +114,20 @@ def test_libvirt_sequence_busy_pause_resume(agents: Callable[..., Agent], qemus:
     assert owner is not None and owner.handoff is None and len(owner.held) == 2
 
 
-def test_owner_eof_releases_within_a_second(agents: Callable[..., Agent], qemus: Callable[..., StandinQemu],
-                                            tmp_path: Path, etcd_process: EtcdServer, prefix: str) -> None:
+def test_owner_eof_releases_through_the_lifeline_not_the_lease(
+        agents: Callable[..., Agent], qemus: Callable[..., StandinQemu], tmp_path: Path,
+        etcd_process: EtcdServer, prefix: str) -> None:
+    """The QEMU dies: its disk is released as soon as the agent sees it (lifeline EOF, pidfd), well
+    before the lease (TTL 4 s) could expire; the bound tells the two apart (half the TTL), the
+    time itself is a benchmark figure."""
     a = agents("host-a")
     (d1,) = images(tmp_path, "d1.img")
     web = qemus(a, "web1")
     call(a, web, "acquire", d1)
     assert holders(etcd_process, prefix)
     web.kill()
-    took = wait_for(lambda: not holders(etcd_process, prefix), 5)
-    assert took < 1.0
+    wait_for(lambda: not holders(etcd_process, prefix), 2.0)
+    assert a[1].driver.session.lost is None
     call(a, qemus(a, "db1"), "acquire", d1)
 
 

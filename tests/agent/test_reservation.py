@@ -205,3 +205,39 @@ def test_lockd_calls_are_checked_by_the_cores_validation(hosts: Callable[[str], 
     lease = lockd_resource("/var/lib/libvirt/lockd/files", "ab" * 32, shared=True)
     assert (lease.type, lease.params, lease.shared) == (ResourceType.LEASE, {"lockspace": "/var/lib/libvirt/lockd/files"},
                                                         True)
+
+
+def test_a_destination_waits_for_the_sources_reservation_then_claims(hosts: Callable[[str], v.Plugin],
+                                                                      tmp_path: Path) -> None:
+    """The agent answers a pause RELEASE before its reservation commits; a migration's destination
+    that asks first waits for it (up to RESERVATION_WAIT) and claims it.  The same domain asking
+    while the source keeps the disk held (no reservation coming) is refused after the wait."""
+    import threading
+    import time
+
+    from virtlease_etcd.ops.lockd import RESERVATION_WAIT
+
+    a, b = hosts("host-a"), hosts("host-b")
+    uid = str(uuid.uuid4())
+    d1, d2 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img")
+    lockd(a, uid, "web1").acquire(d1, ACT)
+    lockd(a, uid, "web1").acquire(d2, ACT)
+    t0 = time.monotonic()
+    with pytest.raises(ResourceBusyError) as exc:  # the twin: A keeps both disks, nothing to wait for
+        lockd(b, uid, "web1").acquire(d1, ACT)
+    assert RESERVATION_WAIT <= time.monotonic() - t0 < RESERVATION_WAIT + 1.0
+    assert exc.value.conflicts[0].host == "host-a"
+
+    def pause() -> None:
+        lockd(a, uid, "web1").release(d1)
+        lockd(a, uid, "web1").release(d2)
+
+    timer = threading.Timer(0.3, pause)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        assert lockd(b, uid, "web1").acquire(d1, ACT) == "claimed"
+    finally:
+        timer.join()
+    assert 0.25 < time.monotonic() - t0 < RESERVATION_WAIT
+    assert lockd(b, uid, "web1").acquire(d2, ACT) == "held"

@@ -140,14 +140,17 @@ def test_live_migration_never_two_holders_and_no_third_domain_gets_in(
     r.virsh("A", "destroy", "mig1")
 
 
-def test_kill9_of_qemu_frees_the_disk_within_a_second(env: AgentRig, record_property: pytest.RecordProperty) -> None:
-    """Scenario 5: kill -9 of web1's QEMU on A; B starts a domain on the disk within a second."""
+def test_kill9_of_qemu_frees_the_disk_through_its_lifeline_not_the_lease(
+        env: AgentRig, record_property: pytest.RecordProperty) -> None:
+    """Scenario 5: kill -9 of web1's QEMU on A; B starts a domain on the disk as soon as A's agent
+    sees the QEMU gone (its lifeline and pidfd), long before A's lease could expire.  The time is
+    a figure (0.27-0.47 s on an idle machine; ``make bench`` measures it), the bound only tells the
+    lifeline apart from the lease: half the TTL."""
     r = env.rig
     pid = _one_disk(env, "agent-kill.img", "victim", "heir")
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    _, took = env.start_once_free("B", "heir", t0, 1.0, pause=0)
-    assert took < 1.0, f"the start on B ended {took:.3f} s after the kill"
+    _, took = env.start_once_free("B", "heir", t0, TTL / 2, pause=0)
     record_property("kill9_to_start_b_s", round(took, 3))
     print(f"agent rig: kill -9 of QEMU on A -> domain started on B after {took:.3f} s")
     r.virsh("B", "destroy", "heir")

@@ -97,8 +97,9 @@ class EtcdLockBackend(OwnerTracker):
     Coroutine methods: driver calls run in a private thread pool, process watching runs on
     the server's loop."""
 
-    async def _driver_call(self, op: str, what: str, fn: Callable[..., T], *args: Any) -> T:
-        """A driver call, its errors turned into the lockd error libvirt reports (and counted)."""
+    async def _driver_call(self, op: str, what: str, fn: Callable[..., T], *args: Any, counted: bool = True) -> T:
+        """A driver call, its errors turned into the lockd error libvirt reports (and counted;
+        its result too unless not ``counted``)."""
         try:
             result = await self._run(fn, *args)
         except ResourceBusyError as exc:
@@ -119,7 +120,8 @@ class EtcdLockBackend(OwnerTracker):
         except VirtleaseError as exc:
             self.count(op, "error")
             raise LockError(f"{what}: {exc}") from None
-        self.count(op, str(result))
+        if counted:
+            self.count(op, str(result))
         return result
 
     def tracked(self, uuid: str) -> Tracked | None:
@@ -181,6 +183,7 @@ class EtcdLockBackend(OwnerTracker):
                       flags: AcquireFlags) -> None:
         t = self._check_alive(str(owner.uuid), owner.name)
         res = resource_spec(lockspace, name, flags)
+        await self.after_pending(t)  # a resume after the pause's RELEASEs: their reservation first
         if self.driver.session.lost is not None:
             await self._renew_session(f"acquire of {name} for domain {owner.name} ({t.uuid})")
         lockd = self._lockd(t.uuid, owner.name, t.pid)
@@ -219,12 +222,25 @@ class EtcdLockBackend(OwnerTracker):
             raise ResourceBusy(f"{name} is not locked by domain {owner.name} ({t.uuid}): already released "
                                "(it stays reserved for the domain until its QEMU exits)")
         lockd = self._lockd(t.uuid, owner.name, t.pid)
-        outcome = await self._driver_call("release", f"release of {name} for domain {owner.name} ({t.uuid})",
-                                          lockd.release, res)
+        what = f"release of {name} for domain {owner.name} ({t.uuid})"
+        if not await self._driver_call("release", what, lockd.releasable, res, counted=False):
+            return  # readonly: not locked
         t.released.add(name)
         t.releasing.setdefault(conn.id, set()).add(name)
-        self.changed()
-        log.info("release %s %s for %s: %s", lockspace or "-", name, t.who(), outcome)
+
+        async def reserve() -> None:
+            try:
+                outcome = await self._driver_call("release", what, lockd.release, res)
+            except LockError as exc:
+                log.error("%s: the disk stays held by the domain, not reserved for it (a migration's "
+                          "destination cannot take it over; the domain can resume here): %s", what, exc)
+                return
+            self.changed()
+            log.info("release %s %s for %s: %s", lockspace or "-", name, t.who(), outcome)
+
+        # answered now: until the reservation commits the disk stays held by this domain, which no
+        # other domain can take either; a migration's destination waits for it (ops/lockd.py)
+        self.in_order(t, reserve)
 
     async def connection_closed(self, conn: Connection) -> None:
         owner = conn.owner
@@ -246,6 +262,7 @@ class EtcdLockBackend(OwnerTracker):
         unplug or a pivot (``LockdDomain.settle``), retrying until etcd answers, the session
         is lost (fenced) or the QEMU exits (then everything is released anyway)."""
         try:
+            await self.after_pending(t)
             while t.to_settle and t.ending is None and self.driver.session.lost is None:
                 names = set(t.to_settle)
                 try:

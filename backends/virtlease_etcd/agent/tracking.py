@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -50,6 +50,9 @@ class Tracked:
     to_settle: set[str] = field(default_factory=set)
     """Disks RELEASEd on connections that closed, not settled yet."""
     settling: asyncio.Task[None] | None = None
+    pending: asyncio.Task[None] | None = None
+    """The last driver call queued for this owner after its reply was sent (a RELEASE's
+    reservation); later calls for the owner wait for it (``OwnerTracker.in_order``)."""
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     hurry: asyncio.Event = field(default_factory=asyncio.Event)
     ending: asyncio.Task[None] | None = None
@@ -99,6 +102,23 @@ class OwnerTracker:
         been renewed meanwhile)."""
         return self.driver.lockd(uuid, name, pid or None)
 
+    def in_order(self, t: Tracked, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` in the background after every call queued before it for this owner."""
+        before = t.pending
+
+        async def queued() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            await work()
+
+        t.pending = asyncio.get_running_loop().create_task(queued())
+
+    @staticmethod
+    async def after_pending(t: Tracked) -> None:
+        """Wait until what was queued for the owner so far is done (its errors were logged)."""
+        if t.pending is not None and not t.pending.done():
+            await asyncio.wait([t.pending])
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
@@ -131,6 +151,7 @@ class OwnerTracker:
         if kill and not t.gone.is_set():
             await self._kill(t)
         await t.gone.wait()
+        await self.after_pending(t)
         if t.pidfd is not None:
             os.close(t.pidfd)
             t.pidfd = None

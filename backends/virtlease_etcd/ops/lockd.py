@@ -17,11 +17,12 @@ its form would change the keys under running VMs) and checks it as an absolute p
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 from virtlease import validation
 from virtlease.abi import FailureAction, ResourceFlags, ResourceSpec, ResourceType
-from virtlease.errors import ObjectStateError, ResourceBusyError, StaleStateError, ValidationError
+from virtlease.errors import Holder, ObjectStateError, ResourceBusyError, StaleStateError, ValidationError
 from virtlease_etcd.model import holders
 
 from . import grants, handoff
@@ -63,6 +64,19 @@ class LockdDomain:
         """ACQUIRE_RESOURCE: one resource for the owner (see :data:`AcquireOutcome`).  A busy
         resource raises ResourceBusyError naming its holders."""
         return _acquire(self._d, resource, action)
+
+    def releasable(self, resource: ResourceSpec) -> bool:
+        """Whether a RELEASE of ``resource`` has anything to do, from what this host knows (no
+        etcd): False for a readonly disk (not locked); ObjectStateError if the owner does not
+        hold it.  Lets the agent answer a RELEASE before its reservation commits."""
+        d = self._d
+        rids = d.locked([resource])
+        if not rids:
+            return False
+        owner = d.session.owners.peek(d.spec.uuid)
+        if owner is None or rids[0].rid not in owner.held:
+            raise ObjectStateError(f"{rids[0].readable} is not locked by {d.where()} on host {d.host}")
+        return True
 
     def release(self, resource: ResourceSpec) -> ReleaseOutcome:
         """RELEASE_RESOURCE while the QEMU lives (see :func:`_release`); ObjectStateError if
@@ -144,10 +158,42 @@ def _acquire(d: Domain, resource: ResourceSpec, action: FailureAction) -> Acquir
                     return "claimed"
                 continue
             busy = holders.from_failure(responses, rids, d.spec.uuid)
+            if busy and not owner.held and all(_same_domain_elsewhere(d, h) for h in busy):
+                # the same domain holds it on another host: a migration's source whose reservation
+                # is still on its way (the agent answers the pause RELEASE before it commits)
+                found = _wait_for_reservation(d, rid.rid)
+                if found is not None:
+                    if claimed(found):
+                        return "claimed"
+                    continue
             if busy:
                 raise ResourceBusyError(busy, what=f"acquire for {d.where()}")
         raise StaleStateError(f"acquire for {d.where()}: {rid.readable} kept changing under three attempts "
                               "(a reservation claimed or released meanwhile); nothing was taken, retry")
+
+
+RESERVATION_WAIT = 1.0
+"""Seconds a destination waits for the source's reservation of the same domain to appear in etcd
+before it reports the disk busy (the source answers libvirt's RELEASE before its reservation
+commits, to keep it out of the migration's guest downtime)."""
+
+
+def _same_domain_elsewhere(d: Domain, h: Holder) -> bool:
+    return h.domain_uuid == d.spec.uuid and h.host != d.host and h.handoff_to is None
+
+
+def _wait_for_reservation(d: Domain, rid: str) -> tuple[str, bytes] | None:
+    """Look for a reservation of this domain listing ``rid`` every few milliseconds, for at
+    most :data:`RESERVATION_WAIT` (never past the session's deadline); its key and bytes."""
+    until = min(time.monotonic() + RESERVATION_WAIT, d.session.deadline())
+    pause = 0.002
+    while time.monotonic() < until:
+        found = handoff.reservation_of(d, rid)
+        if found is not None:
+            return found
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.05)
+    return None
 
 
 def _release(d: Domain, resource: ResourceSpec) -> ReleaseOutcome:
