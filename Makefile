@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint safety safety-long bench bench-quick clean
+.PHONY: demo test lint safety safety-long bench bench-quick bench-scale clean
 
 $(STAMP): pyproject.toml lab/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick $(if $(BENCH_OUT),--out $(BENCH_OUT))
+
+# 100, 300 and 1,000 host sessions on a three-member etcd, 10 minutes of churn each (~45 min)
+bench-scale: $(STAMP)
+	$(BIN)/python bench/run_scale.py $(if $(BENCH_OUT),--out $(BENCH_OUT)) $(SCALE_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src backends tests bench lab

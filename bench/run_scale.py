@@ -1,0 +1,96 @@
+"""The scale harness (``make bench-scale``): hosts x VMs x disks on a three-member etcd.
+
+    python bench/run_scale.py                       # 100, 300, 1,000 hosts, 10 min of churn each
+    python bench/run_scale.py --hosts 50 --steady 30 --idle 10   # one short run
+    python bench/run_scale.py --render DIR/scale.json            # redraw the report only
+
+Writes ``scale.json`` (every figure, raw), ``scale.md`` (the tables, the targets, the model's
+prediction and its assumptions) and ``scale-*.png`` to ``--out``; progress on stderr.  See
+bench/README.md, section "Scale", for what is measured and how to read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import machine
+from scale import model, report
+from scale.runner import Run, progress
+from scale.workload import Workload
+from virtlease_etcd.devtools.embedded import find_etcd_binary
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scale"
+
+
+def etcd_version() -> str:
+    try:
+        out = subprocess.run([find_etcd_binary(), "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("etcd Version")),
+                "unknown")
+
+
+def render(res: dict[str, Any], out: Path) -> None:
+    """Fit the model, draw the plots, write scale.md and scale.json."""
+    if len(res["runs"]) > 1:
+        res["model"] = model.fit(res["runs"], predict_at=res.get("predict_at", 5000))
+    res["plots"] = report.plots(res, out)
+    (out / "scale.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "scale.md").write_text(report.sweep_markdown(res))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hosts", default="100,300,1000", help="comma-separated host counts, one run each")
+    parser.add_argument("--steady", type=float, default=600.0, help="seconds of churn per run (false-fence window)")
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds of keepalives only per run")
+    parser.add_argument("--rate", type=float, default=20.0, help="grant attempts per second, cluster-wide")
+    parser.add_argument("--ttl", type=int, default=10)
+    parser.add_argument("--vms", type=int, default=10, help="VMs per host")
+    parser.add_argument("--disks", type=int, default=4, help="disks per VM")
+    parser.add_argument("--hosts-per-worker", type=int, default=150, help="host sessions per steady process")
+    parser.add_argument("--status-runs", type=int, default=3, help="virtlease status runs during the churn")
+    parser.add_argument("--etcd-arg", action="append", default=[], metavar="ARG",
+                        help="extra etcd flag for every member (repeat: --etcd-arg=--quota-backend-bytes=...)")
+    parser.add_argument("--predict", type=int, default=5000, help="host count the model predicts")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="only redraw the report from a scale.json")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        saved: dict[str, Any] = json.loads(args.render.read_text())
+        render(saved, args.out)
+        print(report.sweep_markdown(saved))
+        return 0
+    res: dict[str, Any] = {"started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                           "machine": {**machine.host(tempfile.gettempdir()), "etcd": etcd_version()},
+                           "predict_at": args.predict, "runs": []}
+    for hosts in [int(h) for h in args.hosts.split(",")]:
+        load = Workload(hosts=hosts, steady_s=args.steady, churn_rate=args.rate, ttl=args.ttl,
+                        vms_per_host=args.vms, disks_per_vm=args.disks, hosts_per_worker=args.hosts_per_worker,
+                        status_runs=args.status_runs, etcd_args=tuple(args.etcd_arg))
+        workdir = Path(tempfile.mkdtemp(prefix=f"virtlease-scale-{hosts}-"))
+        try:
+            res["runs"].append(Run(load, workdir, idle_s=args.idle).run())
+        finally:
+            keep = args.out / f"logs-{hosts}"
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(workdir, keep)  # worker and member logs
+            shutil.rmtree(workdir, ignore_errors=True)
+        render(res, args.out)  # after every size: a long sweep cut short keeps what it measured
+    print(report.sweep_markdown(res))
+    progress(f"wrote {args.out / 'scale.md'}, scale.json and {', '.join(res['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
