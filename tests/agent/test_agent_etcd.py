@@ -94,8 +94,13 @@ def holders(etcd_process: EtcdServer, prefix: str) -> dict[str, bytes]:
     return {k: val for k, (val, _m, _l) in dump(etcd_process.client(), prefix).items() if "/res/" in k}
 
 
+def reserved_in_etcd(etcd_process: EtcdServer, prefix: str) -> None:
+    """Wait for a reservation marker: the agent answers a RELEASE before it is written."""
+    wait_for(lambda: any("/handoff/" in k for k in dump(etcd_process.client(), prefix)), 2)
+
+
 def test_libvirt_sequence_busy_pause_resume(agents: Callable[..., Agent], qemus: Callable[..., StandinQemu],
-                                            tmp_path: Path) -> None:
+                                            tmp_path: Path, etcd_process: EtcdServer, prefix: str) -> None:
     a = agents("host-a")
     d1, d2 = images(tmp_path, "d1.img", "d2.img")
     web = qemus(a, "web1")
@@ -107,6 +112,7 @@ def test_libvirt_sequence_busy_pause_resume(agents: Callable[..., Agent], qemus:
     call(a, web, "release", d1, d2)
     msg = error_of(lambda: call(a, web, "release", d1))
     assert "not locked" in msg
+    reserved_in_etcd(etcd_process, prefix)
     msg = error_of(lambda: call(a, db, "acquire", d1))
     assert "reserved for domain web1" in msg and "paused/migrating on host host-a" in msg
     call(a, web, "acquire", d1, d2)  # resume: cancels the reservation
@@ -184,6 +190,7 @@ def test_reservation_taken_over_by_same_uuid_on_another_host(
     before = {k: m for k, (_v, m, _l) in dump(etcd_process.client(), prefix).items() if "/res/" in k}
     dst = qemus(b, "web1", src.uuid)  # the destination QEMU registers (no acquire yet)
     call(a, src, "release", d1, d2)  # end of migration on the source: reserved
+    reserved_in_etcd(etcd_process, prefix)
     other = qemus(b, "db1")
     msg = error_of(lambda: call(b, other, "acquire", d1))
     assert "reserved for domain web1" in msg and "host host-a" in msg
@@ -220,7 +227,8 @@ def test_unplug_frees_the_disk_and_keeps_the_others_held(
     assert owner is not None and owner.handoff is None and len(owner.held) == 1
     msg = error_of(lambda: call(b, twin, "acquire", root))
     assert "held exclusive by domain web1" in msg and "on host host-a" in msg, msg
-    call(a, web, "release", root, )  # now a pause: the last disk stays reserved for the domain
+    call(a, web, "release", root)  # now a pause: the last disk stays reserved for the domain
+    reserved_in_etcd(etcd_process, prefix)
     msg = error_of(lambda: call(b, other, "acquire", root))
     assert "reserved for domain web1" in msg, msg
 

@@ -42,6 +42,8 @@ def test_start_busy_suspend_resume_destroy(env: AgentRig, record_property: pytes
 
     r.virsh("A", "suspend", "web1")
     assert r.domstate("A", "web1") == "paused"
+    wait_for(lambda: [h.handoff_to for h in env.holders("web1")] == ["*"], 2.0,
+             what="the reservation (written after the RELEASE is answered)")
     cp, _ = r.start("B", "db1", check=False)
     assert cp.returncode != 0 and "reserved for domain web1" in cp.stderr, cp.stderr
     r.virsh("A", "resume", "web1")
