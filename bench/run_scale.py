@@ -41,8 +41,9 @@ def etcd_version() -> str:
 
 def render(res: dict[str, Any], out: Path) -> None:
     """Fit the model, draw the plots, write scale.md and scale.json."""
-    if len(res["runs"]) > 1:
-        res["model"] = model.fit(res["runs"], predict_at=res.get("predict_at", 5000))
+    done = [r for r in res["runs"] if not r.get("aborted")]
+    if len({r["load"]["hosts"] for r in done}) > 1:
+        res["model"] = model.fit(done, predict_at=res.get("predict_at", 5000))
     res["plots"] = report.plots(res, out)
     (out / "scale.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "scale.md").write_text(report.sweep_markdown(res))
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status-runs", type=int, default=3, help="virtlease status runs during the churn")
     parser.add_argument("--etcd-arg", action="append", default=[], metavar="ARG",
                         help="extra etcd flag for every member (repeat: --etcd-arg=--quota-backend-bytes=...)")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="runs of a size again after one stopped early (sessions lost while starting)")
     parser.add_argument("--predict", type=int, default=5000, help="host count the model predicts")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only redraw the report from a scale.json")
@@ -78,15 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         load = Workload(hosts=hosts, steady_s=args.steady, churn_rate=args.rate, ttl=args.ttl,
                         vms_per_host=args.vms, disks_per_vm=args.disks, hosts_per_worker=args.hosts_per_worker,
                         status_runs=args.status_runs, etcd_args=tuple(args.etcd_arg))
-        workdir = Path(tempfile.mkdtemp(prefix=f"virtlease-scale-{hosts}-"))
-        try:
-            res["runs"].append(Run(load, workdir, idle_s=args.idle).run())
-        finally:
-            keep = args.out / f"logs-{hosts}"
-            shutil.rmtree(keep, ignore_errors=True)
-            shutil.copytree(workdir, keep)  # worker and member logs
-            shutil.rmtree(workdir, ignore_errors=True)
-        render(res, args.out)  # after every size: a long sweep cut short keeps what it measured
+        for attempt in range(1 + args.retries):
+            workdir = Path(tempfile.mkdtemp(prefix=f"virtlease-scale-{hosts}-"))
+            try:
+                run = Run(load.with_(run_id=f"{load.run_id}{attempt or ''}"), workdir, idle_s=args.idle).run()
+            finally:
+                keep = args.out / f"logs-{hosts}"
+                shutil.rmtree(keep, ignore_errors=True)
+                shutil.copytree(workdir, keep)  # worker and member logs
+                shutil.rmtree(workdir, ignore_errors=True)
+            res["runs"].append(run)
+            render(res, args.out)  # after every run: a long sweep cut short keeps what it measured
+            if not run.get("aborted"):
+                break
     print(report.sweep_markdown(res))
     progress(f"wrote {args.out / 'scale.md'}, scale.json and {', '.join(res['plots'])}")
     return 0

@@ -80,6 +80,8 @@ ROWS: list[tuple[str, Callable[[Run], str]]] = [
                                                           f"({r['load']['hosts'] * 3 / r['load']['ttl']:.0f})"),
     ("keepalive RTT p50 / p99 / max, ms", lambda r: f"{_pair((r.get('steady') or {}).get('keepalive_rtt'))} / "
                                                     f"{_ms((r.get('steady') or {}).get('keepalive_rtt'), 'max_ms')}"),
+    ("worker threads woken late p99 / max, ms (0.1 s sleeps)", lambda r: f"{_ms((r.get('steady') or {}).get('probe_late'))} / "
+                                                                   f"{_ms((r.get('steady') or {}).get('probe_late'), 'max_ms')}"),
     ("closest to a fence (least headroom), s", lambda r: _num((r.get("steady") or {}).get("keepalive_headroom_min_s"), 2)),
     ("false fences: steady window / whole run", lambda r: f"{len((r.get('steady') or {}).get('lost') or [])} / "
                                                           f"{len(r.get('false_fences') or [])}"),
@@ -147,7 +149,11 @@ def _cut(run: Run) -> str:
 
 
 def rows(runs: Sequence[Run]) -> list[str]:
-    """The per-size table, one column per run."""
+    """The per-size table, one column per run (a run stopped early says why instead)."""
+    stopped = [f"- {r['load']['hosts']:,} hosts: stopped: {r['aborted']}" for r in runs if r.get("aborted")]
+    runs = [r for r in runs if not r.get("aborted")]
+    if not runs:
+        return [*stopped, ""]
     head = ["", *(f"{r['load']['hosts']:,} hosts" for r in runs)]
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for label, fn in ROWS:
@@ -158,7 +164,7 @@ def rows(runs: Sequence[Run]) -> list[str]:
             except (KeyError, TypeError, ValueError):
                 cells.append("-")
         out.append("| " + " | ".join([label, *cells]) + " |")
-    return [*out, ""]
+    return [*out, "", *stopped, *([""] if stopped else [])]
 
 
 TARGETS: list[tuple[str, Callable[[Run], tuple[str, bool | None]]]] = [
@@ -226,8 +232,9 @@ def sweep_markdown(res: dict[str, Any]) -> str:
              f"{m.get('etcd', '?')}: three members on loopback, each a process with its own data dir "
              f"({m.get('etcd_storage', '?')}). Workers: {', '.join(_layout(r) for r in runs)}.", "",
              *rows(runs)]
-    if runs:
-        lines += targets(runs[-1])
+    done = [r for r in runs if not r.get("aborted")]
+    if done:
+        lines += targets(done[-1])
     if res.get("model"):
         lines += model_lines(res["model"])
     if res.get("plots"):

@@ -275,6 +275,8 @@ class Run:
         try:
             self._start()
             self._populate()
+            if self._setup_failed():
+                return self.result
             self._idle()
             self._steady()
             self._die()
@@ -307,10 +309,12 @@ class Run:
         progress(f"{len(self.workers)} worker processes: " + ", ".join(
             f"{w.group} {len(w.hosts)}" for w in self.workers) + "; opening sessions")
         t0 = self.mark("open")
-        opened = each(self.workers, lambda w: w.call("open"))
+        opened = each(self.workers, lambda w: w.call("open", timeout=3600))
         self.result["open_s"] = round(time.monotonic() - t0, 2)
-        self.leases = {h: lease for r in opened for h, lease in r["leases"].items()}
-        progress(f"{len(self.leases)} sessions open in {self.result['open_s']} s")
+        self.result["open_failed"] = {h: why for r in opened for h, why in r["failed"].items()}
+        leases = sum(len(r["leases"]) for r in opened)
+        progress(f"{leases} sessions open in {self.result['open_s']} s"
+                 + (f"; {len(self.result['open_failed'])} failed to open" if self.result["open_failed"] else ""))
 
     def _populate(self) -> None:
         load = self.load
@@ -324,9 +328,27 @@ class Run:
         self.result["populate"] = {"seconds": round(took, 1), "vms": stats["running_vms"],
                                    "vms_per_s": round(stats["running_vms"] / took, 1),
                                    "grant": {k: v for k, v in stats["hist"].items() if k.startswith("populate")},
-                                   "keys": int(keys), "lost": stats["lost"]}
+                                   "keys": int(keys), "lost": stats["lost"],
+                                   "errors": {k: v for k, v in stats["counters"].items() if ".error." in k},
+                                   "probe_late": stats["hist"].get("probe.late")}
         progress(f"populated {stats['running_vms']} VMs x {load.disks_per_vm} disks in {took:.0f} s; "
                  f"{int(keys)} keys in etcd")
+
+    def _setup_failed(self) -> bool:
+        """More than 1% of the sessions lost (or never opened) before the measuring starts: the
+        run is stopped and says why (with how late this machine ran the workers' threads)."""
+        pop = self.result["populate"]
+        bad = len(pop["lost"]) + len(self.result.get("open_failed") or {})
+        if bad <= self.load.hosts / 100:
+            return False
+        late = pop.get("probe_late") or {}
+        load1 = os.getloadavg()[0]
+        self.result["aborted"] = (
+            f"{bad} of {self.load.hosts} sessions lost or not opened while the hosts started (load average "
+            f"{load1:.0f} on {os.cpu_count()} cores; a worker thread asked to wake after 0.1 s ran up to "
+            f"{(late.get('max_ms') or 0) / 1000:.1f} s late): the machine, not etcd, was the limit")
+        progress("run stopped: " + self.result["aborted"])
+        return True
 
     def _idle(self) -> None:
         if self.idle_s <= 0:
@@ -505,7 +527,8 @@ def _keepalive_figures(stats: dict[str, Any], seconds: float) -> dict[str, Any]:
             "keepalive_gap": hist["keepalive.gap"].summary_ms() if "keepalive.gap" in hist else {"n": 0},
             "keepalive_headroom_min_s": round(head.min, 3) if head and head.n else None,
             "keepalives_failed": stats["counters"].get("keepalive.failed", 0),
-            "keepalives_after_fence_deadline": stats["counters"].get("keepalive.after_fence_deadline", 0)}
+            "keepalives_after_fence_deadline": stats["counters"].get("keepalive.after_fence_deadline", 0),
+            "probe_late": hist["probe.late"].summary_ms() if "probe.late" in hist else {"n": 0}}
 
 
 def _churn_figures(stats: dict[str, Any], seconds: float) -> dict[str, Any]:

@@ -45,6 +45,18 @@ from .workload import DRIVER, STEADY, Workload, disk_paths, first_churn_vm, init
 log = logging.getLogger("scale.worker")
 
 
+def probe_scheduling(hist: Histograms, period: float = 0.1) -> None:
+    """A thread that sleeps ``period`` and records how much later than asked it ran again: how
+    long a thread of this process (a keepalive thread, say) waits for a core and the GIL."""
+    def loop() -> None:
+        while True:
+            t0 = time.monotonic()
+            time.sleep(period)
+            hist.add("probe.late", max(0.0, time.monotonic() - t0 - period))
+
+    threading.Thread(target=loop, daemon=True, name="scheduling-probe").start()
+
+
 def instrument_keepalives(hist: Histograms, counters: Counters, ttl: int, margin: float) -> None:
     """Time every ``lease_keepalive`` of this process (see the module docstring)."""
     original = EtcdClient.lease_keepalive
@@ -112,11 +124,16 @@ class Worker:
     def open(self) -> dict[str, Any]:
         t0 = time.monotonic()
         interval = 1 / self._share(self.load.open_rate)
+        failed: dict[str, str] = {}
         for i, host in enumerate(self.hosts):
             time.sleep(max(0.0, t0 + i * interval - time.monotonic()))
-            host.open()
-        return {"seconds": round(time.monotonic() - t0, 3),
-                "leases": {h.host_id: h.lease_id for h in self.hosts}}
+            try:
+                host.open()
+            except VirtleaseError as exc:  # that host takes no part; the run says so
+                failed[host.host_id] = f"{type(exc).__name__}: {exc}"
+                host.lost, host.lost_at = failed[host.host_id], time.monotonic()
+        return {"seconds": round(time.monotonic() - t0, 3), "failed": failed,
+                "leases": {h.host_id: h.lease_id for h in self.hosts if h.plugin is not None}}
 
     def populate(self) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -124,8 +141,14 @@ class Worker:
 
         def start(job: tuple[SimHost, int]) -> None:
             host, slot = job
+            if host.plugin is None:
+                return
             vm = initial_vm(self.load, host.index, slot)
-            took = host.start(vm)
+            try:
+                took = host.start(vm)
+            except VirtleaseError as exc:
+                self.counters.inc(f"populate.error.{type(exc).__name__}")
+                return
             self.hist.add(f"populate.{host.kind}", took)
             if self.group == STEADY and slot >= self.load.pinned_vms:
                 with self._vm_lock:
@@ -416,6 +439,7 @@ def main() -> None:
     worker = Worker(cfg)
     margin = max(0.5, load.ttl / 5)
     instrument_keepalives(worker.hist, worker.counters, load.ttl, margin)
+    probe_scheduling(worker.hist)
     wire.send({"ready": True, "pid": os.getpid(), "hosts": len(worker.hosts)})
     handlers: dict[str, Callable[..., dict[str, Any]]] = {
         "open": worker.open, "populate": worker.populate, "churn": worker.churn, "take": worker.take,

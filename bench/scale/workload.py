@@ -56,7 +56,7 @@ class Workload:
     open_rate: float = 100.0
     """Sessions opened per second, cluster-wide (a burst would starve the first sessions'
     keepalive threads of CPU while the others start)."""
-    populate_rate: float = 250.0
+    populate_rate: float = 100.0
     """Initial VMs started per second, cluster-wide."""
     churn_threads: int = 4
     """Threads per worker running churn operations (the rate is set by a scheduler, not by them)."""
