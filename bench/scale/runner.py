@@ -35,7 +35,7 @@ from typing import Any
 
 from rich.console import Console
 
-from virtlease_etcd.cli.tables import print_status
+from virtlease_etcd.cli.tables import PLAIN_ROWS, print_status
 from virtlease_etcd.config import load_config
 from virtlease_etcd.devtools import jsonwire
 from virtlease_etcd.etcd.client import EtcdClient
@@ -155,7 +155,9 @@ def time_status_parts(load: Workload, endpoints: str) -> dict[str, Any]:
         with open(os.devnull, "w") as null:
             print_status(st, Console(file=null, width=160, highlight=False, soft_wrap=False))
         t2 = time.perf_counter()
-        text = json.dumps(st.as_dict(), indent=2, sort_keys=True, default=str)
+        compact = len(st.resources) > PLAIN_ROWS  # as the command prints it
+        text = json.dumps(st.as_dict(), indent=None if compact else 2, sort_keys=True, default=str,
+                          separators=(",", ":") if compact else None)
         t3 = time.perf_counter()
     finally:
         client.close()
