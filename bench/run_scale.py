@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,15 @@ def etcd_version() -> str:
         return "unknown"
     return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("etcd Version")),
                 "unknown")
+
+
+def wait_quiet(load: float, limit: float = 1800.0) -> None:
+    """Wait until the 1-minute load average is below ``load`` (other work on a shared machine),
+    at most ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while os.getloadavg()[0] >= load and time.monotonic() < deadline:
+        progress(f"waiting for the load average ({os.getloadavg()[0]:.1f}) to fall below {load}")
+        time.sleep(30)
 
 
 def render(res: dict[str, Any], out: Path) -> None:
@@ -64,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra etcd flag for every member (repeat: --etcd-arg=--quota-backend-bytes=...)")
     parser.add_argument("--retries", type=int, default=1,
                         help="runs of a size again after one stopped early (sessions lost while starting)")
+    parser.add_argument("--quiet-load", type=float, default=None, metavar="LOAD",
+                        help="before each run wait (up to 30 min) until the 1-minute load average is below LOAD")
     parser.add_argument("--predict", type=int, default=5000, help="host count the model predicts")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only redraw the report from a scale.json")
@@ -82,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         vms_per_host=args.vms, disks_per_vm=args.disks, hosts_per_worker=args.hosts_per_worker,
                         status_runs=args.status_runs, etcd_args=tuple(args.etcd_arg))
         for attempt in range(1 + args.retries):
+            if args.quiet_load is not None:
+                wait_quiet(args.quiet_load)
             workdir = Path(tempfile.mkdtemp(prefix=f"virtlease-scale-{hosts}-"))
             try:
                 run = Run(load.with_(run_id=f"{load.run_id}{attempt or ''}"), workdir, idle_s=args.idle).run()

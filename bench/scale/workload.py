@@ -53,10 +53,10 @@ class Workload:
     cut_extra_s: float = 5.0
     hosts_per_worker: int = 150
     """Host sessions per steady worker process (the die and cut groups get their own processes)."""
-    open_rate: float = 100.0
-    """Sessions opened per second, cluster-wide (a burst would starve the first sessions'
-    keepalive threads of CPU while the others start)."""
-    populate_rate: float = 100.0
+    open_rate: float = 25.0
+    """Sessions opened per second, cluster-wide: opening one costs the harness 6-8 ms of CPU,
+    and a burst starves the first sessions' keepalive threads while the others start."""
+    populate_rate: float = 50.0
     """Initial VMs started per second, cluster-wide."""
     churn_threads: int = 4
     """Threads per worker running churn operations (the rate is set by a scheduler, not by them)."""
