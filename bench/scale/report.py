@@ -100,8 +100,9 @@ ROWS: list[tuple[str, Callable[[Run], str]]] = [
     ("cut hosts: fenced / fence lead min, s", lambda r: _cut(r)),
     ("virtlease status (table)", lambda r: _status(r, False)),
     ("virtlease status --json", lambda r: _status(r, True)),
-    ("etcd DB size / in use, MiB", lambda r: f"{_leader(r, 'steady').get('db_bytes', 0) / 2**20:.0f} / "
-                                             f"{_leader(r, 'steady').get('db_in_use_bytes', 0) / 2**20:.0f}"),
+    ("etcd DB size before / after the churn window (no compaction), MiB", lambda r: (
+        f"{_leader(r, 'steady').get('db_bytes_before', 0) / 2**20:.0f} / {_leader(r, 'steady').get('db_bytes', 0) / 2**20:.0f}"
+        f" ({_leader(r, 'steady').get('revisions', 0):,} revisions)")),
     ("leader CPU idle / steady, cores", lambda r: f"{_num((r.get('idle') or {}).get('leader_cpu_cores'), 3)} / "
                                                   f"{_num((r.get('steady') or {}).get('leader_cpu_cores'), 3)}"),
     ("all three members' CPU steady, cores", lambda r: _num((r.get("steady") or {}).get("etcd_cpu_cores"), 3)),
@@ -109,6 +110,7 @@ ROWS: list[tuple[str, Callable[[Run], str]]] = [
                                               f"{_leader(r, 'steady').get('goroutines', 0):,}"),
     ("leader WAL fsync / backend commit p99, ms", lambda r: f"{_num(_leader(r, 'steady').get('wal_fsync_p99_ms'), 0)} / "
                                                             f"{_num(_leader(r, 'steady').get('backend_commit_p99_ms'), 0)}"),
+    ("etcd stall warnings, whole run: WAL fsync > 1 s; heartbeat late (count, longest s)", lambda r: _stalls(r)),
     ("leader changes, slow applies (steady)", lambda r: f"{_leader(r, 'steady').get('leader_changes', '-')}, "
                                                         f"{_leader(r, 'steady').get('slow_applies', '-')}"),
     ("harness CPU idle / steady, cores", lambda r: f"{_num((r.get('idle') or {}).get('harness_cpu_cores'), 2)} / "
@@ -121,6 +123,17 @@ ROWS: list[tuple[str, Callable[[Run], str]]] = [
 def _g(run: Run, name: str) -> dict[str, Any] | None:
     result: dict[str, Any] | None = ((run.get("steady") or {}).get("grant") or {}).get(name)
     return result
+
+
+def _stalls(run: Run) -> str:
+    st = run.get("etcd_stalls")
+    if st is None:
+        return "-"
+    parts = []
+    for msg in ("slow fdatasync", "leader failed to send out heartbeat on time"):
+        e = st.get(msg) or {"count": 0, "longest_s": 0.0}
+        parts.append(f"{e['count']}" + (f" ({e['longest_s']:.1f})" if e["count"] else ""))
+    return "; ".join(parts)
 
 
 def _handling(run: Run, method: str) -> str:

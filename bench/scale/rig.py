@@ -14,6 +14,7 @@ on the host keys.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -21,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +140,47 @@ class EtcdRig:
             if met.get("etcd_server_is_leader") == 1.0:
                 return name
         return None
+
+
+STALL_MESSAGES = ("slow fdatasync", "leader failed to send out heartbeat on time",
+                  "apply request took too long", "waiting for ReadIndex response took too long")
+"""etcd's own warnings that it could not keep up (disk, CPU)."""
+
+
+def etcd_stalls(log_dir: Path, since: float = 0.0) -> dict[str, Any]:
+    """The STALL_MESSAGES in the members' logs (``m*.log`` under ``log_dir``) from wall time
+    ``since`` on: how many, and the longest ``took`` of each (seconds)."""
+    out: dict[str, Any] = {}
+    for path in sorted(log_dir.glob("m*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            msg = next((m for m in STALL_MESSAGES if str(rec.get("msg", "")).startswith(m)), None)
+            if msg is None or _epoch(rec.get("ts", "")) < since:
+                continue
+            entry = out.setdefault(msg, {"count": 0, "longest_s": 0.0})
+            entry["count"] += 1
+            took = _duration(rec.get("took") or rec.get("exceeded-duration") or "")
+            entry["longest_s"] = round(max(entry["longest_s"], took), 3)
+    return out
+
+
+def _epoch(ts: str) -> float:
+    try:
+        return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _duration(text: str) -> float:
+    """A Go duration (``2.37989826s``, ``133.6ms``, ``70µs``) in seconds; 0 when unreadable."""
+    m = re.fullmatch(r"([0-9.]+)(h|m|s|ms|µs|us|ns)", text)
+    if m is None:
+        return 0.0
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9}[m.group(2)]
+    return float(m.group(1)) * scale
 
 
 def proc_cpu_s(pid: int) -> float | None:

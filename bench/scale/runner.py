@@ -43,7 +43,7 @@ from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.ops.status import read_status
 from virtlease_lab.tcpproxy import TcpProxy
 
-from .rig import HANDLING, EtcdRig, HostKeyWatch, Sampler, histogram_quantile, machine_jiffies
+from .rig import HANDLING, EtcdRig, HostKeyWatch, Sampler, etcd_stalls, histogram_quantile, machine_jiffies
 from .stats import Histograms
 from .workload import CUT, DIE, STEADY, Workload
 
@@ -345,10 +345,16 @@ class Run:
             return False
         late = pop.get("probe_late") or {}
         load1 = os.getloadavg()[0]
+        stalls = etcd_stalls(self.workdir / "etcd")
+        self.result["setup_stalls"] = stalls
+        fsync = stalls.get("slow fdatasync")
         self.result["aborted"] = (
             f"{bad} of {self.load.hosts} sessions lost or not opened while the hosts started (load average "
             f"{load1:.0f} on {os.cpu_count()} cores; a worker thread asked to wake after 0.1 s ran up to "
-            f"{(late.get('max_ms') or 0) / 1000:.1f} s late): the machine, not etcd, was the limit")
+            f"{(late.get('max_ms') or 0) / 1000:.1f} s late"
+            + (f"; etcd logged {fsync['count']} WAL fsyncs over 1 s, the longest {fsync['longest_s']:.1f} s"
+               if fsync else "")
+            + "): the machine, not etcd's design, was the limit")
         progress("run stopped: " + self.result["aborted"])
         return True
 
@@ -491,6 +497,7 @@ class Run:
                                          "keys": int(m.get("etcd_debugging_mvcc_keys_total", 0))}
                                      for n, m in self.rig.metrics().items()}
         self.result["marks"] = {k: round(v - self.marks["open"], 1) for k, v in self.marks.items()}
+        self.result["etcd_stalls"] = etcd_stalls(self.workdir / "etcd")
         self.result["self_rusage_s"] = round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1)
 
     def _teardown(self) -> None:
