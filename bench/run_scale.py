@@ -25,6 +25,7 @@ from typing import Any
 
 import machine
 from scale import model, report
+from scale.etcdload import GeneratedRun
 from scale.runner import Run, progress
 from scale.workload import Workload
 from virtlease_etcd.devtools.embedded import find_etcd_binary
@@ -63,6 +64,9 @@ def render(res: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", default="100,300,1000", help="comma-separated host counts, one run each")
+    parser.add_argument("--generated", default="1000,5000", metavar="HOSTS",
+                        help="host counts measured on etcd's side only, with the asyncio load generator "
+                             "(scale/etcdload.py) instead of real sessions ('' for none)")
     parser.add_argument("--steady", type=float, default=600.0, help="seconds of churn per run (false-fence window)")
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of keepalives only per run")
     parser.add_argument("--rate", type=float, default=20.0, help="grant attempts per second, cluster-wide")
@@ -90,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
                            "machine": {**machine.host(tempfile.gettempdir()), "etcd": etcd_version()},
                            "predict_at": args.predict, "runs": []}
-    for hosts in [int(h) for h in args.hosts.split(",")]:
+    sizes = [(int(h), False) for h in args.hosts.split(",") if h] + \
+        [(int(h), True) for h in args.generated.split(",") if h]
+    for hosts, generated in sizes:
         load = Workload(hosts=hosts, steady_s=args.steady, churn_rate=args.rate, ttl=args.ttl,
                         vms_per_host=args.vms, disks_per_vm=args.disks, hosts_per_worker=args.hosts_per_worker,
                         status_runs=args.status_runs, etcd_args=tuple(args.etcd_arg))
@@ -98,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.quiet_load is not None:
                 wait_quiet(args.quiet_load)
             workdir = Path(tempfile.mkdtemp(prefix=f"virtlease-scale-{hosts}-"))
+            kind = GeneratedRun if generated else Run
             try:
-                run = Run(load.with_(run_id=f"{load.run_id}{attempt or ''}"), workdir, idle_s=args.idle).run()
+                run = kind(load.with_(run_id=f"{load.run_id}{attempt or ''}"), workdir, idle_s=args.idle).run()
             finally:
-                keep = args.out / f"logs-{hosts}"
+                keep = args.out / f"logs-{hosts}{'-generated' if generated else ''}"
                 shutil.rmtree(keep, ignore_errors=True)
                 shutil.copytree(workdir, keep)  # worker and member logs
                 shutil.rmtree(workdir, ignore_errors=True)
