@@ -37,6 +37,8 @@ ASSUMPTIONS = (
     "up to an election timeout longer).",
     "Hosts that die together expire spread over one keepalive interval (TTL/3), as measured: "
     "etcd revokes expired leases in batches every 500 ms, up to 1,000 per second.",
+    "Sizes marked 'generated' are etcd under the traffic of that many hosts from one asyncio "
+    "process (bench/scale/etcdload.py), not the product's sessions: etcd's figures only.",
 )
 
 Read = Callable[[dict[str, Any]], float | None]
@@ -100,6 +102,12 @@ CHURN_FIGURES: dict[str, tuple[str, Read]] = {
 """name -> (label, per-run value): averaged over the runs."""
 
 
+def _measured_by(name: str, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs a figure is read from: the harness's own figures only from real sessions (a
+    generated run has no harness), etcd's from both."""
+    return [r for r in runs if not (name.startswith("harness") and r.get("generated"))]
+
+
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
     """(a, b, r2) of the least-squares line ``a + b x``."""
     n = len(xs)
@@ -114,16 +122,17 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, 
 
 def fit(runs: Sequence[dict[str, Any]], predict_at: int = 5000) -> dict[str, Any]:
     """The fits over ``runs`` and the prediction at ``predict_at`` hosts."""
-    out: dict[str, Any] = {"predict_at": predict_at, "assumptions": list(ASSUMPTIONS), "figures": {}, "churn": {}}
+    out: dict[str, Any] = {"predict_at": predict_at, "assumptions": list(ASSUMPTIONS), "figures": {}, "churn": {},
+                           "generated": sorted({int(r["load"]["hosts"]) for r in runs if r.get("generated")})}
     for name, (label, read) in HOST_FIGURES.items():
-        points = [(float(r["load"]["hosts"]), float(v)) for r in runs if (v := read(r)) is not None]
+        points = [(float(r["load"]["hosts"]), float(v)) for r in _measured_by(name, runs) if (v := read(r)) is not None]
         if len({x for x, _ in points}) < 2:
             continue
         a, b, r2 = linear_fit([x for x, _ in points], [y for _, y in points])
         out["figures"][name] = {"label": label, "points": points, "a": a, "per_1000_hosts": b * 1000, "r2": r2,
                                 "predicted": a + b * predict_at}
     for name, (label, read) in CHURN_FIGURES.items():
-        values = [(float(r["load"]["hosts"]), v) for r in runs if (v := read(r)) is not None]
+        values = [(float(r["load"]["hosts"]), v) for r in _measured_by(name, runs) if (v := read(r)) is not None]
         if values:
             out["churn"][name] = {"label": label, "points": values,
                                   "mean": sum(v for _, v in values) / len(values)}

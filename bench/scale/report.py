@@ -167,7 +167,7 @@ def rows(runs: Sequence[Run]) -> list[str]:
     runs = [r for r in runs if not r.get("aborted")]
     if not runs:
         return [*stopped, ""]
-    head = ["", *(f"{r['load']['hosts']:,} hosts" for r in runs)]
+    head = ["", *(f"{r['load']['hosts']:,} hosts" + (" (generated)" if r.get("generated") else "") for r in runs)]
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for label, fn in ROWS:
         cells = []
@@ -213,13 +213,18 @@ def model_lines(model: dict[str, Any]) -> list[str]:
     out = [f"### Model: {at:,} hosts", "",
            f"What grows with the hosts, fitted as `a + b x hosts` (least squares over the runs), read at {at:,}:", "",
            "| figure | measured (hosts: value) | per 1,000 hosts | r² | predicted |", "|---|---|---|---|---|"]
+    gen = set(model.get("generated") or [])
+
+    def host_label(x: float) -> str:
+        return f"{int(x):,}{'g' if int(x) in gen else ''}"
+
     for f in model["figures"].values():
-        pts = ", ".join(f"{int(x):,}: {y:,.3g}" for x, y in f["points"])
+        pts = ", ".join(f"{host_label(x)}: {y:,.3g}" for x, y in f["points"])
         out.append(f"| {f['label']} | {pts} | {f['per_1000_hosts']:+,.3g} | {f['r2']:.3f} | {f['predicted']:,.3g} |")
     out += ["", "What the churn adds (steady window minus keepalives only, per grant attempt/s), averaged:", "",
             "| figure | per run (hosts: value) | mean |", "|---|---|---|"]
     for c in model["churn"].values():
-        pts = ", ".join(f"{int(x):,}: {y:,.3g}" for x, y in c["points"])
+        pts = ", ".join(f"{host_label(x)}: {y:,.3g}" for x, y in c["points"])
         out.append(f"| {c['label']} | {pts} | {c['mean']:,.3g} |")
     out += ["", f"CPU at {at:,} hosts (cores): keepalives-only fit + churn cost x rate:", "",
             "| churn | leader | 3 members | harness (this Python, many hosts per process) |", "|---|---|---|---|"]
@@ -232,6 +237,8 @@ def model_lines(model: dict[str, Any]) -> list[str]:
         out += ["", f"With the grown churn the leader needs {q['leader_cores_needed']:.2f} cores: a load of "
                 f"{q['load_on_1_core']:.0%} on one dedicated core (M/M/1 waiting x{_num(q['wait_factor_on_1_core'], 2)}), "
                 f"{q['load_on_2_core']:.0%} on two (x{_num(q['wait_factor_on_2_core'], 2)})."]
+    if gen:
+        out += ["", "(g: measured with the load generator, etcd's side only.)"]
     out += ["", "Assumptions:", "", *(f"- {a}" for a in model["assumptions"]), ""]
     return out
 
@@ -243,7 +250,7 @@ def sweep_markdown(res: dict[str, Any]) -> str:
              f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB, shared with "
              "other work (the load average and the other tenants' CPU are in the table). etcd "
              f"{m.get('etcd', '?')}: three members on loopback, each a process with its own data dir "
-             f"({m.get('etcd_storage', '?')}). Workers: {', '.join(_layout(r) for r in runs)}.", "",
+             f"({m.get('etcd_storage', '?')}). Runs: {', '.join(_layout(r) for r in runs if not r.get('aborted'))}.", "",
              *rows(runs)]
     done = [r for r in runs if not r.get("aborted")]
     if done:
@@ -257,6 +264,8 @@ def sweep_markdown(res: dict[str, Any]) -> str:
 
 def _layout(run: Run) -> str:
     load = run["load"]
+    if run.get("generated"):
+        return f"{load['hosts']:,} generated hosts (one asyncio process)"
     return f"{load['hosts']:,} hosts in {run.get('workers', '?')} processes"
 
 
