@@ -37,8 +37,8 @@ def test_every_safety_core_module_has_several_mutants() -> None:
     for m in cat.mutants:
         counts[m.file] = counts.get(m.file, 0) + 1
     core = [f"backends/virtlease_etcd/{p}.py" for p in (
-        "ops/transactions", "ops/grants", "ops/handoff", "ops/markers", "ops/records", "ops/coverage",
-        "session/hostsession", "session/fencing", "session/failure", "session/owners", "session/reattach",
+        "ops/plan", "ops/grants", "ops/handoff", "ops/markers", "ops/records", "ops/coverage",
+        "session/writes", "session/hostsession", "session/fencing", "session/failure", "session/owners", "session/reattach",
         "session/guard", "agent/restart")]
     thin = {f: counts.get(f, 0) for f in core if counts.get(f, 0) < 3}
     assert not thin, f"modules with fewer than 3 mutants: {thin}"

@@ -11,18 +11,16 @@ state claims), never widen what this host may take.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from etcd3 import transactions as tx
 
 from virtlease.abi import AcquireFlags, FailureAction, HeldResource, ResourceSpec
 from virtlease.errors import ObjectStateError, ResourceBusyError, StaleStateError, ValidationError
-from virtlease_etcd.model import holders
 from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.model import statestring as st
 from virtlease_etcd.session.owners import Owner
 
-from . import coverage, handoff, records
+from . import coverage, handoff, plan, records
 from . import transactions as txn
 from .domain import Domain
 
@@ -66,36 +64,28 @@ def register(d: Domain, owner: Owner) -> None:
     owner.registered = True
 
 
-def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], resume: st.State | None) -> None:
+def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], state: st.State | None) -> None:
+    """The grant pipeline (``plan``), top to bottom: resolve what is asked (a fresh grant, or
+    a resume narrowed by the state), decide and commit its one transaction, then record the
+    granted records on the owner, or raise the refusal explained from what the failed
+    transaction read."""
     if not rids:
         return
-    tokens = None if resume is None else {r.rid: r.token for r in resume.resources}
-    xgens = bounds = None
-    if resume is not None:
-        xgens = {r.rid: r.xgen for r in resume.resources}
-        bounds = coverage.covering(d, resume, rids)
-        listed = {r.rid for r in rids}
-        unknown = [r.res for r in resume.resources if r.mode == ks.SHARED and r.rid in listed
-                   and (r.xgen is None or r.xgen < 0)]
-        if unknown:
-            raise StaleStateError(f"cannot resume {d.where()}: the state does not record the last "
-                                  f"exclusive grant of shared {', '.join(unknown)}; acquire without a state")
-
-    def build(grants: list[txn.Grant]) -> tuple[list[Any], list[Any], list[Any]]:
-        return txn.grant_ops(d.session, grants, uuid=d.spec.uuid, resume=resume is not None)
-
-    result = d.run_grant(rids, build, "resume" if resume is not None else "acquire", tokens=tokens, xgens=xgens,
-                         bounds=bounds)
-    if not result.committed:
-        busy = holders.from_failure(result.response.responses, list(rids), d.spec.uuid)
-        if busy:
-            raise ResourceBusyError(busy, what=f"acquire for {d.where()}")
-        raise StaleStateError(
-            f"cannot resume {d.where()}: another holder was granted "
-            f"{', '.join(r.readable for r in rids if r.legacy_of is None)} after the state's tokens "
-            f"{sorted(tokens.values()) if tokens else []}; nothing was taken. Check the disks "
-            "before acquiring without a state")
-    d.commit(owner, result)
+    if state is None:
+        ask: plan.Ask | plan.Stale = plan.fresh(rids)
+    else:
+        ask = plan.resume(state, rids, coverage.covering(d, state, rids))
+    if isinstance(ask, plan.Stale):
+        raise StaleStateError(f"cannot resume {d.where()}: {ask.reason}")
+    result = d.run_grant(ask, ask.kind)
+    if result.committed:
+        d.commit(owner, result)
+        return
+    refusal = plan.explain(d.writer(), ask, plan.observe(result.response.responses))
+    if isinstance(refusal, plan.Busy):
+        raise ResourceBusyError(list(refusal.holders), what=f"acquire for {d.where()}")
+    raise StaleStateError(f"cannot resume {d.where()}: {refusal.reason}; nothing was taken. Check the disks "
+                          "before acquiring without a state")
 
 
 def release(d: Domain, resources: list[ResourceSpec]) -> str:

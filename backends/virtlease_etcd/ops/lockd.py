@@ -22,10 +22,8 @@ from typing import Literal
 from virtlease import validation
 from virtlease.abi import FailureAction, ResourceFlags, ResourceSpec, ResourceType
 from virtlease.errors import Holder, ObjectStateError, ResourceBusyError, StaleStateError, ValidationError
-from virtlease_etcd.model import holders
 
-from . import grants, handoff
-from . import transactions as txn
+from . import grants, handoff, plan
 from .domain import Domain
 
 AcquireOutcome = Literal["held", "resumed", "granted", "claimed", "readonly"]
@@ -147,18 +145,19 @@ def _acquire(d: Domain, resource: ResourceSpec, action: FailureAction) -> Acquir
         if found is not None and claimed(found):
             return "claimed"
         for _ in range(3):
-            result = d.run_grant(rids, lambda g: txn.grant_ops(d.session, g, uuid=d.spec.uuid, resume=False),
-                                 "acquire")
+            ask = plan.fresh(rids)
+            result = d.run_grant(ask, "acquire")
             if result.committed:
                 d.commit(owner, result)
                 return "granted"
-            responses = result.response.responses
-            found = handoff.reservation_in(d, responses, rid.rid)
+            seen = plan.observe(result.response.responses)
+            found = handoff.reservation_among(d, seen.markers, rid.rid)
             if found is not None:
                 if claimed(found):
                     return "claimed"
                 continue
-            busy = holders.from_failure(responses, rids, d.spec.uuid)
+            refusal = plan.explain(d.writer(), ask, seen)
+            busy = list(refusal.holders) if isinstance(refusal, plan.Busy) else []
             if busy and not owner.held and all(_same_domain_elsewhere(d, h) for h in busy):
                 # the same domain holds it on another host: a migration's source whose reservation
                 # is still on its way (the agent answers the pause RELEASE before it commits)
