@@ -3,9 +3,11 @@ resources (docs/DESIGN.md "Grants" and "Owners").
 
 Every function acts for the *owner* (the domain on this host): a fresh lock
 object of the same domain releases or inquires what an earlier one took.
-A state string is evidence: it can only narrow a grant (``transactions``
+A state string is evidence: it can only narrow a grant (``plan.decide``
 compares the present holders as for a fresh grant, plus the history the
-state claims), never widen what this host may take.
+state claims), never widen what this host may take.  :func:`grant` is the
+grant pipeline (``plan``) written out: resolve, decide and commit, then
+record or explain.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ token); the destination claims them all in one transaction that compares
 the marker byte for byte and every record's token, rewrites the records on
 its own lease with a new token and deletes the marker.  The claimer reads
 the destination and the domain from the marker bytes it compares, never
-from the state's other fields, so an edited state can only fail.
+from the state's other fields, so an edited state can only fail.  A claim is
+a grant pipeline like any other (``plan.claim``, ``plan.decide``,
+``Domain.run_grant``, then ``plan.explain`` or the owner's books).
 
 A *reservation* (the agent: a disk RELEASEd by a QEMU that still runs) is the
 same marker with ``to`` = ``"*"`` (:data:`RESERVED`): any host may claim it, but

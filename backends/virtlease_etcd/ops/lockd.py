@@ -4,7 +4,7 @@ libvirt's lockd plugin takes and drops one resource per call, for an *owner* (a 
 on this host), and never sends a state: a start ACQUIREs each disk, a pause or the source of a
 live migration RELEASEs each disk of a QEMU that still runs, a hot-unplug or a block-job pivot
 RELEASEs one, and a QEMU that exits says nothing (its lifeline closes).  :class:`LockdDomain`
-maps those calls onto the driver's owners and transactions, with typed outcomes
+maps those calls onto the driver's owners and the grant pipeline (``plan``), with typed outcomes
 (:data:`AcquireOutcome`, :data:`ReleaseOutcome`); ``EtcdDriver.lockd`` is how the agent gets one,
 with the domain's uuid, name and pid checked by the core's validation (``virtlease.validation``)
 as a lock object's are, and :func:`lockd_resource` checks each resource the same way.
