@@ -12,8 +12,6 @@ record or explain.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from etcd3 import transactions as tx
 
 from virtlease.abi import AcquireFlags, FailureAction, HeldResource, ResourceSpec
@@ -42,19 +40,22 @@ def acquire(d: Domain, resources: list[ResourceSpec], state: str | None, flags: 
         if flags & AcquireFlags.REGISTER_ONLY:
             register(d, owner)
             return
+        # resolve: what this acquire asks (refusals that need no etcd come first)
         parsed = None if state is None else st.decode(state)
-        if parsed is not None:
-            coverage.check_identity(d, parsed, rids)
-            if parsed.kind == st.HANDOFF:
-                handoff.claim(d, owner, rids, parsed)
-                return
+        bounds = {} if parsed is None else coverage.check_identity(d, parsed, rids)
+        if parsed is not None and parsed.kind == st.HANDOFF:
+            handoff.claim(d, owner, rids, parsed)
+            return
         d.refuse_if_migrating(owner, "acquire")
         again = [owner.held[r.rid] for r in rids if r.rid in owner.held and r.legacy_of is None]
         if again:
             raise ObjectStateError(
                 f"acquire: {d.where()} already holds {', '.join(h.rid.readable for h in again)} on host "
                 f"{d.host} (token {', '.join(str(h.token) for h in again)}); release it first")
-        grant(d, owner, rids, parsed)
+        ask = plan.fresh(rids) if parsed is None else plan.resume(parsed, rids, bounds)
+        if isinstance(ask, plan.Stale):
+            raise StaleStateError(f"cannot resume {d.where()}: {ask.reason}")
+        grant(d, owner, ask)
 
 
 def register(d: Domain, owner: Owner) -> None:
@@ -66,19 +67,12 @@ def register(d: Domain, owner: Owner) -> None:
     owner.registered = True
 
 
-def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], state: st.State | None) -> None:
-    """The grant pipeline (``plan``), top to bottom: resolve what is asked (a fresh grant, or
-    a resume narrowed by the state), decide and commit its one transaction, then record the
-    granted records on the owner, or raise the refusal explained from what the failed
-    transaction read."""
-    if not rids:
+def grant(d: Domain, owner: Owner, ask: plan.Ask) -> None:
+    """The rest of the grant pipeline (``plan``) for a resolved fresh grant or resume: decide
+    and commit its one transaction, then record the granted records on the owner, or raise
+    the refusal explained from what the failed transaction read."""
+    if not ask.rids:
         return
-    if state is None:
-        ask: plan.Ask | plan.Stale = plan.fresh(rids)
-    else:
-        ask = plan.resume(state, rids, coverage.covering(d, state, rids))
-    if isinstance(ask, plan.Stale):
-        raise StaleStateError(f"cannot resume {d.where()}: {ask.reason}")
     result = d.run_grant(ask, ask.kind)
     if result.committed:
         d.commit(owner, result)
@@ -163,7 +157,7 @@ def acquire_resource(d: Domain, resource: ResourceSpec) -> None:
         for rid in rids[:1]:
             if rid.rid in owner.held:
                 raise ValidationError("resource", f"{rid.readable} is already held by {d.where()}")
-        grant(d, owner, rids, None)
+        grant(d, owner, plan.fresh(rids))
 
 
 def release_resource(d: Domain, resource: ResourceSpec) -> None:
