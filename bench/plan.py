@@ -25,9 +25,13 @@ class Plan:
     """Recipe lock counts refreshed for real; larger ones are extrapolated."""
     keepalive_window: float = 60.0
     """Seconds of counting; a multiple of TTL/3 so the count is not cut mid-interval."""
-    scale_vms: int = 10_000
-    scale_disks: int = 4
-    scale_hosts: int = 8
+    scale_hosts: int = 100
+    """Host sessions of the scale section (10 VMs x 4 disks each, three-member etcd of its own)."""
+    scale_ttl: int = 10
+    scale_idle_s: float = 20.0
+    scale_steady_s: float = 60.0
+    scale_cut_extra_s: float = 5.0
+    scale_status_runs: int = 2
     failover_ttls: tuple[int, ...] = (2, 5, 10)
     failover_trials: int = 2
     handoff_disks: tuple[int, ...] = (1, 8, 63)  # a claim also deletes the marker: 63 disks fit 128 ops
@@ -39,7 +43,8 @@ class Plan:
         if not quick:
             return cls(quick=False)
         return cls(quick=True, latency_max_n=200, latency_budget=0.8, ceiling_n=300, throughput_seconds=0.6,
-                   keepalive_recipe_measured=(1, 100), keepalive_window=10.0, scale_vms=500,
+                   keepalive_recipe_measured=(1, 100), keepalive_window=10.0, scale_hosts=12,
+                   scale_ttl=3, scale_idle_s=2.0, scale_steady_s=3.0, scale_cut_extra_s=1.0, scale_status_runs=1,
                    failover_ttls=(2, 5), failover_trials=1, handoff_max_n=30, handoff_budget=0.8)
 
     def as_dict(self) -> dict[str, Any]:

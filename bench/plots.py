@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.ticker import FuncFormatter
 
+from scale import report as scale_report
+
 COLORS = {"virtlease": "tab:blue", "recipe": "tab:orange", "ceiling": "tab:gray"}
 
 
@@ -104,4 +106,6 @@ def draw(res: dict[str, Any], out: Path) -> list[str]:
                      ("keepalive.png", keepalive_plot)):
         fn(res, out / name)
         made.append(name)
+    if res.get("scale"):
+        made += scale_report.plots({"runs": [res["scale"]]}, out)
     return made

@@ -4,7 +4,10 @@ Reads the prefix with a plain etcd connection: no host session, no lease, so
 it can run anywhere, any number of times, without joining the cluster.  The
 default layout fits an 80-column terminal, ``--wide`` shows every column
 (``tables``); ``--host`` and ``--domain`` keep the rows of some hosts or
-domains, in the tables and in ``--json`` alike.
+domains, in the tables and in ``--json`` alike.  A thousand hosts hold some
+40,000 records: big sections print as plain text (``tables.print_status``) and
+big JSON on one line (the indented form is made by the json module's
+pure-Python encoder, 2x slower).
 
 See docs/DESIGN.md §2 (Layers).
 """
@@ -12,15 +15,17 @@ See docs/DESIGN.md §2 (Layers).
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 
 import click
 
-from virtlease.cli.output import out, print_json, print_wide
+from virtlease.cli.output import out, print_json
 from virtlease_etcd.ops.status import ClusterStatus
 
 from .fencing import fencing_status, fencing_table
 from .options import Settings, etcd_client, etcd_command, fetch_status
-from .tables import status_tables
+from .tables import PLAIN_ROWS, print_status
 
 
 def only(status: ClusterStatus, hosts: tuple[str, ...], domains: tuple[str, ...]) -> ClusterStatus:
@@ -48,7 +53,8 @@ def only(status: ClusterStatus, hosts: tuple[str, ...], domains: tuple[str, ...]
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print ClusterStatus.as_dict() as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help=f"Print ClusterStatus.as_dict() as JSON (on one line past {PLAIN_ROWS} resources).")
 @click.option("--wide", is_flag=True, help="Every column (domain UUIDs, record leases), one line per row.")
 @click.option("--host", "hosts", multiple=True, metavar="HOST_ID", help="Only this host's rows (repeatable).")
 @click.option("--domain", "domains", multiple=True, metavar="NAME|UUID",
@@ -66,16 +72,17 @@ def status(settings: Settings, as_json: bool, wide: bool, hosts: tuple[str, ...]
     fenced = fencing_status(cfg, full)  # every live host names its keys, whatever is shown
     st = only(full, hosts, domains)
     if as_json:
-        print_json({**st.as_dict(), **({"fencing": fenced} if fenced else {})})
+        data = {**st.as_dict(), **({"fencing": fenced} if fenced else {})}
+        if len(st.resources) > PLAIN_ROWS:
+            sys.stdout.write(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str) + "\n")
+            sys.stdout.flush()
+        else:
+            print_json(data)
         return
     shown = [f"host {', '.join(hosts)}"] if hosts else []
     shown += [f"domain {', '.join(domains)}"] if domains else []
     out.print(f"[bold]virtlease[/] status of prefix {cfg.prefix} at {','.join(cfg.endpoints)} "
               f"(etcd revision {st.revision})" + (f", only {'; '.join(shown)}" if shown else ""))
-    for table in status_tables(st, wide=wide):
-        if wide:
-            print_wide(table)
-        else:
-            out.print(table)
+    print_status(st, out, wide=wide)
     if fenced:
         out.print(fencing_table(fenced))

@@ -29,6 +29,8 @@ from .endpoints import Endpoint, request_op
 from .errors import HINTS, TRANSIENT_CODES, connect_problem
 from .errors import LeaseNotFound as LeaseNotFound
 from .errors import PermissionDenied as PermissionDenied
+from .errors import ReplyTooLarge as ReplyTooLarge
+from .errors import RevisionCompacted as RevisionCompacted
 from .errors import TransientError as TransientError
 from .tlsfiles import check_tls_files
 
@@ -141,6 +143,10 @@ class EtcdClient:
                                   ambiguous=write)
         if "lease not found" in details:
             return LeaseNotFound(details)
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+            return ReplyTooLarge(f"etcd {ep.netloc}: {details}")
+        if code is grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
+            return RevisionCompacted(f"etcd {ep.netloc}: {details}")
         if "too many operations" in details:
             return TransactionTooLargeError(
                 f"etcd refused the transaction: {details}; raise the cluster's --max-txn-ops "
@@ -180,6 +186,17 @@ class EtcdClient:
         resp = self._call(lambda ep, md: ep.kv.Range(request, timeout, metadata=md), write=False)
         self._header(resp.header)
         return list(resp.kvs), int(resp.header.revision)
+
+    def get_page(self, key: str | bytes, range_end: str, *, limit: int, revision: int,
+                 timeout: float) -> tuple[list[Any], int, bool]:
+        """At most ``limit`` KeyValues in [key, range_end) as of ``revision`` (0: the newest),
+        the revision read and whether more follow.  ReplyTooLarge when the page is more than
+        gRPC accepts; RevisionCompacted when ``revision`` is gone."""
+        request = etcdrpc.RangeRequest(key=key if isinstance(key, bytes) else key.encode(),
+                                       range_end=range_end.encode(), limit=limit, revision=revision)
+        resp = self._call(lambda ep, md: ep.kv.Range(request, timeout, metadata=md), write=False)
+        self._header(resp.header)
+        return list(resp.kvs), int(resp.header.revision), bool(resp.more)
 
     def watch_deleted(self, key: str, *, stop: Callable[[], bool]) -> Iterator[bool]:
         """Watch one key: yields True once it is deleted (or is already gone),

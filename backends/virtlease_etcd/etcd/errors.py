@@ -19,8 +19,8 @@ from virtlease_etcd.config import EtcdConfig
 
 from .tlsfiles import describe_certificate
 
-__all__ = ["HINTS", "TRANSIENT_CODES", "ConnectProblem", "LeaseNotFound", "PermissionDenied", "TransientError",
-           "connect_problem"]
+__all__ = ["HINTS", "TRANSIENT_CODES", "ConnectProblem", "LeaseNotFound", "PermissionDenied", "ReplyTooLarge",
+           "RevisionCompacted", "TransientError", "connect_problem"]
 
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
@@ -41,6 +41,14 @@ class LeaseNotFound(Exception):
 
 class PermissionDenied(ConfigError):
     """etcd auth refused the request (user, role or RBAC prefix)."""
+
+
+class ReplyTooLarge(Exception):
+    """etcd's reply was larger than gRPC accepts (4 MiB): ask for fewer keys."""
+
+
+class RevisionCompacted(Exception):
+    """A read at a revision etcd has compacted away: read again at a newer one."""
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,6 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.std
 """Errors, hints and progress (stderr)."""
 
 
-def print_wide(renderable: Any) -> None:
-    """Results on stdout at their natural width, whatever the terminal's: for a table that
-    must keep one line per row (the terminal or a pager may wrap it)."""
-    Console(highlight=False, soft_wrap=False, width=100_000).print(renderable)
-
-
 def print_json(data: Any) -> None:
     """Results as JSON on stdout (plain: no colour, no wrapping)."""
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
