@@ -178,6 +178,17 @@ before it reports the disk busy (the source answers libvirt's RELEASE before its
 commits, to keep it out of the migration's guest downtime)."""
 
 
+RESERVATION_POLL = 0.001
+"""Seconds between two looks for that reservation during the first
+:data:`RESERVATION_POLL_FAST_FOR` seconds: each look is one serializable read of the domain's
+markers on the nearest member (a fraction of a millisecond); a migration's guest is paused
+meanwhile, so the wait is guest downtime, and the source's reservation is a transaction away."""
+RESERVATION_POLL_FAST_FOR = 0.05
+RESERVATION_POLL_SLOW = 0.02
+"""Seconds between two looks after that (the same domain started on two hosts: no reservation
+is coming, and the start is refused at the end of the wait)."""
+
+
 def _same_domain_elsewhere(d: Domain, h: Holder) -> bool:
     return h.domain_uuid == d.spec.uuid and h.host != d.host and h.handoff_to is None
 
@@ -185,14 +196,13 @@ def _same_domain_elsewhere(d: Domain, h: Holder) -> bool:
 def _wait_for_reservation(d: Domain, rid: str) -> tuple[str, bytes] | None:
     """Look for a reservation of this domain listing ``rid`` every few milliseconds, for at
     most :data:`RESERVATION_WAIT` (never past the session's deadline); its key and bytes."""
-    until = min(d.session.clock.now() + RESERVATION_WAIT, d.session.deadline())
-    pause = 0.002
-    while d.session.clock.now() < until:
+    start = d.session.clock.now()
+    until = min(start + RESERVATION_WAIT, d.session.deadline())
+    while (now := d.session.clock.now()) < until:
         found = handoff.reservation_of(d, rid)
         if found is not None:
             return found
-        d.session.clock.sleep(pause)
-        pause = min(pause * 1.5, 0.05)
+        d.session.clock.sleep(RESERVATION_POLL if now - start < RESERVATION_POLL_FAST_FOR else RESERVATION_POLL_SLOW)
     return None
 
 

@@ -26,6 +26,7 @@ import ctypes
 import itertools
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -153,6 +154,19 @@ def _connect(path: Path, timeout: float) -> socket.socket:
             time.sleep(0.05)
 
 
+MASKED = ("/tmp", "/run", "/var/tmp")
+"""Places of this machine's root the guest covers with a fresh tmpfs of its own (init.sh)."""
+
+
+def masked_trees(*trees: str) -> list[str]:
+    """Of ``trees`` (default: this virtualenv and the repository its packages are installed
+    from), those under a place the guest masks (a clone in /tmp): the guest mounts them again on
+    their own, or its Python would not be there."""
+    found = sorted({os.path.realpath(t) for t in trees or (sys.prefix, str(Path(__file__).resolve().parents[3]))})
+    outer = [t for t in found if not any(t != o and t.startswith(o + "/") for o in found)]
+    return [t for t in outer if any(t == m or t.startswith(m + "/") for m in MASKED)]
+
+
 class LabGuest:
     """One booted guest (see the module docstring).  Use as a context manager."""
 
@@ -168,7 +182,10 @@ class LabGuest:
         python = python or sys.executable
         self.share = self.workdir / "share"
         self.share.mkdir(exist_ok=True)
+        binds = masked_trees()
         append = f"console=ttyS0 quiet rdinit=/init panic=-1 vl_python={python}"
+        if binds:
+            append += " vl_binds=" + ",".join(f"vlbind{n}:{tree}" for n, tree in enumerate(binds))
         argv = [
             "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-m", str(memory_mb),
             "-smp", str(cpus), "-display", "none", "-monitor", "none", "-no-reboot",
@@ -178,6 +195,9 @@ class LabGuest:
             "-device", "virtio-9p-pci,fsdev=r,mount_tag=hostroot",
             "-fsdev", f"local,id=w,path={self.share},security_model=none",
             "-device", "virtio-9p-pci,fsdev=w,mount_tag=labshare",
+            *(arg for n, tree in enumerate(binds) for arg in (
+                "-fsdev", f"local,id=b{n},path={tree},security_model=none,readonly=on,multidevs=remap",
+                "-device", f"virtio-9p-pci,fsdev=b{n},mount_tag=vlbind{n}")),
             "-device", "i6300esb", "-action", f"watchdog={watchdog_action}",
             "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
             "-device", "virtio-serial-pci",

@@ -2,7 +2,9 @@
 # The fencing lab guest's /init (see guest.py): modules, this machine's root read-only over 9p at
 # /host with tmpfs over its writable places, the network to the machine's loopback (10.0.2.2),
 # then the lab's guest server (inguest.py) from the machine's virtualenv on the control port.
-# Kernel command line: vl_python=<the virtualenv's python> (passed to this script's environment).
+# Kernel command line: vl_python=<the virtualenv's python> (passed to this script's environment);
+# vl_binds=<tag>:<dir>,...: trees of the machine under a place the tmpfs mounts cover (a clone
+# in /tmp), each its own 9p share, mounted again at their own path.
 # The lab machine's WORKDIR/share (9p tag labshare) is writable at /run/vl-share.
 /bin/busybox --install -s /bin
 ln -sf /bin/busybox /sbin/modprobe
@@ -16,6 +18,11 @@ mount -t configfs none /sys/kernel/config
 mkdir -p /var/target/pr /var/target/alua /etc/target  # LIO's dbroot, written from kernel workers
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose hostroot /host || { echo "vl-init: no 9p root"; poweroff -f; }
 for d in tmp run var/tmp; do mount -t tmpfs -o mode=1777 tmp "/host/$d"; done
+for bind in $(echo "${vl_binds:-}" | tr ',' ' '); do
+    tag=${bind%%:*}; dir=${bind#*:}
+    mkdir -p "/host$dir" && mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose "$tag" "/host$dir" \
+        || echo "vl-init: cannot mount $dir"
+done
 mount --bind /dev /host/dev; mount -t tmpfs -o mode=1777 shm /host/dev/shm
 mount --bind /proc /host/proc; mount --bind /sys /host/sys
 mount --bind /sys/kernel/config /host/sys/kernel/config
