@@ -226,11 +226,11 @@ def test_the_grant_path_checks_the_fence_on_the_session_clock() -> None:
     owner = domain.owner()
     try:
         clock.at = session.fence_at - 0.001
-        domain.commit(owner, GrantResult(True, [], {}))
+        domain.commit(owner, GrantResult(True, (), {}))
         assert fenced == [] and session.lost is None
         clock.at = session.fence_at
         with pytest.raises(LeaseLostError):
-            domain.commit(owner, GrantResult(True, [], {}))
+            domain.commit(owner, GrantResult(True, (), {}))
         assert fenced and session.lost is not None
     finally:
         session._closed = True

@@ -16,13 +16,13 @@ from virtlease.errors import Holder
 from . import keyspace as ks
 
 
-def from_failure(responses: Sequence[Any], rids: Sequence[ks.ResourceId], uuid: str) -> list[Holder]:
-    """The conflicting holders read by a failed grant: one range read per
-    resource (``rids``: what we asked for, in order) and the handoffs in flight
-    last.  Other shared holders do not conflict with a shared request."""
-    ranges = [r.response_range for r in responses if r.WhichOneof("response") == "response_range"]
+def from_ranges(ranges: Sequence[Sequence[Any]], markers: Sequence[Any], rids: Sequence[ks.ResourceId],
+                uuid: str) -> list[Holder]:
+    """The conflicting holders read by a failed grant: the records of each resource
+    (``ranges``, in the order of ``rids``: what we asked for) and the handoff markers in
+    flight.  Other shared holders do not conflict with a shared request."""
     handoff_to: dict[tuple[str, str, str], str] = {}
-    for kv in ranges[-1].kvs if ranges else []:
+    for kv in markers:
         try:
             rec = ks.decode(kv.value, kv.key.decode(errors="replace"))
             for r in rec.get("res") or []:  # a reservation lists only the disks released so far
@@ -31,9 +31,9 @@ def from_failure(responses: Sequence[Any], rids: Sequence[ks.ResourceId], uuid: 
             continue
     holders: list[Holder] = []
     seen: set[tuple[str, str, str, str, int]] = set()
-    for rng, rid in zip(ranges[:-1], rids, strict=False):
+    for kvs, rid in zip(ranges, rids, strict=False):
         mode = rid.mode
-        for kv in rng.kvs:
+        for kv in kvs:
             holder = holder_of(kv, handoff_to, resource=rid.readable, rid=rid.rid)
             if mode == ks.SHARED and holder.mode == ks.SHARED and holder.domain_uuid != uuid:
                 continue

@@ -1,1 +1,2 @@
-"""Lock operations over a session: grants, releases, migration handoff, records, status."""
+"""Lock operations over a session: grants (one pipeline around ``plan``, the pure decisions),
+releases, migration handoff, records, status."""

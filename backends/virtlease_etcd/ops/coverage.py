@@ -20,12 +20,12 @@ from virtlease_etcd.model import statestring as st
 from .domain import Domain
 
 
-def check_identity(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -> None:
+def check_identity(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -> dict[str, int]:
     """The state must be of this cluster, prefix and domain and describe
     exactly the object's locked resources.  Its host may be another one (the
     state of a released domain resumes elsewhere: libvirt's migration cookie);
     the transaction then checks that nobody holds the disks and nobody was
-    granted them since."""
+    granted them since.  Returns :func:`covering`'s tokens."""
     if parsed.prefix != d.cfg.prefix:
         raise StaleStateError(f"state is for prefix {parsed.prefix}, this driver uses {d.cfg.prefix}")
     cluster = d.cluster()
@@ -33,7 +33,7 @@ def check_identity(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -
         raise StaleStateError(f"state is from etcd cluster {parsed.cluster}, this is cluster {cluster}")
     if parsed.uuid != d.spec.uuid:
         raise StaleStateError(f"state is for domain {parsed.name} ({parsed.uuid}), not {d.where()}")
-    covering(d, parsed, rids)
+    return covering(d, parsed, rids)
 
 
 def covering(d: Domain, parsed: st.State, rids: Sequence[ks.ResourceId]) -> dict[str, int]:

@@ -2,8 +2,9 @@
 state strings, and the one grant runner (docs/DESIGN.md "Grants").
 
 ``Domain`` binds a lock object's spec to its host session, the driver
-instance's policy and configuration.  ``run_grant`` sends a grant or claim
-with a fresh grant id per attempt and recognises its own earlier attempts:
+instance's policy and configuration.  ``run_grant`` is the *commit* step of
+the grant pipeline (``plan``): it sends the transaction ``plan.decide`` makes
+of what is asked, with a fresh grant id per attempt, and recognises its own earlier attempts:
 a lost reply is resolved by reading back every attempt's records, and a
 retry that meets a record of an earlier attempt (which committed after the
 read-back) adopts it instead of reporting the caller's own domain as busy.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from virtlease_etcd.model import statestring as st
 from virtlease_etcd.session.hostsession import HostSession
 from virtlease_etcd.session.owners import Held, Owner, Policy
 
+from . import plan
 from . import transactions as txn
 from .disks import DiskNames
 
@@ -40,7 +42,7 @@ class GrantResult:
     failed response, with conflicting records of our own attempts removed."""
 
     committed: bool
-    grants: list[txn.Grant]
+    grants: tuple[plan.Grant, ...]
     tokens: dict[str, int]
     response: Any = None
 
@@ -120,15 +122,9 @@ class Domain:
             rid, host=self.host, lease=self.session.lease_id, uuid=self.spec.uuid,
             name=self.spec.name, pid=self.spec.pid, since=self.session.clock.wall(), grant=grant))
 
-    def grants(self, rids: Sequence[ks.ResourceId], tokens: Mapping[str, int] | None = None,
-               xgens: Mapping[str, int | None] | None = None,
-               bounds: Mapping[str, int] | None = None) -> list[txn.Grant]:
-        """This attempt's records: one fresh grant id for all of them."""
-        grant_id = secrets.token_hex(8)
-        return [txn.Grant(rid, self.keys.holder(rid.rid, rid.mode, self.spec.uuid), self.record(rid, grant_id),
-                          expect_mod=None if tokens is None else tokens.get(rid.rid),
-                          expect_xgen=None if xgens is None else xgens.get(rid.rid),
-                          granted_before=None if bounds is None else bounds.get(rid.rid)) for rid in rids]
+    def writer(self) -> plan.Writer:
+        """Who writes this domain's records (the pure grant core's context)."""
+        return plan.Writer(self.keys, self.host, self.spec.uuid, self.session.lease_id)
 
     def state(self, kind: str, held: Sequence[Held], revision: int, *, to: str | None = None,
               marker: bytes | None = None, xgens: Mapping[str, int] | None = None) -> str:
@@ -147,22 +143,21 @@ class Domain:
 
     # -- granting ----------------------------------------------------------------------
 
-    def run_grant(self, rids: Sequence[ks.ResourceId], build: Callable[[list[txn.Grant]], Ops], what: str, *,
-                  tokens: Mapping[str, int] | None = None,
-                  xgens: Mapping[str, int | None] | None = None,
-                  bounds: Mapping[str, int] | None = None) -> GrantResult:
-        """Send a grant/claim until it has a known outcome, a new grant id per
-        attempt.  If the outcome stays unknown (etcd unreachable until the
-        deadline, or the session lost meanwhile), every attempt's records are
+    def run_grant(self, ask: plan.Ask, what: str) -> GrantResult:
+        """Send the transaction :func:`plan.decide` makes of ``ask`` until it has a known
+        outcome, a new grant id per attempt.  If the outcome stays unknown (etcd unreachable
+        until the deadline, or the session lost meanwhile), every attempt's records are
         withdrawn in the background, so no grant is left that nobody knows of."""
         session = self.session
         session.before_grant()
-        sent: list[list[txn.Grant]] = []
+        sent: list[tuple[plan.Grant, ...]] = []
 
         def attempt(timeout: float) -> GrantResult:
             session.check()
-            grants = self.grants(rids, tokens, xgens, bounds)
-            ops = build(grants)
+            grant_id = secrets.token_hex(8)  # one fresh grant id for all of this attempt's records
+            t = plan.decide(self.writer(), ask, {rid.rid: self.record(rid, grant_id) for rid in ask.rids})
+            grants = t.grants
+            ops = t.ops()
             if not sent:
                 self.check_size(ops, what, len({g.rid.primary for g in grants}))
             sent.append(grants)
@@ -189,7 +184,7 @@ class Domain:
             raise
 
     @staticmethod
-    def _own_attempt(sent: Sequence[Sequence[txn.Grant]], resp: Any) -> GrantResult | None:
+    def _own_attempt(sent: Sequence[Sequence[plan.Grant]], resp: Any) -> GrantResult | None:
         """A failed attempt that met every record of one of our earlier attempts:
         that attempt committed after its read-back.  Adopt it."""
         ranges = [r.response_range for r in resp.responses if r.WhichOneof("response") == "response_range"]
@@ -198,7 +193,7 @@ class Domain:
             found = {g.key: seen[g.key][1] for g in grants if seen.get(g.key, (None, 0))[0] == g.value}
             if found and len(found) == len(grants):
                 log.info("a retried grant met its own earlier attempt, which had committed: adopted")
-                return GrantResult(True, list(grants), found)
+                return GrantResult(True, tuple(grants), found)
         return None
 
     def commit(self, owner: Owner, result: GrantResult) -> None:

@@ -3,26 +3,24 @@ resources (docs/DESIGN.md "Grants" and "Owners").
 
 Every function acts for the *owner* (the domain on this host): a fresh lock
 object of the same domain releases or inquires what an earlier one took.
-A state string is evidence: it can only narrow a grant (``transactions``
+A state string is evidence: it can only narrow a grant (``plan.decide``
 compares the present holders as for a fresh grant, plus the history the
-state claims), never widen what this host may take.
+state claims), never widen what this host may take.  :func:`grant` is the
+grant pipeline (``plan``) written out: resolve, decide and commit, then
+record or explain.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-from typing import Any
 
 from etcd3 import transactions as tx
 
 from virtlease.abi import AcquireFlags, FailureAction, HeldResource, ResourceSpec
 from virtlease.errors import ObjectStateError, ResourceBusyError, StaleStateError, ValidationError
-from virtlease_etcd.model import holders
 from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.model import statestring as st
 from virtlease_etcd.session.owners import Owner
 
-from . import coverage, handoff, records
+from . import coverage, handoff, plan, records
 from . import transactions as txn
 from .domain import Domain
 
@@ -42,19 +40,22 @@ def acquire(d: Domain, resources: list[ResourceSpec], state: str | None, flags: 
         if flags & AcquireFlags.REGISTER_ONLY:
             register(d, owner)
             return
+        # resolve: what this acquire asks (refusals that need no etcd come first)
         parsed = None if state is None else st.decode(state)
-        if parsed is not None:
-            coverage.check_identity(d, parsed, rids)
-            if parsed.kind == st.HANDOFF:
-                handoff.claim(d, owner, rids, parsed)
-                return
+        bounds = {} if parsed is None else coverage.check_identity(d, parsed, rids)
+        if parsed is not None and parsed.kind == st.HANDOFF:
+            handoff.claim(d, owner, rids, parsed)
+            return
         d.refuse_if_migrating(owner, "acquire")
         again = [owner.held[r.rid] for r in rids if r.rid in owner.held and r.legacy_of is None]
         if again:
             raise ObjectStateError(
                 f"acquire: {d.where()} already holds {', '.join(h.rid.readable for h in again)} on host "
                 f"{d.host} (token {', '.join(str(h.token) for h in again)}); release it first")
-        grant(d, owner, rids, parsed)
+        ask = plan.fresh(rids) if parsed is None else plan.resume(parsed, rids, bounds)
+        if isinstance(ask, plan.Stale):
+            raise StaleStateError(f"cannot resume {d.where()}: {ask.reason}")
+        grant(d, owner, ask)
 
 
 def register(d: Domain, owner: Owner) -> None:
@@ -66,36 +67,21 @@ def register(d: Domain, owner: Owner) -> None:
     owner.registered = True
 
 
-def grant(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], resume: st.State | None) -> None:
-    if not rids:
+def grant(d: Domain, owner: Owner, ask: plan.Ask) -> None:
+    """The rest of the grant pipeline (``plan``) for a resolved fresh grant or resume: decide
+    and commit its one transaction, then record the granted records on the owner, or raise
+    the refusal explained from what the failed transaction read."""
+    if not ask.rids:
         return
-    tokens = None if resume is None else {r.rid: r.token for r in resume.resources}
-    xgens = bounds = None
-    if resume is not None:
-        xgens = {r.rid: r.xgen for r in resume.resources}
-        bounds = coverage.covering(d, resume, rids)
-        listed = {r.rid for r in rids}
-        unknown = [r.res for r in resume.resources if r.mode == ks.SHARED and r.rid in listed
-                   and (r.xgen is None or r.xgen < 0)]
-        if unknown:
-            raise StaleStateError(f"cannot resume {d.where()}: the state does not record the last "
-                                  f"exclusive grant of shared {', '.join(unknown)}; acquire without a state")
-
-    def build(grants: list[txn.Grant]) -> tuple[list[Any], list[Any], list[Any]]:
-        return txn.grant_ops(d.session, grants, uuid=d.spec.uuid, resume=resume is not None)
-
-    result = d.run_grant(rids, build, "resume" if resume is not None else "acquire", tokens=tokens, xgens=xgens,
-                         bounds=bounds)
-    if not result.committed:
-        busy = holders.from_failure(result.response.responses, list(rids), d.spec.uuid)
-        if busy:
-            raise ResourceBusyError(busy, what=f"acquire for {d.where()}")
-        raise StaleStateError(
-            f"cannot resume {d.where()}: another holder was granted "
-            f"{', '.join(r.readable for r in rids if r.legacy_of is None)} after the state's tokens "
-            f"{sorted(tokens.values()) if tokens else []}; nothing was taken. Check the disks "
-            "before acquiring without a state")
-    d.commit(owner, result)
+    result = d.run_grant(ask, ask.kind)
+    if result.committed:
+        d.commit(owner, result)
+        return
+    refusal = plan.explain(d.writer(), ask, plan.observe(result.response.responses))
+    if isinstance(refusal, plan.Busy):
+        raise ResourceBusyError(list(refusal.holders), what=f"acquire for {d.where()}")
+    raise StaleStateError(f"cannot resume {d.where()}: {refusal.reason}; nothing was taken. Check the disks "
+                          "before acquiring without a state")
 
 
 def release(d: Domain, resources: list[ResourceSpec]) -> str:
@@ -171,7 +157,7 @@ def acquire_resource(d: Domain, resource: ResourceSpec) -> None:
         for rid in rids[:1]:
             if rid.rid in owner.held:
                 raise ValidationError("resource", f"{rid.readable} is already held by {d.where()}")
-        grant(d, owner, rids, None)
+        grant(d, owner, plan.fresh(rids))
 
 
 def release_resource(d: Domain, resource: ResourceSpec) -> None:

@@ -7,7 +7,9 @@ token); the destination claims them all in one transaction that compares
 the marker byte for byte and every record's token, rewrites the records on
 its own lease with a new token and deletes the marker.  The claimer reads
 the destination and the domain from the marker bytes it compares, never
-from the state's other fields, so an edited state can only fail.
+from the state's other fields, so an edited state can only fail.  A claim is
+a grant pipeline like any other (``plan.claim``, ``plan.decide``,
+``Domain.run_grant``, then ``plan.explain`` or the owner's books).
 
 A *reservation* (the agent: a disk RELEASEd by a QEMU that still runs) is the
 same marker with ``to`` = ``"*"`` (:data:`RESERVED`): any host may claim it, but
@@ -36,10 +38,11 @@ from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.model import statestring as st
 from virtlease_etcd.session.owners import Handoff, Held, Owner
 
+from . import plan
 from . import transactions as txn
 from .domain import Domain, GrantResult
 from .markers import RESERVED as RESERVED
-from .markers import claim_failure, entry, read_marker
+from .markers import entry, read_marker
 
 HINT_TIMEOUT = 0.25
 """Seconds the destination's look for a reservation may take before the plain grant goes on."""
@@ -103,21 +106,21 @@ def claim(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], parsed: st.Sta
     mine = {r.rid for r in rids}
     tokens = {rid: token for rid, token in listed.items() if rid in mine}
     drop = [(d.keys.holder(r.rid, r.mode, d.spec.uuid), r.token) for r in parsed.resources if r.rid not in mine]
-    result = _send_claim(d, owner, rids, marker_key, marker, tokens, "migration claim", drop)
+    ask = _claim_ask(owner, rids, marker_key, marker, tokens, drop)
+    result = d.run_grant(ask, "migration claim")
     if not result.committed:
-        raise StaleStateError(claim_failure(d, result.response, marker_key, marker, parsed, rids, tokens))
+        refusal = plan.explain(d.writer(), ask, plan.observe(result.response.responses))
+        assert isinstance(refusal, plan.Stale)  # a claim is refused as stale, never as busy
+        raise StaleStateError(f"cannot claim the handoff of {d.where()} from host {parsed.host}; nothing "
+                              f"changed: {refusal.reason}")
     _adopt_claim(d, owner, [*mine, *(r.rid for r in parsed.resources)], result, parsed.host)
 
 
-def _send_claim(d: Domain, owner: Owner, rids: Sequence[ks.ResourceId], marker_key: str, marker: bytes,
-                tokens: dict[str, int], what: str, drop: Sequence[tuple[str, int]] = ()) -> GrantResult:
+def _claim_ask(owner: Owner, rids: Sequence[ks.ResourceId], marker_key: str, marker: bytes,
+               tokens: dict[str, int], drop: Sequence[tuple[str, int]] = ()) -> plan.Ask:
+    """A claim of ``marker_key``: our own marker, if any, goes with it."""
     own = [owner.handoff.key] if owner.handoff is not None else []
-
-    def build(grants: list[txn.Grant]) -> tuple[list[Any], list[Any], list[Any]]:
-        return txn.claim_ops(d.session, grants, marker_key=marker_key, marker=marker, uuid=d.spec.uuid,
-                             also_delete=own, drop=drop)
-
-    return d.run_grant(rids, build, what, tokens=tokens)
+    return plan.claim(rids, tokens, marker_key, marker, also_delete=own, drop=drop)
 
 
 def _adopt_claim(d: Domain, owner: Owner, taken: Sequence[str], result: GrantResult, from_host: str) -> None:
@@ -402,16 +405,8 @@ def unreserve(d: Domain, owner: Owner) -> None:
             f"host or its records vanished ({exc}); this host holds nothing for it now") from None
 
 
-def reservation_in(d: Domain, responses: Sequence[Any], rid: str) -> tuple[str, bytes] | None:
-    """In a failed grant's read (the handoffs range comes last): a marker of
-    another host for this very domain that lists ``rid`` and names this host
-    or :data:`RESERVED`.  Returns its key and bytes."""
-    ranges = [r.response_range for r in responses if r.WhichOneof("response") == "response_range"]
-    return _reservation_among(d, ranges[-1].kvs if ranges else [], rid)
-
-
 def reservation_of(d: Domain, rid: str) -> tuple[str, bytes] | None:
-    """One read of this domain's markers (no transaction): as :func:`reservation_in`.  Lets a
+    """One read of this domain's markers (no transaction): as :func:`reservation_among`.  Lets a
     migration's destination claim with one transaction instead of a failed grant and a claim;
     what it finds is only a hint (a serializable read: no quorum round, it may lag), the claim
     compares the marker byte for byte.  None as well when the read fails: the grant that
@@ -421,10 +416,13 @@ def reservation_of(d: Domain, rid: str) -> tuple[str, bytes] | None:
         kvs, _ = d.session.client.get_range(prefix, ks.range_end(prefix), timeout=HINT_TIMEOUT, serializable=True)
     except (TransientError, BackendUnavailableError):
         return None
-    return _reservation_among(d, kvs, rid)
+    return reservation_among(d, kvs, rid)
 
 
-def _reservation_among(d: Domain, kvs: Sequence[Any], rid: str) -> tuple[str, bytes] | None:
+def reservation_among(d: Domain, kvs: Sequence[Any], rid: str) -> tuple[str, bytes] | None:
+    """Among markers ``kvs`` (e.g. what a failed grant read: ``plan.Observed.markers``): a
+    marker of another host for this very domain that lists ``rid`` and names this host or
+    :data:`RESERVED`.  Returns its key and bytes."""
     for kv in kvs:
         try:
             marker = ks.decode(kv.value, kv.key.decode(errors="replace"))
@@ -456,7 +454,7 @@ def claim_reservation(d: Domain, owner: Owner, marker_key: str, raw: bytes) -> l
         raise StaleStateError(head + f"it is for domain {marker.get('name')} ({marker.get('uuid')})")
     if marker.get("to") not in (d.host, RESERVED) or marker.get("from") in (None, d.host):
         raise StaleStateError(head + f"it is from host {marker.get('from')} to host {marker.get('to')}")
-    result = _send_claim(d, owner, rids, marker_key, raw, tokens, "reservation claim")
+    result = d.run_grant(_claim_ask(owner, rids, marker_key, raw, tokens), "reservation claim")
     if not result.committed:
         raise StaleStateError(head + "the marker or its records changed meanwhile (claimed by another "
                               "host, cancelled by the source, or the source's lease expired)")

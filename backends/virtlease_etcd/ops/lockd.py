@@ -4,7 +4,7 @@ libvirt's lockd plugin takes and drops one resource per call, for an *owner* (a 
 on this host), and never sends a state: a start ACQUIREs each disk, a pause or the source of a
 live migration RELEASEs each disk of a QEMU that still runs, a hot-unplug or a block-job pivot
 RELEASEs one, and a QEMU that exits says nothing (its lifeline closes).  :class:`LockdDomain`
-maps those calls onto the driver's owners and transactions, with typed outcomes
+maps those calls onto the driver's owners and the grant pipeline (``plan``), with typed outcomes
 (:data:`AcquireOutcome`, :data:`ReleaseOutcome`); ``EtcdDriver.lockd`` is how the agent gets one,
 with the domain's uuid, name and pid checked by the core's validation (``virtlease.validation``)
 as a lock object's are, and :func:`lockd_resource` checks each resource the same way.
@@ -22,10 +22,8 @@ from typing import Literal
 from virtlease import validation
 from virtlease.abi import FailureAction, ResourceFlags, ResourceSpec, ResourceType
 from virtlease.errors import Holder, ObjectStateError, ResourceBusyError, StaleStateError, ValidationError
-from virtlease_etcd.model import holders
 
-from . import grants, handoff
-from . import transactions as txn
+from . import grants, handoff, plan
 from .domain import Domain
 
 AcquireOutcome = Literal["held", "resumed", "granted", "claimed", "readonly"]
@@ -147,18 +145,19 @@ def _acquire(d: Domain, resource: ResourceSpec, action: FailureAction) -> Acquir
         if found is not None and claimed(found):
             return "claimed"
         for _ in range(3):
-            result = d.run_grant(rids, lambda g: txn.grant_ops(d.session, g, uuid=d.spec.uuid, resume=False),
-                                 "acquire")
+            ask = plan.fresh(rids)
+            result = d.run_grant(ask, "acquire")
             if result.committed:
                 d.commit(owner, result)
                 return "granted"
-            responses = result.response.responses
-            found = handoff.reservation_in(d, responses, rid.rid)
+            seen = plan.observe(result.response.responses)
+            found = handoff.reservation_among(d, seen.markers, rid.rid)
             if found is not None:
                 if claimed(found):
                     return "claimed"
                 continue
-            busy = holders.from_failure(responses, rids, d.spec.uuid)
+            refusal = plan.explain(d.writer(), ask, seen)
+            busy = list(refusal.holders) if isinstance(refusal, plan.Busy) else []
             if busy and not owner.held and all(_same_domain_elsewhere(d, h) for h in busy):
                 # the same domain holds it on another host: a migration's source whose reservation
                 # is still on its way (the agent answers the pause RELEASE before it commits)

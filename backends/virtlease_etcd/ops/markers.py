@@ -1,5 +1,6 @@
-"""Handoff marker bytes: what a marker lists, checking a state's marker
-before a claim, and why a claim failed (docs/DESIGN.md "Migration").
+"""Handoff marker bytes: what a marker lists and checking a state's marker
+before a claim (docs/DESIGN.md "Migration"; why a claim failed is
+``plan.explain``).
 
 A marker's entry per record: ``res`` (readable: the giver's path and the
 disk's identity), ``rid``, ``mode``, ``kind``, ``token`` and, for a disk's
@@ -8,11 +9,9 @@ legacy path key, ``legacy`` (the rid of its identity key).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from virtlease.errors import StaleStateError
-from virtlease_etcd.model import holders
 from virtlease_etcd.model import keyspace as ks
 from virtlease_etcd.model import statestring as st
 from virtlease_etcd.session.owners import Held
@@ -54,29 +53,3 @@ def read_marker(d: Domain, parsed: st.State) -> tuple[bytes, dict[str, int]]:
     if {(r.rid, r.mode) for r in parsed.resources if r.legacy is not None} != legacy:
         raise StaleStateError(head + "the state's legacy keys differ from the marker's (tampered state)")
     return raw, {rid: token for (rid, _mode), token in listed.items()}
-
-
-def claim_failure(d: Domain, resp: Any, marker_key: str, marker: bytes, parsed: st.State,
-                   rids: Sequence[ks.ResourceId], tokens: dict[str, int]) -> str:
-    ranges = [r.response_range for r in resp.responses if r.WhichOneof("response") == "response_range"]
-    marker_kv = [kv for kv in (ranges[-1].kvs if ranges else []) if kv.key.decode() == marker_key]
-    head = f"cannot claim the handoff of {d.where()} from host {parsed.host}; nothing changed: "
-    if not marker_kv:
-        return head + ("the handoff no longer exists (already claimed, cancelled, or the source's "
-                       "lease expired). If the source is dead its disks are free after its TTL: acquire "
-                       "without a state")
-    if marker_kv[0].value != marker:
-        return head + "the state does not match the handoff marker in etcd (tampered or from another handoff)"
-    changed: list[str] = []
-    busy: list[str] = []
-    for rng, rid in zip(ranges[:-1], rids, strict=False):
-        token = tokens.get(rid.rid)
-        if token is None:  # this host's legacy path key, taken fresh: someone holds it
-            busy.extend(holders.holder_of(kv, resource=rid.readable).describe() for kv in rng.kvs)
-        elif not rng.kvs or any(int(kv.mod_revision) != token for kv in rng.kvs):
-            changed.append(rid.readable)
-    if busy:
-        return head + ("this host's path key of the disk (legacy_path_keys) is held: "
-                       + "; ".join(sorted(set(busy))))
-    return head + (f"{', '.join(sorted(set(changed))) or 'the resources'} changed since the handoff was "
-                   "prepared (already claimed: a replayed or concurrent claim)")
