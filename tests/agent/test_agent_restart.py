@@ -24,17 +24,19 @@ import etcd3
 import pytest
 
 import virtlease as v
-from virtlease_etcd import clock as clocks
 from virtlease_etcd.agent.lockdclient import LockdClient, RemoteCallError
 from virtlease_etcd.config import load_config
 from virtlease_etcd.devtools.embedded import EmbeddedEtcd
+from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_etcd.session import reattach
 from virtlease_etcd.session.fencing import pid_alive
 from virtlease_etcd.session.hostsession import HostSession
 from virtlease_lab.agentprocess import LISTENING, SERVING, AgentProcess
 from virtlease_lab.drivers import EXPIRY_SLACK, load, take
 from virtlease_lab.etcdserver import EtcdServer, dump
+from virtlease_lab.fakeclock import FakeClock
 from virtlease_lab.ports import free_port
+from virtlease_lab.relay import Relay
 from virtlease_lab.standin import StandinQemu
 
 TTL = 4
@@ -416,7 +418,6 @@ def test_a_handover_renews_the_lease_first_so_the_successor_has_a_whole_ttl(
     ``ttl - margin`` away, not what was left of the keepalive rhythm (as little as two thirds of
     the TTL minus the margin: a successor slow to start under load found the VMs fenced)."""
     from virtlease_etcd.config import load_config
-    from virtlease_etcd.etcd.client import EtcdClient
 
     ttl = 9
     agent = AgentProcess(sock_dir, etcd_process.endpoints, prefix, "hv-h", ttl=ttl)
@@ -578,7 +579,6 @@ def test_reattach_refuses_a_lease_without_our_host_key_or_with_no_time_left(
 def test_reattach_refuses_a_lease_that_ends_during_the_reattach(
         etcd_process: EtcdServer, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lease passes the checks, then is revoked before the adoption's keepalive."""
-    from virtlease_etcd.etcd.client import EtcdClient
 
     session = HostSession(load_config({"endpoints": etcd_process.endpoints, "prefix": prefix, "host_id": "hv-e",
                                        "ttl": 10})).start()
@@ -598,23 +598,49 @@ def test_reattach_refuses_a_lease_that_ends_during_the_reattach(
         session.close()
 
 
-def test_a_continued_session_is_valid_from_its_keepalive_send_time(etcd_process: EtcdServer, prefix: str) -> None:
+def test_a_continued_session_is_valid_from_its_keepalive_send_time(etcd_process: EtcdServer, prefix: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The adoption's keepalive is sent at 1000.0 and its reply comes 5 s later (the session's
     clock): the continued session is valid until 1000.0 + TTL, and fences a margin before."""
     cfg = load_config({"endpoints": etcd_process.endpoints, "prefix": prefix, "host_id": "hv-f", "ttl": 10,
                        "fence_margin": 3})
     first = HostSession(cfg).start()
-    class Clock(clocks.Clock):
-        readings = iter([1000.0])
+    clock = FakeClock(1000.0)
+    real = EtcdClient.lease_keepalive
+    slow = [True]
 
-        def now(self) -> float:  # the first reading is the keepalive's send time; later ones 5 s on
-            return next(self.readings, 1005.0)
+    def slow_reply(self: EtcdClient, lease_id: int, *, timeout: float) -> int:
+        ttl = real(self, lease_id, timeout=timeout)
+        if self.clock is clock and slow:
+            slow.clear()
+            clock.advance(5.0)  # the adoption's reply comes 5 s after its send
+        return ttl
 
-    clock = Clock()
-
+    monkeypatch.setattr(EtcdClient, "lease_keepalive", slow_reply)
     adopted = reattach.adopt_session(cfg, first.lease_id, first.session_id, clock=clock)
     try:
+        assert not slow, "the adoption sent no keepalive"
         assert adopted.session.fence_at == pytest.approx(1000.0 + 10 - 3)
     finally:
         adopted.session.close()
         first.close()
+
+
+def test_a_continuation_fails_over_when_the_first_member_does_not_answer(
+        etcd_process: EtcdServer, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first endpoint swallows every byte (a member stalled, or a link that drops): the new
+    agent's adoption asks the next member instead of giving up on the session (which would let
+    the guard stop every domain at the fence deadline)."""
+    endpoint = etcd_process.endpoints.split(",")[0]
+    settings = {"prefix": prefix, "host_id": "hv-g", "ttl": 10, "request_timeout": 1.0}
+    first = HostSession(load_config({"endpoints": endpoint, **settings})).start()
+    with Relay.tcp(endpoint) as dead:
+        dead.blackhole()
+        cfg = load_config({"endpoints": f"{dead.endpoint},{endpoint}", **settings})
+        monkeypatch.setattr("virtlease_etcd.etcd.client.random.randrange", lambda n: 0)  # the dead one first
+        adopted = reattach.adopt_session(cfg, first.lease_id, first.session_id)
+        try:
+            assert adopted.session.lease_id == first.lease_id and adopted.session.lost is None
+        finally:
+            adopted.session.close()
+            first.close()

@@ -52,23 +52,32 @@ def adopt_session(cfg: EtcdConfig, lease_id: int, session_id: str, clock: Clock 
     """Continue ``lease_id`` as ``session_id`` of ``cfg.host_id`` (see the module docstring).
     ``clock``: the session's clock (``HostSession``; a fake one in tests)."""
     session = HostSession(cfg, clock=clock)
+    client = session.client
     try:
-        timeout = cfg.request_timeout
-        ttl_left = session.client.lease_ttl(lease_id, timeout=timeout)
+        # each step fails over to another member if one does not answer, within a budget the
+        # guard's fence deadline leaves room for (a handover must not fail on one slow member)
+        deadline = session.clock.now() + 2 * cfg.request_timeout
+        ttl_left = client.retrying(lambda t: client.lease_ttl(lease_id, timeout=t), deadline=deadline)
         if ttl_left < 0:
             raise CannotReattach(f"its lease {lease_id:x} is gone from etcd (expired or revoked)")
         if ttl_left <= cfg.margin:
             raise CannotReattach(f"its lease {lease_id:x} has {ttl_left}s left, within the fence margin "
                                  f"({cfg.margin:g}s): too late to continue it")
         host_key = session.keys.host(cfg.host_id)
-        kvs, _rev = session.client.get_range(host_key, timeout=timeout)
+        kvs, _rev = client.retrying(lambda t: client.get_range(host_key, timeout=t), deadline=deadline)
         record = ks.decode(kvs[0].value, host_key) if kvs else None
         if record is None or int(kvs[0].lease) != lease_id or record.get("session") != session_id:
             raise CannotReattach(f"host key {host_key} is not on lease {lease_id:x} of session {session_id} "
                                  f"(found {record})")
         sent = session.clock.now()
+
+        def keepalive(timeout: float) -> int:
+            nonlocal sent
+            sent = session.clock.now()  # the validity counts from the send of the attempt that worked
+            return client.lease_keepalive(lease_id, timeout=timeout)
+
         try:
-            ttl = session.client.lease_keepalive(lease_id, timeout=timeout)
+            ttl = client.retrying(keepalive, deadline=deadline)
         except LeaseNotFound:
             ttl = 0
         if ttl <= 0:
