@@ -240,3 +240,8 @@ def run_agent(opts: AgentOptions, config: dict[str, Any]) -> int:
     except (VirtleaseError, OSError) as exc:
         log.error("cannot start the etcd driver: %s", exc)
         return 2
+
+
+if __name__ == "__main__":  # the entry point is the package (command.py parses the options)
+    sys.exit("virtlease_etcd.agent.main is not a command: run `virtlease agent`, `virtlease-agent` "
+             "or `python -m virtlease_etcd.agent`")

@@ -52,7 +52,7 @@ def start_agent(endpoints: str, prefix: str, ttl: int, timeout: int) -> dict[str
            "VIRTLEASE_ETCD_WATCHDOG_TIMEOUT": str(timeout), "VIRTLEASE_ETCD_REQUEST_TIMEOUT": "1",
            "VIRTLEASE_ETCD_ACQUIRE_TIMEOUT": "20"}
     log = open(_log(), "a")
-    cmd = [sys.executable, "-m", "virtlease_etcd.agent.main", "--endpoints", endpoints, "--prefix", prefix,
+    cmd = [sys.executable, "-m", "virtlease_etcd.agent", "--endpoints", endpoints, "--prefix", prefix,
            "--host-id", HOST, "--ttl", str(ttl), "--socket", str(RUN / "virtlockd-sock"),
            "--state-dir", str(RUN / "state"), "--reserve-grace", "0.3", "--kill-grace", "1",
            "--metrics", METRICS]
