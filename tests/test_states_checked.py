@@ -18,6 +18,7 @@ import etcd3
 import pytest
 
 import virtlease as v
+from virtlease_etcd.etcd.client import EtcdClient
 from virtlease_lab.drivers import new_uuid
 from virtlease_lab.etcdserver import EtcdServer, dump
 
@@ -317,6 +318,30 @@ def test_lease_revoked_from_outside_fences_and_raises_lease_lost(make_driver: Ma
     with pytest.raises(v.LeaseLostError):
         obj_of(a, new_uuid(), ["/srv/rev/other.img"], name="web2").acquire()
     assert vm.wait(timeout=2) is not None  # killed by the fence, long before a keepalive (10 s)
+
+
+def test_a_request_refused_for_a_revoked_lease_fences_by_itself(make_driver: MakeDriver, kv: etcd3.Etcd3Client,
+                                                                vms: Callable[[], subprocess.Popen[bytes]],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request path alone: the host-key watch is kept deaf (it would otherwise notice the
+    revocation first and fence before any request), so the acquire's transaction is the first
+    to hear "lease not found" from etcd; it must fence the session and raise LeaseLostError, not
+    pass the internal error up while the VMs run on a revoked lease."""
+    def deaf(self: EtcdClient, key: str, *, stop: Callable[[], bool]) -> Iterator[bool]:
+        while not stop():
+            time.sleep(0.05)
+        yield from ()
+
+    monkeypatch.setattr(EtcdClient, "watch_deleted", deaf)
+    a = make_driver("host-a", ttl=30)
+    vm = vms()
+    obj_of(a, new_uuid(), ["/srv/rev/q.img"], pid=vm.pid).acquire()
+    kv.revoke_lease(lease_of(a))
+    time.sleep(0.5)
+    assert a.driver.session.lost is None, "something else noticed the revocation first"
+    with pytest.raises(v.LeaseLostError):
+        obj_of(a, new_uuid(), ["/srv/rev/other-q.img"], name="web2").acquire()
+    assert vm.wait(timeout=2) is not None  # fenced by the refused request, long before a keepalive (10 s)
 
 
 def test_lease_revoked_from_outside_fences_without_any_call(make_driver: MakeDriver, kv: etcd3.Etcd3Client,
