@@ -315,7 +315,15 @@ def reserve(d: Domain, owner: Owner, held: Sequence[Held]) -> Literal["reserved"
     if not more:
         return "already"
     listed = [owner.held[rid] for rid in marker.rids if rid in owner.held]
-    return "reserved" if _remark(d, owner, marker, [*listed, *more]) else "already"
+    try:
+        return "reserved" if _remark(d, owner, marker, [*listed, *more]) else "already"
+    except StaleStateError:
+        if owner.handoff is not None or not all(h.rid.rid in owner.held for h in more):
+            raise
+        # the reservation of the disks released before was claimed meanwhile (a migration's
+        # destination took them while the source released its last ones): reserve these anew
+        mark(d, owner, RESERVED, [owner.held[h.rid.rid] for h in more])
+        return "reserved"
 
 
 def _remark(d: Domain, owner: Owner, marker: Handoff, held: Sequence[Held]) -> bool:

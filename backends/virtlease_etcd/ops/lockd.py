@@ -158,9 +158,11 @@ def _acquire(d: Domain, resource: ResourceSpec, action: FailureAction) -> Acquir
                 continue
             refusal = plan.explain(d.writer(), ask, seen)
             busy = list(refusal.holders) if isinstance(refusal, plan.Busy) else []
-            if busy and not owner.held and all(_same_domain_elsewhere(d, h) for h in busy):
+            if busy and all(_same_domain_elsewhere(d, h) for h in busy):
                 # the same domain holds it on another host: a migration's source whose reservation
-                # is still on its way (the agent answers the pause RELEASE before it commits)
+                # is still on its way (the agent answers the pause RELEASE before it commits; this
+                # owner may have claimed the source's earlier disks already, their reservation
+                # having committed first)
                 found = _wait_for_reservation(d, rid.rid)
                 if found is not None:
                     if claimed(found):
