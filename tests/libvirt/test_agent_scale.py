@@ -7,8 +7,10 @@ shut-off one is started again, concurrently.  Throughout, etcd is read every few
 ever has two holders of which one is exclusive (two domains, on one host or on two).  After each
 round, from both hosts' ``virsh list``: the running domains are exactly those whose start
 worked, no disk is used by two of them, etcd's holders are exactly the running domains, every
-refused start said "resource busy" and named the domain (and host) holding its disk, and at
-least one start worked and one was refused."""
+refused start said "resource busy" and named the domain (and host) holding its disk -- or, when
+the machine starved etcd past a start's deadline, "etcd unreachable, nothing changed" (counted
+and printed; at least one refusal must be "busy") -- and at least one start worked and one was
+refused."""
 
 from __future__ import annotations
 
@@ -46,7 +48,13 @@ def _check_round(env: AgentRig, disk_of: dict[Dom, str], refused: dict[Dom, str]
     assert max(per_disk.values()) == 1, f"{what}: disks used by two running domains: " \
         f"{[k for k, n in per_disk.items() if n > 1]}"
     holder_of = {disk_of[d]: d for d in running}
+    late = {dom for dom, err in refused.items() if "etcd unreachable, nothing changed" in err}
+    if late:  # 40 TCG QEMUs starting on 2 cores can starve the three members past a start's deadline
+        print(f"{what}: {len(late)} start(s) refused because etcd did not answer in time (nothing changed)")
+    assert not refused or len(late) < len(refused), f"{what}: no start was refused as busy: {refused}"
     for dom, err in refused.items():
+        if dom in late:
+            continue
         assert "resource busy" in err, f"{what}: {dom} refused for another reason: {err}"
         h, n = holder_of[disk_of[dom]]
         assert f"domain {n} " in err and f"on host host{h}" in err, f"{what}: {dom} refused naming another holder: {err}"
