@@ -4,6 +4,7 @@ reply per command)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,17 @@ from typing import Any
 from virtlease_etcd.devtools.jsonwire import Channel, launch, python_argv
 
 WORKERS = Path(__file__).with_name("workers.py")
+BENCH = str(WORKERS.parent)
+"""The bench's own modules (cluster, contenders, measure) for the worker: its interpreter runs with
+``-P`` (the script's folder is not put on the path), so the folder is named on PYTHONPATH."""
 
 
 class WorkerProc:
     """One worker of ``kind`` (see workers.py) started with ``cfg``."""
 
     def __init__(self, kind: str, cfg: dict[str, Any]) -> None:
-        self.proc = launch(python_argv(WORKERS), {**cfg, "kind": kind})
+        path = os.pathsep.join(p for p in (BENCH, os.environ.get("PYTHONPATH", "")) if p)
+        self.proc = launch(python_argv(WORKERS), {**cfg, "kind": kind}, env={**os.environ, "PYTHONPATH": path})
         self.wire = Channel(self.proc)
 
     @property
