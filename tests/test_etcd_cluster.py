@@ -44,7 +44,7 @@ def test_first_endpoint_down_from_the_start(cluster: EmbeddedEtcd, prefix: str) 
 
 def test_member_killed_while_holding(cluster: EmbeddedEtcd, prefix: str) -> None:
     plugin = v.load_driver("etcd", config={"endpoints": cluster.endpoints, "prefix": prefix,
-                                           "host_id": "fo-2", "ttl": 4, "request_timeout": 0.5})
+                                           "host_id": "fo-2", "ttl": 10, "request_timeout": 0.5})  # room for an election
     try:
         in_use = plugin.driver.session.client.endpoint_in_use
         victim = next(m for m in cluster.members if m.endpoint == in_use)
