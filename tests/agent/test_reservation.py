@@ -350,12 +350,10 @@ def test_a_release_etcd_never_confirmed_leaves_no_claimable_disk_the_qemu_writes
 
 
 
-def test_a_transient_etcd_error_while_a_release_finds_its_reservation_claimed_is_retried(
-        hosts: Callable[..., v.Plugin], tmp_path: Path) -> None:
-    """A pause whose second RELEASE finds the reservation claimed meanwhile (the same UUID took
-    the first disk elsewhere) reads the marker back; a transient etcd error on that read is
-    retried like every other request, never passed up as the etcd client's internal error (found
-    by the nemesis: a TransientError escaped the agent path), and the disk is reserved anew."""
+def _first_disk_claimed(hosts: Callable[..., v.Plugin], tmp_path: Path
+                        ) -> tuple[v.Plugin, v.Plugin, str, ResourceSpec]:
+    """Domain web1 holds d1 and d2 on host-a, pauses d1 (reserved), and host-b claims d1:
+    (a, b, its UUID, d2), d2 still held on host-a."""
     a, b = hosts("host-a"), hosts("host-b")
     uid = str(uuid.uuid4())
     d1, d2 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img")
@@ -363,6 +361,16 @@ def test_a_transient_etcd_error_while_a_release_finds_its_reservation_claimed_is
     lockd(a, uid, "web1").acquire(d2, ACT)
     assert lockd(a, uid, "web1").release(d1) == "reserved"
     assert lockd(b, uid, "web1").acquire(d1, ACT) == "claimed"
+    return a, b, uid, d2
+
+
+def test_a_transient_etcd_error_while_a_release_finds_its_reservation_claimed_is_retried(
+        hosts: Callable[..., v.Plugin], tmp_path: Path) -> None:
+    """A pause whose second RELEASE finds the reservation claimed meanwhile (the same UUID took
+    the first disk elsewhere) reads the marker back; a transient etcd error on that read is
+    retried like every other request, never passed up as the etcd client's internal error (found
+    by the nemesis: a TransientError escaped the agent path), and the disk is reserved anew."""
+    a, _, uid, d2 = _first_disk_claimed(hosts, tmp_path)
     owner = a.driver.session.owners.peek(uid)
     assert owner is not None and owner.handoff is not None
     marker = owner.handoff.key
@@ -406,13 +414,7 @@ def test_a_destination_that_claimed_the_first_disks_waits_for_the_last_ones(host
     release of d2 failed: the migration failed with d1 on the destination."""
     import threading
 
-    a, b = hosts("host-a"), hosts("host-b")
-    uid = str(uuid.uuid4())
-    d1, d2 = disk(tmp_path, "d1.img"), disk(tmp_path, "d2.img")
-    lockd(a, uid, "web1").acquire(d1, ACT)
-    lockd(a, uid, "web1").acquire(d2, ACT)
-    assert lockd(a, uid, "web1").release(d1) == "reserved"
-    assert lockd(b, uid, "web1").acquire(d1, ACT) == "claimed"
+    a, b, uid, d2 = _first_disk_claimed(hosts, tmp_path)
     released: list[str] = []
     timer = threading.Timer(0.3, lambda: released.append(lockd(a, uid, "web1").release(d2)))
     timer.start()

@@ -69,7 +69,7 @@ def adopt_session(cfg: EtcdConfig, lease_id: int, session_id: str, clock: Clock 
         if record is None or int(kvs[0].lease) != lease_id or record.get("session") != session_id:
             raise CannotReattach(f"host key {host_key} is not on lease {lease_id:x} of session {session_id} "
                                  f"(found {record})")
-        sent = session.clock.now()
+        sent = 0.0  # set by the keepalive attempt that worked
 
         def keepalive(timeout: float) -> int:
             nonlocal sent
