@@ -452,6 +452,23 @@ def test_a_grant_whose_qemu_exited_while_it_was_in_flight_is_undone(agents: Call
     wait_for(lambda: not holders(etcd_process, prefix), 3)
 
 
+def test_a_release_of_a_disk_this_qemu_never_acquired_is_refused(agents: Callable[..., Agent],
+                                                                  qemus: Callable[..., StandinQemu], tmp_path: Path,
+                                                                  etcd_process: EtcdServer, prefix: str) -> None:
+    """A RELEASE of a disk the QEMU acquired is answered from the agent's memory; one of a disk
+    it never acquired (another domain holds it) must still be refused, and change nothing."""
+    a = agents("host-a")
+    (d1,) = images(tmp_path, "d1.img")
+    web, db = qemus(a, "web1"), qemus(a, "db1")
+    call(a, web, "acquire", d1)
+    before = dump(etcd_process.client(), prefix + "/v1/res")
+    assert "not locked" in error_of(lambda: call(a, db, "release", d1))
+    time.sleep(0.3)  # a reservation written in the background would be there by now
+    assert dump(etcd_process.client(), prefix + "/v1/res") == before
+    assert not dump(etcd_process.client(), prefix + "/v1/handoff")
+    assert "not locked" in error_of(lambda: call(a, web, "release", d1, d1))  # its own, twice
+
+
 def test_a_resume_right_after_a_pause_leaves_no_reservation(agents: Callable[..., Agent],
                                                             qemus: Callable[..., StandinQemu], tmp_path: Path,
                                                             etcd_process: EtcdServer, prefix: str,

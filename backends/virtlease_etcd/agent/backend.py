@@ -69,6 +69,7 @@ from virtlease_etcd.session.guard import start_time
 
 from .lockapi import CallRefused, Connection, ResourceBusy
 from .protocol import AcquireResourceFlags, ErrorCode, LockdOwner
+from .strand import Strand
 from .tracking import ProcessWatcher, Tracked
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,13 @@ class EtcdLockBackend:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
 
+    def in_strand(self, t: Tracked, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue a driver call for the owner now, after every call queued for it before
+        (its :class:`~.strand.Strand` on the pool); await the result."""
+        if t.strand is None:
+            t.strand = Strand(self._pool)
+        return asyncio.wrap_future(t.strand.submit(functools.partial(fn, *args)))
+
     # ------------------------------------------------------------------ owner processes
 
     def _watch(self, t: Tracked) -> None:
@@ -250,8 +258,13 @@ class EtcdLockBackend:
     async def _driver_call(self, op: str, what: str, fn: Callable[..., T], *args: Any, counted: bool = True) -> T:
         """A driver call, its errors turned into the lockd error libvirt reports (and counted;
         its result too unless not ``counted``)."""
+        return await self._outcome(op, what, self._run(fn, *args), counted=counted)
+
+    async def _outcome(self, op: str, what: str, call: Awaitable[T], *, counted: bool = True) -> T:
+        """``call``'s result, its errors turned into the lockd error libvirt reports (and
+        counted; its result too unless not ``counted``)."""
         try:
-            result = await self._run(fn, *args)
+            result = await call
         except ResourceBusyError as exc:
             self.count(op, "busy")
             raise ResourceBusy("; ".join(describe_holder(h) for h in exc.conflicts)) from None
@@ -333,12 +346,12 @@ class EtcdLockBackend:
                       flags: AcquireResourceFlags) -> None:
         t = self._check_alive(str(owner.uuid), owner.name)
         res = resource_spec(lockspace, name, flags)
-        await self.after_pending(t)  # a resume after the pause's RELEASEs: their reservation first
         if self.driver.session.lost is not None:
             await self._renew_session(f"acquire of {name} for domain {owner.name} ({t.uuid})")
         lockd = self._lockd(t.uuid, owner.name, t.pid)
-        outcome = await self._driver_call("acquire", f"acquire of {name} for domain {owner.name} ({t.uuid})",
-                                          lockd.acquire, res, FailureAction.DEFAULT)
+        # in the owner's strand: a resume after the pause's RELEASEs runs after their reservation
+        outcome = await self._outcome("acquire", f"acquire of {name} for domain {owner.name} ({t.uuid})",
+                                      self.in_strand(t, lockd.acquire, res, FailureAction.DEFAULT))
         if t.ending is not None:  # the QEMU ended while the grant was in flight: undo it
             await asyncio.shield(t.ending)
             await self._release_owner(t)
@@ -346,6 +359,8 @@ class EtcdLockBackend:
                             "nothing is held for it", code=ErrorCode.OPERATION_INVALID)
         if outcome in ("resumed", "claimed", "granted"):
             t.released.clear()
+        if outcome != "readonly":
+            t.acquired.add(name)
         self.changed(strict=True)  # before the reply: the guard knows this QEMU before it may start
         log.info("acquire %s %s for %s: %s", lockspace or "-", name, t.who(), outcome)
 
@@ -373,14 +388,18 @@ class EtcdLockBackend:
                                "(it stays reserved for the domain until its QEMU exits)")
         lockd = self._lockd(t.uuid, owner.name, t.pid)
         what = f"release of {name} for domain {owner.name} ({t.uuid})"
-        if not await self._driver_call("release", what, lockd.releasable, res, counted=False):
+        if name in t.acquired and self.driver.session.lost is None:
+            pass  # this QEMU acquired it: held, nothing to look up (the reservation checks in etcd)
+        elif not await self._driver_call("release", what, lockd.releasable, res, counted=False):
             return  # readonly: not locked
         t.released.add(name)
         t.releasing.setdefault(conn.id, set()).add(name)
 
+        reservation = self.in_strand(t, lockd.release, res)  # queued now, before any later call
+
         async def reserve() -> None:
             try:
-                outcome = await self._driver_call("release", what, lockd.release, res)
+                outcome = await self._outcome("release", what, reservation)
             except CallRefused as exc:
                 log.error("%s: the disk stays held by the domain, not reserved for it (a migration's "
                           "destination cannot take it over; the domain can resume here): %s", what, exc)
@@ -425,6 +444,7 @@ class EtcdLockBackend:
                 t.to_settle -= names
                 if freed:
                     t.released -= names
+                    t.acquired -= names
                     log.info("freed %s: released by %s while it runs (an unplug or a block-job pivot)",
                              ", ".join(freed), t.who())
                     self.changed()

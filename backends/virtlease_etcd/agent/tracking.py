@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from virtlease_etcd.session.guard import start_time
 
 from .lockapi import Connection
+from .strand import Strand
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class Tracked:
     """The pid's start time (``/proc/<pid>/stat`` field 22): a pid and this name one process."""
     pidfd: int | None = None
     lifeline: Connection | None = None
+    acquired: set[str] = field(default_factory=set)
+    """Disks this QEMU ACQUIREd and holds: a RELEASE of one is answered from memory."""
     released: set[str] = field(default_factory=set)
     """Disks RELEASEd since the reservation was made (a second RELEASE is an error)."""
     releasing: dict[int, set[str]] = field(default_factory=dict)
@@ -41,6 +44,9 @@ class Tracked:
     to_settle: set[str] = field(default_factory=set)
     """Disks RELEASEd on connections that closed, not settled yet."""
     settling: asyncio.Task[None] | None = None
+    strand: Strand | None = None
+    """The owner's driver calls (ACQUIRE, RELEASE's reservation), in order
+    (``EtcdLockBackend.in_strand``)."""
     pending: asyncio.Task[None] | None = None
     """The last driver call queued for this owner after its reply was sent (a RELEASE's
     reservation); later calls for the owner wait for it (``EtcdLockBackend.in_order``)."""
