@@ -469,6 +469,42 @@ def test_a_release_of_a_disk_this_qemu_never_acquired_is_refused(agents: Callabl
     assert "not locked" in error_of(lambda: call(a, web, "release", d1, d1))  # its own, twice
 
 
+def test_a_destination_reads_the_markers_when_its_resume_registers(agents: Callable[..., Agent],
+                                                                   qemus: Callable[..., StandinQemu], tmp_path: Path,
+                                                                   etcd_process: EtcdServer, prefix: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live migration's destination QEMU started paused (RESTRICTed, holding nothing): when
+    libvirt's resume connection REGISTERs, the agent reads the domain's markers at once, and the
+    ACQUIRE that follows claims the source's reservation with what it read: no read of its own in
+    the guest's downtime."""
+    from virtlease_etcd.ops import handoff
+
+    reads: list[int] = []
+    real = handoff.markers_of
+
+    def counted(d: Any) -> Any:
+        reads.append(1)
+        return real(d)
+
+    monkeypatch.setattr(handoff, "markers_of", counted)
+    a, b = agents("host-a"), agents("host-b")
+    (d1,) = images(tmp_path, "d1.img")
+    src = qemus(a, "web1")
+    call(a, src, "acquire", d1)
+    dst = qemus(b, "web1", src.uuid)  # prepare: the destination QEMU starts paused
+    call(a, src, "release", d1)  # the pause on the source
+    reserved_in_etcd(etcd_process, prefix)
+    reads.clear()
+    with LockdClient(b[0].path) as c:
+        c.register(dst.owner())
+        wait_for(lambda: len(reads) == 1, 2)  # read ahead, before any ACQUIRE was sent
+        c.acquire(d1)
+    assert len(reads) == 1, "the ACQUIRE read the markers again"
+    records = holders(etcd_process, prefix).values()  # the disk's keys (its directory id, its name)
+    assert records and all(b"host-b" in r and b"host-a" not in r for r in records)
+    assert not dump(etcd_process.client(), prefix + "/v1/handoff")
+
+
 def test_a_resume_right_after_a_pause_leaves_no_reservation(agents: Callable[..., Agent],
                                                             qemus: Callable[..., StandinQemu], tmp_path: Path,
                                                             etcd_process: EtcdServer, prefix: str,

@@ -167,9 +167,12 @@ class EtcdLockBackend:
     def in_strand(self, t: Tracked, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Queue a driver call for the owner now, after every call queued for it before
         (its :class:`~.strand.Strand` on the pool); await the result."""
+        return asyncio.wrap_future(self._strand(t).submit(functools.partial(fn, *args)))
+
+    def _strand(self, t: Tracked) -> Strand:
         if t.strand is None:
             t.strand = Strand(self._pool)
-        return asyncio.wrap_future(t.strand.submit(functools.partial(fn, *args)))
+        return t.strand
 
     # ------------------------------------------------------------------ owner processes
 
@@ -317,6 +320,11 @@ class EtcdLockBackend:
         uuid = str(owner.uuid)
         t = self._tracked.get(uuid)
         if t is not None and t.pid == owner.pid and t.ending is None:
+            if t.lifeline is not None and not t.acquired and t.markers_read is None:
+                # a QEMU started paused (RESTRICTed holding nothing) about to be resumed: a
+                # migration's destination ACQUIREs next, in the guest's downtime; its read of
+                # the domain's markers starts now, beside this reply and the ACQUIRE's arrival
+                t.markers_read = self._strand(t).submit(self._lockd(t.uuid, t.name, t.pid).markers)
             return
         if t is not None:
             if not t.gone.is_set():
@@ -349,9 +357,16 @@ class EtcdLockBackend:
         if self.driver.session.lost is not None:
             await self._renew_session(f"acquire of {name} for domain {owner.name} ({t.uuid})")
         lockd = self._lockd(t.uuid, owner.name, t.pid)
+        ahead, t.markers_read = t.markers_read, None
+
+        def acquire() -> str:
+            # the markers read ahead ran before this in the strand: done (None: read them again)
+            markers = ahead.result() if ahead is not None and ahead.exception() is None else None
+            return lockd.acquire(res, FailureAction.DEFAULT, markers)
+
         # in the owner's strand: a resume after the pause's RELEASEs runs after their reservation
         outcome = await self._outcome("acquire", f"acquire of {name} for domain {owner.name} ({t.uuid})",
-                                      self.in_strand(t, lockd.acquire, res, FailureAction.DEFAULT))
+                                      self.in_strand(t, acquire))
         if t.ending is not None:  # the QEMU ended while the grant was in flight: undo it
             await asyncio.shield(t.ending)
             await self._release_owner(t)

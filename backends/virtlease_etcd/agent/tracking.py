@@ -9,12 +9,14 @@ user of one watcher) does, once a process has exited -- see the ``Lifeline`` par
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from virtlease_etcd.session.guard import start_time
 
@@ -44,6 +46,9 @@ class Tracked:
     to_settle: set[str] = field(default_factory=set)
     """Disks RELEASEd on connections that closed, not settled yet."""
     settling: asyncio.Task[None] | None = None
+    markers_read: concurrent.futures.Future[list[Any] | None] | None = None
+    """The domain's markers, read ahead in the strand when a paused start's QEMU is being
+    resumed (``EtcdLockBackend.register``): its ACQUIRE, next in the strand, uses them."""
     strand: Strand | None = None
     """The owner's driver calls (ACQUIRE, RELEASE's reservation), in order
     (``EtcdLockBackend.in_strand``)."""

@@ -413,18 +413,25 @@ def unreserve(d: Domain, owner: Owner) -> None:
             f"host or its records vanished ({exc}); this host holds nothing for it now") from None
 
 
-def reservation_of(d: Domain, rid: str) -> tuple[str, bytes] | None:
-    """One read of this domain's markers (no transaction): as :func:`reservation_among`.  Lets a
-    migration's destination claim with one transaction instead of a failed grant and a claim;
-    what it finds is only a hint (a serializable read: no quorum round, it may lag), the claim
-    compares the marker byte for byte.  None as well when the read fails: the grant that
-    follows retries, and reports, as always."""
+def markers_of(d: Domain) -> list[Any] | None:
+    """One read of this domain's markers, every host's (no transaction, a serializable read: no
+    quorum round, it may lag): a hint for :func:`reservation_among`, as what it finds is claimed
+    only by a transaction that compares the marker byte for byte.  None when the read fails."""
     prefix = d.keys.handoff(d.spec.uuid, "")
     try:
         kvs, _ = d.session.client.get_range(prefix, ks.range_end(prefix), timeout=HINT_TIMEOUT, serializable=True)
     except (TransientError, BackendUnavailableError):
         return None
-    return reservation_among(d, kvs, rid)
+    return kvs
+
+
+def reservation_of(d: Domain, rid: str) -> tuple[str, bytes] | None:
+    """One read of this domain's markers (:func:`markers_of`): as :func:`reservation_among`.
+    Lets a migration's destination claim with one transaction instead of a failed grant and a
+    claim.  None as well when the read fails: the grant that follows retries, and reports, as
+    always."""
+    kvs = markers_of(d)
+    return None if kvs is None else reservation_among(d, kvs, rid)
 
 
 def reservation_among(d: Domain, kvs: Sequence[Any], rid: str) -> tuple[str, bytes] | None:

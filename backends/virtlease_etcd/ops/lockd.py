@@ -17,7 +17,8 @@ its form would change the keys under running VMs) and checks it as an absolute p
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from virtlease import validation
 from virtlease.abi import FailureAction, ResourceFlags, ResourceSpec, ResourceType
@@ -57,10 +58,18 @@ class LockdDomain:
     def __init__(self, d: Domain) -> None:
         self._d = d
 
-    def acquire(self, resource: ResourceSpec, action: FailureAction) -> AcquireOutcome:
+    def acquire(self, resource: ResourceSpec, action: FailureAction,
+                markers: Sequence[Any] | None = None) -> AcquireOutcome:
         """ACQUIRE_RESOURCE: one resource for the owner (see :data:`AcquireOutcome`).  A busy
-        resource raises ResourceBusyError naming its holders."""
-        return _acquire(self._d, resource, action)
+        resource raises ResourceBusyError naming its holders.  ``markers``: the domain's
+        markers as :meth:`markers` read them just before, if the caller did (then a
+        migration's destination does not read them again; a hint either way)."""
+        return _acquire(self._d, resource, action, markers)
+
+    def markers(self) -> list[Any] | None:
+        """The domain's markers, one serializable read (``handoff.markers_of``; None if it
+        failed): a caller that expects an ACQUIRE soon reads them ahead for :meth:`acquire`."""
+        return handoff.markers_of(self._d)
 
     def releasable(self, resource: ResourceSpec) -> bool:
         """Whether a RELEASE of ``resource`` has anything to do, from what this host knows (no
@@ -98,7 +107,8 @@ class LockdDomain:
         return owner is not None and handoff.reserved(owner)
 
 
-def _acquire(d: Domain, resource: ResourceSpec, action: FailureAction) -> AcquireOutcome:
+def _acquire(d: Domain, resource: ResourceSpec, action: FailureAction,
+             markers: Sequence[Any] | None = None) -> AcquireOutcome:
     """lockd's ACQUIRE_RESOURCE for the owner: one resource; what happened:
 
     ``held``: the owner already holds it (nothing sent); ``resumed``: the
@@ -140,8 +150,12 @@ def _acquire(d: Domain, resource: ResourceSpec, action: FailureAction) -> Acquir
                 return False  # the reservation changed meanwhile: look again
             return rid.rid in owner.held
 
-        # a migration's destination: one read finds the source's reservation, one claim takes it
-        found = handoff.reservation_of(d, rid.rid) if not owner.held else None
+        # a migration's destination: one read (or the caller's, made ahead) finds the source's
+        # reservation, one claim takes it
+        found = None
+        if not owner.held:
+            found = (handoff.reservation_of(d, rid.rid) if markers is None
+                     else handoff.reservation_among(d, markers, rid.rid))
         if found is not None and claimed(found):
             return "claimed"
         for _ in range(3):
