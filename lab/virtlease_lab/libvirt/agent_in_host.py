@@ -5,8 +5,10 @@ relays each ``127.0.0.1:PORT`` (in this network namespace) to the UNIX socket ``
 by the test in the root namespace, see ``virtlease_lab.relay``), then runs the agent with ``AGENT_ARGS``:
 in this process (the agent of this checkout), or, with ``--exec``, by exec'ing the ``N`` words
 ``PROGRAM ARG...`` followed by ``AGENT_ARGS`` (another agent, e.g. an installed package's).
-Either way the agent keeps this process's pid (the rig's ``lockdaemon.pid``); with ``--exec`` the relays run in a child that
-dies with it (``PR_SET_PDEATHSIG``), so that a restarted agent brings its own.
+Either way the agent keeps this process's pid (the rig's ``lockdaemon.pid``) and the relays run
+in a child that dies with it (``PR_SET_PDEATHSIG``), so that a restarted agent brings its own and
+the agent's process runs nothing a real host's would (no relay threads taking its interpreter's
+lock while it serves libvirt: the benchmarks time the agent, not the rig).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ def start_relays(links: str) -> None:
         Relay.tcp_to_unix(int(port), path)
 
 
-def exec_with_relays(links: str, argv: list[str]) -> None:
-    """Fork the relays into a child bound to this process's life, wait until they listen, exec."""
+def fork_relays(links: str) -> None:
+    """Fork the relays into a child bound to this process's life; return once they listen."""
     parent = os.getpid()
     ready_r, ready_w = os.pipe()
     if os.fork() == 0:
@@ -45,15 +47,15 @@ def exec_with_relays(links: str, argv: list[str]) -> None:
     if os.read(ready_r, 1) != b"1":
         sys.exit("agent_in_host.py: the relays did not start")
     os.close(ready_r)
-    os.execvp(argv[0], argv)
 
 
 if __name__ == "__main__":
     links, rest = sys.argv[1], sys.argv[2:]
+    fork_relays(links)
     if rest[:1] == ["--exec"]:
         count = int(rest[1])
-        exec_with_relays(links, rest[2:2 + count] + rest[2 + count:])
-    start_relays(links)
+        argv = rest[2:2 + count] + rest[2 + count:]
+        os.execvp(argv[0], argv)
     from virtlease_etcd.agent.command import main  # not before --exec: a restart must be quick
 
     sys.exit(main(rest))
