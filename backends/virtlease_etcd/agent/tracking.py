@@ -53,8 +53,9 @@ class Tracked:
     """The owner's driver calls (ACQUIRE, RELEASE's reservation), in order
     (``EtcdLockBackend.in_strand``)."""
     pending: asyncio.Task[None] | None = None
-    """The last driver call queued for this owner after its reply was sent (a RELEASE's
-    reservation); later calls for the owner wait for it (``EtcdLockBackend.in_order``)."""
+    """The last work queued for this owner after its reply was sent (a RELEASE's reservation:
+    its driver call runs in ``strand``, what follows it on the loop); the settle step and the
+    release once the QEMU exits wait for it (``EtcdLockBackend.in_order``)."""
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     hurry: asyncio.Event = field(default_factory=asyncio.Event)
     ending: asyncio.Task[None] | None = None
