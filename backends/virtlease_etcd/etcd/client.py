@@ -80,13 +80,19 @@ class EtcdClient:
         return self._endpoints[self._current].netloc
 
     def _pick(self) -> Endpoint:
+        """The member in use, or the next one that has not failed in the last ``ENDPOINT_RETRY``
+        seconds; if every one has (an election, a member killed: each failed once within a
+        second), the one that failed longest ago: it is asked again rather than nobody until a
+        mark runs out, as etcd's own client keeps trying."""
         with self._lock:
-            for i in range(len(self._endpoints)):
-                index = (self._current + i) % len(self._endpoints)
+            n = len(self._endpoints)
+            for i in range(n):
+                index = (self._current + i) % n
                 if not self._endpoints[index].failed():
                     self._current = index
                     return self._endpoints[index]
-        raise TransientError("no etcd endpoint available", ambiguous=False)
+            self._current = min(range(n), key=lambda k: self._endpoints[k].failed_at or 0.0)
+            return self._endpoints[self._current]
 
     def _authenticate(self, seconds: float | None = None) -> None:
         """Get an auth token, retrying transient failures (a loaded member can take seconds to
