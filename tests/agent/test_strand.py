@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -70,4 +71,23 @@ def test_submit_after_the_pool_shut_down_raises_and_leaves_nothing_queued() -> N
     pool.shutdown()
     with pytest.raises(RuntimeError):
         strand.submit(lambda: None)
+    assert not strand._jobs and not strand._running
+
+
+def test_a_job_queued_while_the_pool_refuses_is_failed_not_left_waiting() -> None:
+    """Another job queued between our start of a drain and the pool's refusal (a pool shut down
+    meanwhile) gets an error at once instead of a future nobody ever completes."""
+    others: list[Future[Any]] = []
+
+    class Refusing(ThreadPoolExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+            others.append(strand.submit(lambda: "never"))  # arrives while the drain is starting
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    strand = Strand(Refusing(max_workers=1))
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        strand.submit(lambda: None)
+    (other,) = others
+    with pytest.raises(RuntimeError, match="thread pool is shut down"):
+        other.result(1)
     assert not strand._jobs and not strand._running

@@ -34,10 +34,14 @@ class Strand:
             self._running = True
         try:
             self._pool.submit(self._drain)
-        except BaseException:  # the pool is shut down: nothing will run
+        except BaseException as exc:  # the pool is shut down: nothing queued here will run
             with self._lock:
                 self._running = False
-                self._jobs.remove((job, future))
+                stranded = [f for _, f in self._jobs if f is not future]
+                self._jobs.clear()
+            for f in stranded:  # queued by another thread meanwhile: told, not left waiting
+                if f.set_running_or_notify_cancel():
+                    f.set_exception(RuntimeError(f"the agent's thread pool is shut down ({exc})"))
             raise
         return future
 
