@@ -15,7 +15,10 @@ import pytest
 
 import virtlease as v
 from virtlease_etcd.clock import SYSTEM
+from virtlease_etcd.config import load_config
 from virtlease_etcd.devtools.hostprocess import HostProcess
+from virtlease_etcd.etcd.client import EtcdClient
+from virtlease_etcd.model import keyspace as ks
 from virtlease_lab.drivers import EXPIRY_SLACK, STEADY_TTL, new_uuid, shut
 from virtlease_lab.etcdserver import EtcdServer, dump
 from virtlease_lab.relay import Relay
@@ -344,18 +347,29 @@ def test_ttl_below_two_seconds_is_refused(etcd: EtcdServer, prefix: str) -> None
 def test_unresolved_grant_is_withdrawn_not_left_behind(etcd: EtcdServer, prefix: str,
                                                        kv: etcd3.Etcd3Client) -> None:
     """etcd applies the grant but no reply comes back before the deadline:
-    acquire fails, and the record it may have left is withdrawn once etcd is
-    reachable again, so no disk stays locked by a grant nobody knows of."""
+    acquire fails, and the record it may have left is withdrawn (at once if its request gets
+    through, or once etcd is reachable again), so no disk stays locked by a grant nobody knows
+    of."""
+    observer = EtcdClient(load_config({"endpoints": etcd.endpoints, "host_id": "observer"}, environ={}))
+    records = prefix + "/v1/res/"
+
+    def written_since(start: int) -> bool:
+        """A record existed at some revision after ``start`` (it may have been withdrawn since)."""
+        now = observer.get_range(records, ks.range_end(records), timeout=5)[1]
+        return any(observer.get_page(records, ks.range_end(records), limit=1, revision=r, timeout=5)[0]
+                   for r in range(start + 1, now + 1))
+
     with Relay.tcp(etcd.endpoints.split(",")[0]) as proxy:
         plugin = v.load_driver("etcd", config={"endpoints": proxy.endpoint, "prefix": prefix, "host_id": "unsure",
                                                "ttl": 8, "request_timeout": 0.4, "acquire_timeout": 1.2})
         obj = vm(plugin, ["/srv/unsure.img"], name="unsure-vm")
         try:
             for _ in range(3):  # the request itself can be lost with the broken connection: try again
+                start = observer.get_range(records, ks.range_end(records), timeout=5)[1]
                 proxy.drop_replies()
                 with pytest.raises(v.BackendUnavailableError):
                     obj.acquire()
-                reached = [k for k in dump(kv, prefix) if "/res/" in k]
+                reached = written_since(start)
                 proxy.heal()
                 if reached:
                     break
@@ -369,6 +383,7 @@ def test_unresolved_grant_is_withdrawn_not_left_behind(etcd: EtcdServer, prefix:
             obj.acquire()  # and the object can still acquire for real
         finally:
             shut(plugin)
+            observer.close()
 
 
 def test_shared_resume_survives_other_shared_holders_but_not_an_exclusive_one(make_driver: MakeDriver) -> None:
