@@ -113,6 +113,7 @@ class EtcdLockBackend:
         """Watches the owners' QEMUs (pidfd); tells ``_exited`` when one is gone."""
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="virtlease-etcd")
         self._tracked: dict[str, Tracked] = {}
+        self._background: set[asyncio.Future[None]] = set()
         self.on_change: Callable[[], None] | None = None
         """Called on the loop whenever an owner starts or stops being tracked or holding
         (the restart machinery keeps the guard and the state file in step)."""
@@ -143,23 +144,6 @@ class EtcdLockBackend:
         been renewed meanwhile)."""
         return self.driver.lockd(uuid, name, pid or None)
 
-    def in_order(self, t: Tracked, work: Callable[[], Awaitable[None]]) -> None:
-        """Run ``work`` in the background after every call queued before it for this owner."""
-        before = t.pending
-
-        async def queued() -> None:
-            if before is not None:
-                await asyncio.wait([before])
-            await work()
-
-        t.pending = asyncio.get_running_loop().create_task(queued())
-
-    @staticmethod
-    async def after_pending(t: Tracked) -> None:
-        """Wait until what was queued for the owner so far is done (its errors were logged)."""
-        if t.pending is not None and not t.pending.done():
-            await asyncio.wait([t.pending])
-
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
@@ -168,6 +152,12 @@ class EtcdLockBackend:
         """Queue a driver call for the owner now, after every call queued for it before
         (its :class:`~.strand.Strand` on the pool); await the result."""
         return asyncio.wrap_future(self._strand(t).submit(functools.partial(fn, *args)))
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        """Run ``work`` on the loop without waiting for it (kept referenced until done)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _strand(self, t: Tracked) -> Strand:
         if t.strand is None:
@@ -197,11 +187,10 @@ class EtcdLockBackend:
         if kill and not t.gone.is_set():
             await self.processes.stop(t)
         await t.gone.wait()
-        await self.after_pending(t)
         self.processes.close_pidfd(t)
-        session = self.driver.session
-        owner = session.owners.peek(t.uuid)
-        if owner is not None and handoff.reserved(owner) and self.reserve_grace > 0:
+        # asked in the owner's strand: after every driver call queued for it (a pause's reservation)
+        reserved = await self.in_strand(t, self._lockd(t.uuid, t.name, t.pid).reserved)
+        if reserved and self.reserve_grace > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(t.hurry.wait(), self.reserve_grace)
         await self._release_owner(t)
@@ -216,7 +205,7 @@ class EtcdLockBackend:
             if owner is None or not owner.active or session.lost is not None:
                 return
             try:
-                await self._run(self._lockd(t.uuid, t.name, t.pid).release_all)
+                await self.in_strand(t, self._lockd(t.uuid, t.name, t.pid).release_all)
                 log.info("released every lease of %s", t.who())
                 return
             except VirtleaseError as exc:
@@ -424,7 +413,7 @@ class EtcdLockBackend:
 
         # answered now: until the reservation commits the disk stays held by this domain, which no
         # other domain can take either; a migration's destination waits for it (ops/lockd.py)
-        self.in_order(t, reserve)
+        self._in_background(reserve())
 
     async def connection_closed(self, conn: Connection) -> None:
         owner = conn.owner
@@ -446,11 +435,10 @@ class EtcdLockBackend:
         unplug or a pivot (``LockdDomain.settle``), retrying until etcd answers, the session
         is lost (fenced) or the QEMU exits (then everything is released anyway)."""
         try:
-            await self.after_pending(t)
             while t.to_settle and t.ending is None and self.driver.session.lost is None:
                 names = set(t.to_settle)
                 try:
-                    freed = await self._run(self._lockd(t.uuid, t.name, t.pid).settle)
+                    freed = await self.in_strand(t, self._lockd(t.uuid, t.name, t.pid).settle)
                 except VirtleaseError as exc:
                     log.error("cannot settle the release of %s by %s yet (%s); retrying", ", ".join(sorted(names)),
                               t.who(), exc)

@@ -1,5 +1,10 @@
 """One owner's driver calls, in order, on the agent's thread pool.
 
+Every driver call the agent makes for an owner goes through its strand: an ACQUIRE, a RELEASE's
+reservation (queued before the reply, run after it), the settle step when a releasing connection
+closes, and the release once the QEMU has exited -- so each sees what the ones queued before it
+did, with no other ordering between them.
+
 A :class:`Strand` runs the jobs submitted to it one after another, in submission order, each in
 the worker thread that finished the one before: a resume's ACQUIRE queued behind the pause's
 reservation starts the moment that transaction returns, without a round trip through the event

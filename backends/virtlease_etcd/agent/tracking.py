@@ -50,12 +50,8 @@ class Tracked:
     """The domain's markers, read ahead in the strand when a paused start's QEMU is being
     resumed (``EtcdLockBackend.register``): its ACQUIRE, next in the strand, uses them."""
     strand: Strand | None = None
-    """The owner's driver calls (ACQUIRE, RELEASE's reservation), in order
-    (``EtcdLockBackend.in_strand``)."""
-    pending: asyncio.Task[None] | None = None
-    """The last work queued for this owner after its reply was sent (a RELEASE's reservation:
-    its driver call runs in ``strand``, what follows it on the loop); the settle step and the
-    release once the QEMU exits wait for it (``EtcdLockBackend.in_order``)."""
+    """Every driver call for the owner (ACQUIRE, a RELEASE's reservation, the settle step, the
+    release once the QEMU exits), in the order queued (``EtcdLockBackend.in_strand``)."""
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     hurry: asyncio.Event = field(default_factory=asyncio.Event)
     ending: asyncio.Task[None] | None = None

@@ -1,8 +1,10 @@
 """Start ``virtlease-agent`` inside a rig host with relays to the test's etcd members.
 
-Usage: ``agent_in_host.py PATH@PORT[,PATH@PORT...] [--exec N PROGRAM ARG...] AGENT_ARGS...``:
-relays each ``127.0.0.1:PORT`` (in this network namespace) to the UNIX socket ``PATH`` (served
-by the test in the root namespace, see ``virtlease_lab.relay``), then runs the agent with ``AGENT_ARGS``:
+Usage: ``agent_in_host.py LINKS [--exec N PROGRAM ARG...] AGENT_ARGS...``.  ``LINKS`` is
+``PATH@PORT[,PATH@PORT...]``: relay each ``127.0.0.1:PORT`` (in this network namespace) to the
+UNIX socket ``PATH`` (served by the test in the root namespace, see ``virtlease_lab.relay``); or
+``netns=FILE``: no relays, the agent joins the network namespace ``FILE`` (the test's) and dials
+the members itself, as a real host's agent does.  Then it runs the agent with ``AGENT_ARGS``:
 in this process (the agent of this checkout), or, with ``--exec``, by exec'ing the ``N`` words
 ``PROGRAM ARG...`` followed by ``AGENT_ARGS`` (another agent, e.g. an installed package's).
 Either way the agent keeps this process's pid (the rig's ``lockdaemon.pid``) and the relays run
@@ -21,6 +23,18 @@ import sys
 from virtlease_lab.relay import Relay
 
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNET = 0x40000000
+
+
+def join_netns(path: str) -> None:
+    """Move this process into the network namespace ``path`` (setns(2); os.setns is 3.12+)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def start_relays(links: str) -> None:
@@ -51,7 +65,10 @@ def fork_relays(links: str) -> None:
 
 if __name__ == "__main__":
     links, rest = sys.argv[1], sys.argv[2:]
-    fork_relays(links)
+    if links.startswith("netns="):
+        join_netns(links.removeprefix("netns="))
+    else:
+        fork_relays(links)
     if rest[:1] == ["--exec"]:
         count = int(rest[1])
         argv = rest[2:2 + count] + rest[2 + count:]

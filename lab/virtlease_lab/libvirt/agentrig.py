@@ -53,6 +53,8 @@ class AgentRig:
 
     def cut(self, host: str) -> None:
         """Cut ``host`` off from every etcd member (bytes dropped, nothing closed)."""
+        if host not in self.relays:
+            raise RigError(f"host {host} reaches etcd without relays (agent_rig(relays=False)): it cannot be cut off")
         for relay in self.relays[host]:
             relay.blackhole()
 
@@ -233,33 +235,41 @@ def serving(path: Path) -> bool:
 
 @contextlib.contextmanager
 def agent_rig(workdir: Path, *, reserve_grace: float = 2.0, agent: Sequence[str] = (),
-              ttl: int = TTL) -> Iterator[AgentRig]:
+              ttl: int = TTL, relays: bool = True) -> Iterator[AgentRig]:
     """Bring up a three-member etcd, the relays and the rig with an agent per host; take all down.
 
     ``agent``: the program that runs each host's agent, before the agent's options (``{host}`` is
-    the host's name, as in ``Rig.lock_daemon``); by default this checkout's agent."""
+    the host's name, as in ``Rig.lock_daemon``); by default this checkout's agent.  Without
+    ``relays`` each agent talks to the members straight, from the test's network namespace, as a
+    real host's agent talks to etcd over its network (the benchmarks: two relays per round trip
+    are the rig's, not the agent's); then no host can be :meth:`AgentRig.cut` off."""
     short = Path(tempfile.mkdtemp(prefix="vl-relay-", dir="/tmp"))  # UNIX socket paths must be short
     prefix = f"/vltest/{uuid.uuid4().hex[:12]}"
-    relays: dict[str, list[Relay]] = {}
+    relays_of: dict[str, list[Relay]] = {}
     (workdir / "etcd").mkdir(parents=True, exist_ok=True)
     with EmbeddedEtcd(size=3, workdir=str(workdir / "etcd")) as etcd:
         try:
-            for host in HOSTS:
-                relays[host] = [Relay.unix_to_tcp(str(short / f"{host}{i}.sock"), "127.0.0.1", m.client_port)
-                                for i, m in enumerate(etcd.members)]
-            links = ",".join(f"{short}/{{host}}{i}.sock@{port}" for i, port in enumerate(PORTS))
+            if relays:
+                for host in HOSTS:
+                    relays_of[host] = [Relay.unix_to_tcp(str(short / f"{host}{i}.sock"), "127.0.0.1",
+                                                         m.client_port) for i, m in enumerate(etcd.members)]
+                links = ",".join(f"{short}/{{host}}{i}.sock@{port}" for i, port in enumerate(PORTS))
+                ports: tuple[int, ...] = PORTS
+            else:  # the agent joins this process's network namespace and dials the members itself
+                links = f"netns=/proc/{os.getpid()}/ns/net"
+                ports = tuple(m.client_port for m in etcd.members)
             command = [sys.executable, "-P", str(HERE / "agent_in_host.py"), links,
                        *(["--exec", str(len(agent)), *agent] if agent else []),
-                       "--socket", "{socket}", "--endpoints", ",".join(f"127.0.0.1:{p}" for p in PORTS),
+                       "--socket", "{socket}", "--endpoints", ",".join(f"127.0.0.1:{p}" for p in ports),
                        "--host-id", "host{host}", "--prefix", prefix, "--ttl", str(ttl),
                        "--reserve-grace", str(reserve_grace)]
             observer = EtcdClient(load_config({"endpoints": etcd.endpoints, "host_id": "observer"}, environ={}))
             try:
                 with Rig(workdir / "rig", lock_daemon=command) as r:
-                    yield AgentRig(r, etcd, relays, prefix, observer, ttl)
+                    yield AgentRig(r, etcd, relays_of, prefix, observer, ttl)
             finally:
                 observer.close()
         finally:
-            for relay in (x for rs in relays.values() for x in rs):
+            for relay in (x for rs in relays_of.values() for x in rs):
                 relay.close()
             shutil.rmtree(short, ignore_errors=True)
