@@ -16,8 +16,9 @@
   QEMU survived past the TTL.
 * ``libvirt`` (full run, or ``--libvirt``): ``virsh start`` of a small TCG domain and live
   migrations back and forth (wall time, guest downtime) on the two-host libvirt rig
-  (lab/virtlease_lab/libvirt/) with stock virtlockd and with the agent over a three-member etcd (root and
-  deploy/libvirt/install.sh; skipped with the reason otherwise).
+  (lab/virtlease_lab/libvirt/) with stock virtlockd and with the agent over a three-member etcd that
+  each host's agent dials itself, as on a real host (no test relay on its path); root and
+  deploy/libvirt/install.sh, skipped with the reason otherwise.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ import pytest
 
 from virtlease_etcd.devtools.embedded import Member, wait_serving
 from virtlease_etcd.ops.status import HeldInfo
-from virtlease_lab.libvirt.agentrig import TTL, AgentRig, DeathWatch, Watch
+from virtlease_lab.libvirt.agentrig import TTL, AgentRig, DeathWatch, Watch, agent_rig
+from virtlease_lab.libvirt.rig import RigError
 from virtlease_lab.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
@@ -410,3 +411,29 @@ def test_etcd_leader_killed_during_a_start_and_during_a_migration(env: AgentRig)
     held = _only_holder(env, "ldr", f"host{running[0]}")
     assert held.token >= before.token
     r.virsh(running[0], "destroy", "ldr")
+
+
+def test_without_relays_the_agents_dial_etcd_and_migrate(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The benchmarks' rig (``agent_rig(relays=False)``): each host's agent runs in the host's
+    mount namespace but this test's network namespace and dials the members itself, so no relay
+    carries its etcd traffic; a start, a refusal naming the holder and a live migration work as
+    through the relays, and no host can be cut off."""
+    with agent_rig(tmp_path_factory.mktemp("direct"), relays=False) as direct:
+        r = direct.rig
+        assert not direct.relays
+        own_net, status = os.readlink("/proc/self/ns/net"), r.status()
+        for h in ("A", "B"):
+            agent = r.hosts[h].pid("lockdaemon")
+            assert agent and os.readlink(f"/proc/{agent}/ns/net") == own_net, "the agent is not in the test's netns"
+            assert os.readlink(f"/proc/{agent}/ns/mnt") == status[h]["libvirtd"]["mnt"]
+        _one_disk(direct, "direct.img", "direct1", "direct2")
+        cp, _ = r.start("B", "direct2", check=False)
+        assert cp.returncode != 0 and "direct1" in cp.stderr and "hostA" in cp.stderr, cp.stderr
+        before = direct.holders("direct1")
+        r.migrate("direct1", "A", "B")
+        after = direct.holders("direct1")
+        assert [h.host for h in after] == ["hostB"] and after[0].token > before[0].token, after
+        assert r.domstate("B", "direct1") == "running" and r.domstate("A", "direct1") == "shut off"
+        with pytest.raises(RigError, match="cannot be cut off"):
+            direct.cut("A")
+        r.virsh("B", "destroy", "direct1")
