@@ -18,7 +18,9 @@
   migrations back and forth (wall time, guest downtime) on the two-host libvirt rig
   (lab/virtlease_lab/libvirt/) with stock virtlockd and with the agent over a three-member etcd that
   each host's agent dials itself, as on a real host (no test relay on its path); root and
-  deploy/libvirt/install.sh, skipped with the reason otherwise.
+  deploy/libvirt/install.sh, skipped with the reason otherwise.  Beside it, one etcd transaction
+  coming *alone* on the rig's members (after 30 ms of quiet, as a migration's claim comes), where
+  the floor above is back to back.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from etcd3 import transactions as tx
 
 from cluster import Cluster
 from contenders import Ceiling
@@ -146,6 +150,7 @@ def libvirt_rig(n: int) -> dict[str, Any]:
 
     raw: dict[str, dict[str, list[float]]] = {label: {"start": [], "wall": [], "downtime": []}
                                               for label in ("virtlockd", "agent")}
+    lone: list[float] = []
     with tempfile.TemporaryDirectory(prefix="vl-bench-rig-", dir="/tmp") as name:
         tmp = Path(name)
         for turn in range(2):
@@ -156,13 +161,16 @@ def libvirt_rig(n: int) -> dict[str, Any]:
                         r = stack.enter_context(Rig(work, cache_dir=tmp / "cache", lock_daemon="virtlockd"))
                     else:
                         # no test relays: the agents dial the members, as on a real host
-                        r = stack.enter_context(agent_rig(work, relays=False)).rig
+                        env = stack.enter_context(agent_rig(work, relays=False))
+                        r = env.rig
                     raw[label]["start"] += measure_starts(r, max(1, n // 4))
                     mig = measure_migrations(r, n // 2)
                     raw[label]["wall"] += mig["wall"]
                     raw[label]["downtime"] += mig["downtime"]
+                    if label == "agent":
+                        lone += lone_txns(env.observer, f"{env.prefix}/bench-lone", 40)
     out: dict[str, Any] = {"start_s": {}, "migrate_s": {}, "downtime_ms": {}, "etcd_members": {"agent": 3},
-                           "load_after": os.getloadavg()[0]}
+                           "load_after": os.getloadavg()[0], "lone_txn_ms": summary(lone, 1000.0)}
     for label, got in raw.items():
         out["start_s"][label] = summary(got["start"])
         out["migrate_s"][label] = summary(got["wall"])
@@ -171,6 +179,26 @@ def libvirt_rig(n: int) -> dict[str, Any]:
                  f"{out['migrate_s'][label]['p50']:.3f} s, guest downtime p50 "
                  f"{out['downtime_ms'][label]['p50']:.1f} ms p99 {out['downtime_ms'][label]['p99']:.1f} ms "
                  f"(n={len(got['downtime'])})")
+    progress(f"one transaction alone on the rig's three members (after {LONE_GAP * 1000:.0f} ms idle): p50 "
+             f"{out['lone_txn_ms']['p50']:.2f} ms p99 {out['lone_txn_ms']['p99']:.2f} ms")
+    return out
+
+
+LONE_GAP = 0.03
+"""Seconds of quiet before each lone transaction (a migration's claim follows no other call)."""
+
+
+def lone_txns(client: Any, key: str, n: int) -> list[float]:
+    """Seconds each of ``n`` compare-and-put transactions takes when it comes alone, after
+    :data:`LONE_GAP` of quiet (as the claim in a migration's downtime does), not back to back as
+    the floor's: the members and their threads have gone idle in between."""
+    out = []
+    for _ in range(n):
+        time.sleep(LONE_GAP)
+        start = time.perf_counter()
+        client.txn([tx.Version(key) > -1], [tx.Put(key, b"1")], [], timeout=5.0)
+        out.append(time.perf_counter() - start)
+    client.txn([], [tx.Delete(key)], [], timeout=5.0)
     return out
 
 
