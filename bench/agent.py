@@ -10,6 +10,9 @@
   **virtlockd** on this machine (started in a private mount namespace, so it never touches the
   host's /run/libvirt; skipped with the reason if virtlockd or unshare is missing or not root) and
   the **etcd floor**: one compare-and-swap transaction (an ACQUIRE is one txn, a RELEASE one).
+* ``python_call_ms``: the least one call to a Python lockd server costs here, with no lock work
+  (bench/pycall.py: an asyncio echo, answered in its loop or through a worker thread as the agent
+  hands its driver calls over): the pair's cost above its two transactions cannot go below two.
 * ``crash``: ``kill -9`` of the agent while a stand-in QEMU (``sleep``) holds a disk through it:
   without a restart, seconds until the guard kills the QEMU (vs the TTL: it must be before the
   lease can expire); with an immediate restart, seconds until the new agent serves and whether the
@@ -45,6 +48,7 @@ from cluster import Cluster
 from contenders import Ceiling
 from measure import Latency, progress, time_calls
 from plan import Plan
+from pycall import python_call_floor
 from virtlease_etcd.agent.lockdclient import LockdClient, make_owner
 from virtlease_lab.agentprocess import AgentProcess
 
@@ -229,6 +233,10 @@ def agent_section(cluster: Cluster, plan: Plan, *, libvirt: bool | None = None) 
         progress(f"virtlockd ACQUIRE+RELEASE: {res['virtlockd_ms']}")
         res["etcd_txn_ms"] = etcd_floor(cluster, n, budget)
         progress(f"etcd floor (one txn; a pair is two): p50 {res['etcd_txn_ms']['p50_ms']:.3f} ms")
+        res["python_call_ms"] = python_call_floor(n, budget)
+        progress("the least one call to a Python lockd server costs (no lock work): p50 "
+                 f"{res['python_call_ms']['bare']['p50_ms']:.3f} ms answered in its event loop, "
+                 f"{res['python_call_ms']['pool_hop']['p50_ms']:.3f} ms through a worker thread")
         res["crash"] = crash(cluster, tmp, str(disk), ttl)
         progress(f"agent crash: {res['crash']}")
     if libvirt if libvirt is not None else not plan.quick:

@@ -163,6 +163,11 @@ def _agent(res: dict[str, Any]) -> list[str]:
     floor, pair = a.get("etcd_txn_ms") or {}, a.get("agent_ms") or {}
     if "p50_ms" in floor and "p50_ms" in pair:
         lines += [f"The agent's pair is {pair['p50_ms'] / floor['p50_ms']:.2f}x one etcd transaction (p50, same run).", ""]
+    py = a.get("python_call_ms") or {}
+    if all("p50_ms" in py.get(k, {}) for k in ("bare", "pool_hop")):
+        lines += [f"The least one call to a Python lockd server costs here, with no lock work (bench/pycall.py, "
+                  f"p50): {py['bare']['p50_ms']:.3f} ms answered in its event loop, {py['pool_hop']['p50_ms']:.3f} "
+                  "ms through a worker thread (as the agent hands a driver call over); a pair is two calls.", ""]
     rig = a.get("libvirt") or {}
     rows = [[what, *(f"{rig[key][d]['p50']:.{digits}f} / {rig[key][d]['p99']:.{digits}f} / "
                      f"{rig[key][d]['max']:.{digits}f}" for d in ("agent", "virtlockd")),
