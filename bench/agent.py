@@ -42,7 +42,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from etcd3 import transactions as tx
+import etcd3
 
 from cluster import Cluster
 from contenders import Ceiling
@@ -172,9 +172,11 @@ def libvirt_rig(n: int) -> dict[str, Any]:
                     raw[label]["wall"] += mig["wall"]
                     raw[label]["downtime"] += mig["downtime"]
                     if label == "agent":
-                        lone += lone_txns(env.observer, f"{env.prefix}/bench-lone", 40)
+                        lone += lone_txns(f"127.0.0.1:{env.etcd.members[0].client_port}",
+                                          f"{env.prefix}/bench-lone", 40)
     out: dict[str, Any] = {"start_s": {}, "migrate_s": {}, "downtime_ms": {}, "etcd_members": {"agent": 3},
-                           "load_after": os.getloadavg()[0], "lone_txn_ms": summary(lone, 1000.0)}
+                           "load_after": os.getloadavg()[0], "lone_txn_ms": summary(lone, 1000.0),
+                           "lone_gap_ms": LONE_GAP * 1000}
     for label, got in raw.items():
         out["start_s"][label] = summary(got["start"])
         out["migrate_s"][label] = summary(got["wall"])
@@ -192,18 +194,25 @@ LONE_GAP = 0.03
 """Seconds of quiet before each lone transaction (a migration's claim follows no other call)."""
 
 
-def lone_txns(client: Any, key: str, n: int) -> list[float]:
-    """Seconds each of ``n`` compare-and-put transactions takes when it comes alone, after
-    :data:`LONE_GAP` of quiet (as the claim in a migration's downtime does), not back to back as
-    the floor's: the members and their threads have gone idle in between."""
-    out = []
-    for _ in range(n):
-        time.sleep(LONE_GAP)
-        start = time.perf_counter()
-        client.txn([tx.Version(key) > -1], [tx.Put(key, b"1")], [], timeout=5.0)
-        out.append(time.perf_counter() - start)
-    client.txn([], [tx.Delete(key)], [], timeout=5.0)
-    return out
+def lone_txns(endpoint: str, key: str, n: int) -> list[float]:
+    """Seconds each of ``n`` of the floor's transactions (:class:`contenders.Ceiling`, the same
+    client library) takes at ``endpoint`` when it comes alone, after :data:`LONE_GAP` of quiet (as
+    the claim in a migration's downtime does), not back to back as the floor's: the members and
+    their threads have gone idle in between."""
+    host, _, port = endpoint.rpartition(":")
+    client = etcd3.client(host=host, port=int(port), timeout=10)
+    worker = Ceiling(client, key)
+    try:
+        out = []
+        for _ in range(n):
+            time.sleep(LONE_GAP)
+            start = time.perf_counter()
+            worker.op()
+            out.append(time.perf_counter() - start)
+        return out
+    finally:
+        worker.close()
+        client.close()
 
 
 def agent_section(cluster: Cluster, plan: Plan, *, libvirt: bool | None = None) -> dict[str, Any]:

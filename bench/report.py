@@ -182,7 +182,8 @@ def _agent(res: dict[str, Any]) -> list[str]:
                   *_table(["", "agent", "virtlockd", "n"], rows)]
         lone = rig.get("lone_txn_ms") or {}
         if "p50" in lone:
-            lines += [f"One etcd transaction coming alone on the rig's three members (after 30 ms of quiet, as a "
+            lines += [f"One etcd transaction coming alone on the rig's three members (after "
+                      f"{rig.get('lone_gap_ms', 30):.0f} ms of quiet, as a "
                       f"migration's claim comes): p50 {lone['p50']:.2f} ms, p99 {lone['p99']:.2f} ms (n={lone['n']}); "
                       "the floor above is back to back on one member.", ""]
     return lines

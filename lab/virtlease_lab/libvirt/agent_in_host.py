@@ -1,4 +1,4 @@
-"""Start ``virtlease-agent`` inside a rig host with relays to the test's etcd members.
+"""Start ``virtlease-agent`` inside a rig host, reaching the test's etcd members through relays or directly.
 
 Usage: ``agent_in_host.py LINKS [--exec N PROGRAM ARG...] AGENT_ARGS...``.  ``LINKS`` is
 ``PATH@PORT[,PATH@PORT...]``: relay each ``127.0.0.1:PORT`` (in this network namespace) to the
